@@ -1,0 +1,446 @@
+"""The student: a Llama-3.x / Qwen2.x / SmolLM2 decoder in plain PyTorch.
+
+Loads the Hugging Face checkpoints users download (config.json + safetensors, sharded or
+not) with no key translation: module names are the Hugging Face ones. One forward serves
+three callers: causal LM over a right-padded batch (training), a continuation over a KV
+cache (generation), and an explicit boolean mask with explicit position ids (the one-pass
+MI probe of SPEC.md §3.1).
+
+    model = Transformer.from_pretrained("Qwen2.5-1.5B-Instruct", dtype=torch.bfloat16)
+    new_ids = generate(model, [prompt_ids], max_new_tokens=256, eos_ids=[151645])
+
+Left out: sliding-window attention, rope types other than default and llama3, MoE,
+tensor parallelism, quantisation. Unsupported config values raise instead of being ignored.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 256
+    hidden_size: int = 64  # C
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4  # H
+    num_key_value_heads: int = 2  # G
+    head_dim: int = 0  # D; 0 = hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # llama3 scaling parameters, or None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: always True; Llama: attention_bias
+    o_bias: bool = False  # Llama: attention_bias; Qwen2: never
+    mlp_bias: bool = False
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """Read a Hugging Face config.json dict (both the hub and the newer spelling)."""
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
+        if cfg.get("use_sliding_window", False):
+            raise ValueError("use_sliding_window: true is not supported (sliding-window attention is not implemented)")
+        # Newer configs nest theta and scaling in rope_parameters; hub configs keep them top-level.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, llama3)")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial_rotary_factor != 1 is not supported")
+        qwen = model_type == "qwen2"
+        attention_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            head_dim=cfg.get("head_dim") or 0,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=True if qwen else attention_bias,
+            o_bias=False if qwen else attention_bias,
+            mlp_bias=False if qwen else bool(cfg.get("mlp_bias", False)),
+            initializer_range=cfg.get("initializer_range", 0.02),
+        )
+
+
+# --- RoPE: pure functions, rotate-half layout (as Hugging Face checkpoints expect) ---
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies [D/2] in fp32, with Llama-3.1's piecewise scaling when configured."""
+    D = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor):
+    """cos, sin [N, T, D] in fp32 for integer positions [N, T]."""
+    freqs = position_ids[..., None].float() * inv_freq  # (N, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (N, T, D)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [N, h, T, D] by its positions: x·cos + rotate_half(x)·sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (N, 1, T, D)
+    return x * cos + rotated * sin
+
+
+# --- KV cache ---
+
+class KVCache:
+    """One layer's keys/values, preallocated to max_len: [N, G, max_len, D] (gpt-fast style)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int = 0):
+        self.k, self.v, self.len = k, v, length
+
+    @classmethod
+    def empty(cls, batch, n_kv_heads, max_len, head_dim, dtype, device):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @classmethod
+    def from_kv(cls, k: torch.Tensor, v: torch.Tensor, extra: int):
+        """A cache already holding k, v [N, G, S, D], with room for `extra` more tokens."""
+        cache = cls.empty(k.size(0), k.size(1), k.size(2) + extra, k.size(3), k.dtype, k.device)
+        cache.update(k, v)
+        return cache
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        """Append k, v [N, G, T, D]; return everything held so far [N, G, len, D]."""
+        end = self.len + k.size(2)
+        self.k[:, :, self.len:end] = k
+        self.v[:, :, self.len:end] = v
+        self.len = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+# --- the network ---
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in fp32, scale in the input dtype: the Hugging Face order, so bf16 matches too.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.H, self.G, self.D = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        self.q_proj = nn.Linear(a.hidden_size, self.H * self.D, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(a.hidden_size, self.G * self.D, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(a.hidden_size, self.G * self.D, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(self.H * self.D, a.hidden_size, bias=a.o_bias)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        N, T, _ = x.shape
+        q = self.q_proj(x).view(N, T, self.H, self.D).transpose(1, 2)  # (N, H, T, D)
+        k = self.k_proj(x).view(N, T, self.G, self.D).transpose(1, 2)  # (N, G, T, D)
+        v = self.v_proj(x).view(N, T, self.G, self.D).transpose(1, 2)  # (N, G, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_kv = (k, v)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (N, G, S, D)
+        # is_causal only without past keys: with a cache SDPA would align the triangle top-left.
+        causal = mask is None
+        if mask is not None:
+            mask = mask[:, None]  # (N, 1, T, S), broadcast over heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.G != self.H)
+        y = y.transpose(1, 2).reshape(N, T, self.H * self.D)  # (N, T, H*D)
+        return self.o_proj(y), new_kv
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(a)
+        self.mlp = MLP(a)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv
+
+
+class Aux(NamedTuple):
+    kv: list  # per layer (k, v), each [N, G, T, D], post-RoPE, this call's tokens only
+    final_attn_input: torch.Tensor  # [N, T, C]: entering the final layer's attention, after its input norm
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, config: dict | None = None):
+        super().__init__()
+        self.args = args
+        self.config = config or {}  # the checkpoint's config.json, written back by save_pretrained
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.model.layers = nn.ModuleList(Block(args) for _ in range(args.num_hidden_layers))
+        self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.gradient_checkpointing = False
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+
+    def init_weights(self):
+        """Normal(0, initializer_range) weights, zero biases, unit norms: Hugging Face's init."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=self.args.initializer_range)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, position_ids=None, mask=None, cache=None, *, return_hidden=False, return_aux=False):
+        """Logits [N, T, V] for input_ids [N, T].
+
+        position_ids [N, T]: default continues from what the cache holds.
+        mask [N, T, S] bool (True = may attend; S = cached + T): default causal.
+        cache: one KVCache per layer; this call's keys/values are appended to it.
+        return_hidden: the final-normed hidden states [N, T, C] instead of logits, so a
+            caller computes logits only where it reads them (the vocabulary can be 152k).
+        return_aux: also return Aux (each layer's K/V, the final layer's attention input).
+        """
+        N, T = input_ids.shape
+        past = cache[0].len if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(N, T)
+        if mask is None and past > 0:  # new token i sees every cached token and new tokens <= i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=input_ids.device).tril(past).expand(N, T, past + T)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids)
+        x = self.model.embed_tokens(input_ids)  # (N, T, C)
+        kvs = []
+        for i, layer in enumerate(self.model.layers):
+            if i == len(self.model.layers) - 1:
+                x_last = x
+            c = cache[i] if cache is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, kv = checkpoint(layer, x, cos, sin, mask, c, use_reentrant=False)
+            else:
+                x, kv = layer(x, cos, sin, mask, c)
+            kvs.append(kv)
+        x = self.model.norm(x)
+        out = x if return_hidden else self.lm_head(x)
+        if not return_aux:
+            return out
+        # Recomputing one RMSNorm is cheaper than threading it out of the checkpointed block.
+        return out, Aux(kvs, self.model.layers[-1].input_layernorm(x_last))
+
+    # --- checkpoints ---
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu") -> "Transformer":
+        """Build on the meta device, then stream each safetensors tensor to dtype/device once."""
+        from safetensors import safe_open
+
+        config_file = os.path.join(path, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+        with open(config_file) as f:
+            config = json.load(f)
+        args = ModelArgs.from_hf_config(config)
+        with torch.device("meta"):
+            model = cls(args, config)
+        expected = {k: v for k, v in model.state_dict().items()}
+        if args.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+        state = {}
+        for file in _weight_files(path):
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if args.tie_word_embeddings and key == "lm_head.weight":
+                        continue  # some tied checkpoints store the copy too
+                    if key not in expected:
+                        raise KeyError(f"{file}: unexpected tensor {key!r} (not in a {config['model_type']} model of this config)")
+                    t = f.get_slice(key)
+                    shape = tuple(t.get_shape())
+                    if shape != tuple(expected[key].shape):
+                        raise ValueError(f"{file}: {key} has shape {shape}, the config implies {tuple(expected[key].shape)}")
+                    state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise KeyError(f"{path}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[:3]}")
+        if args.tie_word_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        model.tie_weights()
+        model.inv_freq = rope_inv_freq(args).to(device)
+        return model
+
+    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30):
+        """Write config.json and model.safetensors (sharded with an index past max_shard_bytes)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.args.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        shards, size = [{}], 0
+        for k, v in state.items():
+            nbytes = v.numel() * v.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes
+        config = dict(self.config)
+        dtype_key = "dtype" if "dtype" in config else "torch_dtype"  # keep the checkpoint's spelling
+        config[dtype_key] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _weight_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, n) for n in names]
+        for file in files:
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{index} names {os.path.basename(file)}, which is missing")
+        return files
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (weights load only from safetensors)")
+
+
+# --- generation: prefill, decode_one_token, sample ---
+
+def sample(logits, temperature=0.0, top_p=1.0, generator=None):
+    """Next ids [N] from logits [N, V]: argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens=256, eos_ids=(), temperature=0.0, top_p=1.0, seed=None):
+    """Continue token-id prompts of different lengths together, with a KV cache.
+
+    Prompts are left-padded so every row's next token sits in the same column; pad keys
+    are masked and position ids count only real tokens, so each row computes what it
+    would alone. Returns the new ids per prompt (the stop token included when produced).
+    """
+    device = model.lm_head.weight.device
+    dtype = model.model.embed_tokens.weight.dtype
+    N, L = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(N, L, dtype=torch.long, device=device)
+    valid = torch.zeros(N, L + max_new_tokens, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[i, L - len(p):L] = True
+    a = model.args
+    cache = [KVCache.empty(N, a.num_key_value_heads, L + max_new_tokens, a.head_dim, dtype, device)
+             for _ in range(a.num_hidden_layers)]
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+
+    # Prefill. Every query also sees itself, so a pad row is never an all-masked (NaN) row.
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    mask = (causal & valid[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)  # (N, L, L)
+    pos = (valid[:, :L].cumsum(-1) - 1).clamp(min=0)  # (N, L)
+    h = model(ids, position_ids=pos, mask=mask, cache=cache, return_hidden=True)
+    logits = model.lm_head(h[:, -1])  # (N, V)
+    pos = pos[:, -1]
+    out = torch.empty(N, 0, dtype=torch.long, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        nxt = sample(logits.float(), temperature, top_p, generator)  # (N,)
+        nxt = torch.where(done, 0, nxt)
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        done = done | torch.isin(nxt, eos)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        valid[:, L + step] = True
+        pos = pos + 1
+        logits = model(nxt[:, None], position_ids=pos[:, None], mask=valid[:, None, :L + step + 1], cache=cache)[:, -1]
+    results = []
+    for i in range(N):
+        row = out[i].tolist()
+        stop = next((j for j, t in enumerate(row) if t in set(eos_ids)), None)
+        results.append(row if stop is None else row[:stop + 1])
+    return results
