@@ -1,0 +1,422 @@
+"""compact.py against slow, obvious references on tiny seeded models (SPEC.md §2-§4)."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from compact import (CompactConfig, adaptability_scores, answer_logprobs, compact_loss, consensus_scores,
+                     difficulty_scores, fuse_weights, mcon_loss, probe_log_likelihood, probe_plan)
+from model import ModelArgs, Transformer
+
+V = 128
+CUE, CLOSE, EOT = [5, 6], [7], 8
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    args = ModelArgs(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, qkv_bias=True, initializer_range=0.15, **kw)
+    return Transformer(args).float().eval()
+
+
+def make_batch(instances, pad_to_k=None, extra_t=0):
+    """SPEC §9 dict by hand. instances: list of (prompt, answer, [(rationale, think_idx), ...])."""
+    K = pad_to_k or max(len(br) for _, _, br in instances)
+    rows = []
+    for prompt, answer, branches in instances:
+        rows.append([])
+        for rat, think in branches:
+            seq = prompt + rat + CUE + answer + CLOSE + [EOT]
+            kinds = ["p"] * len(prompt) + ["r"] * len(rat) + ["c"] * len(CUE) + ["a"] * len(answer) + ["c"] * 2
+            th = [False] * len(seq)
+            for i in think:
+                th[len(prompt) + i] = True
+            rows[-1].append((seq, kinds, th))
+    T = max(len(s) for r in rows for s, _, _ in r) + extra_t
+    B, P = len(instances), len(CUE) + max(len(a) for _, a, _ in instances)
+    z = lambda dt: torch.zeros(B, K, T, dtype=dt)
+    batch = dict(input_ids=z(torch.long), attention_mask=z(torch.bool), sft_mask=z(torch.bool),
+                 rationale_mask=z(torch.bool), answer_mask=z(torch.bool), think_mask=z(torch.bool),
+                 branch_mask=torch.zeros(B, K, dtype=torch.bool), teacher=torch.full((B, K), -1),
+                 probe_ids=torch.zeros(B, P, dtype=torch.long), probe_answer_mask=torch.zeros(B, P, dtype=torch.bool))
+    for b, (row, (_, answer, _)) in enumerate(zip(rows, instances)):
+        batch["probe_ids"][b, :len(CUE) + len(answer)] = torch.tensor(CUE + answer)
+        batch["probe_answer_mask"][b, len(CUE):len(CUE) + len(answer)] = True
+        for k, (seq, kinds, th) in enumerate(row):
+            n = len(seq)
+            batch["input_ids"][b, k, :n] = torch.tensor(seq)
+            batch["attention_mask"][b, k, :n] = True
+            batch["sft_mask"][b, k, :n] = torch.tensor([c != "p" for c in kinds])
+            batch["rationale_mask"][b, k, :n] = torch.tensor([c == "r" for c in kinds])
+            batch["answer_mask"][b, k, :n] = torch.tensor([c == "a" for c in kinds])
+            batch["think_mask"][b, k, :n] = torch.tensor(th)
+            batch["branch_mask"][b, k] = True
+            batch["teacher"][b, k] = k
+    return batch
+
+
+def rand_ids(g, n):
+    return torch.randint(10, V, (n,), generator=g).tolist()
+
+
+def standard_batch(seed=0):
+    """Three instances: 3 branches; 2 branches + padding; 1 branch (one with an empty rationale)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda n: rand_ids(g, n)
+    return make_batch([
+        (r(4), r(3), [(r(9), [2, 5]), (r(12), [0]), (r(7), [])]),
+        (r(5), r(2), [(r(10), [3]), (r(6), [])]),
+        (r(3), r(2), [(r(8), [7])]),
+    ])
+
+
+# --- naive references ---
+
+def naive_info(model, batch, n, pos):
+    """log p(y | prompt ⊕ r_<=pos) by one full forward of prompt ⊕ r_<=pos ⊕ cue ⊕ y."""
+    B, K, T = batch["input_ids"].shape
+    b = n // K
+    probe = batch["probe_ids"][b][batch["probe_answer_mask"][b] | (torch.arange(batch["probe_ids"].shape[1]) < len(CUE))]
+    seq = torch.cat([batch["input_ids"].view(B * K, T)[n, :pos + 1], probe])
+    logp = torch.log_softmax(model(seq[None])[0].float(), -1)
+    start = pos + 1 + len(CUE)  # first answer token
+    return sum(logp[t - 1, seq[t]] for t in range(start, len(seq)))
+
+
+def slow_branch_losses(model, batch):
+    """L_SFT,k and L_MCon,k from full logits, branch by branch: [B, K] each, with grad."""
+    B, K, T = batch["input_ids"].shape
+    logp = torch.log_softmax(model(batch["input_ids"].view(B * K, T)).float(), -1).view(B, K, T, V)
+    l_sft, l_mcon = torch.zeros(B, K), torch.zeros(B, K)
+    for b in range(B):
+        valid = [k for k in range(K) if batch["branch_mask"][b, k]]
+        dist = {}
+        for k in valid:
+            ids = batch["input_ids"][b, k]
+            sft = batch["sft_mask"][b, k].nonzero().flatten().tolist()
+            l_sft[b, k] = -sum(logp[b, k, t - 1, ids[t]] for t in sft) / len(sft)
+            answer = batch["answer_mask"][b, k].nonzero().flatten()
+            dist[k] = logp[b, k, answer - 1]  # (J, V): the positions predicting the answer
+        for k in valid:
+            bkl = []
+            for i in valid:
+                if i != k:
+                    kl = lambda p, q: (p.exp() * (p - q)).sum(-1)
+                    bkl.append((0.5 * (kl(dist[k], dist[i]) + kl(dist[i], dist[k]))).mean())
+            l_mcon[b, k] = sum(bkl) / len(bkl) if bkl else 0.0
+    return l_sft, l_mcon
+
+
+# --- config, fusion, pure scorers ---
+
+def test_config_validation():
+    CompactConfig(weighting="uniform", alpha=0, mi_stride=1)
+    for bad in (dict(weighting="avg"), dict(temperature=0), dict(alpha=-1), dict(mi_stride=0), dict(mi_max_probes=0)):
+        with pytest.raises(ValueError):
+            CompactConfig(**bad)
+
+
+def test_fuse_weights_reference_and_padding():
+    g = torch.Generator().manual_seed(0)
+    s_mi, s_g, s_d = (torch.randn(4, 5, generator=g) for _ in range(3))
+    bm = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 1, 0], [0, 1, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    cfg = CompactConfig(alpha=0.5, beta=2.0, gamma=1.5, temperature=0.7)
+    w = fuse_weights(s_mi, s_g, s_d, bm, cfg)
+    ref = torch.zeros(4, 5)
+    for b in range(4):
+        idx = bm[b].nonzero().flatten()
+        z = lambda s: (s[b, idx] - s[b, idx].mean()) / (s[b, idx].std(unbiased=False) + 1e-6)
+        ref[b, idx] = torch.softmax((0.5 * z(s_mi) + 2.0 * z(s_g) - 1.5 * z(s_d)) / 0.7, 0)
+    assert_close(w, ref)
+    assert w[2, 1] == 1.0  # one valid branch: weight 1
+    junk = lambda s: torch.where(bm, s, torch.full_like(s, 1e4))  # padding scores must not matter
+    assert_close(fuse_weights(junk(s_mi), junk(s_g), junk(s_d), bm, cfg), w)
+    same = torch.ones(4, 5)  # zero std: uniform over valid branches, no NaN
+    assert_close(fuse_weights(same, same, same, bm, cfg), bm.float() / bm.sum(-1, keepdim=True))
+    uniform = fuse_weights(s_mi, s_g, s_d, bm, CompactConfig(weighting="uniform"))
+    assert torch.equal(uniform, torch.where(bm, 1.0 / bm.sum(-1, keepdim=True), 0.0))
+
+
+def test_fuse_weights_directions():
+    bm = torch.ones(1, 3, dtype=torch.bool)
+    s, zero = torch.tensor([[0.0, 1.0, 2.0]]), torch.zeros(1, 3)
+    assert (fuse_weights(s, zero, zero, bm, CompactConfig()).diff() > 0).all()  # more adaptable: heavier
+    assert (fuse_weights(zero, s, zero, bm, CompactConfig()).diff() > 0).all()  # more central: heavier
+    assert (fuse_weights(zero, zero, s, bm, CompactConfig()).diff() < 0).all()  # harder: lighter
+    assert torch.equal(fuse_weights(s, s, s, bm, CompactConfig(alpha=0, beta=0, gamma=0)), torch.full((1, 3), 1 / 3))
+
+
+def test_difficulty_scores_hand():
+    nll = torch.arange(12.0).view(1, 2, 6)
+    rat = torch.tensor([[[0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]]], dtype=torch.bool)
+    assert_close(difficulty_scores(nll, rat), torch.tensor([[1.5, 0.0]]))
+
+
+def test_consensus_scores_reference():
+    torch.manual_seed(0)
+    H, G, D, C = 4, 2, 8, 16
+    q_proj, k_proj = nn.Linear(C, H * D), nn.Linear(C, G * D)
+    e = torch.randn(3, 4, C)
+    bm = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 1, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        s = consensus_scores(e, bm, q_proj, k_proj, D)
+        ref = torch.zeros(3, 4)
+        for b in range(3):
+            idx = bm[b].nonzero().flatten().tolist()
+            if len(idx) < 2:
+                continue
+            A = torch.zeros(4, 4)
+            for h in range(H):
+                for i in idx:
+                    q = q_proj(e[b, i]).view(H, D)[h]
+                    others = [j for j in idx if j != i]
+                    logits = torch.stack([q @ k_proj(e[b, j]).view(G, D)[h // (H // G)] for j in others]) / math.sqrt(D)
+                    A[i, others] += torch.softmax(logits, 0) / H
+            ref[b] = A.sum(0)
+    assert_close(s, ref)
+    assert_close(s[1], torch.tensor([1.0, 0, 1, 0]))  # two valid branches: both 1
+    assert torch.equal(s[2], torch.zeros(4))
+
+
+def test_consensus_prefers_the_majority():
+    """Three branches repeating one path and an outlier: the outlier gets the least incoming weight."""
+    C = 8
+    eye = nn.Linear(C, C, bias=False)
+    eye.weight.data = torch.eye(C)
+    u, v = torch.zeros(C), torch.zeros(C)
+    u[0], v[1] = 3.0, 3.0
+    e = torch.stack([u, u + 0.1 * v, u, v])[None]
+    s = consensus_scores(e, torch.ones(1, 4, dtype=torch.bool), eye, eye, 4)
+    assert s[0, 3] < s[0, :3].min()
+    assert_close(s.sum(), torch.tensor(4.0))  # each row of A sums to 1
+
+
+def test_mcon_loss_reference_and_detach():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 11, requires_grad=True)
+    valid = torch.ones(2, 3, 4, dtype=torch.bool)
+    valid[1, :, 3] = False  # a shorter answer in instance 1
+    bm = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    kl = lambda p, q: (p.exp() * (p - q)).sum(-1)
+
+    def ref(logp, detach):
+        out = torch.zeros(2, 3)
+        for b in range(2):
+            idx = bm[b].nonzero().flatten().tolist()
+            J = int(valid[b, 0].sum())
+            for k in idx:
+                others = [i for i in idx if i != k]
+                terms = []
+                for i in others:
+                    pk, pi = logp[b, k, :J], logp[b, i, :J]
+                    pi = pi.detach() if detach else pi
+                    terms.append((0.5 * (kl(pk, pi) + kl(pi, pk))).mean())
+                out[b, k] = sum(terms) / len(terms)
+        return out
+
+    for detach in (False, True):
+        logp = torch.log_softmax(logits, -1)
+        got, want = mcon_loss(logp, valid, bm, detach), ref(torch.log_softmax(logits, -1), detach)
+        assert_close(got, want)
+        g_got, = torch.autograd.grad(got.sum(), logits)
+        g_want, = torch.autograd.grad(want.sum(), logits)
+        assert_close(g_got, g_want)
+    one = mcon_loss(logp, valid, torch.tensor([[1, 0, 0], [0, 0, 0]], dtype=torch.bool))
+    assert torch.equal(one, torch.zeros(2, 3))
+
+
+# --- the probe ---
+
+def test_probe_plan_positions():
+    # prompt of 3 tokens, rationale at positions 3..22 (20 tokens), thinking tokens at rationale index 6 and 13
+    T = 30
+    rat = torch.zeros(1, T, dtype=torch.bool)
+    rat[0, 3:23] = True
+    sft = torch.zeros(1, T, dtype=torch.bool)
+    sft[0, 3:28] = True
+    think = torch.zeros(1, T, dtype=torch.bool)
+    think[0, [3 + 6, 3 + 13, 25]] = True  # the one at 25 is outside the rationale: ignored
+    pos, valid, th = probe_plan(rat, think, sft, CompactConfig(mi_stride=5))
+    # stride: after 5, 10, 15, 20 tokens -> positions 7, 12, 17, 22; thinking: 8, 9 and 15, 16; last: 22
+    assert pos.tolist() == [[2, 7, 8, 9, 12, 15, 16, 17, 22]]
+    assert valid.all()
+    assert th.tolist() == [[False, False, False, True, False, False, True, False, False]]
+    pos, valid, _ = probe_plan(rat, think, sft, CompactConfig(mi_stride=5, mi_max_probes=3))
+    assert pos.tolist() == [[2, 9, 16, 22]]  # an evenly spaced subset, last kept
+    pos, valid, th = probe_plan(rat, think, sft, CompactConfig(mi_stride=1))
+    assert pos.tolist() == [list(range(2, 23))]
+    assert th[0].nonzero().flatten().tolist() == [7, 14]  # column q credits token pos[q]
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_probe_equals_naive_per_prefix_loop(stride):
+    model, batch = tiny_model(), standard_batch()
+    B, K, T = batch["input_ids"].shape
+    flat = lambda key: batch[key].view(B * K, T)
+    with torch.no_grad():
+        _, aux = model(flat("input_ids"), return_hidden=True, return_aux=True)
+        pos, valid, _ = probe_plan(flat("rationale_mask"), flat("think_mask"), flat("sft_mask"), CompactConfig(mi_stride=stride))
+        probe = batch["probe_ids"].repeat_interleave(K, 0), batch["probe_answer_mask"].repeat_interleave(K, 0)
+        info = probe_log_likelihood(model, aux.kv, flat("attention_mask"), pos, valid, *probe)
+        ref = torch.zeros_like(info)
+        for n, q in valid.nonzero().tolist():
+            ref[n, q] = naive_info(model, batch, n, pos[n, q].item())
+    assert valid.sum() > 10
+    assert_close(info, ref, atol=1e-5, rtol=0)
+    assert (info[~valid] == 0).all()
+
+
+def test_adaptability_scores_exact_eq3():
+    """mi_stride=1: S_MI = (1/|R|) Σ_t m_t max(I_t − I_{t−1}, 0), every I_t from its own forward."""
+    model, batch = tiny_model(1), standard_batch(1)
+    cfg = CompactConfig(mi_stride=1, think_weight=1.0, other_weight=0.3)
+    B, K, T = batch["input_ids"].shape
+    with torch.no_grad():
+        _, aux = model(batch["input_ids"].view(B * K, T), return_hidden=True, return_aux=True)
+        s = adaptability_scores(model, aux.kv, batch, cfg)
+        ref = torch.zeros(B, K)
+        for b, k in batch["branch_mask"].nonzero().tolist():
+            rat = batch["rationale_mask"][b, k].nonzero().flatten().tolist()
+            if not rat:
+                continue
+            prev = naive_info(model, batch, b * K + k, rat[0] - 1)
+            for t in rat:
+                cur = naive_info(model, batch, b * K + k, t)
+                m = 1.0 if batch["think_mask"][b, k, t] else 0.3
+                ref[b, k] += m * max(cur - prev, 0) / len(rat)
+                prev = cur
+    assert_close(s, ref, atol=1e-6, rtol=1e-5)
+    assert (s[batch["branch_mask"]] [:-1] > 0).all()
+
+
+# --- the objective ---
+
+def test_gradient_is_weighted_sum_of_task_vectors():
+    """Eq. 1 = Eq. 11: ∇(Σ_k w_k L_k) = Σ_k w_k ∇L_k, each L_k from full logits, branch by branch."""
+    model, batch = tiny_model(2), standard_batch(2)
+    cfg = CompactConfig(mi_stride=2, mcon_lambda=0.5)
+    params = [p for p in model.parameters()]
+    loss, st = compact_loss(model, batch, cfg)
+    grads = torch.autograd.grad(loss, params)
+    l_sft, l_mcon = slow_branch_losses(model, batch)
+    assert_close(st["l_sft"], l_sft.detach())
+    assert_close(st["l_mcon"], l_mcon.detach())
+    assert_close(st["loss"], st["sft"] + 0.5 * st["mcon"])
+    B = batch["input_ids"].shape[0]
+    ref = [torch.zeros_like(p) for p in params]
+    for b, k in batch["branch_mask"].nonzero().tolist():
+        g_k = torch.autograd.grad(l_sft[b, k] + 0.5 * l_mcon[b, k], params, retain_graph=True, allow_unused=True)
+        for r, g in zip(ref, g_k):
+            if g is not None:
+                r += st["weight"][b, k] * g / B
+    for g, r in zip(grads, ref):
+        assert_close(g, r, atol=1e-6, rtol=1e-4)
+
+
+def test_mcon_reads_the_predicting_positions():
+    """log P^j comes from the logits one before answer token j; the answer's own index differs."""
+    model, batch = tiny_model(3), standard_batch(3)
+    B, K, T = batch["input_ids"].shape
+    am = batch["answer_mask"].view(B * K, T)
+    with torch.no_grad():
+        h = model(batch["input_ids"].view(B * K, T), return_hidden=True)
+        logp, valid = answer_logprobs(model.lm_head, h, am)
+        full = torch.log_softmax(model.lm_head(h), -1)
+        for n in range(B * K):
+            at = am[n].nonzero().flatten()
+            assert_close(logp[n, :len(at)], full[n, at - 1])
+            assert valid[n].sum() == len(at)
+            if len(at):
+                assert not torch.allclose(logp[n, :len(at)], full[n, at])
+
+
+def test_padding_branches_change_nothing():
+    model, batch = tiny_model(4), standard_batch(4)
+    cfg = CompactConfig(mi_stride=2)
+    loss, st = compact_loss(model, batch, cfg)
+    g = torch.Generator().manual_seed(9)
+    padded = {k: v.clone() for k, v in batch.items()}
+    for key in ("input_ids", "attention_mask", "sft_mask", "rationale_mask", "answer_mask", "think_mask"):
+        extra = torch.zeros_like(padded[key][:, :1])
+        if key == "input_ids":
+            extra = torch.randint(0, V, extra.shape, generator=g)  # junk behind branch_mask = False
+        padded[key] = torch.cat([padded[key], extra], 1)
+    padded["branch_mask"] = torch.cat([batch["branch_mask"], torch.zeros(3, 1, dtype=torch.bool)], 1)
+    padded["teacher"] = torch.cat([batch["teacher"], torch.full((3, 1), -1)], 1)
+    loss2, st2 = compact_loss(model, padded, cfg)
+    assert_close(loss2, loss)
+    for key in ("weight", "s_mi", "s_g", "s_d", "l_sft", "l_mcon"):
+        assert_close(st2[key][:, :-1], st[key])
+        assert (st2[key][:, -1] == 0).all()
+
+
+def test_degenerate_batches_stay_finite():
+    """One-branch instances, empty rationales, identical branches, an all-padding instance."""
+    model = tiny_model(5)
+    g = torch.Generator().manual_seed(5)
+    r = lambda n: rand_ids(g, n)
+    same = r(6)
+    batch = make_batch([
+        (r(3), r(2), [([], [])]),  # one branch, empty rationale
+        (r(3), r(1), [(same, [0]), (same, [0]), ([], [])]),  # identical branches: zero std
+        (r(4), r(2), [(r(5), [])]),
+    ], pad_to_k=3, extra_t=2)
+    for key in batch:  # instance 3: every branch is padding
+        extra = torch.full_like(batch[key][:1], -1) if key == "teacher" else torch.zeros_like(batch[key][:1])
+        batch[key] = torch.cat([batch[key], batch[key][:1] if key.startswith("probe") else extra])
+    for cfg in (CompactConfig(mi_stride=1), CompactConfig(mi_stride=4), CompactConfig(weighting="uniform")):
+        model.zero_grad()
+        loss, st = compact_loss(model, batch, cfg)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(v).all() for v in st.values())
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        assert_close(st["weight"].sum(-1), torch.tensor([1.0, 1, 1, 0]))
+        assert st["weight"][0, 0] == 1 and st["weight"][2, 0] == 1
+        assert (st["l_mcon"][[0, 2, 3]] == 0).all() and (st["s_mi"][0] == 0).all()
+        assert_close(st["l_mcon"][1, 0], st["l_mcon"][1, 1])
+
+
+def test_easier_rationale_is_less_difficult():
+    """A rationale the student would write itself (greedy) has lower S_D than random tokens."""
+    from model import generate
+
+    model = tiny_model(6)
+    g = torch.Generator().manual_seed(6)
+    prompt, answer = rand_ids(g, 4), rand_ids(g, 2)
+    greedy = generate(model, [prompt], max_new_tokens=10)[0]
+    batch = make_batch([(prompt, answer, [(greedy, []), (rand_ids(g, 10), [])])])
+    _, st = compact_loss(model, batch, CompactConfig(alpha=0, beta=0))
+    assert st["s_d"][0, 0] < st["s_d"][0, 1]
+    assert st["weight"][0, 0] > st["weight"][0, 1]
+
+
+def test_instances_count_once_across_micro_batches():
+    """Two halves with n_instances = B add up to the whole batch (the trainer's normalisation)."""
+    model, batch = tiny_model(7), standard_batch(7)
+    cfg = CompactConfig(mi_stride=3)
+    whole, st = compact_loss(model, batch, cfg)
+    halves = [{k: v[s] for k, v in batch.items()} for s in (slice(0, 1), slice(1, 3))]
+    parts = [compact_loss(model, h, cfg, n_instances=3)[0] for h in halves]
+    assert_close(parts[0] + parts[1], whole)
+    assert_close(st["tokens"], batch["sft_mask"].sum())
+
+
+def test_ddp_style_wrapper_trains_through_the_wrapper():
+    class Wrapper(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.module(*args, **kwargs)
+
+    model, batch = tiny_model(8), standard_batch(8)
+    wrapped = Wrapper(model)
+    loss, _ = compact_loss(wrapped, batch, CompactConfig(mi_stride=4))
+    assert wrapped.calls == 1
+    assert_close(loss, compact_loss(model, batch, CompactConfig(mi_stride=4))[0])
