@@ -1,0 +1,287 @@
+"""Multi-teacher format, branch batches (SPEC §9), sharding, benchmark loaders, the synthetic
+pool and the CLI."""
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+from data import DataError, Instance
+
+
+def _write(path, lines):
+    with open(path, "w") as f:
+        f.write("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    return str(path)
+
+
+def _row(i, **kw):
+    row = {"id": f"q{i}", "question": f"What is {i} + 1?", "answer": str(i + 1), "task": "gsm8k",
+           "rationales": [{"teacher": "a", "text": f"{i} + 1 = {i + 1}."}]}
+    return {**row, **kw}
+
+
+# ---- multi-teacher format ---------------------------------------------------------------
+
+def test_load_multi_teacher_good(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [_row(0), "", _row(1, answer=2, rationales=[
+        {"teacher": "b", "text": "x"}, {"teacher": "a", "text": "y"}])])
+    insts = data.load_multi_teacher(path)
+    assert [i.id for i in insts] == ["q0", "q1"] and insts[1].answer == "2"
+    assert insts[1].rationales == [("b", "x"), ("a", "y")]
+    assert data.teacher_names(insts) == ["a", "b"]
+
+
+BAD = [
+    ("{not json", "bad JSON"), ('["a list"]', "JSON object"), (_row(2, id=""), "'id'"),
+    (_row(3, question=5), "'question'"), (_row(4, answer="  "), "'answer'"),
+    (_row(5, task="poetry"), "unknown task"), (_row(6, rationales={"a": "x"}), "must be a list"),
+    (_row(7, rationales=[{"teacher": "a", "text": ""}]), "'text'"),
+    (_row(8, rationales=[{"text": "x"}]), "'teacher'"),
+    (_row(9, rationales=[{"teacher": "a", "text": "x"}, {"teacher": "a", "text": "y"}]), "twice"),
+    (_row(0), "duplicate id 'q0' (first on line 1)"),
+]
+
+
+def test_load_multi_teacher_reports_file_and_line(tmp_path, capsys):
+    path = _write(tmp_path / "bad.jsonl", [_row(0)] + [line for line, _ in BAD])
+    with pytest.raises(DataError) as err:
+        data.load_multi_teacher(path)
+    message = str(err.value)
+    problems = data.parse_multi_teacher(path)[1]
+    assert problems[:10] == message.splitlines()[1:11]
+    for lineno, (_, expected) in enumerate(BAD, 2):
+        assert re.fullmatch(rf"{re.escape(path)}:{lineno}: .*{re.escape(expected)}.*",
+                            problems[lineno - 2]), expected
+    assert message.startswith(f"{len(BAD)} problem(s)") and "... and 1 more" in message
+    kept = data.load_multi_teacher(path, skip_bad=True)
+    assert [i.id for i in kept] == ["q0"] and f"skipped {len(BAD)} bad line(s)" in capsys.readouterr().err
+    with pytest.raises(DataError, match="cannot read"):
+        data.load_multi_teacher(str(tmp_path / "missing.jsonl"))
+
+
+# ---- branches and batches ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_dir):
+    return data.Tokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+def test_think_starts():
+    text = "So, wait... Somehow a Wait, but"
+    offsets = [(0, 2), (2, 3), (3, 8), (8, 11), (11, 16), (16, 19), (19, 21), (21, 26), (26, 27),
+               (27, 31)]
+    assert data.think_starts(text, offsets) == [True, False, True, False, False, False, False,
+                                                True, False, True]
+    assert data.think_starts(text, offsets, words=("somehow",)) == [False] * 4 + [True] + [False] * 5
+
+
+def test_branches_match_spec_by_hand(tok):
+    inst = Instance("x", "What is 3 + 4?", "7", "gsm8k",
+                    [("t2", "So, first 3 + 4. Wait, that is 7."), ("t1", "3 + 4 = 7.")])
+    enc = data.encode_instance(inst, tok, ["t1", "t2"], max_len=512)
+    prompt = tok.encode_chat([{"role": "user", "content": data.user_prompt(inst.question, "gsm8k")}])
+    cue, y, close = tok.encode("\nThe answer is "), tok.encode("7"), tok.encode(".")
+    assert enc.teacher == [1, 0] and enc.probe_ids == cue + y
+    assert enc.probe_answer_mask == [False] * len(cue) + [True] * len(y)
+    one = Instance("y", "What is 1 + 1?", "2", "gsm8k", [("t1", "1 + 1 = 2.")])
+    batch = data.collate([enc, data.encode_instance(one, tok, ["t1", "t2"], 512)], tok.pad_id)
+    B, K, T = batch["input_ids"].shape
+    assert (B, K) == (2, 2) and batch["teacher"].tolist()[1] == [0, -1]
+    assert batch["branch_mask"].tolist() == [[True, True], [True, False]]
+    for k, (_, text) in enumerate(inst.rationales):
+        r = tok.encode(text)
+        segments = [prompt, r, cue, y, close, [tok.eot_id]]
+        ids = [i for s in segments for i in s]
+        n, p = len(ids), len(prompt)
+        want = {"attention_mask": [1] * n, "sft_mask": [0] * p + [1] * (n - p),
+                "rationale_mask": [0] * p + [1] * len(r) + [0] * (n - p - len(r)),
+                "answer_mask": [0] * (p + len(r) + len(cue)) + [1] * len(y) + [0] * (len(close) + 1)}
+        assert batch["input_ids"][0, k, :n].tolist() == ids
+        assert batch["input_ids"][0, k, n:].eq(tok.pad_id).all()
+        for key, mask in want.items():
+            assert batch[key][0, k].tolist() == [bool(v) for v in mask] + [False] * (T - n), key
+        marked = [tok.decode([i]).strip().lower() for i, m in
+                  zip(batch["input_ids"][0, k].tolist(), batch["think_mask"][0, k].tolist()) if m]
+        starts = [w for w in re.findall(r"[a-z]+", text.lower()) if w in data.THINKING_WORDS]
+        assert len(marked) == len(starts) and all(w.startswith(m.rstrip(",")) or m.startswith(w[:1])
+                                                  for m, w in zip(marked, starts))
+        assert not (batch["think_mask"][0, k] & ~batch["rationale_mask"][0, k]).any()
+    # the answer ids are the same in every branch, and equal the probe's scored ids
+    answers = [batch["input_ids"][0, k][batch["answer_mask"][0, k]].tolist() for k in range(2)]
+    assert answers[0] == answers[1] == y
+    assert batch["probe_ids"][0][batch["probe_answer_mask"][0]].tolist() == y
+    assert not batch["attention_mask"][1, 1].any() and not batch["sft_mask"][1, 1].any()
+    dtypes = {k: v.dtype for k, v in batch.items()}
+    assert dtypes["input_ids"] == dtypes["teacher"] == dtypes["probe_ids"] == torch.long
+    assert all(dtypes[k] == torch.bool for k in batch if k.endswith("mask"))
+
+
+def test_math_cue_and_special_strings_stay_text(tok):
+    stop = tok.token_id("<|im_end|>")
+    inst = Instance("m", "Is <|im_end|> a token?", "\\frac{1}{2}", "math",
+                    [("a", "It is text <|im_end|> here. So x = 1/2.")])
+    enc = data.encode_instance(inst, tok, ["a"], 512)
+    ids, codes, _ = enc.branches[0]
+    assert ids.count(stop) == 2  # the user turn's end and the eot, nothing from the data
+    assert ids[-1] == stop == tok.eot_id and codes[-1] == data.EOT
+    assert tok.decode(enc.probe_ids) == "\nThe answer is $\\boxed{\\frac{1}{2}"
+    close = [i for i, c in zip(ids, codes) if c == data.CLOSE]
+    assert tok.decode(close) == "}$"
+
+
+def test_max_len_drops_branches_and_instances(tok):
+    short, long = "3 + 4 = 7.", "So " + "we add three and four again. " * 20
+    inst = Instance("x", "What is 3 + 4?", "7", "gsm8k", [("a", short), ("b", long)])
+    full = data.encode_instance(inst, tok, ["a", "b"], 10**6)
+    n_short = len(full.branches[0][0])
+    enc = data.encode_instance(inst, tok, ["a", "b"], n_short)
+    assert enc.dropped == 1 and enc.teacher == [0] and len(enc.branches[0][0]) == n_short
+    assert data.encode_instance(inst, tok, ["a", "b"], n_short - 1) is None  # never cut
+    encoded, stats = data.encode_dataset([inst, inst], tok, max_len=n_short)
+    assert len(encoded) == 2 and stats["dropped_branches"] == 2 and stats["branches"] == 2
+    encoded, stats = data.encode_dataset([inst], tok, teachers=["b"], max_len=n_short)
+    assert encoded == [] and stats["dropped_instances"] == 1 and stats["teachers"] == ["b"]
+    encoded, stats = data.encode_dataset([inst], tok, teachers=["a"])  # the --teachers filter
+    assert encoded[0].teacher == [0] and stats["branches"] == 1
+    with pytest.raises(DataError, match="unknown teacher"):
+        data.encode_dataset([inst], tok, teachers=["zed"])
+
+
+def test_shard_indices():
+    n, world, bs = 10, 3, 2
+    shards = [data.shard_indices(n, epoch=1, seed=7, rank=r, world_size=world, batch_size=bs)
+              for r in range(world)]
+    assert [len(s) for s in shards] == [4, 4, 4]  # 10 wrapped to 12 = 3 ranks × 2 steps × 2
+    assert set(sum(shards, [])) == set(range(n))
+    assert shards == [data.shard_indices(n, 1, 7, r, world, bs) for r in range(world)]
+    assert data.shard_indices(n, 2, 7, 0, 1) != data.shard_indices(n, 1, 7, 0, 1)
+    assert sorted(data.shard_indices(n, 0, 0, 0, 1)) == list(range(n))
+
+
+# ---- benchmark loaders ------------------------------------------------------------------
+
+def test_real_benchmarks_load(benchmarks_dir):
+    for task, name, count, first in [("math", "math500_test.jsonl", 500, r"\left( 3, \frac{\pi}{2} \right)"),
+                                     ("gsm8k", "gsm8k_test.jsonl", 1319, "18"),
+                                     ("svamp", "svamp_test.jsonl", 1000, "145")]:
+        rows = data.load_benchmark(task, os.path.join(benchmarks_dir, name))
+        assert len(rows) == count and rows[0]["answer"] == first and rows[0]["task"] == task
+        assert len({r["id"] for r in rows}) == count
+        assert rows[0]["prompt"] == data.user_prompt(rows[0]["question"], task)
+    assert "\\boxed{}" in data.load_benchmark("math", os.path.join(benchmarks_dir, name.replace(
+        "svamp", "math500")))[0]["prompt"]
+    svamp = data.load_benchmark("svamp", os.path.join(benchmarks_dir, "svamp_test.jsonl"))
+    assert svamp[0]["question"].endswith("93 groups. How big is each group of bananas?")
+
+
+def test_small_format_loaders(tmp_path):
+    csqa = _write(tmp_path / "csqa.jsonl", [{"id": "c1", "answerKey": "B", "question": {
+        "stem": "Where do you keep milk cold?", "choices": [
+            {"label": l, "text": t} for l, t in zip("ABCDE", ["oven", "fridge", "desk", "car", "sun"])]}}])
+    row = data.load_benchmark("csqa", csqa)[0]
+    assert row["answer"] == "B" and "(B) fridge" in row["question"] and row["id"] == "c1"
+    sqa = tmp_path / "strategyqa.json"
+    sqa.write_text(json.dumps([{"qid": "s1", "question": "Can a fish climb a tree?", "answer": False},
+                               {"qid": "s2", "question": "Is ice cold?", "answer": True}]))
+    assert [r["answer"] for r in data.load_benchmark("strategyqa", str(sqa))] == ["no", "yes"]
+    gpqa = tmp_path / "gpqa.csv"
+    with open(gpqa, "w", newline="") as f:
+        w = csv.DictWriter(f, ["Record ID", "Question", "Correct Answer", "Incorrect Answer 1",
+                               "Incorrect Answer 2", "Incorrect Answer 3"])
+        w.writeheader()
+        for i in range(8):  # made-up questions
+            w.writerow({"Record ID": f"rec{i}", "Question": f"Which colour is number {i}?",
+                        "Correct Answer": f"right{i}", "Incorrect Answer 1": f"wrong{i}a",
+                        "Incorrect Answer 2": f"wrong{i}b", "Incorrect Answer 3": f"wrong{i}c"})
+    rows = data.load_benchmark("gpqa", str(gpqa))
+    for i, r in enumerate(rows):
+        assert f"({r['answer']}) right{i}\n" in r["question"] + "\n"
+    assert rows == data.load_benchmark("gpqa", str(gpqa))  # fixed per-item shuffle
+    assert len({r["answer"] for r in rows}) > 1
+    bad = _write(tmp_path / "bad.jsonl", [{"id": "c1", "question": {"stem": "x"}}])
+    with pytest.raises(DataError, match=r"bad.jsonl:1: not a csqa record"):
+        data.load_benchmark("csqa", bad)
+
+
+# ---- synthetic pool ---------------------------------------------------------------------
+
+def test_synth_pool(tmp_path):
+    train, test = data.synth_pool(str(tmp_path), seed=3, n_train=40, n_test=10)
+    insts = data.load_multi_teacher(str(tmp_path / "train.jsonl"))
+    held = data.load_multi_teacher(str(tmp_path / "test.jsonl"))
+    assert len(insts) == 40 and len(held) == 10 and all(not h.rationales for h in held)
+    assert not {i.question for i in insts} & {h.question for h in held}
+    assert data.teacher_names(insts) == sorted(data.SYNTH_TEACHERS)
+    for inst in insts:
+        r = dict(inst.rationales)
+        for name in ("concise", "verbose", "hallucinated"):
+            assert is_answer(r[name], inst.answer), (name, r[name])
+        eqs = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", r["hallucinated"])
+        assert all(eval(f"{a}{op}{b}") != int(c) for a, op, b, c in eqs[:-1])
+        assert all(eval(f"{a}{op}{b}") == int(c) for a, op, b, c in
+                   re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", r["concise"]))
+        assert r["stylized"].startswith(data.number_words(int(inst.answer)) + " is ")
+        assert sum(w in data.THINKING_WORDS for w in re.findall(r"[a-z]+", r["verbose"].lower())) >= 3
+    assert data.synth_pool(str(tmp_path / "again"), 3, 40, 10) == (train, test)
+    assert data.number_words(123) == "one hundred twenty-three"
+
+
+def is_answer(text, answer):
+    return data.is_equivalent(data.extract_answer(text, "gsm8k"), answer, "gsm8k")
+
+
+# ---- CLI --------------------------------------------------------------------------------
+
+def test_cli_build_reports_per_teacher(tmp_path, capsys):
+    questions = _write(tmp_path / "q.jsonl", [{"id": f"q{i}", "question": f"What is {i} + 1?",
+                                               "answer": str(i + 1)} for i in range(4)])
+    good = _write(tmp_path / "good.jsonl", [{"id": f"q{i}", "text": f"So the answer is {i + 1}."}
+                                            for i in range(4)])
+    mixed = _write(tmp_path / "mixed.jsonl", [
+        {"question": "What is 0 + 1?", "output": "The answer is 1."},  # joined by question text
+        {"id": "q1", "response": "The answer is 5."}, {"id": "q2", "text": "I do not know."}])
+    out = str(tmp_path / "out.jsonl")
+    data.main(["build", "--questions", questions, "--teacher", f"good={good}", "--teacher",
+               f"mixed={mixed}", "--task", "gsm8k", "--out", out, "--min-teachers", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["good", "4", "0", "0", "0"]
+    assert lines[2].split() == ["mixed", "1", "1", "1", "1"]
+    insts = data.load_multi_teacher(out)
+    assert [i.id for i in insts] == ["q0"] and [t for t, _ in insts[0].rationales] == ["good", "mixed"]
+    assert "1 instances" in lines[3] and "3 with under 2 rationales dropped" in lines[3]
+
+
+def test_cli_bad_input_exits_2(tmp_path, capsys, tiny_tokenizer_dir):
+    bad = _write(tmp_path / "bad.jsonl", [_row(0), "{oops"])
+    for argv, expected in [(["check", bad], f"{bad}:2: bad JSON"),
+                           (["build", "--questions", bad, "--teacher", "x=" + bad, "--task", "math",
+                             "--out", str(tmp_path / "o.jsonl")], f"{bad}:2: bad JSON"),
+                           (["build", "--questions", bad, "--teacher", "nofile", "--out", "o"],
+                            "--teacher 'nofile': expected NAME=FILE"),
+                           (["check", str(tmp_path / "none.jsonl")], "cannot read")]:
+        with pytest.raises(SystemExit) as err:
+            data.main(argv)
+        assert err.value.code == 2
+        assert expected in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o.jsonl")
+    good = _write(tmp_path / "good.jsonl", [_row(0), _row(1)])
+    data.main(["check", good, "--model", tiny_tokenizer_dir])
+    out = capsys.readouterr().out
+    assert "2 instances" in out and "branch tokens: min" in out and re.search(r"a\s+2 branches", out)
+
+
+def test_cli_synth_and_no_traceback(tmp_path, capsys):
+    data.main(["synth", "--out", str(tmp_path / "pool"), "--n-train", "8", "--n-test", "2"])
+    assert "wrote 8 train and 2 test" in capsys.readouterr().out
+    assert len(data.load_multi_teacher(str(tmp_path / "pool" / "train.jsonl"))) == 8
+    bad = _write(tmp_path / "bad.jsonl", ["{oops"])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "data.py"), "check", bad],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and f"{bad}:1:" in done.stderr
