@@ -23,7 +23,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import tokenizers
 import torch
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
 # ----------------------------------------------------------------------------------------
 # tokenizer and chat
@@ -75,12 +79,12 @@ class Tokenizer:
     for text the chat template itself writes), `_plain` never does (every piece of data).
     """
 
-    def __init__(self, tokenizer_json, config=None, generation_config=None, chat_template=None):
-        from tokenizers import Tokenizer as HFTokenizer
-        self._control = HFTokenizer.from_str(tokenizer_json)
-        self._plain = HFTokenizer.from_str(tokenizer_json)
+    def __init__(self, tokenizer_json, config=None, generation_config=None, chat_template=None,
+                 path=None):
+        self._control = tokenizers.Tokenizer.from_str(tokenizer_json)
+        self._plain = tokenizers.Tokenizer.from_str(tokenizer_json)
         self._plain.encode_special_tokens = True  # "<|im_end|>" in data is seven text tokens
-        self.config = config or {}
+        self.config, self.path = config or {}, path
         self.chat_template = chat_template
         self._compiled = None
         self.special_ids = {i for i, t in self._control.get_added_tokens_decoder().items()
@@ -121,9 +125,7 @@ class Tokenizer:
                 raise ValueError(f"chat_format {chat_format!r}: known are {list(BUILTIN_TEMPLATES)}")
             template = BUILTIN_TEMPLATES[chat_format]
         gen = _read_json(os.path.join(path, "generation_config.json"), {})
-        tok = cls(tokenizer_json, config, gen, template)
-        tok.path = path
-        return tok
+        return cls(tokenizer_json, config, gen, template, path)
 
     @property
     def vocab_size(self):
@@ -148,12 +150,10 @@ class Tokenizer:
         """The checkpoint's own chat template rendered as transformers' apply_chat_template
         renders it (sandboxed jinja2, trim_blocks, lstrip_blocks, strftime_now, tojson)."""
         if self.chat_template is None:
-            raise ValueError(f"{getattr(self, 'path', 'tokenizer')}: no chat template (no "
+            raise ValueError(f"{self.path or 'tokenizer'}: no chat template (no "
                              "chat_template in tokenizer_config.json, no chat_template.jinja); "
                              "pick a built-in one with chat_format='chatml' or 'llama3'")
         if self._compiled is None:
-            from jinja2.ext import loopcontrols
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=[loopcontrols])
             env.filters["tojson"] = _tojson
@@ -166,8 +166,9 @@ class Tokenizer:
     def encode_chat(self, messages, add_generation_prompt=True, **kwargs):
         """Ids of a conversation: the template's own text may hold control tokens, message
         contents are plain text, so a question holding "<|im_end|>" cannot close a turn."""
-        nonce = "%08x" % random.getrandbits(32)
-        marks = [f"\x00content{i}-{nonce}\x00" for i in range(len(messages))]
+        marks = [f"\x00compact-content-{i}\x00" for i in range(len(messages))]
+        if any(mark in m["content"] for m in messages for mark in marks):
+            raise ValueError("message content holds encode_chat's sentinel")
         marked = [{**m, "content": s} for m, s in zip(messages, marks)]
         skeleton = re.split("(" + "|".join(map(re.escape, marks)) + ")",
                             self.render_chat(marked, add_generation_prompt, **kwargs))
@@ -175,7 +176,8 @@ class Tokenizer:
         ids, pos = [], 0
         for j, piece in enumerate(skeleton):
             if j % 2 == 0:  # template text
-                assert full.startswith(piece, pos), "chat template renders non-deterministically"
+                if not full.startswith(piece, pos):
+                    raise ValueError("the chat template's own text depends on message content")
                 ids += self._control.encode(piece, add_special_tokens=False).ids if piece else []
                 pos += len(piece)
                 continue
@@ -222,10 +224,8 @@ def write_tokenizer(out_dir, texts, vocab_size=512, template="chatml", chat_temp
     (tokenizer.json, tokenizer_config.json with a chat template, generation_config.json).
     template picks the special-token family ("chatml" or "llama3"); chat_template
     overrides the jinja text (default: the family's built-in template)."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
-    from tokenizers import Tokenizer as HFTokenizer
     specials, bos, eos, pad, gen_eos = _FAMILIES[template]
-    tok = HFTokenizer(models.BPE())
+    tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(_SPLIT_REGEX), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -267,7 +267,7 @@ class Instance:
     question: str
     answer: str
     task: str | None = None  # picks answer extraction, the instruction and the cue
-    rationales: list = field(default_factory=list)  # [(teacher, text)]
+    rationales: list[tuple[str, str]] = field(default_factory=list)  # [(teacher, text)]
 
 
 def _as_answer(value):
@@ -318,29 +318,47 @@ def _report(path, problems, limit=10):
     return f"{len(problems)} problem(s) in {path}:\n{head}{more}"
 
 
-def parse_multi_teacher(path):
-    """All good instances of a multi-teacher JSONL file and a `FILE:LINE: message` per bad line."""
+def _read_text(path):
     try:
-        f = open(path, encoding="utf-8")
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    instances, problems, first_line = [], [], {}
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+
+
+def _jsonl(path):
+    """(line number, object or the JSON error's message) per non-blank line."""
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+        if line.strip():
             try:
-                inst = _parse_instance(json.loads(line))
-                if inst.id in first_line:
-                    raise ValueError(f"duplicate id {inst.id!r} (first on line {first_line[inst.id]})")
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                problems.append(f"{path}:{lineno}: bad JSON ({e.msg}, column {e.colno})")
-                continue
-            except ValueError as e:
-                problems.append(f"{path}:{lineno}: {e}")
-                continue
-            first_line[inst.id] = lineno
-            instances.append(inst)
+                yield lineno, f"bad JSON ({e.msg}, column {e.colno})"
+
+
+def read_jsonl(path):
+    """[(line number, object)] of a JSONL file; bad JSON raises DataError naming the line."""
+    rows = list(_jsonl(path))
+    if bad := next(((n, r) for n, r in rows if isinstance(r, str)), None):
+        raise DataError(f"{path}:{bad[0]}: {bad[1]}")
+    return rows
+
+
+def parse_multi_teacher(path):
+    """All good instances of a multi-teacher JSONL file and a `FILE:LINE: message` per bad line."""
+    instances, problems, first_line = [], [], {}
+    for lineno, obj in _jsonl(path):
+        try:
+            if isinstance(obj, str):
+                raise ValueError(obj)
+            inst = _parse_instance(obj)
+            if inst.id in first_line:
+                raise ValueError(f"duplicate id {inst.id!r} (first on line {first_line[inst.id]})")
+        except ValueError as e:
+            problems.append(f"{path}:{lineno}: {e}")
+            continue
+        first_line[inst.id] = lineno
+        instances.append(inst)
     return instances, problems
 
 
@@ -363,7 +381,7 @@ def teacher_names(instances):
 # ----------------------------------------------------------------------------------------
 # answer extraction and equivalence
 
-_NUMBER = re.compile(r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
+_NUMBER = re.compile(r"(?:(?<![\w)\]])-)?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
 _ANSWER_IS = re.compile(r"(?i:answer)\s*(?:is|:)?\s*[:：]?\s*(?:\*\*)?\s*[:：]?\s*(.*)")
 
 
@@ -486,18 +504,27 @@ def math_equal(pred, gold):
                 return True
             ep, eg = _elements(p), _elements(g)
             if ep and eg and ep[0] == eg[0] and len(ep[1]) == len(eg[1]):
-                if ep[0] != "list" and all(math_equal(a, b) for a, b in zip(ep[1], eg[1])):
+                if ep[0] == "list" and _same_multiset(ep[1], eg[1]):
                     return True
-                left = list(eg[1])
-                if ep[0] == "list" and all(any(math_equal(a, b) and not left.remove(b)
-                                                for b in left) for a in ep[1]):
+                if ep[0] != "list" and all(math_equal(a, b) for a, b in zip(ep[1], eg[1])):
                     return True
     return False
 
 
+def _same_multiset(preds, golds):
+    """Every pred matches a different gold (solution lists like "1, -2" have no order)."""
+    left = list(golds)
+    for p in preds:
+        match = next((g for g in left if math_equal(p, g)), None)
+        if match is None:
+            return False
+        left.remove(match)
+    return True
+
+
 def _first_number(text):
     m = _NUMBER.search(text)
-    return m[0].replace(",", "").replace("$", "").replace(" ", "") if m else None
+    return m[0].replace(",", "").replace("$", "") if m else None
 
 
 def extract_answer(text, task):
@@ -508,8 +535,8 @@ def extract_answer(text, task):
         boxed = last_boxed(text)
         if boxed is not None:
             return boxed
-        said = _ANSWER_IS.findall(text)
-        return said[-1].strip().rstrip(".").strip("$ ") or None if said else None
+        said = [a.strip().rstrip(".").strip("$ ") for a in _ANSWER_IS.findall(text)]
+        return said[-1] if said and said[-1] else None
     if task in ("gsm8k", "svamp"):
         if m := re.findall(r"####\s*(.*)", text):
             return _first_number(m[-1])
@@ -520,7 +547,7 @@ def extract_answer(text, task):
             if num := _first_number(said):
                 return num
         nums = _NUMBER.findall(text)
-        return nums[-1].replace(",", "").replace("$", "").replace(" ", "") if nums else None
+        return nums[-1].replace(",", "").replace("$", "") if nums else None
     if task in ("csqa", "gpqa"):
         letters = "ABCDE" if task == "csqa" else "ABCD"
         pick = rf"\(?\s*([{letters}])\s*\)?(?![A-Za-z])"
@@ -688,6 +715,8 @@ def shard_indices(n, epoch, seed, rank, world_size, batch_size=1):
     """This rank's item order for an epoch: one seeded permutation shared by all ranks,
     wrapped to a multiple of world_size·batch_size, then every world_size-th item from rank,
     so every rank gets the same number of items and steps."""
+    if n == 0:
+        return []
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
     total = -(-n // (world_size * batch_size)) * world_size * batch_size
@@ -696,22 +725,6 @@ def shard_indices(n, epoch, seed, rank, world_size, batch_size=1):
 
 # ----------------------------------------------------------------------------------------
 # benchmark loaders
-
-def _read_jsonl(path):
-    """(line number, object) for each non-blank line; bad JSON raises DataError."""
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append((lineno, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{lineno}: bad JSON ({e.msg})") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    return rows
-
 
 def _choices(stem, options):
     return stem.strip() + "\nAnswer Choices:\n" + "\n".join(f"({k}) {v}" for k, v in options)
@@ -749,21 +762,19 @@ def _benchmark_row(task, i, row):
 def load_benchmark(task, path):
     """A benchmark in its public format as [{id, question, prompt, answer, task}]; prompt is
     the user turn (question with choices and the task's CoT instruction)."""
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
     if task == "gpqa":
         import csv
-        try:
-            with open(path, encoding="utf-8", newline="") as f:
-                rows = [(i + 2, r) for i, r in enumerate(csv.DictReader(f))]  # line 1: header
-        except OSError as e:
-            raise DataError(f"{path}: cannot read ({e.strerror})") from None
+        import io
+        rows = list(enumerate(csv.DictReader(io.StringIO(_read_text(path))), 2))  # 1: header
     elif task == "strategyqa" and not path.endswith(".jsonl"):
-        try:
-            with open(path, encoding="utf-8") as f:
-                rows = list(enumerate(json.load(f), 1))  # a JSON list: "line" is the item number
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: cannot read a JSON list ({e})") from None
+        try:  # a JSON list: the "line" reported is the item number
+            rows = list(enumerate(json.loads(_read_text(path)), 1))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: bad JSON ({e})") from None
     else:
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
     out = []
     for n, (line, row) in enumerate(rows):
         try:
@@ -905,22 +916,22 @@ def _generation_text(path, lineno, row):
 def build(questions_path, teachers, task, out_path, min_teachers=1):
     """Join questions with each teacher's generations (by id, else by exact question text),
     keep rationales whose own final answer matches the gold one; returns the report."""
-    questions = []
-    for lineno, row in _read_jsonl(questions_path):
+    questions, first_line = [], {}
+    for lineno, row in read_jsonl(questions_path):
         try:
-            inst = _parse_instance({**row, "rationales": []})
+            inst = _parse_instance({**row, "rationales": []} if isinstance(row, dict) else row)
+            if inst.id in first_line:
+                raise ValueError(f"duplicate id {inst.id!r} (first on line {first_line[inst.id]})")
+            if (inst.task or task) is None:
+                raise ValueError("no task: give --task")
         except ValueError as e:
             raise DataError(f"{questions_path}:{lineno}: {e}") from None
-        inst.task = inst.task or task
-        if inst.task is None:
-            raise DataError(f"{questions_path}:{lineno}: no task; give --task")
+        inst.task, first_line[inst.id] = inst.task or task, lineno
         questions.append(inst)
-    if len({q.id for q in questions}) != len(questions):
-        raise DataError(f"{questions_path}: duplicate ids")
     report = {}
     for name, path in teachers:
         by_id, by_question = {}, {}
-        for lineno, row in _read_jsonl(path):
+        for lineno, row in read_jsonl(path):
             if not isinstance(row, dict) or not ("id" in row or "question" in row):
                 raise DataError(f"{path}:{lineno}: a generation needs 'id' or 'question'")
             text = _generation_text(path, lineno, row)
@@ -1006,7 +1017,7 @@ def main(argv=None):
         else:
             train, test = synth_pool(args.out, args.seed, args.n_train, args.n_test)
             print(f"wrote {len(train)} train and {len(test)} test problems to {args.out}")
-    except (DataError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # DataError, a missing file, a tokenizer without template
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

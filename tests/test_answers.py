@@ -66,6 +66,8 @@ def test_gsm8k_and_svamp():
     assert extract_answer("First 3, then 4, finally $1,000.", "gsm8k") == "1000"
     assert extract_answer("The answer is -3.5 dollars", "gsm8k") == "-3.5"
     assert extract_answer("no numbers at all", "gsm8k") is None
+    assert extract_answer("We have 10 - 3 = 7", "gsm8k") == "7"  # "- 3" is not minus three
+    assert extract_answer("It drops by 3-8 to x = -4", "gsm8k") == "-4"
     assert is_equivalent("27", "27.0", "svamp") and is_equivalent("$1,000", "1000", "gsm8k")
     assert not is_equivalent("27.5", "27", "svamp") and not is_equivalent("abc", "1", "gsm8k")
 
