@@ -451,10 +451,8 @@ def parse_number(s):
     s = s.replace("$", "").strip()
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")
-    try:
+    if re.fullmatch(r"-?(?:\d+\.?\d*|\.\d+)", s):  # not float()'s "1_0", "nan", "1e5"
         return float(s)
-    except ValueError:
-        pass
     if m := re.fullmatch(r"(-?)(\d*)\\frac\{(\d+(?:\.\d+)?)\}\{(\d+(?:\.\d+)?)\}", s) or \
             re.fullmatch(r"(-?)()(\d+)/(\d+)", s):
         if float(m[4]) == 0:

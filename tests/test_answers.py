@@ -37,7 +37,8 @@ def test_math_equivalent(pred, gold):
 @pytest.mark.parametrize("pred,gold", [
     ("3", "4"), (r"\frac{1}{3}", "0.33"), ("(1,2)", "(2,1)"), ("[1,2)", "(1,2)"),
     (r"2\sqrt{3}", r"2\sqrt{2}"), ("1,2", "1,2,3"), ("(C)", "(D)"), (r"\text{east}", r"\text{west}"),
-    ("x^2+1", "x^2-1"), ("1.001", "1"), ("12", "1,2"), ("", "0"),
+    ("x^2+1", "x^2-1"), ("1.001", "1"), ("12", "1,2"), ("", "0"), ("2516_8", "25168"),
+    ("-2,1", "(-2,1)"),
 ])
 def test_math_not_equivalent(pred, gold):
     assert not is_equivalent(pred, gold, "math")
