@@ -12,14 +12,18 @@ One training forward serves S_D, S_G, L_SFT and L_MCon; S_MI costs one extra no-
 pass over short probe blocks that reuse the training pass's K/V. Left out: the optimizer
 step and its normalisation across ranks (train.py passes n_instances).
 """
+import argparse
+import json
 import math
-from dataclasses import dataclass
+import os
+import sys
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import KVCache
+from model import KVCache, Transformer
 
 
 @dataclass
@@ -45,6 +49,11 @@ class CompactConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.mi_stride < 1 or self.mi_max_probes < 1:
             raise ValueError("mi_stride and mi_max_probes must be >= 1")
+
+
+def full_precision(x):
+    """Switch autocast off around score and divergence arithmetic (autocast runs einsum in bf16)."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def token_nll(lm_head, h, targets):
@@ -86,7 +95,8 @@ def consensus_scores(e, branch_mask, q_proj, k_proj, head_dim):
     q = q_proj(e).float().view(B, K, -1, head_dim)  # (B, K, H, D)
     kappa = k_proj(e).float().view(B, K, -1, head_dim)  # (B, K, G, D)
     kappa = kappa.repeat_interleave(q.shape[2] // kappa.shape[2], dim=2)  # (B, K, H, D)
-    logits = torch.einsum("bihd,bjhd->bhij", q, kappa) / math.sqrt(head_dim)  # (B, H, K, K)
+    with full_precision(e):
+        logits = torch.einsum("bihd,bjhd->bhij", q, kappa) / math.sqrt(head_dim)  # (B, H, K, K)
     eye = torch.eye(K, dtype=torch.bool, device=e.device)
     edge = branch_mask[:, :, None] & branch_mask[:, None, :] & ~eye  # (B, K, K): i may attend to j
     attn = torch.softmax(logits.masked_fill(~edge[:, None], float("-inf")), dim=-1)
@@ -223,8 +233,9 @@ def mcon_loss(logp, answer_valid, branch_mask, detach=False):
     p = logp.exp()
     p_o, logp_o = (p.detach(), logp.detach()) if detach else (p, logp)
     neg_ent, neg_ent_o = (p * logp).sum(-1), (p_o * logp_o).sum(-1)  # (B, K, J)
-    cross_ki = torch.einsum("bkjv,bijv->bkij", p, logp_o)  # Σ_v P_k log P_i
-    cross_ik = torch.einsum("bijv,bkjv->bkij", p_o, logp)  # Σ_v P_i log P_k
+    with full_precision(logp):  # BKL is a small difference of large sums over V
+        cross_ki = torch.einsum("bkjv,bijv->bkij", p, logp_o)  # Σ_v P_k log P_i
+        cross_ik = torch.einsum("bijv,bkjv->bkij", p_o, logp)  # Σ_v P_i log P_k
     bkl = 0.5 * (neg_ent[:, :, None] - cross_ki + neg_ent_o[:, None] - cross_ik)  # (B, K, K, J)
     both = answer_valid[:, :, None] & answer_valid[:, None]
     bkl = torch.where(both, bkl, 0.0).sum(-1) / both.sum(-1).clamp(min=1)  # (B, K, K)
@@ -292,3 +303,86 @@ def compact_loss(model, batch, cfg, n_instances=None):
                  loss=loss.detach(), sft=(w * l_sft).sum().detach() / n_instances,
                  mcon=(w * l_mcon).sum().detach() / n_instances, tokens=sft.sum())
     return loss, stats
+
+
+# --- CLI: score a multi-teacher file with the student, no training ---
+
+def score(a, cfg):
+    """Write one JSON line per rationale with its scores and weight; return per-teacher means.
+
+    Scores come from compact_loss itself under no_grad, so they are exactly what training
+    would weight with (mcon_lambda is set to 0: the consistency logits are not needed)."""
+    from data import Tokenizer, collate, encode_dataset, load_multi_teacher
+
+    device = torch.device(a.device)
+    tok = Tokenizer.from_pretrained(a.model)
+    model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=device)
+    if a.adapter:
+        from lora import load_adapter
+        load_adapter(model, a.adapter)
+    model.eval()
+    instances = load_multi_teacher(a.data)[:a.limit]
+    encoded, info = encode_dataset(instances, tok, max_len=a.max_len)
+    if not encoded:
+        raise ValueError(f"{a.data}: no instance has a rationale that fits --max-len {a.max_len}")
+    if info.get("dropped_branches"):
+        print(f"{info['dropped_branches']} rationale(s) longer than --max-len {a.max_len} left out", file=sys.stderr)
+    teachers = info["teachers"]
+    sums = {t: dict(n=0, weight=0.0, s_mi=0.0, s_g=0.0, s_d=0.0, top=0) for t in teachers}
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w", encoding="utf-8") as f, torch.no_grad():
+        for i in range(0, len(encoded), a.batch_size):
+            chunk = encoded[i:i + a.batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk, tok.pad_id).items()}
+            _, st = compact_loss(model, batch, cfg)
+            st = {k: st[k].float().cpu().tolist() for k in ("s_mi", "s_g", "s_d", "weight")}
+            for b, enc in enumerate(chunk):
+                top = max(range(len(enc.teacher)), key=lambda k: st["weight"][b][k])
+                for k, t in enumerate(enc.teacher):
+                    row = {key: st[key][b][k] for key in ("s_mi", "s_g", "s_d", "weight")}
+                    f.write(json.dumps({"id": enc.id, "teacher": teachers[t], **row}) + "\n")
+                    s = sums[teachers[t]]
+                    s["n"], s["top"] = s["n"] + 1, s["top"] + (k == top)
+                    for key, v in row.items():
+                        s[key] += v
+    return {t: {k: (v / s["n"] if k not in ("n", "top") else v) for k, v in s.items()} for t, s in sums.items() if s["n"]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="COMPACT scores and weights of every rationale, no training.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("score", help="score a multi-teacher file with the student")
+    s.add_argument("--model", required=True, help="Hugging Face model directory (the student)")
+    s.add_argument("--adapter", help="PEFT LoRA directory to load on top")
+    s.add_argument("--data", required=True, help="multi-teacher JSONL (SPEC.md §8)")
+    s.add_argument("--out", required=True, help="scores JSONL, one line per rationale")
+    s.add_argument("--limit", type=int, help="first N instances only")
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--max-len", type=int, default=2048, help="longer branches are left out")
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for fld in fields(CompactConfig):
+        flag = "--" + fld.name.replace("_", "-")
+        if fld.type in (bool, "bool"):
+            s.add_argument(flag, action="store_true")
+        else:
+            s.add_argument(flag, type=type(fld.default), default=fld.default)
+    a = p.parse_args(argv)
+    if a.batch_size < 1 or a.max_len < 1 or (a.limit is not None and a.limit < 1):
+        p.error("--batch-size, --max-len and --limit must be >= 1")
+    try:
+        cfg = CompactConfig(**{fld.name: getattr(a, fld.name) for fld in fields(CompactConfig)})
+        cfg = replace(cfg, mcon_lambda=0.0)  # scores only: no consistency logits
+        summary = score(a, cfg)
+    except (OSError, ValueError, KeyError) as e:  # bad directories, files or settings; DataError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    with open(os.path.splitext(a.out)[0] + ".settings.json", "w") as f:
+        json.dump({"score": {k: v for k, v in vars(a).items()}, "compact": asdict(cfg)}, f, indent=2)
+    print(f"{'teacher':<24} {'n':>6} {'weight':>7} {'s_mi':>8} {'s_g':>7} {'s_d':>7} {'top':>6}")
+    for t, r in summary.items():
+        print(f"{t:<24} {r['n']:>6} {r['weight']:>7.3f} {r['s_mi']:>8.4f} {r['s_g']:>7.3f} {r['s_d']:>7.3f} {r['top']:>6}")
+
+
+if __name__ == "__main__":
+    main()

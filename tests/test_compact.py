@@ -224,6 +224,8 @@ def test_mcon_loss_reference_and_detach():
         g_got, = torch.autograd.grad(got.sum(), logits)
         g_want, = torch.autograd.grad(want.sum(), logits)
         assert_close(g_got, g_want)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's autocast must not reach the sums over V
+            assert_close(mcon_loss(logp, valid, bm, detach), want)
     one = mcon_loss(logp, valid, torch.tensor([[1, 0, 0], [0, 0, 0]], dtype=torch.bool))
     assert torch.equal(one, torch.zeros(2, 3))
 
@@ -420,3 +422,40 @@ def test_ddp_style_wrapper_trains_through_the_wrapper():
     loss, _ = compact_loss(wrapped, batch, CompactConfig(mi_stride=4))
     assert wrapped.calls == 1
     assert_close(loss, compact_loss(model, batch, CompactConfig(mi_stride=4))[0])
+
+
+# --- the CLI ---
+
+def test_score_cli(tmp_path, tiny_tokenizer_dir, capsys):
+    import json
+    import os
+    import shutil
+
+    import compact
+    import data
+    from conftest import random_model, tiny_config
+
+    model_dir = str(tmp_path / "student")
+    random_model(tiny_config(vocab_size=data.Tokenizer.from_pretrained(tiny_tokenizer_dir).vocab_size)).save_pretrained(model_dir)
+    for name in os.listdir(tiny_tokenizer_dir):
+        shutil.copy(os.path.join(tiny_tokenizer_dir, name), model_dir)
+    data.synth_pool(str(tmp_path / "pool"), n_train=3, n_test=1)
+    out = str(tmp_path / "scores.jsonl")
+    compact.main(["score", "--model", model_dir, "--data", str(tmp_path / "pool" / "train.jsonl"), "--out", out,
+                  "--batch-size", "2", "--mi-stride", "8"])
+    rows = [json.loads(line) for line in open(out)]
+    teachers = sorted({r["teacher"] for r in rows})
+    assert len(rows) == 3 * len(teachers) and set(rows[0]) == {"id", "teacher", "s_mi", "s_g", "s_d", "weight"}
+    for i in {r["id"] for r in rows}:
+        assert abs(sum(r["weight"] for r in rows if r["id"] == i) - 1) < 1e-5
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["teacher", "n", "weight", "s_mi", "s_g", "s_d", "top"]
+    assert [line.split()[0] for line in table[1:]] == teachers
+    assert sum(int(line.split()[-1]) for line in table[1:]) == 3  # one top teacher per instance
+
+    with pytest.raises(SystemExit) as e:  # bad input: a message and exit 2, no traceback
+        compact.main(["score", "--model", str(tmp_path / "nowhere"), "--data", out, "--out", out])
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        compact.main(["score", "--model", model_dir, "--data", str(tmp_path / "missing.jsonl"), "--out", out])
+    assert e.value.code == 2
