@@ -79,7 +79,7 @@ def naive_info(model, batch, n, pos):
     """log p(y | prompt ⊕ r_<=pos) by one full forward of prompt ⊕ r_<=pos ⊕ cue ⊕ y."""
     B, K, T = batch["input_ids"].shape
     b = n // K
-    probe = batch["probe_ids"][b][batch["probe_answer_mask"][b] | (torch.arange(batch["probe_ids"].shape[1]) < len(CUE))]
+    probe = batch["probe_ids"][b][batch["probe_answer_mask"][b] | (torch.arange(batch["probe_ids"].shape[1], device=batch["probe_ids"].device) < len(CUE))]
     seq = torch.cat([batch["input_ids"].view(B * K, T)[n, :pos + 1], probe])
     logp = torch.log_softmax(model(seq[None])[0].float(), -1)
     start = pos + 1 + len(CUE)  # first answer token
