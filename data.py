@@ -382,7 +382,8 @@ def teacher_names(instances):
 # answer extraction and equivalence
 
 _NUMBER = re.compile(r"(?:(?<![\w)\]])-)?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
-_ANSWER_IS = re.compile(r"(?i:answer)\s*(?:is|:)?\s*[:：]?\s*(?:\*\*)?\s*[:：]?\s*(.*)")
+_ANSWER_PREFIX = r"(?i:answer)\s*(?:is|:)?\s*[:：]?\s*(?:\*\*)?\s*[:：]?\s*"  # "The answer is", "**Answer:**"
+_ANSWER_IS = re.compile(_ANSWER_PREFIX + "(.*)")
 
 
 def last_boxed(text):
@@ -552,7 +553,7 @@ def extract_answer(text, task):
         boxed = last_boxed(text)
         if boxed is not None and (m := re.fullmatch(pick, normalize_math(boxed))):
             return m[1]
-        found = re.findall(r"(?i:answer)\s*(?:is|:)?\s*[:：]?\s*(?:\*\*)?\s*[:：]?\s*" + pick, text)
+        found = re.findall(_ANSWER_PREFIX + pick, text)
         if found:
             return found[-1]
         m = re.fullmatch(r"\s*" + pick + r"\s*\.?\s*", text)
