@@ -265,7 +265,11 @@ def compact_loss(model, batch, cfg, n_instances=None):
     L_k = L_SFT,k + λ L_MCon,k; w from the scores under no_grad, detached, so one backward
     gives Σ_k w_k ∇L_k. n_instances: instances of the whole optimizer step over all
     micro-batches and ranks (default: this batch's B), so every instance counts once.
-    stats: detached tensors; [B, K]: s_mi s_g s_d weight l_sft l_mcon; scalars: loss sft mcon tokens.
+    stats, detached tensors: [B, K] s_mi s_g s_d weight l_sft l_mcon (0 for padding branches);
+    scalars loss = sft + λ·mcon (the two weighted parts, same normalisation) and tokens
+    (supervised tokens). Decision: scores are read in the model's current mode (LoRA dropout
+    on while training, as in the K/V the probe reuses); padding branches run through the
+    forward (right-padded, causal) and are masked afterwards.
     """
     raw = getattr(model, "module", model)  # DDP: train through the wrapper, score with the module
     ids, bm = batch["input_ids"], batch["branch_mask"]
@@ -286,13 +290,12 @@ def compact_loss(model, batch, cfg, n_instances=None):
         l_mcon = mcon_loss(logp.view(B, K, *logp.shape[1:]), valid.view(B, K, -1), bm, cfg.mcon_detach)
 
     with torch.no_grad():
-        zeros = torch.zeros(B, K, device=ids.device)
         s_d = difficulty_scores(nll.detach(), batch["rationale_mask"])
         last = (flat(batch["attention_mask"]).sum(-1) - 1).clamp(min=0)  # the eot of each branch
         e = aux.final_attn_input.detach()[torch.arange(B * K, device=ids.device), last].view(B, K, -1)
         attn = raw.model.layers[-1].self_attn
         s_g = consensus_scores(e, bm, attn.q_proj, attn.k_proj, raw.args.head_dim)
-        s_mi = zeros
+        s_mi = torch.zeros(B, K, device=ids.device)
         if cfg.weighting == "compact" and cfg.alpha > 0:  # the only score that costs a pass
             s_mi = adaptability_scores(raw, [(k.detach(), v.detach()) for k, v in aux.kv], batch, cfg)
         w = fuse_weights(s_mi, s_g, s_d, bm, cfg)
