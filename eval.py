@@ -39,17 +39,12 @@ from model import Transformer, generate
 TASK_ALIASES = {"math500": "math", "gpqa-diamond": "gpqa"}  # the benchmark's name -> data.py's task
 
 
-def fail(message):
-    """Bad input: the message on stderr, exit status 2, no traceback."""
-    raise DataError(message)
-
-
 def load_student(model_dir, adapter=None, dtype="float32", device="cpu"):
     """Transformer (+ LoRA adapter) in eval mode, and the tokenizer of the model directory."""
     tok = Tokenizer.from_pretrained(model_dir)
     model = Transformer.from_pretrained(model_dir, dtype=getattr(torch, dtype), device=device)
     if model.args.vocab_size < tok.vocab_size:
-        fail(f"{model_dir}: tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
+        raise DataError(f"{model_dir}: tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
     if adapter:
         load_adapter(model, adapter)
     return model.eval(), tok
@@ -63,21 +58,23 @@ def chat_prompt(tok, user_text):
 
 # --- accuracy ---
 
-def read_predictions(path):
-    """Complete records of a predictions file, by id: a torn line (killed mid-write) is skipped."""
-    records = {}
-    if not os.path.exists(path):
-        return records
+def complete_lines(path):
+    """(line number, object or None if not JSON) per complete line of a JSONL file that another
+    process may be appending to, or was killed while appending to: a torn last line is left out."""
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if not line.endswith("\n"):
-                break  # only the last line can be torn
+                return
             try:
-                r = json.loads(line)
-                records[r["id"]] = r
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return records
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError:
+                yield lineno, None
+
+
+def read_predictions(path):
+    """The complete records of a predictions file, by id."""
+    lines = complete_lines(path) if os.path.exists(path) else []
+    return {r["id"]: r for _, r in lines if isinstance(r, dict) and "id" in r}
 
 
 def merge_predictions(out, order):
@@ -97,6 +94,13 @@ def merge_predictions(out, order):
     return records
 
 
+def write_json(path, obj):
+    """Write beside, then rename over: a kill never leaves half a file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(path + ".tmp", path)
+
+
 def accuracy_sem(correct):
     """(n, accuracy, SEM) of 0/1 outcomes; SEM = sqrt(p(1-p)/n), the binomial standard error."""
     n = len(correct)
@@ -109,11 +113,6 @@ def _barrier(world):
         torch.distributed.barrier()
 
 
-def _duration(s):
-    s = int(s)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 @torch.no_grad()
 def evaluate(model, tok, items, out, batch_size=8, max_new_tokens=512, rank=0, world=1, log=None):
     """Predict, extract and check every item not already in `out`; return all records, in items' order.
@@ -123,7 +122,7 @@ def evaluate(model, tok, items, out, batch_size=8, max_new_tokens=512, rank=0, w
     """
     ids = [it["id"] for it in items]
     if len(set(ids)) != len(ids):
-        fail(f"duplicate item ids in the data (e.g. {next(i for i in ids if ids.count(i) > 1)!r}); resume needs unique ids")
+        raise DataError(f"duplicate item ids in the data (e.g. {next(i for i in ids if ids.count(i) > 1)!r}); resume needs unique ids")
     if rank == 0:
         merge_predictions(out, ids)
     _barrier(world)
@@ -148,11 +147,14 @@ def evaluate(model, tok, items, out, batch_size=8, max_new_tokens=512, rank=0, w
             f.flush()
             if log:
                 n, dt = start + len(batch), time.time() - t0
-                who = f"rank 0 of {world}: " if world > 1 else ""
-                log(f"{items[0]['task']} {who}{n}/{len(mine)} | {n / dt:.2f} items/s | "
-                    f"eta {_duration(dt / n * (len(mine) - n))}")
+                eta = int(dt / n * (len(mine) - n))
+                log(f"{items[0]['task']} {'rank 0: ' if world > 1 else ''}{n}/{len(mine)} | {n / dt:.2f} items/s"
+                    f" | eta {eta // 3600}h{eta // 60 % 60:02d}m{eta % 60:02d}s")
     _barrier(world)
-    records = merge_predictions(out, ids) if rank == 0 else read_predictions(out)
+    if rank == 0:
+        merge_predictions(out, ids)
+    _barrier(world)
+    records = read_predictions(out)
     return [records[i] for i in ids if i in records]
 
 
@@ -166,29 +168,28 @@ def task_outputs(tasks, out):
 
 def run_accuracy(a, rank=0, world=1, device="cpu"):
     if len(a.task) != len(a.data):
-        fail(f"--task given {len(a.task)} times but --data {len(a.data)} times; they pair up in order")
+        raise DataError(f"--task given {len(a.task)} times but --data {len(a.data)} times; they pair up in order")
     tasks = [TASK_ALIASES.get(t, t) for t in a.task]
     for t in tasks:
         if t not in TASKS:
-            fail(f"--task {t}: unknown (known: {', '.join(TASKS + tuple(TASK_ALIASES))})")
+            raise DataError(f"--task {t}: unknown (known: {', '.join(TASKS + tuple(TASK_ALIASES))})")
     if len(set(tasks)) != len(tasks):
-        fail("--task: each task once per call")
+        raise DataError("--task: each task once per call")
     data = [load_benchmark(t, p)[:a.limit] for t, p in zip(tasks, a.data)]  # DataError names FILE:LINE
     for t, p, d in zip(tasks, a.data, data):
         if not d:
-            fail(f"--data {p}: no {t} items")
+            raise DataError(f"--data {p}: no {t} items")
     outs = task_outputs(tasks, a.out)
     summary_path = os.path.splitext(a.out)[0] + ".summary.json"
     if os.path.exists(summary_path) and any(os.path.exists(o) for o in outs):
         old = json.load(open(summary_path)).get("settings", {})
         changed = [k for k in ("model", "adapter", "max_new_tokens") if old.get(k) != getattr(a, k)]
         if changed:
-            fail(f"--out {a.out}: holds predictions made with another {', '.join(changed)}; use a new --out")
+            raise DataError(f"--out {a.out}: holds predictions made with another {', '.join(changed)}; use a new --out")
     _barrier(world)  # every rank has read the old settings before rank 0 writes the new
     if rank == 0:  # the settings first, so a resumed run can be checked against them
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(summary_path, "w") as f:
-            json.dump({"settings": vars(a), "results": None}, f, indent=2)
+        write_json(summary_path, {"settings": vars(a), "results": None})
     model, tok = load_student(a.model, a.adapter, a.dtype, device)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else None
     table = []
@@ -197,8 +198,7 @@ def run_accuracy(a, rank=0, world=1, device="cpu"):
         n, p, sem = accuracy_sem([r["correct"] for r in records])
         table.append({"task": task, "n": n, "accuracy": p, "sem": sem, "predictions": out})
     if rank == 0:
-        with open(summary_path, "w") as f:
-            json.dump({"settings": vars(a), "results": table}, f, indent=2)
+        write_json(summary_path, {"settings": vars(a), "results": table})
         print(f"{'task':<12} {'n':>6} {'accuracy':>9} {'± SEM':>7}")
         for r in table:
             print(f"{r['task']:<12} {r['n']:>6} {r['accuracy']:>9.4f} {r['sem']:>7.4f}")
@@ -257,19 +257,17 @@ def run_pca_shift(a, device="cpu"):
     task = TASK_ALIASES.get(a.task, a.task)
     items = load_benchmark(task, a.data)[:a.limit]
     if len(items) < 3:
-        fail(f"--data {a.data}: {len(items)} item(s); two principal axes need at least 3")
+        raise DataError(f"--data {a.data}: {len(items)} item(s); two principal axes need at least 3")
     model, tok = load_student(a.model, None, a.dtype, device)
     prompts = [chat_prompt(tok, it["prompt"])[1] for it in items]
     base = pooled_states(model, prompts, a.batch_size)
-    load_adapter(model, a.adapter)  # the same weights, now with the adapter on top
+    load_adapter(model, a.adapter).eval()  # the same weights with the adapter on top; eval: no LoRA dropout
     rows = pca_shift(base, pooled_states(model, prompts, a.batch_size))
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "pca_shift.json"), "w") as f:
-        json.dump({"settings": vars(a), "n": len(items), "layers": rows}, f, indent=2)
-    print(f"{'layer':>5} {'PC1':>9} {'PC2':>9} {'full':>9} {'PC1/sd':>7} {'PC2/sd':>7} {'full/rms':>8}")
+    write_json(os.path.join(a.out, "pca_shift.json"), {"settings": vars(a), "n": len(items), "layers": rows})
     for r in rows:
-        print(f"{r['layer']:>5} {r['pc1']:>9.4g} {r['pc2']:>9.4g} {r['full']:>9.4g} "
-              f"{r['pc1_rel']:>7.3f} {r['pc2_rel']:>7.3f} {r['full_rel']:>8.3f}")
+        print("layer {layer:>3} | shift PC1 {pc1:.4g} PC2 {pc2:.4g} full {full:.4g} | over the base spread "
+              "PC1 {pc1_rel:.3f} PC2 {pc2_rel:.3f} full {full_rel:.3f}".format(**r))
     plot(os.path.join(a.out, "pca_shift.png"), "layer", "centroid shift / base spread",
          {k: ([r["layer"] for r in rows], [r[k + "_rel"] for r in rows]) for k in ("pc1", "pc2", "full")})
     return rows
@@ -278,18 +276,21 @@ def run_pca_shift(a, device="cpu"):
 # --- information-gain trace (SPEC §6, the paper's App. C) ---
 
 @torch.no_grad()
-def information_trace(model, tok, inst, teacher):
+def information_trace(model, tok, inst, teacher, chunk=256):
     """I_0..I_|R| = log p(y | x, r_≤t) along one rationale, exact (compact.py's probe at stride 1).
 
-    Returns (info [|R|+1], think [|R|] bool, token texts). ΔI_t = info[t] − info[t−1].
+    Returns (info [|R|+1], think [|R|] bool, token texts); ΔI_t = info[t] − info[t−1]. The probe
+    blocks see only the main pass and themselves, so `chunk` of them at a time is exact and
+    bounds the attention matrix of a long rationale.
     """
     enc = encode_instance(inst, tok, [teacher], max_len=10**9)
     device = model.lm_head.weight.device
     batch = {k: (v[:, 0] if v.dim() == 3 else v).to(device) for k, v in collate([enc], tok.pad_id).items()}  # (1, T)
     pos, valid, _ = probe_plan(batch["rationale_mask"], batch["think_mask"], batch["sft_mask"], CompactConfig(mi_stride=1))
     _, aux = model(batch["input_ids"], return_hidden=True, return_aux=True)
-    info = probe_log_likelihood(model, aux.kv, batch["attention_mask"], pos, valid,
-                                batch["probe_ids"], batch["probe_answer_mask"])[0]  # (1 + |R|,)
+    info = torch.cat([probe_log_likelihood(model, aux.kv, batch["attention_mask"], pos[:, i:i + chunk],
+                                           valid[:, i:i + chunk], batch["probe_ids"], batch["probe_answer_mask"])[0]
+                      for i in range(0, pos.shape[1], chunk)])  # (1 + |R|,)
     text = dict(inst.rationales)[teacher].strip()
     _, offsets = tok.encode_with_offsets(text)  # encode_instance tokenizes the stripped text the same way
     return info.float().cpu(), batch["think_mask"][0, pos[0, 1:]].cpu(), [text[s:e] for s, e in offsets]
@@ -298,16 +299,16 @@ def information_trace(model, tok, inst, teacher):
 def run_mi_trace(a, device="cpu"):
     instances = {inst.id: inst for inst in load_multi_teacher(a.data)}
     if a.id not in instances:
-        fail(f"--id {a.id}: not in {a.data}")
+        raise DataError(f"--id {a.id}: not in {a.data}")
     inst = instances[a.id]
     names = [t for t, _ in inst.rationales]
     teacher = a.teacher or (names[0] if names else None)
     if teacher not in names:
-        fail(f"--teacher {teacher}: instance {a.id} has rationales from {', '.join(names) or 'no teacher'}")
+        raise DataError(f"--teacher {teacher}: instance {a.id} has rationales from {', '.join(names) or 'no teacher'}")
     model, tok = load_student(a.model, None, a.dtype, device)
     traces = {"before": information_trace(model, tok, inst, teacher)}
     if a.adapter:
-        load_adapter(model, a.adapter)
+        load_adapter(model, a.adapter).eval()  # the new LoRA modules start in training mode (dropout)
         traces["after"] = information_trace(model, tok, inst, teacher)
     info, think, tokens = traces["before"]
     os.makedirs(a.out, exist_ok=True)
@@ -326,12 +327,9 @@ def run_mi_trace(a, device="cpu"):
         summary[name] = {"I_0": float(i[0]), "I_final": float(i[-1]), "s_mi": float((m * gain.clamp(min=0)).mean()),
                          "mean_gain_thinking": float(gain[th].mean()) if th.any() else None,
                          "mean_gain_other": float(gain[~th].mean()) if (~th).any() else None}
-    with open(os.path.join(a.out, "trace.json"), "w") as f:
-        json.dump({"settings": vars(a), "teacher": teacher, "tokens": len(tokens), **summary}, f, indent=2)
-    num = lambda v: "-" if v is None else f"{v:.4f}"
+    write_json(os.path.join(a.out, "trace.json"), {"settings": vars(a), "teacher": teacher, "tokens": len(tokens), **summary})
     for name, s in summary.items():
-        print(f"{name:<6} I_0 {s['I_0']:.3f} -> I_|R| {s['I_final']:.3f} | S_MI {s['s_mi']:.4f} | mean ΔI: "
-              f"thinking tokens {num(s['mean_gain_thinking'])}, others {num(s['mean_gain_other'])}")
+        print(f"{name}: " + " | ".join(f"{k} {v:.4f}" for k, v in s.items() if v is not None))
     steps = list(range(1, len(info)))
     series = {f"ΔI_t {k}": (steps, (i[1:] - i[:-1]).tolist()) for k, (i, _, _) in traces.items()}
     marks = [(t, tokens[t - 1].strip()) for t in steps if think[t - 1]]
@@ -362,40 +360,32 @@ def teacher_dynamics(records):
 def run_weights(a):
     path = os.path.join(a.run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        fail(f"{a.run_dir}: no metrics.jsonl (not a train.py output directory?)")
+        raise DataError(f"{a.run_dir}: no metrics.jsonl (not a train.py output directory?)")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.endswith("\n"):
-                break  # a run still writing: its torn last line
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                r = None
-            if not isinstance(r, dict) or "step" not in r or not isinstance(r.get("teachers"), dict):
-                fail(f"{path}:{lineno}: not a metrics record with 'step' and 'teachers'")
-            records.append(r)
+    for lineno, r in complete_lines(path):  # a run still writing has a torn last line
+        if not isinstance(r, dict) or "step" not in r or not isinstance(r.get("teachers"), dict):
+            raise DataError(f"{path}:{lineno}: not a metrics record with 'step' and 'teachers'")
+        records.append(r)
     if not records:
-        fail(f"{path}: no complete steps yet")
+        raise DataError(f"{path}: no complete steps yet")
     dyn = teacher_dynamics(records)
     out = a.out or a.run_dir
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "weights.json"), "w") as f:
-        json.dump({k: {m: v for m, v in d.items() if m not in ("steps", "weight")} for k, d in dyn.items()}, f, indent=2)
+    write_json(os.path.join(out, "weights.json"), {"run": a.run_dir, "steps": len(records), "teachers": {
+        k: {m: v for m, v in d.items() if m not in ("steps", "weight")} for k, d in dyn.items()}})
     print(f"{len(records)} steps | mean weight in the first and last quarter, mean scores")
     print(f"{'teacher':<16} {'w first':>8} {'w last':>8} {'s_mi':>9} {'s_g':>7} {'s_d':>7}")
     for name, d in dyn.items():
         print(f"{name:<16} {d['weight_first']:>8.3f} {d['weight_last']:>8.3f} {d['s_mi']:>9.4f} {d['s_g']:>7.3f} {d['s_d']:>7.3f}")
     plot(os.path.join(out, "weights.png"), "optimizer step", "mean weight",
-         {name: (d["steps"], d["weight"]) for name, d in dyn.items()}, smooth=True)
+         {name: (d["steps"], d["weight"]) for name, d in dyn.items()})
     return dyn
 
 
 # --- plots and the command line ---
 
-def plot(path, xlabel, ylabel, series, marks=(), smooth=False):
-    """Line plot of {label: (x, y)}; marks: (x, text) drawn as labelled vertical lines.
-    smooth overlays a moving average (window ~ 1/20 of the points) on the faint raw lines."""
+def plot(path, xlabel, ylabel, series, marks=()):
+    """Line plot of {label: (x, y)}; marks: (x, text) drawn as labelled vertical lines."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -405,14 +395,10 @@ def plot(path, xlabel, ylabel, series, marks=(), smooth=False):
         return None
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for label, (x, y) in series.items():
-        k = max(1, len(y) // 20) if smooth else 1
-        line, = ax.plot(x, y, marker="." if len(x) < 30 else None, alpha=0.35 if k > 1 else 1.0, label=label)
-        if k > 1:
-            avg = [sum(y[max(0, i - k + 1):i + 1]) / len(y[max(0, i - k + 1):i + 1]) for i in range(len(y))]
-            ax.plot(x, avg, color=line.get_color())
+        ax.plot(x, y, marker="." if len(x) < 50 else None, label=label)
     for x, text in marks:
         ax.axvline(x, color="gray", lw=0.6, ls=":")
-        ax.annotate(text, (x, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=7, va="top")
+        ax.annotate(text, (x, 0.01), xycoords=("data", "axes fraction"), rotation=90, fontsize=8, va="bottom", ha="right")
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.legend()
     fig.tight_layout()
@@ -477,9 +463,9 @@ def main(argv=None):
             return run_weights(a)
         for flag in ("batch_size", "limit", "max_new_tokens"):
             if getattr(a, flag, None) is not None and getattr(a, flag) < 1:
-                fail(f"--{flag.replace('_', '-')} must be >= 1")
+                raise DataError(f"--{flag.replace('_', '-')} must be >= 1")
         if a.device == "cuda" and not torch.cuda.is_available():
-            fail("--device cuda: no CUDA device here")
+            raise DataError("--device cuda: no CUDA device here")
         if a.command == "accuracy":
             rank, world, device = setup_dist(a.device)
             return run_accuracy(a, rank, world, device)
