@@ -1,0 +1,209 @@
+"""train.py: outputs, DDP equivalence (gloo, two spawned ranks), exact resume after SIGKILL."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+from conftest import ROOT, tiny_config
+from model import ModelArgs, Transformer
+from train import TrainConfig, parse_args, train
+from compact import CompactConfig
+
+
+@pytest.fixture(scope="module")
+def run_inputs(tmp_path_factory):
+    """A tiny synthetic pool (18 questions, so batches do not divide it) and a tiny student."""
+    root = tmp_path_factory.mktemp("train")
+    rows, _ = data.synth_pool(str(root / "data"), seed=1, n_train=18, n_test=2)
+    texts = [r["question"] + " " + x["text"] for r in rows for x in r["rationales"]]
+    model_dir = str(root / "student")
+    data.write_tokenizer(model_dir, texts, vocab_size=300)
+    vocab = data.Tokenizer.from_pretrained(model_dir).vocab_size
+    cfg = tiny_config(vocab_size=vocab, hidden_size=32, intermediate_size=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    Transformer(ModelArgs.from_hf_config(cfg), cfg).save_pretrained(model_dir)
+    return model_dir, str(root / "data" / "train.jsonl")
+
+
+def flags(model_dir, data_file, out, *extra):
+    return ["--model", model_dir, "--data", data_file, "--out", str(out), "--lr", "1e-2", "--max-len", "400",
+            "--mi-stride", "4", "--lora-rank", "4", "--lora-dropout", "0.1", *extra]
+
+
+def adapter_state(out):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+
+
+def test_outputs_and_metrics_keys(run_inputs, tmp_path):
+    model_dir, data_file = run_inputs
+    cfg, ccfg = parse_args(flags(model_dir, data_file, tmp_path, "--max-steps", "3", "--batch-size", "2",
+                                 "--grad-accum", "2", "--save-every", "2"))
+    result = train(cfg, ccfg)
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    for r in lines:
+        assert {"step", "epoch", "loss", "sft", "mcon", "lr", "grad_norm", "tokens_per_s", "teachers"} <= set(r)
+        assert set(r["teachers"]) <= set(data.SYNTH_TEACHERS)
+        for t in r["teachers"].values():
+            assert {"weight", "s_mi", "s_g", "s_d", "n"} == set(t)
+        assert sum(t["weight"] * t["n"] for t in r["teachers"].values()) == pytest.approx(4, rel=1e-4)
+    saved = json.load(open(tmp_path / "config.json"))
+    assert saved["train"]["batch_size"] == 2 and saved["compact"]["mi_stride"] == 4
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-2", "step-3"]
+    assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert result["steps"] == 3
+
+
+def test_ablation_flags_map_to_the_config():
+    cfg, ccfg = parse_args(["--demo", "--no-mi", "--no-difficulty", "--weighting", "uniform", "--mcon-lambda", "0"])
+    assert (ccfg.alpha, ccfg.beta, ccfg.gamma, ccfg.weighting, ccfg.mcon_lambda) == (0, 1, 0, "uniform", 0)
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model", "m"])  # no --data
+    assert e.value.code == 2
+
+
+def sgd_update(model_dir, data_file, rank, world, batch_size, grad_accum):
+    """One train_step with SGD(lr=1) from a seeded LoRA with random B: the update is the gradient."""
+    import contextlib
+
+    import train as t
+    from lora import lora_modules
+    tok = data.Tokenizer.from_pretrained(model_dir)
+    encoded, stats = data.encode_dataset(data.load_multi_teacher(data_file), tok, max_len=400)
+    cfg = TrainConfig(model=model_dir, data=data_file, lora_rank=4, lora_dropout=0.0, batch_size=batch_size,
+                      grad_accum=grad_accum, max_grad_norm=1.0)
+    torch.manual_seed(0)
+    model = t.build_model(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_B.weight.normal_(std=0.1)
+    raw = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    per_rank = batch_size * grad_accum
+    mine = data.shard_indices(len(encoded), 0, 0, rank, world, per_rank)[:per_rank]
+    micro = [data.collate([encoded[j] for j in mine[m * batch_size:(m + 1) * batch_size]], tok.pad_id)
+             for m in range(grad_accum)]
+    params = [p for p in raw.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1.0)
+    t.train_step(model, opt, micro, 1.0, per_rank * world, len(stats["teachers"]), cfg, CompactConfig(mi_stride=4),
+                 torch.device("cpu"), contextlib.nullcontext)
+    return {k: v for k, v in raw.state_dict().items() if "lora_" in k}
+
+
+def _ddp_worker(rank, world, port, out, job):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import train as t
+    t.setup_dist()
+    try:
+        if job[0] == "train":
+            cfg, ccfg = t.parse_args(job[1])
+            state = {k: v for k, v in t.train(cfg, ccfg, rank, world)["model"].state_dict().items() if "lora_" in k}
+        else:
+            state = sgd_update(*job[1], rank, world, *job[2])
+        torch.save(state, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        t.cleanup_dist()
+
+
+def spawn_two(tmp_path, job):
+    port = 29500 + (os.getpid() + len(job[0])) % 1000
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path), job), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def test_two_ranks_with_half_the_batch_make_the_same_update_as_one_process(run_inputs, tmp_path):
+    model_dir, data_file = run_inputs
+    rank0, rank1 = spawn_two(tmp_path, ("step", (model_dir, data_file), (1, 2)))  # 2 ranks x 2 micro x 1
+    whole = sgd_update(model_dir, data_file, 0, 1, 2, 2)  # 1 process x 2 micro x 2
+    for k in whole:
+        torch.testing.assert_close(rank0[k], rank1[k], rtol=0, atol=0)
+        torch.testing.assert_close(rank0[k], whole[k], rtol=1e-5, atol=1e-6)
+    base = sgd_update(model_dir, data_file, 0, 1, 1, 1)  # another batch: a different update
+    assert any((base[k] - whole[k]).abs().max() > 1e-4 for k in whole)
+
+
+def test_uneven_data_does_not_hang_and_ranks_agree(run_inputs, tmp_path):
+    model_dir, data_file = run_inputs
+    # 18 instances, 4 per step: each epoch wraps; 2 epochs of 5 steps run through the boundary.
+    argv = flags(model_dir, data_file, tmp_path / "ddp", "--epochs", "2", "--batch-size", "1", "--grad-accum", "2",
+                 "--save-every", "0")
+    os.makedirs(tmp_path / "ddp")
+    rank0, rank1 = spawn_two(tmp_path, ("train", argv))
+    for k in rank0:
+        torch.testing.assert_close(rank0[k], rank1[k], rtol=0, atol=0)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "ddp" / "metrics.jsonl")]
+    assert steps == list(range(1, 11))
+
+
+def test_resume_after_sigkill_matches_uninterrupted(run_inputs, tmp_path):
+    model_dir, data_file = run_inputs
+    common = ["--max-steps", "10", "--batch-size", "2", "--grad-accum", "1", "--save-every", "2"]
+    cfg, ccfg = parse_args(flags(model_dir, data_file, tmp_path / "straight", *common))
+    train(cfg, ccfg)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags(model_dir, data_file, out, *common)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "checkpoints" / "step-4" / "trainer.pt"
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "adapter").exists(), "the run finished before the kill; the test proves nothing"
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    want, got = adapter_state(tmp_path / "straight"), adapter_state(out)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps == list(range(1, 11))
+
+
+def test_resume_refuses_another_batch_layout(run_inputs, tmp_path):
+    model_dir, data_file = run_inputs
+    cfg, ccfg = parse_args(flags(model_dir, data_file, tmp_path, "--max-steps", "2", "--batch-size", "2",
+                                 "--grad-accum", "1"))
+    train(cfg, ccfg)
+    cfg, ccfg = parse_args(flags(model_dir, data_file, tmp_path, "--max-steps", "4", "--batch-size", "3",
+                                 "--grad-accum", "1", "--resume"))
+    with pytest.raises(ValueError, match="batch layout"):
+        train(cfg, ccfg)
+
+
+def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(run_inputs, tmp_path, monkeypatch):
+    import train as t
+    model_dir, data_file = run_inputs
+    real = t.compact_loss
+
+    def poisoned(model, batch, cfg, n_instances=None):
+        loss, stats = real(model, batch, cfg, n_instances)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(t, "compact_loss", poisoned)
+    cfg, ccfg = parse_args(flags(model_dir, data_file, tmp_path, "--max-steps", "10", "--batch-size", "2",
+                                 "--grad-accum", "1", "--max-bad-steps", "2"))
+    with pytest.raises(FloatingPointError, match="2 non-finite steps"):
+        train(cfg, ccfg)
+    assert os.path.isfile(tmp_path / "checkpoints" / "step-2" / "trainer.pt")
+
+
+def test_bad_data_exits_2_without_traceback(run_inputs, tmp_path):
+    model_dir, _ = run_inputs
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "question": "q", "answer": "1", "rationales": []}\nnot json\n')
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", model_dir, "--data", str(bad),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "bad.jsonl:2" in r.stderr and "Traceback" not in r.stderr
