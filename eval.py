@@ -6,18 +6,29 @@
     python eval.py mi-trace --model DIR [--adapter DIR] --data multi.jsonl --id ID [--teacher T] --out trace/
     python eval.py weights RUN_DIR
 
-accuracy: zero-shot CoT prompts rendered with the checkpoint's own chat template, greedy
-decoding with the KV cache in length-sorted batches, answers checked by data.py; prints
-accuracy ± SEM, the binomial standard error sqrt(p(1-p)/n) of the 0/1 correctness. --task
-and --data repeat and pair up in order; with one task --out is the predictions file, with
-several each task writes OUT-STEM-TASK.jsonl beside it. Every finished batch is appended and
-flushed, so a rerun with the same --out only does what is missing (a torn last line is
-redone). Under torchrun each rank takes every WORLD_SIZE-th missing item and appends to its
-own part file (OUT.partR); rank 0 merges the parts into OUT (in data order) at the start and
-at the end of a run. OUT-STEM.summary.json holds the settings and the table.
+accuracy: zero-shot CoT prompts (data.py) rendered with the checkpoint's own chat template,
+greedy decoding with the KV cache in length-sorted batches, answers extracted and checked by
+data.py; prints accuracy ± SEM, the binomial standard error sqrt(p(1-p)/n) of the 0/1 scores.
+--task and --data repeat and pair up in order (math500 = data.py's "math"); with one task --out
+is the predictions file, with several each task writes OUT-STEM-TASK.jsonl beside it, and
+OUT-STEM.summary.json holds the settings and the table. Every batch is appended and flushed,
+so a rerun with the same --out does only what is missing (a torn last line is redone); a rerun
+with another --model, --adapter or --max-new-tokens is refused. Under torchrun each rank takes
+every WORLD_SIZE-th missing item and appends to its own OUT.partR; rank 0 merges the parts
+into OUT, in data order, at the start and the end of a run.
 
-Left out: sampling-based metrics (pass@k, majority voting), answer checking beyond data.py's,
-and multi-turn prompts. matplotlib draws the plots and is optional.
+pca-shift: per layer l (the output of block l; the embeddings are not a layer), each prompt's
+states mean-pooled over its tokens; PCA of the base student's pooled states (SVD, centred);
+d = centroid(base + adapter) − centroid(base); reports |d·v1|, |d·v2|, ‖d‖, and the same over
+the base's spread (its std along v1, v2; its RMS distance to the centroid).
+
+mi-trace: I_t = log p(y | x, r_≤t) after every rationale token, computed exactly by compact.py's
+probe at stride 1 (equal to a per-prefix loop), ΔI_t = I_t − I_{t−1}, thinking tokens marked,
+before and, with --adapter, after distillation. weights: a train.py run's metrics.jsonl as
+per-teacher weight and score curves (the paper's Fig. 3) and a table.
+
+Left out: sampling metrics (pass@k, majority vote), answer checking beyond data.py's, multi-turn
+prompts, several GPUs per model. Plots need matplotlib; without it the numbers are still written.
 """
 import argparse
 import csv
@@ -36,6 +47,7 @@ from data import DataError, TASKS, Tokenizer, collate, encode_instance, extract_
 from lora import load_adapter
 from model import Transformer, generate
 
+SCORES = ("weight", "s_mi", "s_g", "s_d")  # per teacher in each metrics.jsonl step (train.py)
 TASK_ALIASES = {"math500": "math", "gpqa-diamond": "gpqa"}  # the benchmark's name -> data.py's task
 
 
@@ -84,21 +96,22 @@ def merge_predictions(out, order):
     for p in parts:
         records.update(read_predictions(p))
     rank = {i: n for n, i in enumerate(order)}
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in sorted(records.values(), key=lambda r: rank.get(r["id"], len(rank))):
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    ordered = sorted(records.values(), key=lambda r: rank.get(r["id"], len(rank)))
+    write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
     for p in parts:
         os.remove(p)
     return records
 
 
-def write_json(path, obj):
-    """Write beside, then rename over: a kill never leaves half a file."""
+def write_atomic(path, text):
+    """Write beside, then rename over: a kill leaves the old file or the new one, never half of one."""
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write(text)
     os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False))
 
 
 def accuracy_sem(correct):
@@ -122,7 +135,7 @@ def evaluate(model, tok, items, out, batch_size=8, max_new_tokens=512, rank=0, w
     """
     ids = [it["id"] for it in items]
     if len(set(ids)) != len(ids):
-        raise DataError(f"duplicate item ids in the data (e.g. {next(i for i in ids if ids.count(i) > 1)!r}); resume needs unique ids")
+        raise DataError(f"{items[0]['task']}: duplicate item ids in the data; resuming needs unique ones")
     if rank == 0:
         merge_predictions(out, ids)
     _barrier(world)
@@ -158,14 +171,6 @@ def evaluate(model, tok, items, out, batch_size=8, max_new_tokens=512, rank=0, w
     return [records[i] for i in ids if i in records]
 
 
-def task_outputs(tasks, out):
-    """One predictions path per task: OUT itself for one task, else OUT-STEM-TASK.jsonl beside it."""
-    if len(tasks) == 1:
-        return [out]
-    stem, ext = os.path.splitext(out)
-    return [f"{stem}-{t}{ext or '.jsonl'}" for t in tasks]
-
-
 def run_accuracy(a, rank=0, world=1, device="cpu"):
     if len(a.task) != len(a.data):
         raise DataError(f"--task given {len(a.task)} times but --data {len(a.data)} times; they pair up in order")
@@ -179,8 +184,9 @@ def run_accuracy(a, rank=0, world=1, device="cpu"):
     for t, p, d in zip(tasks, a.data, data):
         if not d:
             raise DataError(f"--data {p}: no {t} items")
-    outs = task_outputs(tasks, a.out)
-    summary_path = os.path.splitext(a.out)[0] + ".summary.json"
+    stem, ext = os.path.splitext(a.out)
+    outs = [a.out] if len(tasks) == 1 else [f"{stem}-{t}{ext or '.jsonl'}" for t in tasks]  # one file per task
+    summary_path = stem + ".summary.json"
     if os.path.exists(summary_path) and any(os.path.exists(o) for o in outs):
         old = json.load(open(summary_path)).get("settings", {})
         changed = [k for k in ("model", "adapter", "max_new_tokens") if old.get(k) != getattr(a, k)]
@@ -268,8 +274,8 @@ def run_pca_shift(a, device="cpu"):
     for r in rows:
         print("layer {layer:>3} | shift PC1 {pc1:.4g} PC2 {pc2:.4g} full {full:.4g} | over the base spread "
               "PC1 {pc1_rel:.3f} PC2 {pc2_rel:.3f} full {full_rel:.3f}".format(**r))
-    plot(os.path.join(a.out, "pca_shift.png"), "layer", "centroid shift / base spread",
-         {k: ([r["layer"] for r in rows], [r[k + "_rel"] for r in rows]) for k in ("pc1", "pc2", "full")})
+    plot(os.path.join(a.out, "pca_shift.png"), "layer (block output)", {"centroid shift / base spread": {
+        k: ([r["layer"] for r in rows], [r[k + "_rel"] for r in rows]) for k in ("pc1", "pc2", "full")}})
     return rows
 
 
@@ -327,21 +333,22 @@ def run_mi_trace(a, device="cpu"):
         summary[name] = {"I_0": float(i[0]), "I_final": float(i[-1]), "s_mi": float((m * gain.clamp(min=0)).mean()),
                          "mean_gain_thinking": float(gain[th].mean()) if th.any() else None,
                          "mean_gain_other": float(gain[~th].mean()) if (~th).any() else None}
-    write_json(os.path.join(a.out, "trace.json"), {"settings": vars(a), "teacher": teacher, "tokens": len(tokens), **summary})
+    write_json(os.path.join(a.out, "trace.json"), {"settings": vars(a), "teacher": teacher, "tokens": len(tokens),
+                                                   **summary})
     for name, s in summary.items():
         print(f"{name}: " + " | ".join(f"{k} {v:.4f}" for k, v in s.items() if v is not None))
     steps = list(range(1, len(info)))
     series = {f"ΔI_t {k}": (steps, (i[1:] - i[:-1]).tolist()) for k, (i, _, _) in traces.items()}
     marks = [(t, tokens[t - 1].strip()) for t in steps if think[t - 1]]
-    plot(os.path.join(a.out, "trace.png"), "rationale token t", "ΔI_t (nats)", series, marks)
+    plot(os.path.join(a.out, "trace.png"), "rationale token t (thinking tokens marked)", {"ΔI_t (nats)": series}, marks)
     return traces
 
 
 # --- teacher weight dynamics (SPEC §6, the paper's Fig. 3) ---
 
 def teacher_dynamics(records):
-    """Per teacher: steps and weights over training, mean weight in the first / last quarter of
-    the steps, and mean s_mi, s_g, s_d; each mean weighted by the teacher's branch count n."""
+    """Per teacher: its steps and per-step weight and scores (the plot), mean weight in the first and
+    last quarter of the steps, and mean s_mi, s_g, s_d; means weighted by the branch count n."""
     q = max(1, math.ceil(len(records) / 4))
     out = {}
     for name in sorted({t for r in records for t in r["teachers"]}):
@@ -350,10 +357,10 @@ def teacher_dynamics(records):
             sel = [(v[key], v["n"]) for i, _, v in rows if keep(i)]
             n = sum(c for _, c in sel)
             return sum(x * c for x, c in sel) / n if n else float("nan")
-        out[name] = {"steps": [s for _, s, _ in rows], "weight": [v["weight"] for _, _, v in rows],
+        out[name] = {"steps": [s for _, s, _ in rows], "series": {k: [v[k] for _, _, v in rows] for k in SCORES},
                      "weight_first": mean("weight", lambda i: i < q),
                      "weight_last": mean("weight", lambda i: i >= len(records) - q),
-                     **{k: mean(k) for k in ("s_mi", "s_g", "s_d")}}
+                     **{k: mean(k) for k in SCORES[1:]}}
     return out
 
 
@@ -372,20 +379,21 @@ def run_weights(a):
     out = a.out or a.run_dir
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "weights.json"), {"run": a.run_dir, "steps": len(records), "teachers": {
-        k: {m: v for m, v in d.items() if m not in ("steps", "weight")} for k, d in dyn.items()}})
+        k: {m: v for m, v in d.items() if m not in ("steps", "series")} for k, d in dyn.items()}})
     print(f"{len(records)} steps | mean weight in the first and last quarter, mean scores")
     print(f"{'teacher':<16} {'w first':>8} {'w last':>8} {'s_mi':>9} {'s_g':>7} {'s_d':>7}")
     for name, d in dyn.items():
-        print(f"{name:<16} {d['weight_first']:>8.3f} {d['weight_last']:>8.3f} {d['s_mi']:>9.4f} {d['s_g']:>7.3f} {d['s_d']:>7.3f}")
-    plot(os.path.join(out, "weights.png"), "optimizer step", "mean weight",
-         {name: (d["steps"], d["weight"]) for name, d in dyn.items()})
+        print(f"{name:<16} {d['weight_first']:>8.3f} {d['weight_last']:>8.3f} {d['s_mi']:>9.4f} {d['s_g']:>7.3f} "
+              f"{d['s_d']:>7.3f}")
+    plot(os.path.join(out, "weights.png"), "optimizer step", {f"mean {key}": {
+        name: (d["steps"], d["series"][key]) for name, d in dyn.items()} for key in SCORES})
     return dyn
 
 
 # --- plots and the command line ---
 
-def plot(path, xlabel, ylabel, series, marks=()):
-    """Line plot of {label: (x, y)}; marks: (x, text) drawn as labelled vertical lines."""
+def plot(path, xlabel, panels, marks=()):
+    """Stacked line plots, {y label: {line label: (x, y)}}; marks: (x, text) as labelled vertical lines."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -393,14 +401,17 @@ def plot(path, xlabel, ylabel, series, marks=()):
     except ImportError:
         print(f"no plot {path}: pip install matplotlib", file=sys.stderr)
         return None
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for label, (x, y) in series.items():
-        ax.plot(x, y, marker="." if len(x) < 50 else None, label=label)
-    for x, text in marks:
-        ax.axvline(x, color="gray", lw=0.6, ls=":")
-        ax.annotate(text, (x, 0.01), xycoords=("data", "axes fraction"), rotation=90, fontsize=8, va="bottom", ha="right")
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    ax.legend()
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 1 + 3 * len(panels)), sharex=True, squeeze=False)
+    for ax, (ylabel, series) in zip(axes[:, 0], panels.items()):
+        for label, (x, y) in series.items():
+            ax.plot(x, y, marker="." if len(x) < 50 else None, label=label)
+        for x, text in marks:
+            ax.axvline(x, color="gray", lw=0.6, ls=":")
+            ax.annotate(text, (x, 0.01), xycoords=("data", "axes fraction"), rotation=90, fontsize=8,
+                        va="bottom", ha="right")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    axes[-1, 0].set_xlabel(xlabel)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -414,15 +425,17 @@ def build_parser():
     def student(sp, adapter_required=False, batch_size=8):
         sp.add_argument("--model", required=True, help="Hugging Face model directory (weights + tokenizer)")
         sp.add_argument("--adapter", required=adapter_required, help="PEFT LoRA directory on top of --model")
-        sp.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32")
+        sp.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on cuda, float32 on cpu")
         sp.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
         sp.add_argument("--batch-size", type=int, default=batch_size)
         sp.add_argument("--limit", type=int, help="only the first N items of each data file")
 
     acc = sub.add_parser("accuracy", help="accuracy ± SEM on benchmarks (resumable, torchrun-aware)")
     student(acc, batch_size=16)
-    acc.add_argument("--task", action="append", required=True, help=f"one of {', '.join(TASKS + tuple(TASK_ALIASES))}; repeat")
-    acc.add_argument("--data", action="append", required=True, help="the task's file in its public format; repeat, in --task order")
+    acc.add_argument("--task", action="append", required=True,
+                     help=f"one of {', '.join(TASKS + tuple(TASK_ALIASES))}; repeat")
+    acc.add_argument("--data", action="append", required=True,
+                     help="the task's file in its public format; repeat, in --task order")
     acc.add_argument("--max-new-tokens", type=int, default=1024)
     acc.add_argument("--out", required=True, help="predictions JSONL (several tasks: OUT-STEM-TASK.jsonl)")
     pca = sub.add_parser("pca-shift", help="per-layer centroid shift of the distilled student in the base's PCA frame")
@@ -466,6 +479,7 @@ def main(argv=None):
                 raise DataError(f"--{flag.replace('_', '-')} must be >= 1")
         if a.device == "cuda" and not torch.cuda.is_available():
             raise DataError("--device cuda: no CUDA device here")
+        a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
         if a.command == "accuracy":
             rank, world, device = setup_dist(a.device)
             return run_accuracy(a, rank, world, device)
