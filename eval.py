@@ -192,11 +192,11 @@ def run_accuracy(a, rank=0, world=1, device="cpu"):
         changed = [k for k in ("model", "adapter", "max_new_tokens") if old.get(k) != getattr(a, k)]
         if changed:
             raise DataError(f"--out {a.out}: holds predictions made with another {', '.join(changed)}; use a new --out")
+    model, tok = load_student(a.model, a.adapter, a.dtype, device)
     _barrier(world)  # every rank has read the old settings before rank 0 writes the new
     if rank == 0:  # the settings first, so a resumed run can be checked against them
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         write_json(summary_path, {"settings": vars(a), "results": None})
-    model, tok = load_student(a.model, a.adapter, a.dtype, device)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else None
     table = []
     for task, items, out in zip(tasks, data, outs):

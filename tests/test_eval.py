@@ -154,6 +154,13 @@ def test_cli_end_to_end_and_torchrun_sharding(tmp_path, capsys, student_dir):
     assert [line.split()[:2] for line in lines[1:]] == [["gsm8k", "3"], ["csqa", "3"]]
     summary = json.load(open(tmp_path / "one" / "preds.summary.json"))
     assert [r["task"] for r in summary["results"]] == ["gsm8k", "csqa"] and summary["settings"]["max_new_tokens"] == 5
+    ev.main(common + ["--out", str(tmp_path / "one" / "preds.jsonl")])  # all done: the same table, nothing generated
+    again = capsys.readouterr()
+    assert again.out == single.out and "items/s" not in again.err
+    with pytest.raises(SystemExit) as e:  # other generation settings may not mix into the same predictions
+        ev.main(common[:common.index("--max-new-tokens")] + ["--max-new-tokens", "6",
+                                                             "--out", str(tmp_path / "one" / "preds.jsonl")])
+    assert e.value.code == 2 and "another max_new_tokens" in capsys.readouterr().err
 
     with socket.socket() as s:  # a free port for the gloo rendezvous
         s.bind(("127.0.0.1", 0))
