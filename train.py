@@ -350,9 +350,9 @@ DEMO_STUDENT = {"model_type": "qwen2", "hidden_size": 128, "intermediate_size": 
                 "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True, "hidden_act": "silu",
                 "use_sliding_window": False, "torch_dtype": "float32", "architectures": ["Qwen2ForCausalLM"]}
 # Flags left at their TrainConfig default take these values in the demo.
-DEMO_DEFAULTS = dict(out="runs/demo", max_steps=60, batch_size=4, grad_accum=1, lr=2e-3, max_len=256,
+DEMO_DEFAULTS = dict(out="runs/demo", max_steps=60, batch_size=4, grad_accum=1, lr=2e-3, max_len=320,
                      save_every=20, lora_dropout=0.0)
-DEMO_PRETRAIN = dict(max_steps=150, batch_size=8, lr=3e-3, full_ft=True)
+DEMO_PRETRAIN = dict(batch_size=8, lr=3e-3, full_ft=True)  # and 2.5× the distillation steps
 
 
 def demo(cfg, ccfg, rank, world, device):
@@ -383,7 +383,7 @@ def demo(cfg, ccfg, rank, world, device):
 
     print0("== 1/4 base student: learns the answer format only")
     pre = replace(cfg, model=init_dir, data=os.path.join(data_dir, "format.jsonl"), out=os.path.join(out, "pretrain"),
-                  resume=False, **{k: v for k, v in DEMO_PRETRAIN.items()})
+                  resume=False, max_steps=max(1, round(2.5 * cfg.max_steps)), **DEMO_PRETRAIN)
     train(pre, CompactConfig(weighting="uniform", mcon_lambda=0.0), rank, world, device)
     if rank == 0:
         shutil.rmtree(base_dir, ignore_errors=True)
@@ -405,28 +405,25 @@ def demo(cfg, ccfg, rank, world, device):
 
 
 def demo_report(out, base_dir, test_file, runs, device):
-    """Held-out accuracy of base / COMPACT / uniform, and COMPACT's teacher weights over training."""
-    from data import extract_answer, is_equivalent, user_prompt
-    from model import generate
-    tok = Tokenizer.from_pretrained(base_dir)
+    """Held-out accuracy of base / uniform / COMPACT (eval.py's own loop), and COMPACT's teacher weights."""
+    from data import user_prompt
+    from eval import accuracy_sem, evaluate, load_student, run_weights
     rows = [json.loads(line) for line in open(test_file)]
-    prompts = [tok.encode_chat([{"role": "user", "content": user_prompt(r["question"], r["task"])}]) for r in rows]
-    print0(f"{'student':<10} {'accuracy':>9} {'± SEM':>7}  (n = {len(rows)})")
+    items = [{"id": r["id"], "prompt": user_prompt(r["question"], r["task"]), "answer": r["answer"], "task": r["task"]}
+             for r in rows]
+    print0(f"{'student':<10} {'accuracy':>9} {'± SEM':>7}  (n = {len(items)}, greedy)")
     for name in ("base", "uniform", "compact"):
-        model = Transformer.from_pretrained(base_dir, dtype=torch.float32, device=device).eval()
-        if name != "base":
-            load_adapter(model, os.path.join(runs[name].out, "adapter"))
-        outputs = generate(model, prompts, max_new_tokens=96, eos_ids=tok.eos_ids)
-        correct = [is_equivalent(extract_answer(tok.decode(o, skip_special_tokens=True), r["task"]), r["answer"], r["task"])
-                   for o, r in zip(outputs, rows)]
-        p = sum(correct) / len(rows)
-        print0(f"{name:<10} {p:>9.3f} {math.sqrt(p * (1 - p) / len(rows)):>7.3f}")
-    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    quarters = [records[i * len(records) // 4:(i + 1) * len(records) // 4] for i in range(4)]
-    print0("COMPACT mean weight per teacher, by quarter of training:")
-    for name in sorted(records[-1]["teachers"]):
-        ws = [sum(r["teachers"][name]["weight"] for r in q if name in r["teachers"]) / max(1, len(q)) for q in quarters]
-        print0(f"  {name:<14}" + " ".join(f"{w:.3f}" for w in ws))
+        model, tok = load_student(base_dir, None if name == "base" else os.path.join(runs[name].out, "adapter"),
+                                  device=device)
+        preds = os.path.join(out, "eval", f"{name}.jsonl")
+        os.makedirs(os.path.dirname(preds), exist_ok=True)
+        if os.path.exists(preds):
+            os.remove(preds)  # a new demo run: new predictions
+        n, p, sem = accuracy_sem([r["correct"] for r in evaluate(model, tok, items, preds, batch_size=64,
+                                                                  max_new_tokens=96)])
+        print0(f"{name:<10} {p:>9.3f} {sem:>7.3f}")
+    print0("COMPACT's teacher weights over training (eval.py weights):")
+    run_weights(argparse.Namespace(run_dir=out, out=None))
 
 
 # --- command line ---

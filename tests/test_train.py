@@ -207,3 +207,15 @@ def test_bad_data_exits_2_without_traceback(run_inputs, tmp_path):
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "bad.jsonl:2" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, capsys):
+    import train as t
+    t.main(["--demo", "--out", str(tmp_path), "--max-steps", "2"])
+    printed = capsys.readouterr().out
+    for name in ("data/train.jsonl", "data/test.jsonl", "base/config.json", "base/tokenizer.json",
+                 "base/model.safetensors", "adapter/adapter_model.safetensors", "uniform/adapter/adapter_config.json",
+                 "eval/base.jsonl", "eval/compact.jsonl", "metrics.jsonl", "weights.json"):
+        assert (tmp_path / name).exists(), name
+    assert "compact" in printed and "± SEM" in printed and "w last" in printed
+    assert len((tmp_path / "eval" / "compact.jsonl").read_text().splitlines()) == 64
