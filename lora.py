@@ -95,7 +95,8 @@ def apply_lora(model, rank=16, alpha=32, dropout=0.05, targets=TARGETS, use_rslo
                          f"(supported: {', '.join(t for t in TARGETS if t in known)})")
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] in targets]
     for name in names:
-        _replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, use_rslora))
+        # A new module starts in train mode; follow the model's, or an eval() model would run dropout.
+        _replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, use_rslora).train(model.training))
     for name, p in model.named_parameters():
         p.requires_grad = ".lora_A." in name or ".lora_B." in name
     model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,

@@ -337,3 +337,17 @@ def test_cli_bad_input_exits_2_with_a_message(tmp_path, capsys):
     assert (foreign / "todo.txt").read_text() == "keep me"
     lora.main(["average", str(tmp_path / "a"), str(tmp_path / "a"), "--out", str(tmp_path / "o"), "--weights", "1,3"])
     assert json.load(open(tmp_path / "o" / "adapter_config.json"))["r"] == 8
+
+
+def test_lora_follows_the_models_train_or_eval_mode(tmp_path):
+    from lora import apply_lora, lora_modules, load_adapter, save_adapter
+    model = random_model(tiny_config()).eval()
+    apply_lora(model, rank=4, alpha=8, dropout=0.5)
+    assert not any(m.training for _, m in lora_modules(model))
+    save_adapter(model, str(tmp_path))
+    fresh = random_model(tiny_config()).eval()
+    load_adapter(fresh, str(tmp_path))
+    ids = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids), fresh(ids))  # no dropout noise
+    assert not any(m.training for _, m in lora_modules(fresh))
