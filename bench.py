@@ -1,0 +1,310 @@
+"""Speed of compact-ref: a COMPACT training step, the one-pass S_MI probe, transformers + PEFT.
+
+    python bench.py [--json] [--threads 1]   # default CPU shape: a table (or one JSON line), ~1 min on 2 cores
+    python bench.py --device cuda --shape qwen2.5-1.5b --no-naive --no-hf
+
+All synthetic: a Qwen2-shaped model with random weights (default "small": hidden 512, 8 layers, 8/2
+heads, intermediate 1408, vocab 8192 so lm_head keeps Qwen2.5-1.5B's share of the weights, tied,
+28M) and random ids laid out by data.collate (SPEC §9): a 32-token prompt, K rationales (branch 0
+fills T, the others are up to 10% shorter) with a thinking mark on ~1 token in 32, then cue (4) ⊕
+y (4) ⊕ close ⊕ eot. LoRA r=16, alpha=32, dropout 0 on all 7 projections; AdamW. A step is
+train.train_step (forward, backward, clipping, AdamW, stats sync). Stride 1's cost: --mi-stride 1.
+Timing: a warmup call of each configuration, then --repeats rounds running each --steps times in
+turn (load from other processes falls on all alike); the median round; cuda.synchronize around
+each. CUDA differs only in synchronize, peak memory, the bf16 base and bf16 autocast (as train.py).
+MFU = model FLOPs of the LoRA training pass / step time / peak dense bf16 (989e12 H100/H200, 312e12
+A100), per real token 4·N_frozen + 6·N_lora (no weight gradients for the frozen base) + 12·L·T·C
+(attention, PaLM's term); N = linear weights incl. lm_head. The probe pass is not counted.
+Left out: multi-GPU, data loading and tokenisation, generation.
+"""
+import argparse
+import contextlib
+import importlib.util
+import json
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from compact import CompactConfig, probe_log_likelihood, probe_plan, token_nll
+from data import ANSWER, CLOSE, CUE, EOT, PROMPT, RATIONALE, EncodedInstance, collate
+from lora import TARGETS, apply_lora
+from model import ModelArgs, Transformer, rope_inv_freq
+from train import TrainConfig, train_step
+
+SIZE_FIELDS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")  # Qwen2, tied embeddings
+SHAPES = {"small": (512, 8, 8, 2, 1408, 8192), "qwen2.5-1.5b": (1536, 28, 12, 2, 8960, 151936)}
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, FLOP/s
+PROMPT_LEN, CUE_LEN, ANSWER_LEN = 32, 4, 4
+
+
+@dataclass
+class BenchConfig:
+    device: str = "cpu"  # cpu or cuda
+    dtype: str = ""  # float32 or bfloat16 for the frozen base; "" = bfloat16 on cuda, float32 on cpu
+    shape: str = "small"  # a SHAPES preset; the six size flags below override it (0 = the preset's)
+    hidden: int = 0
+    layers: int = 0
+    heads: int = 0
+    kv_heads: int = 0
+    intermediate: int = 0
+    vocab: int = 0
+    batch: int = 1  # instances per step (B)
+    branches: int = 4  # teacher rationales per instance (K)
+    seq: int = 256  # tokens of the longest branch (T)
+    steps: int = 1  # calls per configuration per round
+    repeats: int = 3  # timed rounds after one warmup; the median is reported
+    lora_rank: int = 16  # alpha = 2 * rank
+    mi_stride: int = 16  # COMPACT's probe stride in the training step (the probe comparison is always stride 1)
+    grad_checkpointing: bool = False  # recompute each layer in backward (ours and HF's)
+    no_naive: bool = False  # skip the per-prefix probe loop (big shapes)
+    no_hf: bool = False  # skip transformers + PEFT
+    json: bool = False  # print one JSON line instead of the table
+    threads: int = 0  # torch.set_num_threads (0 = torch's default); 1 is steadier on a loaded machine
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.device not in ("cpu", "cuda") or self.dtype not in ("", "float32", "bfloat16") or self.shape not in SHAPES:
+            raise ValueError(f"--device is cpu or cuda, --dtype float32 or bfloat16, --shape one of {', '.join(SHAPES)}")
+        self.dtype = self.dtype or ("bfloat16" if self.device == "cuda" else "float32")
+        for name, value in zip(SIZE_FIELDS, SHAPES[self.shape]):
+            setattr(self, name, getattr(self, name) or value)
+        if min(self.batch, self.branches, self.steps, self.repeats, self.lora_rank, self.mi_stride) < 1:
+            raise ValueError("--batch, --branches, --steps, --repeats, --lora-rank and --mi-stride must be >= 1")
+        if self.seq < PROMPT_LEN + CUE_LEN + ANSWER_LEN + 12:
+            raise ValueError(f"--seq must be >= {PROMPT_LEN + CUE_LEN + ANSWER_LEN + 12} (prompt, rationale, answer block)")
+
+
+def hf_config(c: BenchConfig) -> dict:
+    return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu",
+            "hidden_size": c.hidden, "num_hidden_layers": c.layers, "num_attention_heads": c.heads,
+            "num_key_value_heads": c.kv_heads, "intermediate_size": c.intermediate, "vocab_size": c.vocab,
+            "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": True,
+            "use_sliding_window": False, "sliding_window": None, "torch_dtype": c.dtype}
+
+
+def synth_batch(c: BenchConfig, seed=0) -> dict:
+    """A SPEC §9 batch of random ids through data.collate: B instances × K branches, longest = T."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: torch.randint(0, c.vocab - 1, (n,), generator=g).tolist()
+    instances = []
+    for b in range(c.batch):
+        prompt, cue, y = rand(PROMPT_LEN), rand(CUE_LEN), rand(ANSWER_LEN)
+        tail = [(cue, CUE), (y, ANSWER), (rand(1), CLOSE), ([c.vocab - 1], EOT)]
+        branches = []
+        for k in range(c.branches):
+            n = c.seq - PROMPT_LEN - CUE_LEN - ANSWER_LEN - 2
+            n -= int(torch.randint(0, c.seq // 10 + 1, (1,), generator=g)) if k else 0
+            segments = [(prompt, PROMPT), (rand(n), RATIONALE)] + tail
+            think = [False] * PROMPT_LEN + (torch.rand(n, generator=g) < 1 / 32).tolist() + [False] * (CUE_LEN + ANSWER_LEN + 2)
+            branches.append(([i for ids, _ in segments for i in ids], [s for ids, s in segments for _ in ids], think))
+        instances.append(EncodedInstance(f"bench-{b}", branches, list(range(c.branches)), cue + y,
+                                         [False] * CUE_LEN + [True] * ANSWER_LEN))
+    return collate(instances, pad_id=0)
+
+
+def build_model(c: BenchConfig, device, save_dir=None):
+    """Random Qwen2 → base dtype → (saved for transformers) → LoRA (fp32) → device, as train.build_model."""
+    cfg = hf_config(c)
+    torch.manual_seed(c.seed)
+    with device:  # initialise on the device: a 1.5B fp32 init on a CPU takes minutes
+        model = Transformer(ModelArgs.from_hf_config(cfg), cfg).to(getattr(torch, c.dtype))
+    model.inv_freq = rope_inv_freq(model.args).to(device)  # .to(dtype) cast it; RoPE wants fp32, as from_pretrained
+    if save_dir:
+        model.save_pretrained(save_dir)
+    apply_lora(model, rank=c.lora_rank, alpha=2 * c.lora_rank, dropout=0.0)
+    model.gradient_checkpointing = c.grad_checkpointing
+    return model.to(device).train()
+
+
+def build_hf_peft(c: BenchConfig, path, device):
+    """The same weights as transformers' Qwen2ForCausalLM + PEFT LoRA of the same settings."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # stderr noise around the table
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, c.dtype), attn_implementation="sdpa").to(device)
+    if c.grad_checkpointing:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=c.lora_rank, lora_alpha=2 * c.lora_rank, target_modules=list(TARGETS), lora_dropout=0.0,
+                      task_type="CAUSAL_LM")
+    return get_peft_model(hf, lora).train()  # adapters fp32 (PEFT's autocast_adapter_dtype), like ours
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns, c: BenchConfig, device, peaks=None):
+    """Median seconds per call of each fn (see the file docstring); peaks: name -> CUDA peak bytes."""
+    times = {name: [] for name in fns}
+    for r in range(c.repeats + 1):  # round 0 is the warmup
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(c.steps if r else 1):
+                fn()
+            sync(device)
+            times[name] += [(time.perf_counter() - t0) / c.steps] if r else []
+            if peaks is not None and device.type == "cuda":
+                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def our_step(model, batch, ccfg, device, autocast):
+    """One train.train_step (one micro-batch) under CompactConfig ccfg."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    tcfg = TrainConfig(model="random", data="synthetic", max_grad_norm=1.0)
+    B, K, _ = batch["input_ids"].shape
+    return lambda: train_step(model, opt, [batch], 1e-4, B, K, tcfg, ccfg, device, autocast)
+
+
+def hf_step(hf, batch, autocast):
+    """(step, loss before training): plain SFT cross-entropy over the [B·K, T] tokens, labels masked
+    as our sft_mask, the same optimizer and clipping as train_step."""
+    B, K, T = batch["input_ids"].shape
+    ids, attn = batch["input_ids"].view(B * K, T), batch["attention_mask"].view(B * K, T)
+    labels = torch.where((batch["sft_mask"] & batch["branch_mask"][..., None]).view(B * K, T), ids, -100)
+    params = [p for p in hf.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    def step():
+        with autocast():
+            loss = hf(input_ids=ids, attention_mask=attn, labels=labels).loss
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()  # the host sync train_step's stats make too
+    with torch.no_grad(), autocast():
+        return step, hf(input_ids=ids, attention_mask=attn, labels=labels).loss.item()
+
+
+def token_mean_nll(model, batch):
+    """Our mean NLL over the supervised tokens (the number transformers' loss reports); no grad."""
+    B, K, T = batch["input_ids"].shape
+    ids = batch["input_ids"].view(B * K, T)
+    sel = (batch["sft_mask"] & batch["branch_mask"][..., None]).view(B * K, T)[:, 1:]
+    h = model(ids, return_hidden=True)
+    return token_nll(model.lm_head, h[:, :-1][sel], ids[:, 1:][sel]).mean().item()
+
+
+def probe_fns(model, batch):
+    """The exact (stride 1) I_t of branch 0 three ways: one pass with its own main forward, the probe
+    pass alone from given K/V, and the obvious loop: one forward of prompt ⊕ r_≤t ⊕ cue ⊕ y per
+    prefix, one at a time (logits only where y is read, so the loop is not charged the full vocab)."""
+    one = {k: batch[k][0, :1] for k in ("input_ids", "attention_mask", "rationale_mask", "think_mask", "sft_mask")}
+    probe_ids, probe_mask = batch["probe_ids"][:1], batch["probe_answer_mask"][:1]
+    pos, valid, _ = probe_plan(one["rationale_mask"], one["think_mask"], one["sft_mask"], CompactConfig(mi_stride=1))
+    scored = probe_mask[0].nonzero().flatten()  # probe index j of each y token, read at j − 1
+    with torch.no_grad():
+        _, kv_aux = model(one["input_ids"], return_hidden=True, return_aux=True)
+    def probe_only(kv=kv_aux.kv):
+        return probe_log_likelihood(model, kv, one["attention_mask"], pos, valid, probe_ids, probe_mask)[0]
+    def one_pass():
+        _, aux = model(one["input_ids"], return_hidden=True, return_aux=True)
+        return probe_only(aux.kv)
+    def naive():
+        out = []
+        for p in pos[0].tolist():
+            seq = torch.cat([one["input_ids"][0, :p + 1], probe_ids[0]])  # (p + 1 + P,)
+            h = model(seq[None], return_hidden=True)[0]  # (p + 1 + P, C)
+            out.append(-token_nll(model.lm_head, h[p + scored], probe_ids[0, scored]).sum())
+        return torch.stack(out)
+    return {"one_pass_probe": one_pass, "probe_given_kv": probe_only, "naive_probe": naive}
+
+
+def flops_per_step(model, batch, c: BenchConfig):
+    """Model FLOPs of one LoRA training pass (file docstring): real tokens × per-token FLOPs."""
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad and p.dim() == 2)  # tied: once
+    if not model.args.tie_word_embeddings:  # an untied embedding is a lookup, not a matmul
+        n_frozen -= model.model.embed_tokens.weight.numel()
+    T = batch["input_ids"].shape[-1]
+    per_token = 4 * n_frozen + 6 * n_lora + 12 * c.layers * T * c.heads * model.args.head_dim
+    return int(batch["attention_mask"].sum()) * per_token
+
+
+def run_bench(c: BenchConfig) -> dict:
+    """Every measurement as one dict (the --json line); times in seconds per call."""
+    device = torch.device(c.device)
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    cuda_bf16 = device.type == "cuda" and c.dtype == "bfloat16"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda_bf16 else contextlib.nullcontext
+    hf_ok = not c.no_hf and all(importlib.util.find_spec(m) for m in ("transformers", "peft"))
+    with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
+        model = build_model(c, device, tmp if hf_ok else None)
+        batch = {k: v.to(device) for k, v in synth_batch(c, c.seed).items()}
+        with torch.no_grad(), autocast():
+            our_loss0 = token_mean_nll(model, batch)  # LoRA B = 0: the base model's loss
+        configs = {"compact": CompactConfig(mi_stride=c.mi_stride), "uniform": CompactConfig(weighting="uniform"),
+                   "sft": CompactConfig(weighting="uniform", mcon_lambda=0.0)}
+        peaks = {}
+        times = interleaved({n: our_step(model, batch, cc, device, autocast) for n, cc in configs.items()}, c, device, peaks)
+        sup_tokens = int((batch["sft_mask"] & batch["branch_mask"][..., None]).sum())
+        r = {"tokens_per_s": sup_tokens / times["compact"], "compact_over_uniform": times["compact"] / times["uniform"],
+             "probe_speedup": None, "probe_max_abs_diff": None, "vs_hf_peft": None, "hf_loss_abs_diff": None,
+             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux; before HF
+             "peak_mem_mb": peaks["compact"] / 2**20 if peaks else None, "mfu": None}
+        if not c.no_naive:
+            fns = probe_fns(model, batch)
+            with torch.no_grad(), autocast():
+                times.update(interleaved({k: fns[k] for k in ("one_pass_probe", "probe_given_kv")}, c, device))
+                sync(device)  # the loop is timed once: it is itself 1 + |R| forwards
+                t0 = time.perf_counter()
+                naive = fns["naive_probe"]()
+                sync(device)
+                times["naive_probe"] = time.perf_counter() - t0
+                r["probe_max_abs_diff"] = (fns["one_pass_probe"]() - naive).abs().max().item()
+            r.update(probe_speedup=times["naive_probe"] / times["one_pass_probe"], probe_prefixes=len(naive))
+        if hf_ok:
+            hf = build_hf_peft(c, tmp, device)
+            step, loss0 = hf_step(hf, batch, autocast)
+            pair = interleaved({"sft_vs_hf": our_step(model, batch, configs["sft"], device, autocast), "hf_peft": step}, c, device)
+            times.update(pair)
+            r.update(vs_hf_peft=pair["hf_peft"] / pair["sft_vs_hf"], hf_loss_abs_diff=abs(loss0 - our_loss0))
+            del hf
+    if device.type == "cuda":
+        r["device_name"] = name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        if cuda_bf16 and peak:
+            r["mfu"] = flops_per_step(model, batch, c) / times["compact"] / peak
+    n_params = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
+    r.update(times_s=times, supervised_tokens=sup_tokens, params_m=n_params / 1e6, config=asdict(c),
+             torch=torch.__version__, threads=torch.get_num_threads())
+    return r
+
+
+def print_table(r: dict):
+    c = r["config"]
+    print(f"{c['shape']} ({c['hidden']}x{c['layers']}, {r['params_m']:.1f}M) on {c['device']} {c['dtype']}, "
+          f"B={c['batch']} K={c['branches']} T={c['seq']}, {r['supervised_tokens']} supervised tokens, {r['threads']} threads")
+    rows = [(f"{name} (s/call)", f"{t:.4f}") for name, t in r["times_s"].items()]
+    rows += [(k, "null" if r[k] is None else f"{r[k]:,.4g}") for k in ("tokens_per_s", "compact_over_uniform", "probe_speedup",
+             "probe_max_abs_diff", "vs_hf_peft", "hf_loss_abs_diff", "peak_rss_mb", "peak_mem_mb", "mfu")]
+    for k, v in rows:
+        print(f"{k:<28} {v:>10}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in fields(BenchConfig):
+        kind = dict(action="store_true") if f.type is bool else dict(type=f.type, default=f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), **kind)
+    try:
+        c = BenchConfig(**vars(p.parse_args(argv)))
+    except ValueError as e:
+        p.error(str(e))
+    r = run_bench(c)
+    print(json.dumps(r)) if c.json else print_table(r)
+
+
+if __name__ == "__main__":
+    main()
