@@ -32,7 +32,7 @@ import torch
 from compact import CompactConfig, probe_log_likelihood, probe_plan, token_nll
 from data import ANSWER, CLOSE, CUE, EOT, PROMPT, RATIONALE, EncodedInstance, collate
 from lora import TARGETS, apply_lora
-from model import ModelArgs, Transformer, rope_inv_freq
+from model import ModelArgs, Transformer
 from train import TrainConfig, train_step
 
 SIZE_FIELDS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")  # Qwen2, tied embeddings
@@ -112,7 +112,6 @@ def build_model(c: BenchConfig, device, save_dir=None):
     torch.manual_seed(c.seed)
     with device:  # initialise on the device: a 1.5B fp32 init on a CPU takes minutes
         model = Transformer(ModelArgs.from_hf_config(cfg), cfg).to(getattr(torch, c.dtype))
-    model.inv_freq = rope_inv_freq(model.args).to(device)  # .to(dtype) cast it; RoPE wants fp32, as from_pretrained
     if save_dir:
         model.save_pretrained(save_dir)
     apply_lora(model, rank=c.lora_rank, alpha=2 * c.lora_rank, dropout=0.0)

@@ -138,46 +138,59 @@ def probe_plan(rationale_mask, think_mask, sft_mask, cfg):
     return pos, valid, think_in
 
 
-#   The probe pass: one block of cue ⊕ y per probed position, all blocks of a branch in one row.
+#   The probe pass: one block of cue ⊕ y per probed position, up to PROBE_ROW blocks to a row.
 #   Block b sees the cached main tokens <= pos_b (real ones only) and its own earlier tokens;
-#   its position ids continue from pos_b + 1. Here pos = (2, 4), probe = c1 c2 y1:
+#   its position ids continue from pos_b + 1. Here pos = (2, 4), probe = c1 c2 y1 (y1 is the last
+#   probe token: its output predicts nothing, so it is never fed):
 #
-#                    main tokens (cache)  block 0    block 1
-#                    0  1  2  3  4  5  6 | c1 c2 y1 | c1 c2 y1
-#   block 0   c1@3   x  x  x  .  .  .  . | x  .  .  | .  .  .
-#   pos=2     c2@4   x  x  x  .  .  .  . | x  x  .  | .  .  .
-#             y1@5   x  x  x  .  .  .  . | x  x  x  | .  .  .
-#   block 1   c1@5   x  x  x  x  x  .  . | .  .  .  | x  .  .
-#   pos=4     c2@6   x  x  x  x  x  .  . | .  .  .  | x  x  .
-#             y1@7   x  x  x  x  x  .  . | .  .  .  | x  x  x
+#                    main tokens (cache)  block 0  block 1
+#                    0  1  2  3  4  5  6 | c1 c2  | c1 c2
+#   block 0   c1@3   x  x  x  .  .  .  . | x  .   | .  .
+#   pos=2     c2@4   x  x  x  .  .  .  . | x  x   | .  .
+#   block 1   c1@5   x  x  x  x  x  .  . | .  .   | x  .
+#   pos=4     c2@6   x  x  x  x  x  .  . | .  .   | x  x
 #
 #   c2's output predicts y1, so I = Σ log p(y_j) is read one token early, as everywhere.
+
+PROBE_ROW = 4  # blocks per row: short rows pad less and each query scans T + 4·P keys, not T + Q·P
+
 
 def probe_log_likelihood(raw, kv, attention_mask, pos, valid, probe_ids, probe_answer_mask):
     """I [N, Q] = log p(y | x, r_<=pos) for every probed position, in one no-grad pass (Eq. 2).
 
     kv: the training pass's per-layer (k, v) [N, G, T, D], detached; probe_ids, probe_answer_mask
-    [N, P] (cue ⊕ y, then padding). Invalid blocks see only themselves and score 0.
+    [N, P] (cue ⊕ y, then padding). Each branch's Q blocks are cut into rows of PROBE_ROW, every
+    row attending to its branch's cached K/V; rows with no valid block are skipped. Invalid
+    blocks score 0.
     """
     N, T = attention_mask.shape
-    Q, P = pos.shape[1], probe_ids.shape[1]
+    Q, P = pos.shape[1], probe_ids.shape[1] - 1  # the last probe token predicts nothing: not fed
     if bool(probe_answer_mask[:, 0].any()):
         raise ValueError("the probe's first token must be the cue, not an answer token")
     dev = pos.device
-    ids = probe_ids[:, None, :].expand(N, Q, P).reshape(N, Q * P)
-    position_ids = (pos[:, :, None] + 1 + torch.arange(P, device=dev)).reshape(N, Q * P)
-    see_main = (torch.arange(T, device=dev) <= pos[:, :, None]) & attention_mask[:, None] & valid[:, :, None]  # (N, Q, T)
-    see_main = see_main[:, :, None].expand(N, Q, P, T).reshape(N, Q * P, T)
-    blk, j = torch.arange(Q * P, device=dev) // P, torch.arange(Q * P, device=dev) % P
-    see_probe = (blk[:, None] == blk[None, :]) & (j[None, :] <= j[:, None])  # (QP, QP), block-causal
-    mask = torch.cat([see_main, see_probe.expand(N, -1, -1)], dim=-1)  # (N, QP, T + QP)
-    cache = [KVCache.from_kv(k, v, Q * P) for k, v in kv]
-    h = raw(ids, position_ids=position_ids, mask=mask, cache=cache, return_hidden=True)  # (N, QP, C)
-    h = h.view(N, Q, P, -1)[:, :, :-1]  # (N, Q, P-1, C): token j predicts token j+1
-    scored = probe_answer_mask[:, None, 1:] & valid[:, :, None]  # (N, Q, P-1)
-    targets = ids.view(N, Q, P)[:, :, 1:]
+    C = min(PROBE_ROW, Q)
+    n_rows = -(-Q // C)
+    pos_r = F.pad(pos, (0, n_rows * C - Q)).view(N * n_rows, C)  # (N·rows, C)
+    valid_r = F.pad(valid, (0, n_rows * C - Q)).view(N * n_rows, C)
+    keep = valid_r.any(-1)
+    src = torch.arange(N, device=dev).repeat_interleave(n_rows)[keep]  # (R,): each row's branch
+    pos_r, valid_r = pos_r[keep], valid_r[keep]
+    R = src.numel()
+    ids = probe_ids[src, None, :-1].expand(R, C, P).reshape(R, C * P)
+    position_ids = (pos_r[:, :, None] + 1 + torch.arange(P, device=dev)).reshape(R, C * P)
+    see_main = (torch.arange(T, device=dev) <= pos_r[:, :, None]) & attention_mask[src, None] & valid_r[:, :, None]
+    see_main = see_main[:, :, None].expand(R, C, P, T).reshape(R, C * P, T)  # (R, CP, T)
+    blk, j = torch.arange(C * P, device=dev) // P, torch.arange(C * P, device=dev) % P
+    see_probe = (blk[:, None] == blk[None, :]) & (j[None, :] <= j[:, None])  # (CP, CP), block-causal
+    mask = torch.cat([see_main, see_probe.expand(R, -1, -1)], dim=-1)  # (R, CP, T + CP)
+    cache = [KVCache.from_kv(k[src], v[src], C * P) for k, v in kv]
+    h = raw(ids, position_ids=position_ids, mask=mask, cache=cache, return_hidden=True).view(R, C, P, -1)
+    scored = probe_answer_mask[src, None, 1:] & valid_r[:, :, None]  # (R, C, P): token j predicts j+1
+    targets = probe_ids[src, None, 1:].expand(R, C, P)
     logp = -token_nll(raw.lm_head, h[scored], targets[scored])
-    return torch.zeros(scored.shape, device=dev).masked_scatter(scored, logp).sum(-1)
+    info = torch.zeros(N * n_rows, C, device=dev)
+    info[keep] = torch.zeros(scored.shape, device=dev).masked_scatter(scored, logp).sum(-1)
+    return info.view(N, n_rows * C)[:, :Q]
 
 
 def adaptability_scores(raw, kv, batch, cfg):

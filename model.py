@@ -252,6 +252,13 @@ class Transformer(nn.Module):
                     nn.init.zeros_(m.bias)
         self.tie_weights()
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) would round the RoPE frequencies too: recompute them in fp32 after any move.
+        super()._apply(fn, recurse)
+        if self.inv_freq.device.type != "meta":
+            self.inv_freq = rope_inv_freq(self.args).to(self.inv_freq.device)
+        return self
+
     def tie_weights(self):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -232,3 +232,11 @@ def test_checkpoint_errors(tmp_path):
     os.remove(file)
     with pytest.raises(FileNotFoundError, match="safetensors"):
         Transformer.from_pretrained(str(tmp_path))
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
+    model = random_model(tiny_config("llama", rope_scaling=dict(LLAMA31_ROPE), rope_theta=500000.0))
+    model.to(torch.bfloat16)
+    assert model.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(model.inv_freq, rope_inv_freq(model.args), rtol=0, atol=0)
+    assert model.lm_head.weight.dtype == torch.bfloat16
