@@ -352,7 +352,7 @@ DEMO_STUDENT = {"model_type": "qwen2", "hidden_size": 128, "intermediate_size": 
 # Flags left at their TrainConfig default take these values in the demo.
 DEMO_DEFAULTS = dict(out="runs/demo", max_steps=60, batch_size=4, grad_accum=1, lr=2e-3, max_len=320,
                      save_every=20, lora_dropout=0.0)
-DEMO_PRETRAIN = dict(batch_size=8, lr=3e-3, full_ft=True)  # and 2.5× the distillation steps
+DEMO_PRETRAIN = dict(batch_size=8, lr=3e-3, full_ft=True)  # for min(150, 2.5 × distillation) steps
 
 
 def demo(cfg, ccfg, rank, world, device):
@@ -383,7 +383,7 @@ def demo(cfg, ccfg, rank, world, device):
 
     print0("== 1/4 base student: learns the answer format only")
     pre = replace(cfg, model=init_dir, data=os.path.join(data_dir, "format.jsonl"), out=os.path.join(out, "pretrain"),
-                  resume=False, max_steps=max(1, round(2.5 * cfg.max_steps)), **DEMO_PRETRAIN)
+                  resume=False, max_steps=min(150, max(1, round(2.5 * cfg.max_steps))), **DEMO_PRETRAIN)
     train(pre, CompactConfig(weighting="uniform", mcon_lambda=0.0), rank, world, device)
     if rank == 0:
         shutil.rmtree(base_dir, ignore_errors=True)
@@ -411,7 +411,7 @@ def demo_report(out, base_dir, test_file, runs, device):
     rows = [json.loads(line) for line in open(test_file)]
     items = [{"id": r["id"], "prompt": user_prompt(r["question"], r["task"]), "answer": r["answer"], "task": r["task"]}
              for r in rows]
-    print0(f"{'student':<10} {'accuracy':>9} {'± SEM':>7}  (n = {len(items)}, greedy)")
+    print0(f"{'student':<10} {'accuracy':>9} {'± SEM':>7}   first test answer (n = {len(items)}, greedy)")
     for name in ("base", "uniform", "compact"):
         model, tok = load_student(base_dir, None if name == "base" else os.path.join(runs[name].out, "adapter"),
                                   device=device)
@@ -419,9 +419,9 @@ def demo_report(out, base_dir, test_file, runs, device):
         os.makedirs(os.path.dirname(preds), exist_ok=True)
         if os.path.exists(preds):
             os.remove(preds)  # a new demo run: new predictions
-        n, p, sem = accuracy_sem([r["correct"] for r in evaluate(model, tok, items, preds, batch_size=64,
-                                                                  max_new_tokens=96)])
-        print0(f"{name:<10} {p:>9.3f} {sem:>7.3f}")
+        records = evaluate(model, tok, items, preds, batch_size=64, max_new_tokens=96)
+        n, p, sem = accuracy_sem([r["correct"] for r in records])
+        print0(f"{name:<10} {p:>9.3f} {sem:>7.3f}   {records[0]['output'][:90]!r}")
     print0("COMPACT's teacher weights over training (eval.py weights):")
     run_weights(argparse.Namespace(run_dir=out, out=None))
 
