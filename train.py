@@ -246,6 +246,9 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
                                  "teachers and batch layout (--batch-size × --grad-accum × ranks)")
     elif cfg.resume:
         print0(f"--resume: no checkpoint in {cfg.out}/checkpoints, starting fresh")
+    elif checkpoint_steps(cfg.out):
+        raise ValueError(f"--out {cfg.out} holds the checkpoints of another run: pass --resume to continue it, "
+                         "or choose another --out")
 
     torch.manual_seed(cfg.seed)  # LoRA's A init: the same on every rank and every run of this seed
     model = build_model(cfg, device, resume_dir)
@@ -367,7 +370,11 @@ def demo(cfg, ccfg, rank, world, device):
     cfg = replace(cfg, **{k: v for k, v in DEMO_DEFAULTS.items() if getattr(cfg, k) == getattr(TrainConfig, k)})
     out = cfg.out
     data_dir, init_dir, base_dir = (os.path.join(out, d) for d in ("data", "base-init", "base"))
-    if rank == 0:
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isdir(init_dir):
+        raise ValueError(f"--out {out} is not empty and holds no earlier demo: choose another --out")
+    if rank == 0:  # a new demo replaces an earlier one's runs
+        for run in ("pretrain", "uniform", "."):
+            shutil.rmtree(os.path.join(out, run, "checkpoints"), ignore_errors=True)
         train_rows, test_rows = synth_pool(data_dir, seed=cfg.seed)
         texts = [r["question"] + " " + r["answer"] for r in train_rows + test_rows]
         texts += [x["text"] for r in train_rows for x in r["rationales"]]

@@ -219,3 +219,13 @@ def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, capsys):
         assert (tmp_path / name).exists(), name
     assert "compact" in printed and "± SEM" in printed and "w last" in printed
     assert len((tmp_path / "eval" / "compact.jsonl").read_text().splitlines()) == 64
+
+
+def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(run_inputs, tmp_path):
+    model_dir, data_file = run_inputs
+    cfg, ccfg = parse_args(flags(model_dir, data_file, tmp_path, "--max-steps", "1", "--batch-size", "2",
+                                 "--grad-accum", "1"))
+    train(cfg, ccfg)
+    with pytest.raises(ValueError, match="--resume"):
+        train(cfg, ccfg)
+    assert os.path.isfile(tmp_path / "checkpoints" / "step-1" / "trainer.pt")
