@@ -382,7 +382,8 @@ def teacher_names(instances):
 # answer extraction and equivalence
 
 _NUMBER = re.compile(r"(?:(?<![\w)\]])-)?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
-_ANSWER_PREFIX = r"(?i:answer)\s*(?:is|:)?\s*[:：]?\s*(?:\*\*)?\s*[:：]?\s*"  # "The answer is", "**Answer:**"
+# An answer *statement*: "The answer is", "answer: ", "**Answer:**", "**Answer**:"; not any "answer" word.
+_ANSWER_PREFIX = r"(?i:answer)\s*(?:\*\*)?\s*(?:(?i:is)\b\s*[:：]?|[:：])\s*(?:\*\*)?\s*[:：]?\s*"
 _ANSWER_IS = re.compile(_ANSWER_PREFIX + "(.*)")
 
 
@@ -558,8 +559,10 @@ def extract_answer(text, task):
             return found[-1]
         m = re.fullmatch(r"\s*" + pick + r"\s*\.?\s*", text)
         return m[1] if m else None
-    if task == "strategyqa":
-        words = re.findall(r"(?i)\b(yes|no|true|false)\b", last_boxed(text) or text)
+    if task == "strategyqa":  # the stated answer's first yes/no, else the last one anywhere
+        yes_no = r"(?i)\b(yes|no|true|false)\b"
+        said = [m[1] for a in _ANSWER_IS.findall(text) if (m := re.match(r"\W*" + yes_no[4:], a, re.I))]
+        words = said or re.findall(yes_no, last_boxed(text) or text)
         return {"yes": "yes", "true": "yes", "no": "no", "false": "no"}[words[-1].lower()] \
             if words else None
     raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
@@ -915,6 +918,11 @@ def _generation_text(path, lineno, row):
 def build(questions_path, teachers, task, out_path, min_teachers=1):
     """Join questions with each teacher's generations (by id, else by exact question text),
     keep rationales whose own final answer matches the gold one; returns the report."""
+    names = [name for name, _ in teachers]
+    if dup := sorted({n for n in names if names.count(n) > 1}):
+        raise DataError(f"--teacher {dup[0]} is given twice: each teacher needs one name")
+    if min_teachers < 1:
+        raise DataError(f"--min-teachers {min_teachers}: must be at least 1 (an instance needs a rationale)")
     questions, first_line = [], {}
     for lineno, row in read_jsonl(questions_path):
         try:
@@ -936,11 +944,11 @@ def build(questions_path, teachers, task, out_path, min_teachers=1):
             text = _generation_text(path, lineno, row)
             if "id" in row:
                 by_id.setdefault(str(row["id"]), text)
-            else:
+            if isinstance(row.get("question"), str):
                 by_question.setdefault(row["question"], text)
         counts = Counter(kept=0, wrong=0, no_answer=0, missing=0)
         for q in questions:
-            text = by_id.get(q.id, by_question.get(q.question))
+            text = by_id.get(q.id) or by_question.get(q.question)
             if text is None or not text.strip():
                 counts["missing"] += 1
                 continue
@@ -959,9 +967,9 @@ def build(questions_path, teachers, task, out_path, min_teachers=1):
     return report
 
 
-def check(path, model_dir=None):
+def check(path, model_dir=None, skip_bad=False):
     """Validate a multi-teacher file and return its statistics as printable lines."""
-    instances = load_multi_teacher(path)
+    instances = load_multi_teacher(path, skip_bad)
     per_teacher = Counter(t for inst in instances for t, _ in inst.rationales)
     lines = [f"{path}: {len(instances)} instances, "
              f"{sum(per_teacher.values()) / max(len(instances), 1):.2f} branches per instance",
@@ -990,6 +998,7 @@ def main(argv=None):
     c = sub.add_parser("check", help="validate a multi-teacher file and print statistics")
     c.add_argument("file")
     c.add_argument("--model", help="a model/tokenizer directory, for token lengths")
+    c.add_argument("--skip-bad", action="store_true", help="drop bad lines (counted) instead of stopping")
     s = sub.add_parser("synth", help="write a synthetic arithmetic pool with four teachers")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
@@ -1012,7 +1021,7 @@ def main(argv=None):
             print(f"wrote {report['instances']['written']} instances to {args.out} "
                   f"({report['instances']['dropped']} with under {args.min_teachers} rationales dropped)")
         elif args.command == "check":
-            print("\n".join(check(args.file, args.model)))
+            print("\n".join(check(args.file, args.model, args.skip_bad)))
         else:
             train, test = synth_pool(args.out, args.seed, args.n_train, args.n_test)
             print(f"wrote {len(train)} train and {len(test)} test problems to {args.out}")

@@ -148,8 +148,17 @@ def read_adapter(path):
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{path}: not an adapter directory ({os.path.basename(file)} is missing; "
                                     "weights load only from safetensors)")
-    with open(config_file) as f:
-        cfg = json.load(f)
+    try:
+        with open(config_file) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{config_file}: not a JSON object")
+    for key in ("r", "lora_alpha"):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (key == "r" and value != int(value)):
+            raise ValueError(f"{config_file}: {key} must be a positive {'integer' if key == 'r' else 'number'}, got {value!r}")
     bad = [f"{k}={cfg.get(k)!r}" for k in ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "rank_pattern",
                                            "alpha_pattern", "layers_to_transform") if cfg.get(k)]
     bad += [f"{k}={cfg.get(k)!r}" for k, ok in (("peft_type", "LORA"), ("bias", "none")) if cfg.get(k, ok) != ok]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -67,8 +68,10 @@ class ModelArgs:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, llama3)")
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        if rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
             raise ValueError("partial_rotary_factor != 1 is not supported")
+        if rope_type == "llama3" and (lost := [k for k in LLAMA3_ROPE_KEYS if k not in rope]):
+            raise ValueError(f"llama3 rope scaling needs {', '.join(lost)}")
         qwen = model_type == "qwen2"
         attention_bias = bool(cfg.get("attention_bias", False))
         return cls(
@@ -308,9 +311,14 @@ class Transformer(nn.Module):
         config_file = os.path.join(path, "config.json")
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
-        with open(config_file) as f:
-            config = json.load(f)
-        args = ModelArgs.from_hf_config(config)
+        try:
+            with open(config_file) as f:
+                config = json.load(f)
+            if not isinstance(config, dict):
+                raise ValueError("not a JSON object")
+            args = ModelArgs.from_hf_config(config)
+        except (ValueError, KeyError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{config_file}: {e if not isinstance(e, KeyError) else f'missing {e}'}") from None
         with torch.device("meta"):
             model = cls(args, config)
         expected = {k: v for k, v in model.state_dict().items()}
@@ -318,7 +326,11 @@ class Transformer(nn.Module):
             expected.pop("lm_head.weight")
         state = {}
         for file in _weight_files(path):
-            with safe_open(file, framework="pt", device="cpu") as f:
+            try:
+                f = safe_open(file, framework="pt", device="cpu")
+            except Exception as e:  # SafetensorError: a torn or foreign file
+                raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+            with f:
                 for key in f.keys():
                     if args.tie_word_embeddings and key == "lm_head.weight":
                         continue  # some tied checkpoints store the copy too
@@ -412,6 +424,9 @@ def generate(model, prompts, max_new_tokens=256, eos_ids=(), temperature=0.0, to
     are masked and position ids count only real tokens, so each row computes what it
     would alone. Returns the new ids per prompt (the stop token included when produced).
     """
+    if not prompts or not all(len(p) for p in prompts):
+        raise ValueError("generate needs at least one prompt, and no empty prompt")
+    eos_ids = list(eos_ids or ())
     device = model.lm_head.weight.device
     dtype = model.model.embed_tokens.weight.dtype
     N, L = len(prompts), max(len(p) for p in prompts)

@@ -55,6 +55,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
     resume: bool = False  # continue from the last complete checkpoint in OUT/checkpoints
     max_bad_steps: int = 3  # stop (with a checkpoint) after this many non-finite steps in a row
+    skip_bad: bool = False  # drop malformed data lines (counted) instead of stopping with the first problems
     demo: bool = False  # run the embedded CPU demo (synthetic teachers, tiny student)
 
     def __post_init__(self):
@@ -218,7 +219,7 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
     """Run one training job in an already set-up process group; rank 0 writes every file."""
     t_start = time.time()
     tok = Tokenizer.from_pretrained(cfg.model)
-    instances = load_multi_teacher(cfg.data)
+    instances = load_multi_teacher(cfg.data, skip_bad=cfg.skip_bad)
     subset = [t.strip() for t in cfg.teachers.split(",") if t.strip()] or None
     encoded, data_stats = encode_dataset(instances, tok, teachers=subset, max_len=cfg.max_len)
     teachers = data_stats["teachers"]

@@ -119,3 +119,13 @@ def test_gsm8k_reference_rationales(benchmarks_dir):
         if not (is_equivalent(pred, gold, "gsm8k") and float(pred) == float(gold.replace(",", ""))):
             failed.append(r["question"][:40])
     assert len(rows) == 1319 and failed == []
+
+
+@pytest.mark.parametrize("text, task, want", [
+    ("To answer this we need 3 steps.\n4 + 8 = 12", "gsm8k", "12"),  # "answer" alone states nothing
+    ("Let me answer carefully: 5 apples first.\nThen 5*2 = 10 apples.", "svamp", "10"),
+    ("The answer is no, true fish cannot climb.", "strategyqa", "no"),  # the stated answer wins
+    ("**Answer**: B", "csqa", "B"),
+])
+def test_only_an_answer_statement_counts(text, task, want):
+    assert extract_answer(text, task) == want

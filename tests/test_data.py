@@ -285,3 +285,23 @@ def test_cli_synth_and_no_traceback(tmp_path, capsys):
     done = subprocess.run([sys.executable, os.path.join(root, "data.py"), "check", bad],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr and f"{bad}:1:" in done.stderr
+
+
+def test_build_joins_by_question_text_when_the_id_is_unknown_and_refuses_a_name_twice(tmp_path, capsys):
+    questions = _write(tmp_path / "q.jsonl", [{"id": "q0", "question": "What is 1 + 1?", "answer": "2"}])
+    gens = _write(tmp_path / "g.jsonl", [{"id": "gen-7", "question": "What is 1 + 1?", "text": "The answer is 2."}])
+    out = str(tmp_path / "out.jsonl")
+    data.main(["build", "--questions", questions, "--teacher", f"a={gens}", "--task", "gsm8k", "--out", out])
+    assert capsys.readouterr().out.splitlines()[1].split() == ["a", "1", "0", "0", "0"]
+    for argv, message in [(["--teacher", f"a={gens}", "--teacher", f"a={gens}"], "given twice"),
+                          (["--teacher", f"a={gens}", "--min-teachers", "0"], "--min-teachers 0")]:
+        with pytest.raises(SystemExit) as err:
+            data.main(["build", "--questions", questions, "--task", "gsm8k", "--out", out + "2", *argv])
+        assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_check_skip_bad_counts_dropped_lines(tmp_path, capsys):
+    bad = _write(tmp_path / "bad.jsonl", [_row(0), "{oops", _row(1)])
+    data.main(["check", bad, "--skip-bad"])
+    captured = capsys.readouterr()
+    assert "2 instances" in captured.out and "1" in captured.err

@@ -351,3 +351,16 @@ def test_lora_follows_the_models_train_or_eval_mode(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids), fresh(ids))  # no dropout noise
     assert not any(m.training for _, m in lora_modules(fresh))
+
+
+@pytest.mark.parametrize("change, message", [({"r": "4"}, "r must be a positive integer"), ({"r": 0}, "r must be"),
+                                             ({"lora_alpha": None}, "lora_alpha must be")])
+def test_bad_adapter_config_values_are_named(tmp_path, change, message):
+    from lora import apply_lora, load_adapter, save_adapter
+    model = random_model(tiny_config())
+    apply_lora(model, rank=4, alpha=8)
+    save_adapter(model, str(tmp_path))
+    cfg = json.load(open(tmp_path / "adapter_config.json"))
+    json.dump({**cfg, **change}, open(tmp_path / "adapter_config.json", "w"))
+    with pytest.raises(ValueError, match=message):
+        load_adapter(random_model(tiny_config()), str(tmp_path))

@@ -240,3 +240,29 @@ def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
     assert model.inv_freq.dtype == torch.float32
     torch.testing.assert_close(model.inv_freq, rope_inv_freq(model.args), rtol=0, atol=0)
     assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_config_and_weight_file_problems_name_the_file(tmp_path):
+    cfg = {**tiny_config("llama"), "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    with pytest.raises(ValueError, match="llama3 rope scaling needs low_freq_factor"):
+        ModelArgs.from_hf_config(cfg)
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        ModelArgs.from_hf_config({**tiny_config(), "partial_rotary_factor": 0.5})
+    random_model(tiny_config()).save_pretrained(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        Transformer.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="config.json: "):
+        Transformer.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in tiny_config().items() if k != "vocab_size"}))
+    with pytest.raises(ValueError, match="config.json: missing 'vocab_size'"):
+        Transformer.from_pretrained(str(tmp_path))
+
+
+def test_generate_refuses_empty_prompts():
+    model = random_model(tiny_config())
+    for prompts in ([], [[1, 2], []]):
+        with pytest.raises(ValueError, match="prompt"):
+            generate(model, prompts, max_new_tokens=2)
+    assert len(generate(model, [[1, 2]], max_new_tokens=2, eos_ids=None)[0]) == 2
