@@ -326,10 +326,12 @@ def compact_loss(model, batch, cfg, n_instances=None):
 def score(a, cfg):
     """Write one JSON line per rationale with its scores and weight; return per-teacher means.
 
-    Scores come from compact_loss itself under no_grad, so they are exactly what training
-    would weight with (mcon_lambda is set to 0: the consistency logits are not needed)."""
+    Scores come from compact_loss itself under no_grad, so they are what training would weight
+    with, less LoRA dropout (mcon_lambda is set to 0: the consistency logits are not needed)."""
     from data import Tokenizer, collate, encode_dataset, load_multi_teacher
 
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {a.device}: CUDA is not available on this machine")
     device = torch.device(a.device)
     tok = Tokenizer.from_pretrained(a.model)
     model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=device)

@@ -250,6 +250,13 @@ def _check_out(out, marker, overwrite):
         raise ValueError(f"--out {out} already holds {marker}; pass --overwrite to replace it")
 
 
+def copy_tokenizer(src, dst):
+    """Copy a model directory's tokenizer files, so `dst` is a complete model directory."""
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), dst)
+
+
 def merge_to_dir(model_dir, adapter_dir, out, dtype=None):
     """Base + adapter -> a plain Hugging Face model directory, written beside `out` then renamed in."""
     model = Transformer.from_pretrained(model_dir, dtype=torch.float32)  # fp32 whole: 4 bytes a parameter
@@ -262,9 +269,7 @@ def merge_to_dir(model_dir, adapter_dir, out, dtype=None):
     tmp, trash = tempfile.mkdtemp(prefix=".merge-", dir=parent), None
     try:
         model.save_pretrained(tmp)
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(model_dir, name)):
-                shutil.copy2(os.path.join(model_dir, name), tmp)
+        copy_tokenizer(model_dir, tmp)
         if os.path.isdir(out) and os.listdir(out):  # swap whole, so no stale shard of the old model survives
             trash = tempfile.mkdtemp(prefix=".old-", dir=parent)
             os.rename(out, os.path.join(trash, "old"))

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from compact import CompactConfig, compact_loss
-from data import DataError, Tokenizer, collate, encode_dataset, load_multi_teacher, shard_indices
-from lora import apply_lora, load_adapter, save_adapter
+from data import THINKING_WORDS, DataError, Tokenizer, collate, encode_dataset, load_multi_teacher, shard_indices
+from lora import apply_lora, copy_tokenizer, load_adapter, save_adapter
 from model import ModelArgs, Transformer
 
 
@@ -56,11 +56,18 @@ class TrainConfig:
     resume: bool = False  # continue from the last complete checkpoint in OUT/checkpoints
     max_bad_steps: int = 3  # stop (with a checkpoint) after this many non-finite steps in a row
     skip_bad: bool = False  # drop malformed data lines (counted) instead of stopping with the first problems
+    thinking_words: str = ""  # comma-separated thinking words for S_MI's mask ("" = data.THINKING_WORDS)
     demo: bool = False  # run the embedded CPU demo (synthetic teachers, tiny student)
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("--batch-size and --grad-accum must be >= 1")
+        for flag in ("batch_size", "grad_accum", "epochs", "lora_rank", "keep_checkpoints", "max_len"):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+        for flag in ("max_steps", "save_every", "max_bad_steps", "warmup", "lr", "max_grad_norm"):
+            if getattr(self, flag) < 0:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 0")
+        if os.path.isfile(self.out):
+            raise ValueError(f"--out {self.out} is a file, not a directory")
         if not self.demo and not (self.model and self.data):
             raise ValueError("--model and --data are required (or --demo)")
 
@@ -117,10 +124,7 @@ def save_checkpoint(raw, optimizer, step, cfg, meta):
     root = os.path.join(cfg.out, "checkpoints")
     final, tmp = os.path.join(root, f"step-{step}"), os.path.join(root, f".step-{step}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.full_ft:
-        raw.save_pretrained(tmp)
-    else:
-        save_adapter(raw, tmp, base_model=cfg.model)
+    save_weights(raw, tmp, cfg)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), **meta}, os.path.join(tmp, "trainer.pt"))
     if os.path.exists(final):
         shutil.rmtree(final)
@@ -128,6 +132,15 @@ def save_checkpoint(raw, optimizer, step, cfg, meta):
     done = sorted(checkpoint_steps(cfg.out))
     for old in done[:-cfg.keep_checkpoints]:
         shutil.rmtree(os.path.join(root, f"step-{old}"), ignore_errors=True)
+
+
+def save_weights(raw, path, cfg):
+    """The trained weights: a PEFT adapter, or with --full-ft a complete model directory."""
+    if cfg.full_ft:
+        raw.save_pretrained(path)
+        copy_tokenizer(cfg.model, path)
+    else:
+        save_adapter(raw, path, base_model=cfg.model)
 
 
 def checkpoint_steps(out):
@@ -221,7 +234,8 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
     tok = Tokenizer.from_pretrained(cfg.model)
     instances = load_multi_teacher(cfg.data, skip_bad=cfg.skip_bad)
     subset = [t.strip() for t in cfg.teachers.split(",") if t.strip()] or None
-    encoded, data_stats = encode_dataset(instances, tok, teachers=subset, max_len=cfg.max_len)
+    words = [w.strip() for w in cfg.thinking_words.split(",") if w.strip()] or THINKING_WORDS
+    encoded, data_stats = encode_dataset(instances, tok, teachers=subset, max_len=cfg.max_len, thinking_words=words)
     teachers = data_stats["teachers"]
     if not encoded:
         raise DataError(f"{cfg.data}: no instance has a branch that fits --max-len {cfg.max_len}")
@@ -233,7 +247,7 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
     n_step = per_rank_step * world  # instances per optimizer step, all ranks together
     steps_per_epoch = -(-len(encoded) // n_step)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
-    meta = {"n_step": n_step, "n_data": len(encoded), "teachers": teachers}
+    meta = {"n_step": n_step, "n_data": len(encoded), "teachers": teachers, "total_steps": total}
 
     start, resume_dir = 0, None
     done = checkpoint_steps(cfg.out) if cfg.resume else []
@@ -241,10 +255,11 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
         start = max(done)
         resume_dir = os.path.join(cfg.out, "checkpoints", f"step-{start}")
         state = torch.load(os.path.join(resume_dir, "trainer.pt"), map_location=device, weights_only=True)
-        for key in ("n_step", "n_data", "teachers"):
+        for key in ("n_step", "n_data", "teachers", "total_steps"):
             if state[key] != meta[key]:
                 raise ValueError(f"{resume_dir}: {key} was {state[key]}, now {meta[key]}: resume with the same data, "
-                                 "teachers and batch layout (--batch-size × --grad-accum × ranks)")
+                                 "teachers, batch layout (--batch-size × --grad-accum × ranks) and --max-steps/"
+                                 "--epochs (the learning-rate schedule depends on them)")
     elif cfg.resume:
         print0(f"--resume: no checkpoint in {cfg.out}/checkpoints, starting fresh")
     elif checkpoint_steps(cfg.out):
@@ -321,15 +336,19 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
             dist.barrier()  # nobody races ahead of a checkpoint it might be killed after
 
     if rank == 0 and total > start:
-        save_checkpoint(raw, optimizer, total, cfg, meta)
+        # The final weights first, then the final checkpoint: a kill in between resumes from the last
+        # periodic checkpoint and writes both again.
         final = os.path.join(cfg.out, "model" if cfg.full_ft else "adapter")
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        raw.save_pretrained(tmp) if cfg.full_ft else save_adapter(raw, tmp, base_model=cfg.model)
+        save_weights(raw, tmp, cfg)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        save_checkpoint(raw, optimizer, total, cfg, meta)
         print0(f"done: {total} steps in {_duration(time.time() - t_start)} | final loss "
                f"{last['loss'] if last else float('nan'):.4f} | wrote {final}")
+    elif rank == 0:
+        print0(f"{cfg.out}: the run already finished at step {total}; nothing to do")
     if dist.is_initialized():
         dist.barrier()
     return {"steps": total, "last": last, "teachers": teachers, "model": raw}
@@ -373,6 +392,8 @@ def demo(cfg, ccfg, rank, world, device):
     data_dir, init_dir, base_dir = (os.path.join(out, d) for d in ("data", "base-init", "base"))
     if os.path.isdir(out) and os.listdir(out) and not os.path.isdir(init_dir):
         raise ValueError(f"--out {out} is not empty and holds no earlier demo: choose another --out")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has checked before rank 0 writes
     if rank == 0:  # a new demo replaces an earlier one's runs
         for run in ("pretrain", "uniform", "."):
             shutil.rmtree(os.path.join(out, run, "checkpoints"), ignore_errors=True)
@@ -395,10 +416,7 @@ def demo(cfg, ccfg, rank, world, device):
     train(pre, CompactConfig(weighting="uniform", mcon_lambda=0.0), rank, world, device)
     if rank == 0:
         shutil.rmtree(base_dir, ignore_errors=True)
-        shutil.copytree(os.path.join(pre.out, "model"), base_dir)
-        for name in os.listdir(init_dir):
-            if name.startswith(("tokenizer", "generation")):
-                shutil.copy(os.path.join(init_dir, name), base_dir)
+        shutil.copytree(os.path.join(pre.out, "model"), base_dir)  # with the tokenizer (save_weights)
     if dist.is_initialized():
         dist.barrier()
     runs = {"compact": replace(cfg, model=base_dir, data=os.path.join(data_dir, "train.jsonl")),

@@ -229,3 +229,34 @@ def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(run_inputs
     with pytest.raises(ValueError, match="--resume"):
         train(cfg, ccfg)
     assert os.path.isfile(tmp_path / "checkpoints" / "step-1" / "trainer.pt")
+
+
+def test_resume_of_a_finished_run_and_of_another_step_total(run_inputs, tmp_path, capsys):
+    model_dir, data_file = run_inputs
+    common = ["--batch-size", "2", "--grad-accum", "1", "--save-every", "2"]
+    cfg, ccfg = parse_args(flags(model_dir, data_file, tmp_path, "--max-steps", "2", *common))
+    train(cfg, ccfg)
+    cfg, ccfg = parse_args(flags(model_dir, data_file, tmp_path, "--max-steps", "2", "--resume", *common))
+    train(cfg, ccfg)
+    assert "already finished at step 2" in capsys.readouterr().out
+    cfg, ccfg = parse_args(flags(model_dir, data_file, tmp_path, "--max-steps", "4", "--resume", *common))
+    with pytest.raises(ValueError, match="total_steps was 2, now 4"):
+        train(cfg, ccfg)
+
+
+def test_full_fine_tuning_writes_a_complete_model_directory(run_inputs, tmp_path):
+    model_dir, data_file = run_inputs
+    cfg, ccfg = parse_args(flags(model_dir, data_file, tmp_path, "--max-steps", "1", "--batch-size", "2",
+                                 "--grad-accum", "1", "--full-ft", "--weighting", "uniform"))
+    before = Transformer.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    train(cfg, ccfg)
+    after = Transformer.from_pretrained(str(tmp_path / "model"), dtype=torch.float32).state_dict()
+    assert any((before[k] - after[k]).abs().max() > 0 for k in before)
+    assert data.Tokenizer.from_pretrained(str(tmp_path / "model")).vocab_size > 0
+
+
+@pytest.mark.parametrize("flag", [["--lora-rank", "0"], ["--max-steps", "-1"], ["--keep-checkpoints", "0"]])
+def test_bad_flag_values_exit_2(flag):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--demo", *flag])
+    assert e.value.code == 2
