@@ -109,7 +109,7 @@ def test_branches_match_spec_by_hand(tok):
         marked = [tok.decode([i]).strip().lower() for i, m in
                   zip(batch["input_ids"][0, k].tolist(), batch["think_mask"][0, k].tolist()) if m]
         starts = [w for w in re.findall(r"[a-z]+", text.lower()) if w in data.THINKING_WORDS]
-        assert len(marked) == len(starts) and all(w.startswith(m.rstrip(",")) or m.startswith(w[:1])
+        assert len(marked) == len(starts) and all(m.rstrip(",") and w.startswith(m.rstrip(","))
                                                   for m, w in zip(marked, starts))
         assert not (batch["think_mask"][0, k] & ~batch["rationale_mask"][0, k]).any()
     # the answer ids are the same in every branch, and equal the probe's scored ids

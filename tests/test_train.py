@@ -260,3 +260,26 @@ def test_bad_flag_values_exit_2(flag):
     with pytest.raises(SystemExit) as e:
         parse_args(["--demo", *flag])
     assert e.value.code == 2
+
+
+def test_on_the_synthetic_pool_the_teacher_the_student_learned_from_is_the_easiest(run_inputs, tmp_path):
+    """S_D responds as intended: after a few steps on the concise teacher alone, the student finds
+    concise rationales easier (lower S_D) than verbose and stylized ones, and weighs them above
+    the stylized ones. (The hallucinated teacher writes in the concise format: as easy.)"""
+    from compact import compact_loss
+    model_dir, data_file = run_inputs
+    cfg, ccfg = parse_args(flags(model_dir, data_file, tmp_path, "--teachers", "concise", "--full-ft", "--max-steps",
+                                 "12", "--batch-size", "6", "--grad-accum", "1", "--lr", "3e-3", "--weighting",
+                                 "uniform", "--mcon-lambda", "0"))
+    train(cfg, ccfg)
+    student = Transformer.from_pretrained(str(tmp_path / "model"), dtype=torch.float32).eval()
+    tok = data.Tokenizer.from_pretrained(str(tmp_path / "model"))
+    encoded, stats = data.encode_dataset(data.load_multi_teacher(data_file), tok, max_len=400)
+    batch = data.collate(encoded[:8], tok.pad_id)
+    with torch.no_grad():
+        _, s = compact_loss(student, batch, CompactConfig(mi_stride=4))
+    mean = {name: s[key][batch["teacher"] == i].mean().item() for i, name in enumerate(stats["teachers"])
+            for key in ["s_d"]}
+    weight = {name: s["weight"][batch["teacher"] == i].mean().item() for i, name in enumerate(stats["teachers"])}
+    assert mean["concise"] < min(mean["verbose"], mean["stylized"]), mean
+    assert weight["concise"] > weight["stylized"], weight
