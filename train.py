@@ -293,10 +293,11 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
 
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     model.train()
-    bad, t_loop, tokens_seen, last = 0, time.time(), 0, None
+    bad, t_loop, tokens_seen, last, order_epoch = 0, time.time(), 0, None, None
     for step in range(start, total):
         epoch, pos = divmod(step, steps_per_epoch)
-        order = shard_indices(len(encoded), epoch, cfg.seed, rank, world, per_rank_step)
+        if epoch != order_epoch:  # this rank's share of the epoch's seeded permutation
+            order, order_epoch = shard_indices(len(encoded), epoch, cfg.seed, rank, world, per_rank_step), epoch
         mine = order[pos * per_rank_step:(pos + 1) * per_rank_step]
         micro = [collate([encoded[j] for j in mine[m * cfg.batch_size:(m + 1) * cfg.batch_size]], tok.pad_id)
                  for m in range(cfg.grad_accum)]
