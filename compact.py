@@ -298,7 +298,7 @@ def compact_loss(model, batch, cfg, n_instances=None):
     nll = F.pad(torch.zeros(sel.shape, device=ids.device).masked_scatter(sel, nll), (1, 0)).view(B, K, T)
     l_sft = nll.sum(-1) / sft.view(B, K, T).sum(-1).clamp(min=1)
     l_mcon = torch.zeros(B, K, device=ids.device)
-    if cfg.mcon_lambda > 0 and bool(batch["answer_mask"].any()):
+    if cfg.mcon_lambda > 0:  # no answer tokens: J = 0 and the loss is 0
         logp, valid = answer_logprobs(raw.lm_head, hidden, flat(batch["answer_mask"]))
         l_mcon = mcon_loss(logp.view(B, K, *logp.shape[1:]), valid.view(B, K, -1), bm, cfg.mcon_detach)
 

@@ -455,22 +455,9 @@ def build_parser():
     return p
 
 
-def setup_dist(device):
-    """(rank, world, device): torchrun's WORLD_SIZE > 1 starts a process group (nccl on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, torch.device(device)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
-        torch.cuda.set_device(local)
-    torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
-    return rank, world, torch.device(device, local) if device == "cuda" else torch.device("cpu")
-
-
 def main(argv=None):
     p = build_parser()
     a = p.parse_args(argv)
-    world = 1
     try:
         if a.command == "weights":
             return run_weights(a)
@@ -481,13 +468,14 @@ def main(argv=None):
             raise DataError("--device cuda: no CUDA device here")
         a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
         if a.command == "accuracy":
+            from train import setup_dist  # torchrun's process group, as training sets it up
             rank, world, device = setup_dist(a.device)
             return run_accuracy(a, rank, world, device)
         return (run_pca_shift if a.command == "pca-shift" else run_mi_trace)(a, a.device)
     except (DataError, OSError, ValueError, KeyError) as e:
         p.exit(2, f"eval.py {a.command}: error: {e.args[0] if isinstance(e, KeyError) else e}\n")
     finally:
-        if world > 1 and torch.distributed.is_initialized():
+        if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 

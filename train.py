@@ -74,12 +74,15 @@ class TrainConfig:
 
 # --- distributed plumbing ---
 
-def setup_dist():
-    """(rank, world_size, device) from torchrun's environment; a plain process is rank 0 of 1."""
+def setup_dist(device_type=None):
+    """(rank, world_size, device) from torchrun's environment; a plain process is rank 0 of 1.
+
+    device_type: "cuda" or "cpu" (default: cuda when there is one)."""
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, torch.device(device_type)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
+    if device_type == "cuda":
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
