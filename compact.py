@@ -328,17 +328,13 @@ def score(a, cfg):
 
     Scores come from compact_loss itself under no_grad, so they are what training would weight
     with, less LoRA dropout (mcon_lambda is set to 0: the consistency logits are not needed)."""
-    from data import Tokenizer, collate, encode_dataset, load_multi_teacher
+    from data import collate, encode_dataset, load_multi_teacher
+    from lora import load_student
 
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {a.device}: CUDA is not available on this machine")
     device = torch.device(a.device)
-    tok = Tokenizer.from_pretrained(a.model)
-    model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=device)
-    if a.adapter:
-        from lora import load_adapter
-        load_adapter(model, a.adapter)
-    model.eval()
+    model, tok = load_student(a.model, a.adapter, a.dtype, device)
     instances = load_multi_teacher(a.data)[:a.limit]
     encoded, info = encode_dataset(instances, tok, max_len=a.max_len)
     if not encoded:

@@ -1,12 +1,11 @@
-"""The text side of compact-ref: tokenizer and chat, the multi-teacher data format, answer
-checking, branch batches (SPEC.md §1, §8, §9), benchmark loaders and a synthetic pool.
+"""The data side of compact-ref: files, the multi-teacher format, answer checking, branch
+batches (SPEC.md §1, §8, §9) and benchmark loaders.
 
     python data.py build --questions Q.jsonl --teacher qwq=qwq.jsonl --teacher r1=r1.jsonl \
                          --task math --out train.jsonl [--min-teachers 2]
     python data.py check train.jsonl [--model DIR]
-    python data.py synth --out DIR [--seed 0 --n-train 256 --n-test 64]
 
-Runs on torch, tokenizers, jinja2 and the standard library; transformers is only a test oracle.
+Runs on torch and the standard library (the tokenizer is tokenizer.py's).
 Left out: sympy-grade answer checking (expressions are compared textually after
 normalisation, numbers numerically), multi-turn training data, tool-calling templates
 beyond what the checkpoint's own template renders, and generation itself (model.py).
@@ -18,247 +17,90 @@ import os
 import random
 import re
 import sys
-import tempfile
+import shutil
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 
-import tokenizers
 import torch
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+
+from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------
-# tokenizer and chat
+# files: every write is atomic, every JSONL read names its lines
 
-# Built-in templates for checkpoints that ship none; picked only by an explicit chat_format.
-BUILTIN_TEMPLATES = {
-    "chatml": (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    ),
-    "llama3": (
-        "{{ bos_token }}{% for message in messages %}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
-        " + message['content'] | trim + '<|eot_id|>' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
-        "{% endif %}"
-    ),
-}
+class DataError(ValueError):
+    """Bad input data; the message names FILE:LINE. The CLI prints it and exits 2."""
 
 
-def _token_str(value):
-    """A special token from tokenizer_config.json: a string, or an AddedToken dict."""
-    return value.get("content") if isinstance(value, dict) else value
+@contextmanager
+def atomic_path(path):
+    """Yield a fresh temporary path beside `path`; write a file or a directory there, and on
+    success it replaces `path` whole (a kill leaves the old or the new, never a mix)."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    _remove(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(path) and not os.path.islink(path):  # a directory cannot be renamed over
+            os.rename(path, tmp + ".old")
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+        _remove(tmp + ".old")
 
 
-def _read_json(path, default=None):
-    if not os.path.exists(path):
-        return default
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def _remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
 
 
-def _raise_exception(message):
-    raise ValueError(f"chat template: {message}")
+def write_text(path, text):
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-class Tokenizer:
-    """A Hugging Face tokenizer directory read with `tokenizers` and rendered with jinja2.
-
-    Two copies of the same tokenizer: `_control` matches special-token strings (used only
-    for text the chat template itself writes), `_plain` never does (every piece of data).
-    """
-
-    def __init__(self, tokenizer_json, config=None, generation_config=None, chat_template=None,
-                 path=None):
-        self._control = tokenizers.Tokenizer.from_str(tokenizer_json)
-        self._plain = tokenizers.Tokenizer.from_str(tokenizer_json)
-        self._plain.encode_special_tokens = True  # "<|im_end|>" in data is seven text tokens
-        self.config, self.path = config or {}, path
-        self.chat_template = chat_template
-        self._compiled = None
-        self.special_ids = {i for i, t in self._control.get_added_tokens_decoder().items()
-                            if t.special}
-        self.tokens = {k: _token_str(self.config.get(k))
-                       for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-        gen_eos = (generation_config or {}).get("eos_token_id")
-        gen_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else gen_eos
-        eos = self.token_id(self.tokens["eos_token"])
-        self.eos_ids = list(dict.fromkeys(gen_eos + ([eos] if eos is not None else [])))
-        pad = self.token_id(self.tokens["pad_token"])
-        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
-        # BOS only where the template writes one: encode_chat then gets it from the text.
-        uses_bos = chat_template is not None and "bos_token" in chat_template
-        self.bos_id = self.token_id(self.tokens["bos_token"]) if uses_bos else None
-        self._eot_id = None
-
-    @classmethod
-    def from_pretrained(cls, path, chat_format=None):
-        """Read tokenizer.json, tokenizer_config.json, generation_config.json and the chat
-        template (chat_template.jinja, else tokenizer_config's, else chat_format's built-in;
-        an explicit chat_format wins)."""
-        tj = os.path.join(path, "tokenizer.json")
-        if not os.path.exists(tj):
-            raise FileNotFoundError(f"{path}: no tokenizer.json (only fast tokenizers are read)")
-        with open(tj, encoding="utf-8") as f:
-            tokenizer_json = f.read()
-        config = _read_json(os.path.join(path, "tokenizer_config.json"), {})
-        template = config.get("chat_template")
-        if isinstance(template, list):  # named templates: take the default one
-            template = {t["name"]: t["template"] for t in template}.get("default")
-        jinja_file = os.path.join(path, "chat_template.jinja")
-        if os.path.exists(jinja_file):
-            with open(jinja_file, encoding="utf-8") as f:
-                template = f.read()
-        if chat_format is not None:
-            if chat_format not in BUILTIN_TEMPLATES:
-                raise ValueError(f"chat_format {chat_format!r}: known are {list(BUILTIN_TEMPLATES)}")
-            template = BUILTIN_TEMPLATES[chat_format]
-        gen = _read_json(os.path.join(path, "generation_config.json"), {})
-        return cls(tokenizer_json, config, gen, template, path)
-
-    @property
-    def vocab_size(self):
-        return self._control.get_vocab_size(with_added_tokens=True)
-
-    def token_id(self, token):
-        return None if token is None else self._control.token_to_id(token)
-
-    def encode(self, text):
-        """Plain text to ids: special-token strings stay text, no BOS/EOS added."""
-        return self._plain.encode(text, add_special_tokens=False).ids
-
-    def encode_with_offsets(self, text):
-        """Like encode, with each token's (start, end) character span in text."""
-        enc = self._plain.encode(text, add_special_tokens=False)
-        return enc.ids, enc.offsets
-
-    def decode(self, ids, skip_special_tokens=False):
-        return self._control.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def render_chat(self, messages, add_generation_prompt=True, **kwargs):
-        """The checkpoint's own chat template rendered as transformers' apply_chat_template
-        renders it (sandboxed jinja2, trim_blocks, lstrip_blocks, strftime_now, tojson)."""
-        if self.chat_template is None:
-            raise ValueError(f"{self.path or 'tokenizer'}: no chat template (no "
-                             "chat_template in tokenizer_config.json, no chat_template.jinja); "
-                             "pick a built-in one with chat_format='chatml' or 'llama3'")
-        if self._compiled is None:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[loopcontrols])
-            env.filters["tojson"] = _tojson
-            env.globals["raise_exception"] = _raise_exception
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._compiled = env.from_string(self.chat_template)
-        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **{**self.tokens, **kwargs})
-
-    def encode_chat(self, messages, add_generation_prompt=True, **kwargs):
-        """Ids of a conversation: the template's own text may hold control tokens, message
-        contents are plain text, so a question holding "<|im_end|>" cannot close a turn."""
-        marks = [f"\x00compact-content-{i}\x00" for i in range(len(messages))]
-        if any(mark in m["content"] for m in messages for mark in marks):
-            raise ValueError("message content holds encode_chat's sentinel")
-        marked = [{**m, "content": s} for m, s in zip(messages, marks)]
-        skeleton = re.split("(" + "|".join(map(re.escape, marks)) + ")",
-                            self.render_chat(marked, add_generation_prompt, **kwargs))
-        full = self.render_chat(messages, add_generation_prompt, **kwargs)
-        ids, pos = [], 0
-        for j, piece in enumerate(skeleton):
-            if j % 2 == 0:  # template text
-                if not full.startswith(piece, pos):
-                    raise ValueError("the chat template's own text depends on message content")
-                ids += self._control.encode(piece, add_special_tokens=False).ids if piece else []
-                pos += len(piece)
-                continue
-            content, after = messages[marks.index(piece)]["content"], skeleton[j + 1]
-            for c in (content, content.strip(), content.rstrip(), content.lstrip()):  # `| trim`
-                if full.startswith(c + after, pos) and (after or pos + len(c) == len(full)):
-                    break
-            else:
-                raise ValueError("the chat template rewrites message content beyond trimming")
-            ids += self.encode(c)
-            pos += len(c)
-        return ids
-
-    @property
-    def eot_id(self):
-        """The template's end-of-turn token: the first special token the template writes
-        after an assistant message (<|im_end|> for ChatML, <|eot_id|> for Llama 3)."""
-        if self._eot_id is None:
-            mark = "\x00assistant\x00"
-            text = self.render_chat([{"role": "user", "content": "hi"},
-                                     {"role": "assistant", "content": mark}], False)
-            tail = self._control.encode(text.split(mark, 1)[1], add_special_tokens=False).ids
-            found = [i for i in tail if i in self.special_ids]
-            if not found and not self.eos_ids:
-                raise ValueError("cannot find the template's end-of-turn token")
-            self._eot_id = found[0] if found else self.eos_ids[0]
-        return self._eot_id
+def write_jsonl(path, rows):
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-# The token split regex Qwen2 / Llama 3 tokenizers use before byte-level BPE.
-_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_FAMILIES = {  # special tokens, bos, eos, pad, generation_config eos ids (as tokens)
-    "chatml": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>",
-               "<|endoftext|>", ["<|im_end|>", "<|endoftext|>"]),
-    "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"], "<|begin_of_text|>",
-               "<|eot_id|>", None, ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]),
-}
+def _read_text(path):
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def write_tokenizer(out_dir, texts, vocab_size=512, template="chatml", chat_template=None):
-    """Train a tiny byte-level BPE on texts and write a complete HF tokenizer directory
-    (tokenizer.json, tokenizer_config.json with a chat template, generation_config.json).
-    template picks the special-token family ("chatml" or "llama3"); chat_template
-    overrides the jinja text (default: the family's built-in template)."""
-    specials, bos, eos, pad, gen_eos = _FAMILIES[template]
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_SPLIT_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(list(texts), trainer)
-    if bos is not None:  # like Llama 3: the post-processor adds BOS when asked to
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
-              "pad_token": pad, "clean_up_tokenization_spaces": False, "model_max_length": 4096,
-              "chat_template": chat_template or BUILTIN_TEMPLATES[template]}
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump({"eos_token_id": [tok.token_to_id(t) for t in gen_eos]}, f, indent=2)
-    return out_dir
+def _jsonl(path):
+    """(line number, object or the JSON error's message) per non-blank line."""
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+        if line.strip():
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, f"bad JSON ({e.msg}, column {e.colno})"
+
+
+def read_jsonl(path):
+    """[(line number, object)] of a JSONL file; bad JSON raises DataError naming the line."""
+    rows = list(_jsonl(path))
+    if bad := next(((n, r) for n, r in rows if isinstance(r, str)), None):
+        raise DataError(f"{path}:{bad[0]}: {bad[1]}")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------
 # multi-teacher data format (SPEC.md §8)
 
 TASKS = ("math", "gsm8k", "svamp", "csqa", "strategyqa", "gpqa")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names FILE:LINE. The CLI prints it and exits 2."""
 
 
 @dataclass
@@ -316,32 +158,6 @@ def _report(path, problems, limit=10):
     head = "\n".join(problems[:limit])
     more = f"\n... and {len(problems) - limit} more" if len(problems) > limit else ""
     return f"{len(problems)} problem(s) in {path}:\n{head}{more}"
-
-
-def _read_text(path):
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return f.read()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def _jsonl(path):
-    """(line number, object or the JSON error's message) per non-blank line."""
-    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
-        if line.strip():
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield lineno, f"bad JSON ({e.msg}, column {e.colno})"
-
-
-def read_jsonl(path):
-    """[(line number, object)] of a JSONL file; bad JSON raises DataError naming the line."""
-    rows = list(_jsonl(path))
-    if bad := next(((n, r) for n, r in rows if isinstance(r, str)), None):
-        raise DataError(f"{path}:{bad[0]}: {bad[1]}")
-    return rows
 
 
 def parse_multi_teacher(path):
@@ -789,124 +605,7 @@ def load_benchmark(task, path):
 
 
 # ----------------------------------------------------------------------------------------
-# synthetic pool
-#
-# Multi-step arithmetic word problems (2-4 steps, small integers) and four teachers that
-# differ the way real ones do. Every rationale ends on the right final value:
-#   concise       correct, one short equation per step
-#   verbose       correct, wrapped in thinking words (Okay, so, wait, let me check, therefore)
-#   hallucinated  every intermediate result is wrong, the final one is right (the case a
-#                 consensus score should catch: the answer agrees, the path does not)
-#   stylized      correct, but backwards (last step first) with numbers written as words
-
-_NAMES = ("Tom", "Ann", "Ben", "Mia", "Sam", "Lily", "Max", "Zoe")
-_ITEMS = ("apples", "pens", "cards", "books", "coins", "shells", "stamps", "marbles")
-_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-          "fifteen sixteen seventeen eighteen nineteen").split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-
-
-def number_words(n):
-    """0..999 in English words ('one hundred twenty-three')."""
-    if n < 20:
-        return _WORDS[n]
-    if n < 100:
-        return _TENS[n // 10] + ("-" + _WORDS[n % 10] if n % 10 else "")
-    return _WORDS[n // 100] + " hundred" + (" " + number_words(n % 100) if n % 100 else "")
-
-
-def synth_problem(rng):
-    """(question, answer, steps) with steps = [(a, op, b, result)], op in + - *."""
-    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    value = rng.randint(2, 20)
-    text, steps = [f"{name} has {value} {item}."], []
-    for _ in range(rng.randint(2, 4)):
-        kind = rng.choice(("add", "sub", "mul", "box") if value <= 40 else ("add", "sub"))
-        if kind == "sub" and value < 2:
-            kind = "add"
-        if kind == "add":
-            b = rng.randint(1, 15)
-            text.append(f"Then {name} gets {b} more.")
-            steps.append((value, "+", b, value + b))
-        elif kind == "sub":
-            b = rng.randint(1, value - 1)
-            text.append(f"Then {name} gives away {b}.")
-            steps.append((value, "-", b, value - b))
-        elif kind == "mul":
-            b = rng.choice((2, 3))
-            text.append(f"Then the number of {item} {'doubles' if b == 2 else 'triples'}.")
-            steps.append((value, "*", b, value * b))
-        else:
-            n, m = rng.randint(2, 4), rng.randint(2, 6)
-            text.append(f"Then {name} buys {n} boxes with {m} {item} each.")
-            steps += [(n, "*", m, n * m), (value, "+", n * m, value + n * m)]
-        value = steps[-1][3]
-    text.append(f"How many {item} does {name} have now?")
-    return " ".join(text), str(value), steps
-
-
-def synth_rationale(steps, teacher, rng):
-    """One teacher's rationale for a problem's steps (see the section comment)."""
-    if teacher == "concise":
-        return " ".join(f"{a} {op} {b} = {c}." for a, op, b, c in steps)
-    if teacher == "verbose":
-        lines = [f"Okay, so first we start from {steps[0][0]}."]
-        for a, op, b, c in steps:
-            lines.append(rng.choice(("Then", "Now", "Next")) + f", {a} {op} {b} = {c}.")
-            if rng.random() < 0.5:
-                lines.append(f"Wait, let me check: {a} {op} {b} is {c}. Yes.")
-        return " ".join(lines + [f"Therefore the total is {steps[-1][3]}."])
-    if teacher == "hallucinated":
-        out = []
-        for j, (a, op, b, c) in enumerate(steps):
-            wrong = c if j == len(steps) - 1 else c + rng.choice((-3, -2, -1, 1, 2, 3))
-            out.append(f"{a} {op} {b} = {max(wrong, 0)}.")
-        return " ".join(out)
-    if teacher == "stylized":
-        ops = {"+": "plus", "-": "minus", "*": "times"}
-        return "; ".join(f"{number_words(c)} is {number_words(a)} {ops[op]} {number_words(b)}"
-                         for a, op, b, c in reversed(steps)) + "."
-    raise ValueError(f"unknown synthetic teacher {teacher!r}")
-
-
-SYNTH_TEACHERS = ("concise", "verbose", "hallucinated", "stylized")
-
-
-def synth_pool(out_dir, seed=0, n_train=256, n_test=64):
-    """Write out_dir/train.jsonl (multi-teacher, task gsm8k) and out_dir/test.jsonl (the same
-    format without rationales), with no question in both."""
-    rng, seen, rows = random.Random(seed), set(), []
-    while len(rows) < n_train + n_test:
-        question, answer, steps = synth_problem(rng)
-        if question in seen:
-            continue
-        seen.add(question)
-        row = {"id": f"synth-{len(rows):05d}", "question": question, "answer": answer, "task": "gsm8k"}
-        if len(rows) < n_train:
-            row["rationales"] = [{"teacher": t, "text": synth_rationale(steps, t, rng)}
-                                 for t in SYNTH_TEACHERS]
-        rows.append(row)
-    os.makedirs(out_dir, exist_ok=True)
-    _write_jsonl(os.path.join(out_dir, "train.jsonl"), rows[:n_train])
-    _write_jsonl(os.path.join(out_dir, "test.jsonl"), rows[n_train:])
-    return rows[:n_train], rows[n_train:]
-
-
-# ----------------------------------------------------------------------------------------
 # CLI
-
-def _write_jsonl(path, rows):
-    """Write atomically: a temp file beside the target, then rename over it."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
 
 def _generation_text(path, lineno, row):
     for key in ("text", "output", "response"):
@@ -960,7 +659,7 @@ def build(questions_path, teachers, task, out_path, min_teachers=1):
                 q.rationales.append((name, text))
         report[name] = dict(counts)
     kept = [q for q in questions if len(q.rationales) >= min_teachers]
-    _write_jsonl(out_path, [{"id": q.id, "question": q.question, "answer": q.answer, "task": q.task,
+    write_jsonl(out_path, [{"id": q.id, "question": q.question, "answer": q.answer, "task": q.task,
                              "rationales": [{"teacher": t, "text": r} for t, r in q.rationales]}
                             for q in kept])
     report["instances"] = {"written": len(kept), "dropped": len(questions) - len(kept)}
@@ -999,11 +698,6 @@ def main(argv=None):
     c.add_argument("file")
     c.add_argument("--model", help="a model/tokenizer directory, for token lengths")
     c.add_argument("--skip-bad", action="store_true", help="drop bad lines (counted) instead of stopping")
-    s = sub.add_parser("synth", help="write a synthetic arithmetic pool with four teachers")
-    s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--n-train", type=int, default=256)
-    s.add_argument("--n-test", type=int, default=64)
     args = p.parse_args(argv)
     try:
         if args.command == "build":
@@ -1020,11 +714,8 @@ def main(argv=None):
                 print(f"{name:<24} {r['kept']:>6} {r['wrong']:>6} {r['no_answer']:>10} {r['missing']:>8}")
             print(f"wrote {report['instances']['written']} instances to {args.out} "
                   f"({report['instances']['dropped']} with under {args.min_teachers} rationales dropped)")
-        elif args.command == "check":
-            print("\n".join(check(args.file, args.model, args.skip_bad)))
         else:
-            train, test = synth_pool(args.out, args.seed, args.n_train, args.n_test)
-            print(f"wrote {len(train)} train and {len(test)} test problems to {args.out}")
+            print("\n".join(check(args.file, args.model, args.skip_bad)))
     except (ValueError, OSError) as e:  # DataError, a missing file, a tokenizer without template
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -42,24 +42,13 @@ import time
 import torch
 
 from compact import CompactConfig, probe_log_likelihood, probe_plan
-from data import DataError, TASKS, Tokenizer, collate, encode_instance, extract_answer, is_equivalent, \
-    load_benchmark, load_multi_teacher
-from lora import load_adapter
-from model import Transformer, generate
+from data import DataError, TASKS, collate, encode_instance, extract_answer, is_equivalent, load_benchmark, \
+    load_multi_teacher, write_json, write_jsonl
+from lora import load_adapter, load_student
+from model import generate
 
 SCORES = ("weight", "s_mi", "s_g", "s_d")  # per teacher in each metrics.jsonl step (train.py)
 TASK_ALIASES = {"math500": "math", "gpqa-diamond": "gpqa"}  # the benchmark's name -> data.py's task
-
-
-def load_student(model_dir, adapter=None, dtype="float32", device="cpu"):
-    """Transformer (+ LoRA adapter) in eval mode, and the tokenizer of the model directory."""
-    tok = Tokenizer.from_pretrained(model_dir)
-    model = Transformer.from_pretrained(model_dir, dtype=getattr(torch, dtype), device=device)
-    if model.args.vocab_size < tok.vocab_size:
-        raise DataError(f"{model_dir}: tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
-    if adapter:
-        load_adapter(model, adapter)
-    return model.eval(), tok
 
 
 def chat_prompt(tok, user_text):
@@ -97,21 +86,10 @@ def merge_predictions(out, order):
         records.update(read_predictions(p))
     rank = {i: n for n, i in enumerate(order)}
     ordered = sorted(records.values(), key=lambda r: rank.get(r["id"], len(rank)))
-    write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+    write_jsonl(out, ordered)
     for p in parts:
         os.remove(p)
     return records
-
-
-def write_atomic(path, text):
-    """Write beside, then rename over: a kill leaves the old file or the new one, never half of one."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def write_json(path, obj):
-    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False))
 
 
 def accuracy_sem(correct):

@@ -37,13 +37,13 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from data import atomic_path
 from model import Transformer
+from tokenizer import Tokenizer, copy_tokenizer
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFIX = "base_model.model."  # PEFT's saved key = PREFIX + our state-dict key
 DTYPES = ("bfloat16", "float16", "float32")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
 
 
 class LoRALinear(nn.Module):
@@ -238,6 +238,19 @@ def average_adapters(dirs, out_dir, weights=None):
                              "base_model_name_or_path": cfg0.get("base_model_name_or_path", "")}, out)
 
 
+# --- loading a student ---
+
+def load_student(model_dir, adapter=None, dtype="float32", device="cpu"):
+    """Transformer (+ LoRA adapter) in eval mode, and the tokenizer of the model directory."""
+    tok = Tokenizer.from_pretrained(model_dir)
+    model = Transformer.from_pretrained(model_dir, dtype=getattr(torch, dtype), device=device)
+    if model.args.vocab_size < tok.vocab_size:
+        raise ValueError(f"{model_dir}: tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
+    if adapter:
+        load_adapter(model, adapter)
+    return model.eval(), tok
+
+
 # --- CLI ---
 
 def _check_out(out, marker, overwrite):
@@ -250,13 +263,6 @@ def _check_out(out, marker, overwrite):
         raise ValueError(f"--out {out} already holds {marker}; pass --overwrite to replace it")
 
 
-def copy_tokenizer(src, dst):
-    """Copy a model directory's tokenizer files, so `dst` is a complete model directory."""
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copy2(os.path.join(src, name), dst)
-
-
 def merge_to_dir(model_dir, adapter_dir, out, dtype=None):
     """Base + adapter -> a plain Hugging Face model directory, written beside `out` then renamed in."""
     model = Transformer.from_pretrained(model_dir, dtype=torch.float32)  # fp32 whole: 4 bytes a parameter
@@ -264,21 +270,9 @@ def merge_to_dir(model_dir, adapter_dir, out, dtype=None):
     if dtype not in DTYPES:
         raise ValueError(f"{model_dir}/config.json: dtype {dtype!r} is not one of {DTYPES}; pass --dtype")
     merge_lora(load_adapter(model, adapter_dir)).to(getattr(torch, dtype))
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp, trash = tempfile.mkdtemp(prefix=".merge-", dir=parent), None
-    try:
+    with atomic_path(out) as tmp:  # swapped whole, so no stale shard of an old model survives
         model.save_pretrained(tmp)
         copy_tokenizer(model_dir, tmp)
-        if os.path.isdir(out) and os.listdir(out):  # swap whole, so no stale shard of the old model survives
-            trash = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.rename(out, os.path.join(trash, "old"))
-        os.replace(tmp, out)
-    except BaseException:  # the old model, if moved, stays in `trash`
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if trash:
-        shutil.rmtree(trash)
 
 
 def main(argv=None):

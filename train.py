@@ -25,9 +25,10 @@ import torch
 import torch.distributed as dist
 
 from compact import CompactConfig, compact_loss
-from data import THINKING_WORDS, DataError, Tokenizer, collate, encode_dataset, load_multi_teacher, shard_indices
-from lora import apply_lora, copy_tokenizer, load_adapter, save_adapter
-from model import ModelArgs, Transformer
+from data import THINKING_WORDS, DataError, collate, encode_dataset, load_multi_teacher, shard_indices
+from lora import apply_lora, load_adapter, save_adapter
+from model import Transformer
+from tokenizer import Tokenizer, copy_tokenizer
 
 
 @dataclass
@@ -57,7 +58,6 @@ class TrainConfig:
     max_bad_steps: int = 3  # stop (with a checkpoint) after this many non-finite steps in a row
     skip_bad: bool = False  # drop malformed data lines (counted) instead of stopping with the first problems
     thinking_words: str = ""  # comma-separated thinking words for S_MI's mask ("" = data.THINKING_WORDS)
-    demo: bool = False  # run the embedded CPU demo (synthetic teachers, tiny student)
 
     def __post_init__(self):
         for flag in ("batch_size", "grad_accum", "epochs", "lora_rank", "keep_checkpoints", "max_len"):
@@ -68,8 +68,6 @@ class TrainConfig:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 0")
         if os.path.isfile(self.out):
             raise ValueError(f"--out {self.out} is a file, not a directory")
-        if not self.demo and not (self.model and self.data):
-            raise ValueError("--model and --data are required (or --demo)")
 
 
 # --- distributed plumbing ---
@@ -370,92 +368,6 @@ def _memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# --- the CPU demo: the embedded default of `python train.py` ---
-
-DEMO_STUDENT = {"model_type": "qwen2", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
-                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
-                "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True, "hidden_act": "silu",
-                "use_sliding_window": False, "torch_dtype": "float32", "architectures": ["Qwen2ForCausalLM"]}
-# Flags left at their TrainConfig default take these values in the demo.
-DEMO_DEFAULTS = dict(out="runs/demo", max_steps=60, batch_size=4, grad_accum=1, lr=2e-3, max_len=320,
-                     save_every=20, lora_dropout=0.0)
-DEMO_PRETRAIN = dict(batch_size=8, lr=3e-3, full_ft=True)  # for min(150, 2.5 × distillation) steps
-
-
-def demo(cfg, ccfg, rank, world, device):
-    """Synthetic teachers → a tiny base student → COMPACT and uniform distillation → accuracy.
-
-    The base student is trained briefly, with the very same loop, on the answer format alone
-    (one terse "teacher"), so that held-out accuracy measures what the rationales teach.
-    """
-    from dataclasses import replace
-
-    from data import SYNTH_TEACHERS, synth_pool, write_tokenizer
-    cfg = replace(cfg, **{k: v for k, v in DEMO_DEFAULTS.items() if getattr(cfg, k) == getattr(TrainConfig, k)})
-    out = cfg.out
-    data_dir, init_dir, base_dir = (os.path.join(out, d) for d in ("data", "base-init", "base"))
-    if os.path.isdir(out) and os.listdir(out) and not os.path.isdir(init_dir):
-        raise ValueError(f"--out {out} is not empty and holds no earlier demo: choose another --out")
-    if dist.is_initialized():
-        dist.barrier()  # every rank has checked before rank 0 writes
-    if rank == 0:  # a new demo replaces an earlier one's runs
-        for run in ("pretrain", "uniform", "."):
-            shutil.rmtree(os.path.join(out, run, "checkpoints"), ignore_errors=True)
-        train_rows, test_rows = synth_pool(data_dir, seed=cfg.seed)
-        texts = [r["question"] + " " + r["answer"] for r in train_rows + test_rows]
-        texts += [x["text"] for r in train_rows for x in r["rationales"]]
-        write_tokenizer(init_dir, texts, vocab_size=512)
-        vocab = Tokenizer.from_pretrained(init_dir).vocab_size
-        torch.manual_seed(cfg.seed)
-        Transformer(ModelArgs.from_hf_config({**DEMO_STUDENT, "vocab_size": vocab}), {**DEMO_STUDENT, "vocab_size": vocab}).save_pretrained(init_dir)
-        with open(os.path.join(data_dir, "format.jsonl"), "w") as f:
-            for r in train_rows:
-                f.write(json.dumps({**r, "rationales": [{"teacher": "format", "text": "Let me compute."}]}) + "\n")
-    if dist.is_initialized():
-        dist.barrier()
-
-    print0("== 1/4 base student: learns the answer format only")
-    pre = replace(cfg, model=init_dir, data=os.path.join(data_dir, "format.jsonl"), out=os.path.join(out, "pretrain"),
-                  resume=False, max_steps=min(150, max(1, round(2.5 * cfg.max_steps))), **DEMO_PRETRAIN)
-    train(pre, CompactConfig(weighting="uniform", mcon_lambda=0.0), rank, world, device)
-    if rank == 0:
-        shutil.rmtree(base_dir, ignore_errors=True)
-        shutil.copytree(os.path.join(pre.out, "model"), base_dir)  # with the tokenizer (save_weights)
-    if dist.is_initialized():
-        dist.barrier()
-    runs = {"compact": replace(cfg, model=base_dir, data=os.path.join(data_dir, "train.jsonl")),
-            "uniform": replace(cfg, model=base_dir, data=os.path.join(data_dir, "train.jsonl"), out=os.path.join(out, "uniform"))}
-    print0(f"== 2/4 COMPACT distillation from {', '.join(SYNTH_TEACHERS)}")
-    train(runs["compact"], ccfg, rank, world, device)
-    print0("== 3/4 the same with uniform weights (Direct Avg. + MCon)")
-    train(runs["uniform"], replace(ccfg, weighting="uniform"), rank, world, device)
-    if rank == 0:
-        print0("== 4/4 held-out accuracy")
-        demo_report(out, base_dir, os.path.join(data_dir, "test.jsonl"), runs, device)
-
-
-def demo_report(out, base_dir, test_file, runs, device):
-    """Held-out accuracy of base / uniform / COMPACT (eval.py's own loop), and COMPACT's teacher weights."""
-    from data import user_prompt
-    from eval import accuracy_sem, evaluate, load_student, run_weights
-    rows = [json.loads(line) for line in open(test_file)]
-    items = [{"id": r["id"], "prompt": user_prompt(r["question"], r["task"]), "answer": r["answer"], "task": r["task"]}
-             for r in rows]
-    print0(f"{'student':<10} {'accuracy':>9} {'± SEM':>7}   first test answer (n = {len(items)}, greedy)")
-    for name in ("base", "uniform", "compact"):
-        model, tok = load_student(base_dir, None if name == "base" else os.path.join(runs[name].out, "adapter"),
-                                  device=device)
-        preds = os.path.join(out, "eval", f"{name}.jsonl")
-        os.makedirs(os.path.dirname(preds), exist_ok=True)
-        if os.path.exists(preds):
-            os.remove(preds)  # a new demo run: new predictions
-        records = evaluate(model, tok, items, preds, batch_size=64, max_new_tokens=96)
-        n, p, sem = accuracy_sem([r["correct"] for r in records])
-        print0(f"{name:<10} {p:>9.3f} {sem:>7.3f}   {records[0]['output'][:90]!r}")
-    print0("COMPACT's teacher weights over training (eval.py weights):")
-    run_weights(argparse.Namespace(run_dir=out, out=None))
-
-
 # --- command line ---
 
 def parse_args(argv=None):
@@ -477,6 +389,8 @@ def parse_args(argv=None):
         if a.pop(flag):
             a[key] = 0.0
     names = {f.name for f in fields(TrainConfig)}
+    if not (a["model"] and a["data"]):
+        p.error("--model and --data are required (python demo.py runs the CPU demo)")
     try:
         return (TrainConfig(**{k: v for k, v in a.items() if k in names}),
                 CompactConfig(**{k: v for k, v in a.items() if k not in names}))
@@ -485,10 +399,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--demo" in argv:  # an alias kept for scripts: demo.py imports this file, so it runs as a script
+        import runpy
+        sys.argv = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")] + [a for a in argv if a != "--demo"]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        return
     cfg, ccfg = parse_args(argv)
     rank, world, device = setup_dist()
     try:
-        (demo if cfg.demo else train)(cfg, ccfg, rank, world, device)
+        train(cfg, ccfg, rank, world, device)
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

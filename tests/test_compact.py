@@ -432,13 +432,15 @@ def test_score_cli(tmp_path, tiny_tokenizer_dir, capsys):
 
     import compact
     import data
+    import tokenizer
+    import demo
     from conftest import random_model, tiny_config
 
     model_dir = str(tmp_path / "student")
-    random_model(tiny_config(vocab_size=data.Tokenizer.from_pretrained(tiny_tokenizer_dir).vocab_size)).save_pretrained(model_dir)
+    random_model(tiny_config(vocab_size=tokenizer.Tokenizer.from_pretrained(tiny_tokenizer_dir).vocab_size)).save_pretrained(model_dir)
     for name in os.listdir(tiny_tokenizer_dir):
         shutil.copy(os.path.join(tiny_tokenizer_dir, name), model_dir)
-    data.synth_pool(str(tmp_path / "pool"), n_train=3, n_test=1)
+    demo.synth_pool(str(tmp_path / "pool"), n_train=3, n_test=1)
     out = str(tmp_path / "scores.jsonl")
     compact.main(["score", "--model", model_dir, "--data", str(tmp_path / "pool" / "train.jsonl"), "--out", out,
                   "--batch-size", "2", "--mi-stride", "8"])

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import data
+import tokenizer
+import demo
 from data import DataError, Instance
 
 
@@ -69,7 +71,7 @@ def test_load_multi_teacher_reports_file_and_line(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tok(tiny_tokenizer_dir):
-    return data.Tokenizer.from_pretrained(tiny_tokenizer_dir)
+    return tokenizer.Tokenizer.from_pretrained(tiny_tokenizer_dir)
 
 
 def test_think_starts():
@@ -212,12 +214,12 @@ def test_small_format_loaders(tmp_path):
 # ---- synthetic pool ---------------------------------------------------------------------
 
 def test_synth_pool(tmp_path):
-    train, test = data.synth_pool(str(tmp_path), seed=3, n_train=40, n_test=10)
+    train, test = demo.synth_pool(str(tmp_path), seed=3, n_train=40, n_test=10)
     insts = data.load_multi_teacher(str(tmp_path / "train.jsonl"))
     held = data.load_multi_teacher(str(tmp_path / "test.jsonl"))
     assert len(insts) == 40 and len(held) == 10 and all(not h.rationales for h in held)
     assert not {i.question for i in insts} & {h.question for h in held}
-    assert data.teacher_names(insts) == sorted(data.SYNTH_TEACHERS)
+    assert data.teacher_names(insts) == sorted(demo.SYNTH_TEACHERS)
     for inst in insts:
         r = dict(inst.rationales)
         for name in ("concise", "verbose", "hallucinated"):
@@ -226,10 +228,10 @@ def test_synth_pool(tmp_path):
         assert all(eval(f"{a}{op}{b}") != int(c) for a, op, b, c in eqs[:-1])
         assert all(eval(f"{a}{op}{b}") == int(c) for a, op, b, c in
                    re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", r["concise"]))
-        assert r["stylized"].startswith(data.number_words(int(inst.answer)) + " is ")
+        assert r["stylized"].startswith(demo.number_words(int(inst.answer)) + " is ")
         assert sum(w in data.THINKING_WORDS for w in re.findall(r"[a-z]+", r["verbose"].lower())) >= 3
-    assert data.synth_pool(str(tmp_path / "again"), 3, 40, 10) == (train, test)
-    assert data.number_words(123) == "one hundred twenty-three"
+    assert demo.synth_pool(str(tmp_path / "again"), 3, 40, 10) == (train, test)
+    assert demo.number_words(123) == "one hundred twenty-three"
 
 
 def is_answer(text, answer):
@@ -276,10 +278,7 @@ def test_cli_bad_input_exits_2(tmp_path, capsys, tiny_tokenizer_dir):
     assert "2 instances" in out and "branch tokens: min" in out and re.search(r"a\s+2 branches", out)
 
 
-def test_cli_synth_and_no_traceback(tmp_path, capsys):
-    data.main(["synth", "--out", str(tmp_path / "pool"), "--n-train", "8", "--n-test", "2"])
-    assert "wrote 8 train and 2 test" in capsys.readouterr().out
-    assert len(data.load_multi_teacher(str(tmp_path / "pool" / "train.jsonl"))) == 8
+def test_cli_bad_file_exits_2_without_traceback(tmp_path):
     bad = _write(tmp_path / "bad.jsonl", ["{oops"])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, os.path.join(root, "data.py"), "check", bad],

@@ -13,6 +13,9 @@ import pytest
 import torch
 
 import data
+import lora
+import tokenizer
+import demo
 import eval as ev
 from compact import CompactConfig, adaptability_scores
 from conftest import ROOT, random_model, tiny_config
@@ -58,7 +61,7 @@ def write_benchmarks(d):
 @pytest.fixture
 def student_dir(tmp_path, tiny_tokenizer_dir):
     """A random tiny Qwen2 student whose vocabulary covers the tiny tokenizer, with its tokenizer files."""
-    vocab = data.Tokenizer.from_pretrained(tiny_tokenizer_dir).vocab_size
+    vocab = tokenizer.Tokenizer.from_pretrained(tiny_tokenizer_dir).vocab_size
     path = str(tmp_path / "student")
     random_model(tiny_config(vocab_size=vocab)).save_pretrained(path)
     for name in os.listdir(tiny_tokenizer_dir):
@@ -90,7 +93,7 @@ def scripted(tok, items, right):
 
 @pytest.mark.parametrize("task", ["gsm8k", "math", "svamp", "csqa", "strategyqa", "gpqa"])
 def test_accuracy_and_sem_on_known_outputs(tmp_path, monkeypatch, task, student_dir):
-    model, tok = ev.load_student(student_dir)
+    model, tok = lora.load_student(student_dir)
     items = data.load_benchmark(task, write_benchmarks(str(tmp_path))[task])
     right = {0} if len(items) == 2 else {0, 2}
     monkeypatch.setattr(ev, "generate", FakeGenerate(tok, scripted(tok, items, right)))
@@ -109,7 +112,7 @@ def test_accuracy_and_sem_on_known_outputs(tmp_path, monkeypatch, task, student_
 
 
 def test_real_benchmark_files_load_and_score(tmp_path, monkeypatch, benchmarks_dir, student_dir):
-    model, tok = ev.load_student(student_dir)
+    model, tok = lora.load_student(student_dir)
     for task, name in (("gsm8k", "gsm8k_test.jsonl"), ("math", "math500_test.jsonl"), ("svamp", "svamp_test.jsonl")):
         items = data.load_benchmark(task, os.path.join(benchmarks_dir, name))[:4]
         monkeypatch.setattr(ev, "generate", FakeGenerate(tok, scripted(tok, items, {1, 2, 3})))
@@ -118,7 +121,7 @@ def test_real_benchmark_files_load_and_score(tmp_path, monkeypatch, benchmarks_d
 
 
 def test_resume_after_kill_and_torn_line(tmp_path, monkeypatch, student_dir):
-    model, tok = ev.load_student(student_dir)
+    model, tok = lora.load_student(student_dir)
     items = data.load_benchmark("csqa", write_benchmarks(str(tmp_path))["csqa"])
     items += [{**it, "id": f"x{i}"} for i, it in enumerate(data.load_benchmark("gsm8k", str(tmp_path / "gsm8k.jsonl")))]
     script = scripted(tok, items, set(range(len(items))))
@@ -261,7 +264,7 @@ def test_mi_trace_equals_per_prefix_loop_and_the_scorer(tmp_path, student_dir):
     path = tmp_path / "multi.jsonl"
     path.write_text(json.dumps(MULTI) + "\n")
     inst = data.load_multi_teacher(str(path))[0]
-    model, tok = ev.load_student(student_dir)
+    model, tok = lora.load_student(student_dir)
     info, think, tokens = ev.information_trace(model, tok, inst, "verbose", chunk=5)  # chunks change nothing
     torch.testing.assert_close(info, per_prefix_information(model, tok, inst, "verbose"), atol=1e-5, rtol=1e-5)
     assert "".join(tokens) == dict(inst.rationales)["verbose"] and think[0] and think.sum() >= 4
@@ -291,7 +294,7 @@ def test_mi_trace_equals_per_prefix_loop_and_the_scorer(tmp_path, student_dir):
     assert len(rows) == len(tokens) and [r["token"] for r in rows] == tokens
     torch.testing.assert_close(torch.tensor([float(r["I_t"]) for r in rows]), info[1:])
     assert any(abs(float(r["I_t_after"]) - float(r["I_t"])) > 1e-4 for r in rows)
-    distilled, _ = ev.load_student(student_dir, str(tmp_path / "adapter"))  # the adapter's dropout is off in eval
+    distilled, _ = lora.load_student(student_dir, str(tmp_path / "adapter"))  # the adapter's dropout is off in eval
     after, _, _ = ev.information_trace(distilled, tok, inst, "verbose")
     torch.testing.assert_close(torch.tensor([float(r["I_t_after"]) for r in rows]), after[1:])
     assert os.path.isfile(tmp_path / "trace" / "trace.png")
@@ -322,10 +325,10 @@ def test_weights_table_and_plot_from_metrics(tmp_path, capsys):
 
 def test_weights_from_a_real_training_run(tmp_path, student_dir):
     train = pytest.importorskip("train")
-    data.synth_pool(str(tmp_path / "pool"), n_train=8, n_test=1)
+    demo.synth_pool(str(tmp_path / "pool"), n_train=8, n_test=1)
     cfg = train.TrainConfig(model=student_dir, data=str(tmp_path / "pool" / "train.jsonl"), out=str(tmp_path / "run"),
                             max_steps=3, batch_size=2, grad_accum=1, max_len=256, save_every=0, lora_rank=2)
     train.train(cfg, CompactConfig(mi_stride=4))
     dyn = ev.main(["weights", str(tmp_path / "run")])
-    assert sorted(dyn) == sorted(data.SYNTH_TEACHERS) and os.path.isfile(tmp_path / "run" / "weights.png")
+    assert sorted(dyn) == sorted(demo.SYNTH_TEACHERS) and os.path.isfile(tmp_path / "run" / "weights.png")
     assert all(len(d["steps"]) <= 3 and 0 < d["weight_first"] < 1 for d in dyn.values())

@@ -1,4 +1,4 @@
-"""Tokenizer and chat: data.Tokenizer against transformers' apply_chat_template on tiny
+"""Tokenizer and chat: tokenizer.Tokenizer against transformers' apply_chat_template on tiny
 tokenizers that carry real checkpoints' chat templates (nothing downloaded)."""
 import json
 import os
@@ -6,6 +6,8 @@ import os
 import pytest
 
 import data
+import tokenizer
+import demo
 from chat_templates import LLAMA31, LLAMA32, QWEN25, SMOLLM2
 
 transformers = pytest.importorskip("transformers")
@@ -25,7 +27,7 @@ CONVERSATIONS = [
 
 
 def _make(root, name, family, template, **config):
-    out = data.write_tokenizer(os.path.join(root, name), TEXTS, vocab_size=360, template=family,
+    out = demo.write_tokenizer(os.path.join(root, name), TEXTS, vocab_size=360, template=family,
                                chat_template=template)
     if config:  # override tokenizer_config / generation_config fields
         path = os.path.join(out, "tokenizer_config.json")
@@ -57,7 +59,7 @@ def _hf_ids(hf, messages):
 
 @pytest.mark.parametrize("name", ["qwen25", "llama31", "llama32", "smollm2"])
 def test_render_and_encode_chat_match_transformers(dirs, name):
-    tok = data.Tokenizer.from_pretrained(dirs[name])
+    tok = tokenizer.Tokenizer.from_pretrained(dirs[name])
     hf = transformers.AutoTokenizer.from_pretrained(dirs[name])
     for messages in CONVERSATIONS:
         for gen in (True, False):
@@ -71,21 +73,21 @@ def test_render_and_encode_chat_match_transformers(dirs, name):
 
 def test_default_system_prompts_and_date_header(dirs):
     user = [{"role": "user", "content": "Hi"}]
-    qwen = data.Tokenizer.from_pretrained(dirs["qwen25"]).render_chat(user)
+    qwen = tokenizer.Tokenizer.from_pretrained(dirs["qwen25"]).render_chat(user)
     assert qwen.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. "
                            "You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi")
-    smol = data.Tokenizer.from_pretrained(dirs["smollm2"]).render_chat(user)
+    smol = tokenizer.Tokenizer.from_pretrained(dirs["smollm2"]).render_chat(user)
     assert "named SmolLM, trained by Hugging Face" in smol
-    llama31 = data.Tokenizer.from_pretrained(dirs["llama31"]).render_chat(user)
+    llama31 = tokenizer.Tokenizer.from_pretrained(dirs["llama31"]).render_chat(user)
     assert "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n" in llama31
-    llama32 = data.Tokenizer.from_pretrained(dirs["llama32"])
+    llama32 = tokenizer.Tokenizer.from_pretrained(dirs["llama32"])
     assert "Today Date: 26 Jul 2024" not in llama32.render_chat(user)  # strftime_now ran
     assert "Today Date: 01 Jan 2020" in llama32.render_chat(user, date_string="01 Jan 2020")
 
 
 def test_special_token_strings_in_content_stay_text(dirs):
     for name, stop in (("qwen25", "<|im_end|>"), ("llama31", "<|eot_id|>")):
-        tok = data.Tokenizer.from_pretrained(dirs[name])
+        tok = tokenizer.Tokenizer.from_pretrained(dirs[name])
         stop_id = tok.token_id(stop)
         assert stop_id not in tok.encode(f"a {stop} b")
         assert tok.decode(tok.encode(f"a {stop} b")) == f"a {stop} b"
@@ -95,49 +97,49 @@ def test_special_token_strings_in_content_stay_text(dirs):
 
 
 def test_no_double_bos_and_ids(dirs):
-    llama = data.Tokenizer.from_pretrained(dirs["llama31"])
+    llama = tokenizer.Tokenizer.from_pretrained(dirs["llama31"])
     bos = llama.token_id("<|begin_of_text|>")
     ids = llama.encode_chat([{"role": "user", "content": "Hi"}])
     assert ids[0] == bos and ids.count(bos) == 1  # the post-processor's BOS is not added
     assert llama.bos_id == bos and llama.encode("Hi")[0] != bos
     assert llama.eos_ids == [llama.token_id(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
     assert llama.eot_id == llama.token_id("<|eot_id|>") and llama.pad_id == llama.eos_ids[0]
-    qwen = data.Tokenizer.from_pretrained(dirs["qwen25"])
+    qwen = tokenizer.Tokenizer.from_pretrained(dirs["qwen25"])
     assert qwen.bos_id is None and qwen.eot_id == qwen.token_id("<|im_end|>")
     assert qwen.eos_ids == [qwen.token_id("<|im_end|>"), qwen.token_id("<|endoftext|>")]
     assert qwen.pad_id == qwen.token_id("<|endoftext|>")
-    smol = data.Tokenizer.from_pretrained(dirs["smollm2"])
+    smol = tokenizer.Tokenizer.from_pretrained(dirs["smollm2"])
     assert smol.eos_ids == [2] and smol.pad_id == 2 and smol.bos_id is None and smol.eot_id == 2
     assert qwen.decode(qwen.encode_chat([{"role": "user", "content": "Hi"}]), skip_special_tokens=True) \
         == "system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\nuser\nHi\nassistant\n"
 
 
 def test_missing_template_needs_chat_format(tmp_path):
-    out = data.write_tokenizer(str(tmp_path), TEXTS, vocab_size=300)
+    out = demo.write_tokenizer(str(tmp_path), TEXTS, vocab_size=300)
     cfg = json.load(open(tmp_path / "tokenizer_config.json"))
     del cfg["chat_template"]
     json.dump(cfg, open(tmp_path / "tokenizer_config.json", "w"))
     with pytest.raises(ValueError, match="chat_format"):
-        data.Tokenizer.from_pretrained(out).render_chat([{"role": "user", "content": "Hi"}])
-    tok = data.Tokenizer.from_pretrained(out, chat_format="chatml")
+        tokenizer.Tokenizer.from_pretrained(out).render_chat([{"role": "user", "content": "Hi"}])
+    tok = tokenizer.Tokenizer.from_pretrained(out, chat_format="chatml")
     assert tok.render_chat([{"role": "user", "content": "Hi"}]) == \
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    (tmp_path / "chat_template.jinja").write_text(data.BUILTIN_TEMPLATES["chatml"])
-    assert data.Tokenizer.from_pretrained(out).eot_id == tok.token_id("<|im_end|>")
+    (tmp_path / "chat_template.jinja").write_text(tokenizer.BUILTIN_TEMPLATES["chatml"])
+    assert tokenizer.Tokenizer.from_pretrained(out).eot_id == tok.token_id("<|im_end|>")
     with pytest.raises(FileNotFoundError):
-        data.Tokenizer.from_pretrained(str(tmp_path / "nowhere"))
+        tokenizer.Tokenizer.from_pretrained(str(tmp_path / "nowhere"))
 
 
 def test_template_raise_exception_is_a_clear_error(tmp_path):
     template = "{{ raise_exception('only user turns') }}"
-    tok = data.Tokenizer.from_pretrained(data.write_tokenizer(str(tmp_path), TEXTS, 300,
+    tok = tokenizer.Tokenizer.from_pretrained(demo.write_tokenizer(str(tmp_path), TEXTS, 300,
                                                               chat_template=template))
     with pytest.raises(ValueError, match="only user turns"):
         tok.render_chat([{"role": "user", "content": "Hi"}])
 
 
 def test_tiny_tokenizer_fixture(tiny_tokenizer_dir):
-    tok = data.Tokenizer.from_pretrained(tiny_tokenizer_dir)
+    tok = tokenizer.Tokenizer.from_pretrained(tiny_tokenizer_dir)
     ids, offsets = tok.encode_with_offsets("So the answer is 12.")
     assert len(ids) == len(offsets) and tok.decode(ids) == "So the answer is 12."
     assert tok.vocab_size <= 400 and tok.eot_id in tok.eos_ids

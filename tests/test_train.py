@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import data
+import tokenizer
+import demo
 from conftest import ROOT, tiny_config
 from model import ModelArgs, Transformer
 from train import TrainConfig, parse_args, train
@@ -20,11 +22,11 @@ from compact import CompactConfig
 def run_inputs(tmp_path_factory):
     """A tiny synthetic pool (18 questions, so batches do not divide it) and a tiny student."""
     root = tmp_path_factory.mktemp("train")
-    rows, _ = data.synth_pool(str(root / "data"), seed=1, n_train=18, n_test=2)
+    rows, _ = demo.synth_pool(str(root / "data"), seed=1, n_train=18, n_test=2)
     texts = [r["question"] + " " + x["text"] for r in rows for x in r["rationales"]]
     model_dir = str(root / "student")
-    data.write_tokenizer(model_dir, texts, vocab_size=300)
-    vocab = data.Tokenizer.from_pretrained(model_dir).vocab_size
+    demo.write_tokenizer(model_dir, texts, vocab_size=300)
+    vocab = tokenizer.Tokenizer.from_pretrained(model_dir).vocab_size
     cfg = tiny_config(vocab_size=vocab, hidden_size=32, intermediate_size=64, tie_word_embeddings=True)
     torch.manual_seed(0)
     Transformer(ModelArgs.from_hf_config(cfg), cfg).save_pretrained(model_dir)
@@ -50,7 +52,7 @@ def test_outputs_and_metrics_keys(run_inputs, tmp_path):
     assert [r["step"] for r in lines] == [1, 2, 3]
     for r in lines:
         assert {"step", "epoch", "loss", "sft", "mcon", "lr", "grad_norm", "tokens_per_s", "teachers"} <= set(r)
-        assert set(r["teachers"]) <= set(data.SYNTH_TEACHERS)
+        assert set(r["teachers"]) <= set(demo.SYNTH_TEACHERS)
         for t in r["teachers"].values():
             assert {"weight", "s_mi", "s_g", "s_d", "n"} == set(t)
         assert sum(t["weight"] * t["n"] for t in r["teachers"].values()) == pytest.approx(4, rel=1e-4)
@@ -62,7 +64,7 @@ def test_outputs_and_metrics_keys(run_inputs, tmp_path):
 
 
 def test_ablation_flags_map_to_the_config():
-    cfg, ccfg = parse_args(["--demo", "--no-mi", "--no-difficulty", "--weighting", "uniform", "--mcon-lambda", "0"])
+    cfg, ccfg = parse_args(["--model", "m", "--data", "d", "--no-mi", "--no-difficulty", "--weighting", "uniform", "--mcon-lambda", "0"])
     assert (ccfg.alpha, ccfg.beta, ccfg.gamma, ccfg.weighting, ccfg.mcon_lambda) == (0, 1, 0, "uniform", 0)
     with pytest.raises(SystemExit) as e:
         parse_args(["--model", "m"])  # no --data
@@ -75,7 +77,7 @@ def sgd_update(model_dir, data_file, rank, world, batch_size, grad_accum):
 
     import train as t
     from lora import lora_modules
-    tok = data.Tokenizer.from_pretrained(model_dir)
+    tok = tokenizer.Tokenizer.from_pretrained(model_dir)
     encoded, stats = data.encode_dataset(data.load_multi_teacher(data_file), tok, max_len=400)
     cfg = TrainConfig(model=model_dir, data=data_file, lora_rank=4, lora_dropout=0.0, batch_size=batch_size,
                       grad_accum=grad_accum, max_grad_norm=1.0)
@@ -252,13 +254,13 @@ def test_full_fine_tuning_writes_a_complete_model_directory(run_inputs, tmp_path
     train(cfg, ccfg)
     after = Transformer.from_pretrained(str(tmp_path / "model"), dtype=torch.float32).state_dict()
     assert any((before[k] - after[k]).abs().max() > 0 for k in before)
-    assert data.Tokenizer.from_pretrained(str(tmp_path / "model")).vocab_size > 0
+    assert tokenizer.Tokenizer.from_pretrained(str(tmp_path / "model")).vocab_size > 0
 
 
 @pytest.mark.parametrize("flag", [["--lora-rank", "0"], ["--max-steps", "-1"], ["--keep-checkpoints", "0"]])
 def test_bad_flag_values_exit_2(flag):
     with pytest.raises(SystemExit) as e:
-        parse_args(["--demo", *flag])
+        parse_args(["--model", "m", "--data", "d", *flag])
     assert e.value.code == 2
 
 
@@ -273,7 +275,7 @@ def test_on_the_synthetic_pool_the_teacher_the_student_learned_from_is_the_easie
                                  "uniform", "--mcon-lambda", "0"))
     train(cfg, ccfg)
     student = Transformer.from_pretrained(str(tmp_path / "model"), dtype=torch.float32).eval()
-    tok = data.Tokenizer.from_pretrained(str(tmp_path / "model"))
+    tok = tokenizer.Tokenizer.from_pretrained(str(tmp_path / "model"))
     encoded, stats = data.encode_dataset(data.load_multi_teacher(data_file), tok, max_len=400)
     batch = data.collate(encoded[:8], tok.pad_id)
     with torch.no_grad():

@@ -1,0 +1,207 @@
+"""Tokenizer and chat templates: a Hugging Face tokenizer directory read with `tokenizers`,
+its chat template rendered with sandboxed jinja2 exactly as transformers renders it.
+
+    tok = Tokenizer.from_pretrained("Qwen2.5-1.5B-Instruct")
+    ids = tok.encode_chat([{"role": "user", "content": "2 + 2?"}])   # prompt up to the assistant header
+    tok.decode(ids), tok.eos_ids, tok.eot_id, tok.pad_id
+
+Text inside messages is always plain text: special-token strings in data stay text, so a
+question holding "<|im_end|>" cannot close a turn. Left out: slow (sentencepiece-only)
+tokenizers, multi-template tool calling beyond what the checkpoint's template renders.
+"""
+import json
+import os
+import re
+import shutil
+from datetime import datetime
+
+import tokenizers
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# Built-in templates for checkpoints that ship none; picked only by an explicit chat_format.
+BUILTIN_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+        " + message['content'] | trim + '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+        "{% endif %}"
+    ),
+}
+
+
+def _token_str(value):
+    """A special token from tokenizer_config.json: a string, or an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _read_json(path, default=None):
+    if not os.path.exists(path):
+        return default
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _raise_exception(message):
+    raise ValueError(f"chat template: {message}")
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+class Tokenizer:
+    """A Hugging Face tokenizer directory read with `tokenizers` and rendered with jinja2.
+
+    Two copies of the same tokenizer: `_control` matches special-token strings (used only
+    for text the chat template itself writes), `_plain` never does (every piece of data).
+    """
+
+    def __init__(self, tokenizer_json, config=None, generation_config=None, chat_template=None,
+                 path=None):
+        self._control = tokenizers.Tokenizer.from_str(tokenizer_json)
+        self._plain = tokenizers.Tokenizer.from_str(tokenizer_json)
+        self._plain.encode_special_tokens = True  # "<|im_end|>" in data is seven text tokens
+        self.config, self.path = config or {}, path
+        self.chat_template = chat_template
+        self._compiled = None
+        self.special_ids = {i for i, t in self._control.get_added_tokens_decoder().items()
+                            if t.special}
+        self.tokens = {k: _token_str(self.config.get(k))
+                       for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        gen_eos = (generation_config or {}).get("eos_token_id")
+        gen_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else gen_eos
+        eos = self.token_id(self.tokens["eos_token"])
+        self.eos_ids = list(dict.fromkeys(gen_eos + ([eos] if eos is not None else [])))
+        pad = self.token_id(self.tokens["pad_token"])
+        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        # BOS only where the template writes one: encode_chat then gets it from the text.
+        uses_bos = chat_template is not None and "bos_token" in chat_template
+        self.bos_id = self.token_id(self.tokens["bos_token"]) if uses_bos else None
+        self._eot_id = None
+
+    @classmethod
+    def from_pretrained(cls, path, chat_format=None):
+        """Read tokenizer.json, tokenizer_config.json, generation_config.json and the chat
+        template (chat_template.jinja, else tokenizer_config's, else chat_format's built-in;
+        an explicit chat_format wins)."""
+        tj = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(tj):
+            raise FileNotFoundError(f"{path}: no tokenizer.json (only fast tokenizers are read)")
+        with open(tj, encoding="utf-8") as f:
+            tokenizer_json = f.read()
+        config = _read_json(os.path.join(path, "tokenizer_config.json"), {})
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            template = {t["name"]: t["template"] for t in template}.get("default")
+        jinja_file = os.path.join(path, "chat_template.jinja")
+        if os.path.exists(jinja_file):
+            with open(jinja_file, encoding="utf-8") as f:
+                template = f.read()
+        if chat_format is not None:
+            if chat_format not in BUILTIN_TEMPLATES:
+                raise ValueError(f"chat_format {chat_format!r}: known are {list(BUILTIN_TEMPLATES)}")
+            template = BUILTIN_TEMPLATES[chat_format]
+        gen = _read_json(os.path.join(path, "generation_config.json"), {})
+        return cls(tokenizer_json, config, gen, template, path)
+
+    @property
+    def vocab_size(self):
+        return self._control.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token):
+        return None if token is None else self._control.token_to_id(token)
+
+    def encode(self, text):
+        """Plain text to ids: special-token strings stay text, no BOS/EOS added."""
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text):
+        """Like encode, with each token's (start, end) character span in text."""
+        enc = self._plain.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self._control.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages, add_generation_prompt=True, **kwargs):
+        """The checkpoint's own chat template rendered as transformers' apply_chat_template
+        renders it (sandboxed jinja2, trim_blocks, lstrip_blocks, strftime_now, tojson)."""
+        if self.chat_template is None:
+            raise ValueError(f"{self.path or 'tokenizer'}: no chat template (no "
+                             "chat_template in tokenizer_config.json, no chat_template.jinja); "
+                             "pick a built-in one with chat_format='chatml' or 'llama3'")
+        if self._compiled is None:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[loopcontrols])
+            env.filters["tojson"] = _tojson
+            env.globals["raise_exception"] = _raise_exception
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            self._compiled = env.from_string(self.chat_template)
+        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     **{**self.tokens, **kwargs})
+
+    def encode_chat(self, messages, add_generation_prompt=True, **kwargs):
+        """Ids of a conversation: the template's own text may hold control tokens, message
+        contents are plain text, so a question holding "<|im_end|>" cannot close a turn."""
+        marks = [f"\x00compact-content-{i}\x00" for i in range(len(messages))]
+        if any(mark in m["content"] for m in messages for mark in marks):
+            raise ValueError("message content holds encode_chat's sentinel")
+        marked = [{**m, "content": s} for m, s in zip(messages, marks)]
+        skeleton = re.split("(" + "|".join(map(re.escape, marks)) + ")",
+                            self.render_chat(marked, add_generation_prompt, **kwargs))
+        full = self.render_chat(messages, add_generation_prompt, **kwargs)
+        ids, pos = [], 0
+        for j, piece in enumerate(skeleton):
+            if j % 2 == 0:  # template text
+                if not full.startswith(piece, pos):
+                    raise ValueError("the chat template's own text depends on message content")
+                ids += self._control.encode(piece, add_special_tokens=False).ids if piece else []
+                pos += len(piece)
+                continue
+            content, after = messages[marks.index(piece)]["content"], skeleton[j + 1]
+            for c in (content, content.strip(), content.rstrip(), content.lstrip()):  # `| trim`
+                if full.startswith(c + after, pos) and (after or pos + len(c) == len(full)):
+                    break
+            else:
+                raise ValueError("the chat template rewrites message content beyond trimming")
+            ids += self.encode(c)
+            pos += len(c)
+        return ids
+
+    @property
+    def eot_id(self):
+        """The template's end-of-turn token: the first special token the template writes
+        after an assistant message (<|im_end|> for ChatML, <|eot_id|> for Llama 3)."""
+        if self._eot_id is None:
+            mark = "\x00assistant\x00"
+            text = self.render_chat([{"role": "user", "content": "hi"},
+                                     {"role": "assistant", "content": mark}], False)
+            tail = self._control.encode(text.split(mark, 1)[1], add_special_tokens=False).ids
+            found = [i for i in tail if i in self.special_ids]
+            if not found and not self.eos_ids:
+                raise ValueError("cannot find the template's end-of-turn token")
+            self._eot_id = found[0] if found else self.eos_ids[0]
+        return self._eot_id
+
+
+# --- tokenizer files ---
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
+
+
+def copy_tokenizer(src, dst):
+    """Copy a model directory's tokenizer files, so `dst` is a complete model directory."""
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), dst)
