@@ -416,6 +416,24 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def prefill(model, ids, valid, cache):
+    """Run left-padded prompts ids [N, L] (valid marks real tokens) into the cache; returns the
+    last column's logits [N, V] and each row's last position id [N]. Every query also sees
+    itself, so a pad row is never an all-masked (NaN) row."""
+    N, L = ids.shape
+    causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
+    mask = (causal & valid[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=ids.device)  # (N, L, L)
+    pos = (valid[:, :L].cumsum(-1) - 1).clamp(min=0)  # (N, L): real tokens only count
+    h = model(ids, position_ids=pos, mask=mask, cache=cache, return_hidden=True)
+    return model.lm_head(h[:, -1]), pos[:, -1]
+
+
+def decode_one_token(model, nxt, pos, valid, cache):
+    """Feed one token per row (ids nxt [N] at positions pos [N]); valid [N, S] marks the cache
+    columns to attend to, this token's included. Returns the next logits [N, V]."""
+    return model(nxt[:, None], position_ids=pos[:, None], mask=valid[:, None], cache=cache)[:, -1]
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=256, eos_ids=(), temperature=0.0, top_p=1.0, seed=None):
     """Continue token-id prompts of different lengths together, with a KV cache.
@@ -428,7 +446,6 @@ def generate(model, prompts, max_new_tokens=256, eos_ids=(), temperature=0.0, to
         raise ValueError("generate needs at least one prompt, and no empty prompt")
     eos_ids = list(eos_ids or ())
     device = model.lm_head.weight.device
-    dtype = model.model.embed_tokens.weight.dtype
     N, L = len(prompts), max(len(p) for p in prompts)
     ids = torch.zeros(N, L, dtype=torch.long, device=device)
     valid = torch.zeros(N, L + max_new_tokens, dtype=torch.bool, device=device)
@@ -436,33 +453,24 @@ def generate(model, prompts, max_new_tokens=256, eos_ids=(), temperature=0.0, to
         ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
         valid[i, L - len(p):L] = True
     a = model.args
-    cache = [KVCache.empty(N, a.num_key_value_heads, L + max_new_tokens, a.head_dim, dtype, device)
-             for _ in range(a.num_hidden_layers)]
+    cache = [KVCache.empty(N, a.num_key_value_heads, L + max_new_tokens, a.head_dim,
+                           model.model.embed_tokens.weight.dtype, device) for _ in range(a.num_hidden_layers)]
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
 
-    # Prefill. Every query also sees itself, so a pad row is never an all-masked (NaN) row.
-    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-    mask = (causal & valid[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)  # (N, L, L)
-    pos = (valid[:, :L].cumsum(-1) - 1).clamp(min=0)  # (N, L)
-    h = model(ids, position_ids=pos, mask=mask, cache=cache, return_hidden=True)
-    logits = model.lm_head(h[:, -1])  # (N, V)
-    pos = pos[:, -1]
-    out = torch.empty(N, 0, dtype=torch.long, device=device)
-    done = torch.zeros(N, dtype=torch.bool, device=device)
+    logits, pos = prefill(model, ids, valid, cache)
+    out, done = [], torch.zeros(N, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        nxt = sample(logits.float(), temperature, top_p, generator)  # (N,)
-        nxt = torch.where(done, 0, nxt)
-        out = torch.cat([out, nxt[:, None]], dim=1)
+        nxt = torch.where(done, 0, sample(logits.float(), temperature, top_p, generator))  # (N,)
+        out.append(nxt)
         done = done | torch.isin(nxt, eos)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         valid[:, L + step] = True
         pos = pos + 1
-        logits = model(nxt[:, None], position_ids=pos[:, None], mask=valid[:, None, :L + step + 1], cache=cache)[:, -1]
+        logits = decode_one_token(model, nxt, pos, valid[:, :L + step + 1], cache)
     results = []
-    for i in range(N):
-        row = out[i].tolist()
-        stop = next((j for j, t in enumerate(row) if t in set(eos_ids)), None)
+    for row in torch.stack(out, 1).tolist():
+        stop = next((j for j, t in enumerate(row) if t in eos_ids), None)
         results.append(row if stop is None else row[:stop + 1])
     return results
