@@ -25,12 +25,12 @@ import resource
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
 from compact import CompactConfig, probe_log_likelihood, probe_plan, token_nll
-from data import ANSWER, CLOSE, CUE, EOT, PROMPT, RATIONALE, EncodedInstance, collate
+from data import ANSWER, CLOSE, CUE, EOT, PROMPT, RATIONALE, EncodedInstance, add_config_args, collate, config_from_args
 from lora import TARGETS, apply_lora
 from model import ModelArgs, Transformer
 from train import TrainConfig, train_step
@@ -294,11 +294,9 @@ def print_table(r: dict):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in fields(BenchConfig):
-        kind = dict(action="store_true") if f.type is bool else dict(type=f.type, default=f.default)
-        p.add_argument("--" + f.name.replace("_", "-"), **kind)
+    add_config_args(p, BenchConfig)
     try:
-        c = BenchConfig(**vars(p.parse_args(argv)))
+        c = config_from_args(BenchConfig, p.parse_args(argv))
     except ValueError as e:
         p.error(str(e))
     r = run_bench(c)

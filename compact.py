@@ -13,17 +13,16 @@ pass over short probe blocks that reuse the training pass's K/V. Left out: the o
 step and its normalisation across ranks (train.py passes n_instances).
 """
 import argparse
-import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import KVCache, Transformer
+from model import KVCache
 
 
 @dataclass
@@ -321,48 +320,65 @@ def compact_loss(model, batch, cfg, n_instances=None):
     return loss, stats
 
 
+# --- per-teacher summaries (train.py's metrics, compact.py score) ---
+
+TEACHER_STATS = ("weight", "s_mi", "s_g", "s_d")
+
+
+def teacher_sums(stats, teacher, branch_mask, n_teachers):
+    """[n_teachers, |TEACHER_STATS| + 1]: each teacher's sums of the [B, K] stats over its real
+    branches, then its branch count. Sums add across micro-batches and ranks; divide at the end."""
+    t = teacher[branch_mask]
+    cols = [stats[key][branch_mask].float() for key in TEACHER_STATS] + [torch.ones_like(t, dtype=torch.float)]
+    return torch.zeros(n_teachers, len(cols), device=t.device).index_add_(0, t, torch.stack(cols, 1))
+
+
+def teacher_means(sums, names):
+    """{teacher: {stat: mean, "n": branches}} from teacher_sums' totals, teachers with branches only."""
+    return {name: {**{k: row[j].item() / row[-1].item() for j, k in enumerate(TEACHER_STATS)}, "n": int(row[-1])}
+            for name, row in zip(names, sums) if row[-1] > 0}
+
+
 # --- CLI: score a multi-teacher file with the student, no training ---
 
 def score(a, cfg):
-    """Write one JSON line per rationale with its scores and weight; return per-teacher means.
+    """Write one JSON line per rationale with its scores and weight; return (per-teacher means
+    with how often each teacher was an instance's top weight, the data stats).
 
     Scores come from compact_loss itself under no_grad, so they are what training would weight
     with, less LoRA dropout (mcon_lambda is set to 0: the consistency logits are not needed)."""
-    from data import collate, encode_dataset, load_multi_teacher
+    from data import collate, encode_dataset, load_multi_teacher, write_jsonl
     from lora import load_student
 
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {a.device}: CUDA is not available on this machine")
     device = torch.device(a.device)
     model, tok = load_student(a.model, a.adapter, a.dtype, device)
-    instances = load_multi_teacher(a.data)[:a.limit]
-    encoded, info = encode_dataset(instances, tok, max_len=a.max_len)
+    encoded, info = encode_dataset(load_multi_teacher(a.data)[:a.limit], tok, max_len=a.max_len)
     if not encoded:
         raise ValueError(f"{a.data}: no instance has a rationale that fits --max-len {a.max_len}")
     if info.get("dropped_branches"):
         print(f"{info['dropped_branches']} rationale(s) longer than --max-len {a.max_len} left out", file=sys.stderr)
-    teachers = info["teachers"]
-    sums = {t: dict(n=0, weight=0.0, s_mi=0.0, s_g=0.0, s_d=0.0, top=0) for t in teachers}
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w", encoding="utf-8") as f, torch.no_grad():
+    teachers, rows = info["teachers"], []
+    sums, top = torch.zeros(len(teachers), len(TEACHER_STATS) + 1), [0] * len(teachers)
+    with torch.no_grad():
         for i in range(0, len(encoded), a.batch_size):
-            chunk = encoded[i:i + a.batch_size]
-            batch = {k: v.to(device) for k, v in collate(chunk, tok.pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate(encoded[i:i + a.batch_size], tok.pad_id).items()}
             _, st = compact_loss(model, batch, cfg)
-            st = {k: st[k].float().cpu().tolist() for k in ("s_mi", "s_g", "s_d", "weight")}
-            for b, enc in enumerate(chunk):
-                top = max(range(len(enc.teacher)), key=lambda k: st["weight"][b][k])
-                for k, t in enumerate(enc.teacher):
-                    row = {key: st[key][b][k] for key in ("s_mi", "s_g", "s_d", "weight")}
-                    f.write(json.dumps({"id": enc.id, "teacher": teachers[t], **row}) + "\n")
-                    s = sums[teachers[t]]
-                    s["n"], s["top"] = s["n"] + 1, s["top"] + (k == top)
-                    for key, v in row.items():
-                        s[key] += v
-    return {t: {k: (v / s["n"] if k not in ("n", "top") else v) for k, v in s.items()} for t, s in sums.items() if s["n"]}
+            sums += teacher_sums(st, batch["teacher"], batch["branch_mask"], len(teachers)).cpu()
+            st = {k: st[k].float().cpu().tolist() for k in TEACHER_STATS}
+            for b, enc in enumerate(encoded[i:i + a.batch_size]):
+                top[enc.teacher[max(range(len(enc.teacher)), key=lambda k: st["weight"][b][k])]] += 1
+                rows += [{"id": enc.id, "teacher": teachers[t], **{key: st[key][b][k] for key in TEACHER_STATS}}
+                         for k, t in enumerate(enc.teacher)]
+    write_jsonl(a.out, rows)
+    means = teacher_means(sums, teachers)
+    return {t: {**m, "top": top[teachers.index(t)]} for t, m in means.items()}, info
 
 
 def main(argv=None):
+    from data import add_config_args, config_from_args, write_json
+
     p = argparse.ArgumentParser(description="COMPACT scores and weights of every rationale, no training.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("score", help="score a multi-teacher file with the student")
@@ -375,24 +391,18 @@ def main(argv=None):
     s.add_argument("--max-len", type=int, default=2048, help="longer branches are left out")
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    for fld in fields(CompactConfig):
-        flag = "--" + fld.name.replace("_", "-")
-        if fld.type in (bool, "bool"):
-            s.add_argument(flag, action="store_true")
-        else:
-            s.add_argument(flag, type=type(fld.default), default=fld.default)
+    add_config_args(s, CompactConfig)
     a = p.parse_args(argv)
     if a.batch_size < 1 or a.max_len < 1 or (a.limit is not None and a.limit < 1):
         p.error("--batch-size, --max-len and --limit must be >= 1")
     try:
-        cfg = CompactConfig(**{fld.name: getattr(a, fld.name) for fld in fields(CompactConfig)})
-        cfg = replace(cfg, mcon_lambda=0.0)  # scores only: no consistency logits
-        summary = score(a, cfg)
+        cfg = replace(config_from_args(CompactConfig, a), mcon_lambda=0.0)  # scores only: no consistency logits
+        summary, info = score(a, cfg)
     except (OSError, ValueError, KeyError) as e:  # bad directories, files or settings; DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    with open(os.path.splitext(a.out)[0] + ".settings.json", "w") as f:
-        json.dump({"score": {k: v for k, v in vars(a).items()}, "compact": asdict(cfg)}, f, indent=2)
+    write_json(os.path.splitext(a.out)[0] + ".settings.json", {"score": vars(a), "compact": asdict(cfg),
+                                                               "data_stats": {k: v for k, v in info.items() if k != "teachers"}})
     print(f"{'teacher':<24} {'n':>6} {'weight':>7} {'s_mi':>8} {'s_g':>7} {'s_d':>7} {'top':>6}")
     for t, r in summary.items():
         print(f"{t:<24} {r['n']:>6} {r['weight']:>7.3f} {r['s_mi']:>8.4f} {r['s_g']:>7.3f} {r['s_d']:>7.3f} {r['top']:>6}")

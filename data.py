@@ -20,14 +20,15 @@ import sys
 import shutil
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------
-# files: every write is atomic, every JSONL read names its lines
+# files and flags: every write is atomic, every JSONL read names its lines, every config
+# dataclass field is a flag
 
 class DataError(ValueError):
     """Bad input data; the message names FILE:LINE. The CLI prints it and exits 2."""
@@ -71,6 +72,21 @@ def write_jsonl(path, rows):
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def add_config_args(parser, cls):
+    """One flag per field of the dataclass cls (`max_len` -> `--max-len`; a bool is a switch),
+    default = the field's default; returns the field names."""
+    for f in fields(cls):
+        kind = dict(action="store_true") if f.type in (bool, "bool") else \
+            dict(type=f.type if isinstance(f.type, type) else type(f.default), default=f.default)
+        parser.add_argument("--" + f.name.replace("_", "-"), **kind)
+    return [f.name for f in fields(cls)]
+
+
+def config_from_args(cls, args):
+    """cls built from the parsed flags of add_config_args (others in args are ignored)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
 def _read_text(path):
     try:
         with open(path, encoding="utf-8", newline="") as f:
@@ -89,12 +105,14 @@ def _jsonl(path):
                 yield lineno, f"bad JSON ({e.msg}, column {e.colno})"
 
 
-def read_jsonl(path):
-    """[(line number, object)] of a JSONL file; bad JSON raises DataError naming the line."""
+def read_jsonl(path, skip_bad=False):
+    """[(line number, object)] of a JSONL file; bad JSON raises DataError naming the line, or
+    with skip_bad (a log a kill may have torn) is left out."""
     rows = list(_jsonl(path))
     if bad := next(((n, r) for n, r in rows if isinstance(r, str)), None):
-        raise DataError(f"{path}:{bad[0]}: {bad[1]}")
-    return rows
+        if not skip_bad:
+            raise DataError(f"{path}:{bad[0]}: {bad[1]}")
+    return [(n, r) for n, r in rows if not isinstance(r, str)]
 
 
 # ----------------------------------------------------------------------------------------

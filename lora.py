@@ -28,9 +28,7 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 
 import torch
 import torch.nn as nn

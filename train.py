@@ -19,13 +19,14 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 
-from compact import CompactConfig, compact_loss
-from data import THINKING_WORDS, DataError, collate, encode_dataset, load_multi_teacher, shard_indices
+from compact import TEACHER_STATS, CompactConfig, compact_loss, teacher_means, teacher_sums
+from data import (THINKING_WORDS, DataError, add_config_args, atomic_path, collate, config_from_args, encode_dataset,
+                  load_multi_teacher, read_jsonl, shard_indices, write_json, write_jsonl)
 from lora import apply_lora, load_adapter, save_adapter
 from model import Transformer
 from tokenizer import Tokenizer, copy_tokenizer
@@ -116,23 +117,17 @@ def lr_at(step, total, cfg):
 
 
 def save_checkpoint(raw, optimizer, step, cfg, meta):
-    """OUT/checkpoints/step-N/: weights + optimizer + data position, written then renamed.
+    """OUT/checkpoints/step-N/: weights + optimizer + data position, written beside and renamed in.
 
     A kill at any moment leaves either the old or the new directory complete; trainer.pt is
     written last and marks a checkpoint as complete. The learning rate and the RNG are
-    functions of the step (see train_step), so they need no saved state.
+    functions of the step (see train()), so they need no saved state.
     """
-    root = os.path.join(cfg.out, "checkpoints")
-    final, tmp = os.path.join(root, f"step-{step}"), os.path.join(root, f".step-{step}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_weights(raw, tmp, cfg)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), **meta}, os.path.join(tmp, "trainer.pt"))
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    done = sorted(checkpoint_steps(cfg.out))
-    for old in done[:-cfg.keep_checkpoints]:
-        shutil.rmtree(os.path.join(root, f"step-{old}"), ignore_errors=True)
+    with atomic_path(os.path.join(cfg.out, "checkpoints", f"step-{step}")) as tmp:
+        save_weights(raw, tmp, cfg)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), **meta}, os.path.join(tmp, "trainer.pt"))
+    for old in sorted(checkpoint_steps(cfg.out))[:-cfg.keep_checkpoints]:
+        shutil.rmtree(os.path.join(cfg.out, "checkpoints", f"step-{old}"), ignore_errors=True)
 
 
 def save_weights(raw, path, cfg):
@@ -152,43 +147,22 @@ def checkpoint_steps(out):
             if d.startswith("step-") and d[5:].isdigit() and os.path.isfile(os.path.join(root, d, "trainer.pt"))]
 
 
-def truncate_metrics(path, step):
-    """Drop metric lines written after the checkpoint we resume from (rewritten atomically)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and _complete(line) and json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
-
-
-def _complete(line):
-    try:
-        json.loads(line)
-        return True
-    except json.JSONDecodeError:  # torn by a kill
-        return False
-
-
 # --- the step ---
 
-STAT_KEYS = ("weight", "s_mi", "s_g", "s_d")
-
-
 def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg, ccfg, device, autocast):
-    """One optimizer step over this rank's micro-batches; returns the step's summed stats.
+    """One optimizer step over this rank's micro-batches; returns the step's stats summed over ranks.
 
     Each micro-batch loss is Σ w L / n_instances (all instances of the step, all ranks),
     times world_size because DDP averages gradients over ranks: so the update is the same
     however the step is split. Only the last micro-step all-reduces gradients.
+    Returns {finite, grad_norm, loss, sft, mcon, tokens, teachers: [n_teachers, |TEACHER_STATS|+1]}.
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     for group in optimizer.param_groups:
         group["lr"] = lr
     totals = torch.zeros(4, device=device)  # loss, sft, mcon, supervised tokens
-    per_teacher = torch.zeros(n_teachers, len(STAT_KEYS) + 1, device=device)  # sums, then count
+    teachers = torch.zeros(n_teachers, len(TEACHER_STATS) + 1, device=device)
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         sync = not ddp or i == len(micro_batches) - 1
@@ -196,22 +170,20 @@ def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg
             loss, stats = compact_loss(model, batch, ccfg, n_instances=n_instances)
             (loss * world).backward()
         totals += torch.stack([stats["loss"], stats["sft"], stats["mcon"], stats["tokens"].float()])
-        real = batch["branch_mask"]
-        t = batch["teacher"][real]
-        for j, key in enumerate(STAT_KEYS):
-            per_teacher[:, j].index_add_(0, t, stats[key][real].float())
-        per_teacher[:, -1].index_add_(0, t, torch.ones_like(t, dtype=torch.float))
+        teachers += teacher_sums(stats, batch["teacher"], batch["branch_mask"], n_teachers)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-    summary = all_sum(torch.cat([totals, per_teacher.flatten()])).tolist()  # the step's one host sync
-    finite = math.isfinite(summary[0]) and math.isfinite(float(grad_norm))
-    if finite:
+    summed = all_sum(torch.cat([totals, teachers.flatten()])).cpu()  # the step's one host sync
+    out = dict(zip(("loss", "sft", "mcon", "tokens"), summed[:4].tolist()), teachers=summed[4:].view_as(teachers))
+    out["grad_norm"] = float(grad_norm)
+    out["finite"] = math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])
+    if out["finite"]:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return finite, float(grad_norm), summary
+    return out
 
 
 def build_model(cfg, device, resume_dir=None):
@@ -229,68 +201,82 @@ def build_model(cfg, device, resume_dir=None):
     return model.to(device)
 
 
-def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.device("cpu")):
-    """Run one training job in an already set-up process group; rank 0 writes every file."""
-    t_start = time.time()
+# --- the run, in phases: data, resume, model, loop, finish ---
+
+def load_data(cfg):
+    """(tokenizer, encoded instances, data stats with the sorted teacher list)."""
     tok = Tokenizer.from_pretrained(cfg.model)
     instances = load_multi_teacher(cfg.data, skip_bad=cfg.skip_bad)
     subset = [t.strip() for t in cfg.teachers.split(",") if t.strip()] or None
     words = [w.strip() for w in cfg.thinking_words.split(",") if w.strip()] or THINKING_WORDS
-    encoded, data_stats = encode_dataset(instances, tok, teachers=subset, max_len=cfg.max_len, thinking_words=words)
-    teachers = data_stats["teachers"]
+    encoded, stats = encode_dataset(instances, tok, teachers=subset, max_len=cfg.max_len, thinking_words=words)
     if not encoded:
         raise DataError(f"{cfg.data}: no instance has a branch that fits --max-len {cfg.max_len}")
-    print0(f"data: {len(encoded)} instances, {data_stats.get('branches', 0)} branches, teachers {', '.join(teachers)}"
-           f" | dropped {data_stats.get('dropped_branches', 0)} branches and"
-           f" {data_stats.get('dropped_instances', 0)} instances longer than --max-len {cfg.max_len}")
+    print0(f"data: {len(encoded)} instances, {stats.get('branches', 0)} branches, teachers {', '.join(stats['teachers'])}"
+           f" | dropped {stats.get('dropped_branches', 0)} branches and"
+           f" {stats.get('dropped_instances', 0)} instances longer than --max-len {cfg.max_len}")
+    return tok, encoded, stats
 
+
+def find_resume(cfg, meta, device):
+    """(start step, checkpoint dir or None, its trainer state or None); refuses mismatched runs."""
+    done = checkpoint_steps(cfg.out)
+    if done and not cfg.resume:
+        raise ValueError(f"--out {cfg.out} holds the checkpoints of another run: pass --resume to continue it, "
+                         "or choose another --out")
+    if not done:
+        if cfg.resume:
+            print0(f"--resume: no checkpoint in {cfg.out}/checkpoints, starting fresh")
+        return 0, None, None
+    resume_dir = os.path.join(cfg.out, "checkpoints", f"step-{max(done)}")
+    state = torch.load(os.path.join(resume_dir, "trainer.pt"), map_location=device, weights_only=True)
+    for key in ("n_step", "n_data", "teachers", "total_steps"):
+        if state[key] != meta[key]:
+            raise ValueError(f"{resume_dir}: {key} was {state[key]}, now {meta[key]}: resume with the same data, "
+                             "teachers, batch layout (--batch-size × --grad-accum × ranks) and --max-steps/"
+                             "--epochs (the learning-rate schedule depends on them)")
+    return max(done), resume_dir, state
+
+
+def step_record(step, s, dt, t_start, lr, teachers, steps_per_epoch, n_step):
+    """One metrics.jsonl line from train_step's stats."""
+    return {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": s["loss"], "sft": s["sft"],
+            "mcon": s["mcon"], "lr": lr, "grad_norm": s["grad_norm"], "tokens_per_s": s["tokens"] / dt,
+            "instances": n_step, "time": round(time.time() - t_start, 3), "teachers": teacher_means(s["teachers"], teachers)}
+
+
+def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.device("cpu")):
+    """Run one training job in an already set-up process group; rank 0 writes every file."""
+    t_start = time.time()
+    tok, encoded, data_stats = load_data(cfg)
+    teachers = data_stats["teachers"]
     per_rank_step = cfg.batch_size * cfg.grad_accum
     n_step = per_rank_step * world  # instances per optimizer step, all ranks together
     steps_per_epoch = -(-len(encoded) // n_step)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     meta = {"n_step": n_step, "n_data": len(encoded), "teachers": teachers, "total_steps": total}
 
-    start, resume_dir = 0, None
-    done = checkpoint_steps(cfg.out) if cfg.resume else []
-    if done:
-        start = max(done)
-        resume_dir = os.path.join(cfg.out, "checkpoints", f"step-{start}")
-        state = torch.load(os.path.join(resume_dir, "trainer.pt"), map_location=device, weights_only=True)
-        for key in ("n_step", "n_data", "teachers", "total_steps"):
-            if state[key] != meta[key]:
-                raise ValueError(f"{resume_dir}: {key} was {state[key]}, now {meta[key]}: resume with the same data, "
-                                 "teachers, batch layout (--batch-size × --grad-accum × ranks) and --max-steps/"
-                                 "--epochs (the learning-rate schedule depends on them)")
-    elif cfg.resume:
-        print0(f"--resume: no checkpoint in {cfg.out}/checkpoints, starting fresh")
-    elif checkpoint_steps(cfg.out):
-        raise ValueError(f"--out {cfg.out} holds the checkpoints of another run: pass --resume to continue it, "
-                         "or choose another --out")
+    start, resume_dir, state = find_resume(cfg, meta, device)
 
     torch.manual_seed(cfg.seed)  # LoRA's A init: the same on every rank and every run of this seed
-    model = build_model(cfg, device, resume_dir)
-    raw = model
+    raw = model = build_model(cfg, device, resume_dir)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    if resume_dir:
+    if state:
         optimizer.load_state_dict(state["optimizer"])
         print0(f"resumed from {resume_dir}")
-    n_params = sum(p.numel() for p in params)
-    print0(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M parameters, {n_params / 1e6:.2f}M trained"
-           f" | {total} steps of {n_step} instances ({steps_per_epoch}/epoch) on {world} × {device.type}")
-
+    print0(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M parameters, "
+           f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | {total} steps of {n_step} instances "
+           f"({steps_per_epoch}/epoch) on {world} × {device.type}")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump({"train": asdict(cfg), "compact": asdict(ccfg), "teachers": teachers, "world_size": world,
-                       "data_stats": {k: v for k, v in data_stats.items() if k != "teachers"}}, f, indent=2)
-        if start:
-            truncate_metrics(metrics_path, start)
-        else:
-            open(metrics_path, "w").close()
+        write_json(os.path.join(cfg.out, "config.json"), {
+            "train": asdict(cfg), "compact": asdict(ccfg), "teachers": teachers, "world_size": world,
+            "data_stats": {k: v for k, v in data_stats.items() if k != "teachers"}})
+        kept = read_jsonl(metrics_path, skip_bad=True) if start and os.path.isfile(metrics_path) else []  # torn by a kill: dropped
+        write_jsonl(metrics_path, [r for _, r in kept if r["step"] <= start])
 
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     model.train()
@@ -303,11 +289,9 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
         micro = [collate([encoded[j] for j in mine[m * cfg.batch_size:(m + 1) * cfg.batch_size]], tok.pad_id)
                  for m in range(cfg.grad_accum)]
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)  # dropout: a function of (step, rank)
-        t0 = time.time()
-        finite, gnorm, s = train_step(model, optimizer, micro, lr_at(step, total, cfg), n_step, len(teachers),
-                                      cfg, ccfg, device, autocast)
-        dt = time.time() - t0
-        if not finite:
+        t0, lr = time.time(), lr_at(step, total, cfg)
+        s = train_step(model, optimizer, micro, lr, n_step, len(teachers), cfg, ccfg, device, autocast)
+        if not s["finite"]:
             bad += 1
             print0(f"warning: step {step + 1}: non-finite loss or gradient, update skipped ({bad} in a row)", file=sys.stderr)
             if bad >= cfg.max_bad_steps:
@@ -315,45 +299,41 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
                     save_checkpoint(raw, optimizer, step + 1, cfg, meta)
                 raise FloatingPointError(f"{bad} non-finite steps in a row; stopped with a checkpoint at step {step + 1}")
             continue
-        bad = 0
-        tokens_seen += s[3]
-        per_teacher = torch.tensor(s[4:]).view(len(teachers), -1)
-        record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": s[0], "sft": s[1],
-                  "mcon": s[2], "lr": lr_at(step, total, cfg), "grad_norm": gnorm, "tokens_per_s": s[3] / dt,
-                  "instances": n_step, "time": round(time.time() - t_start, 3), "teachers": {
-                      name: {**{k: row[j].item() / row[-1].item() for j, k in enumerate(STAT_KEYS)}, "n": int(row[-1])}
-                      for name, row in zip(teachers, per_teacher) if row[-1] > 0}}
-        last = record
+        bad, tokens_seen = 0, tokens_seen + s["tokens"]
+        last = step_record(step, s, time.time() - t0, t_start, lr, teachers, steps_per_epoch, n_step)
         if rank == 0:
             with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(last) + "\n")
             elapsed = time.time() - t_loop
             eta = elapsed / (step + 1 - start) * (total - step - 1)
-            w = " ".join(f"{n} {v['weight']:.2f}" for n, v in record["teachers"].items())
-            print0(f"step {step + 1}/{total} | loss {s[0]:.4f} | w {w} | {tokens_seen / elapsed:,.0f} tok/s"
+            w = " ".join(f"{n} {v['weight']:.2f}" for n, v in last["teachers"].items())
+            print0(f"step {step + 1}/{total} | loss {s['loss']:.4f} | w {w} | {tokens_seen / elapsed:,.0f} tok/s"
                    f" | eta {_duration(eta)} | mem {_memory_mb(device):,.0f}MB")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total and rank == 0:
             save_checkpoint(raw, optimizer, step + 1, cfg, meta)
         if dist.is_initialized() and cfg.save_every and (step + 1) % cfg.save_every == 0:
             dist.barrier()  # nobody races ahead of a checkpoint it might be killed after
 
-    if rank == 0 and total > start:
-        # The final weights first, then the final checkpoint: a kill in between resumes from the last
-        # periodic checkpoint and writes both again.
-        final = os.path.join(cfg.out, "model" if cfg.full_ft else "adapter")
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_weights(raw, tmp, cfg)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        save_checkpoint(raw, optimizer, total, cfg, meta)
-        print0(f"done: {total} steps in {_duration(time.time() - t_start)} | final loss "
-               f"{last['loss'] if last else float('nan'):.4f} | wrote {final}")
-    elif rank == 0:
-        print0(f"{cfg.out}: the run already finished at step {total}; nothing to do")
+    if rank == 0:
+        finish(raw, optimizer, cfg, meta, start, last, t_start)
     if dist.is_initialized():
         dist.barrier()
     return {"steps": total, "last": last, "teachers": teachers, "model": raw}
+
+
+def finish(raw, optimizer, cfg, meta, start, last, t_start):
+    """The final weights first, then the final checkpoint: a kill in between resumes from the last
+    periodic checkpoint and writes both again."""
+    total = meta["total_steps"]
+    if total <= start:
+        print0(f"{cfg.out}: the run already finished at step {total}; nothing to do")
+        return
+    final = os.path.join(cfg.out, "model" if cfg.full_ft else "adapter")
+    with atomic_path(final) as tmp:
+        save_weights(raw, tmp, cfg)
+    save_checkpoint(raw, optimizer, total, cfg, meta)
+    print0(f"done: {total} steps in {_duration(time.time() - t_start)} | final loss "
+           f"{last['loss'] if last else float('nan'):.4f} | wrote {final}")
 
 
 def _duration(seconds):
@@ -374,26 +354,19 @@ def parse_args(argv=None):
     """TrainConfig and CompactConfig from the command line; one flag per dataclass field."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for cls in (TrainConfig, CompactConfig):
-        for f in fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            if f.type is bool:
-                p.add_argument(flag, action="store_true")
-            else:
-                p.add_argument(flag, type=f.type, default=f.default)
+    add_config_args(p, TrainConfig)
+    add_config_args(p, CompactConfig)
     p.add_argument("--no-mi", action="store_true", help="ablation: alpha = 0")
     p.add_argument("--no-consensus", action="store_true", help="ablation: beta = 0")
     p.add_argument("--no-difficulty", action="store_true", help="ablation: gamma = 0")
-    a = vars(p.parse_args(argv))
+    a = p.parse_args(argv)
     for flag, key in (("no_mi", "alpha"), ("no_consensus", "beta"), ("no_difficulty", "gamma")):
-        if a.pop(flag):
-            a[key] = 0.0
-    names = {f.name for f in fields(TrainConfig)}
-    if not (a["model"] and a["data"]):
+        if getattr(a, flag):
+            setattr(a, key, 0.0)
+    if not (a.model and a.data):
         p.error("--model and --data are required (python demo.py runs the CPU demo)")
     try:
-        return (TrainConfig(**{k: v for k, v in a.items() if k in names}),
-                CompactConfig(**{k: v for k, v in a.items() if k not in names}))
+        return config_from_args(TrainConfig, a), config_from_args(CompactConfig, a)
     except ValueError as e:
         p.error(str(e))
 

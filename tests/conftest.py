@@ -62,7 +62,6 @@ def tiny_model_dir(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     """A tiny byte-level BPE tokenizer directory with a ChatML template (demo.write_tokenizer)."""
-    import data
     import demo
     texts = ["So the answer is 12. First, 3 + 4 = 7. Wait, let me check: 7 * 2 = 14.",
              "Okay, then we subtract 5 from 20 and get 15. Therefore the total is 15.",

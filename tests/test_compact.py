@@ -431,7 +431,6 @@ def test_score_cli(tmp_path, tiny_tokenizer_dir, capsys):
     import shutil
 
     import compact
-    import data
     import tokenizer
     import demo
     from conftest import random_model, tiny_config

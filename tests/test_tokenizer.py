@@ -5,7 +5,6 @@ import os
 
 import pytest
 
-import data
 import tokenizer
 import demo
 from chat_templates import LLAMA31, LLAMA32, QWEN25, SMOLLM2
