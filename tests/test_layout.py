@@ -1,0 +1,52 @@
+"""Imports among the top-level modules flow one way (STYLE.md): no cycle, lazy imports included."""
+import ast
+import glob
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def import_graph(root=ROOT):
+    """{module: set of top-level modules it imports}, from the source (function-level imports too)."""
+    mods = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(root, "*.py"))}
+    graph = {m: set() for m in mods}
+    for m, path in mods.items():
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module.split(".")[0]]
+            else:
+                continue
+            graph[m].update(n for n in names if n in mods and n != m)
+    return graph
+
+
+def find_cycle(graph):
+    """One import cycle as a list of modules (first repeated at the end), or None."""
+    state = {}
+    def visit(m, path):
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                return path[path.index(n):] + [n]
+            if n not in state and (cycle := visit(n, path + [n])):
+                return cycle
+        state[m] = "done"
+    for m in sorted(graph):
+        if m not in state and (cycle := visit(m, [m])):
+            return cycle
+    return None
+
+
+def test_the_checker_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_top_level_modules_import_one_way():
+    graph = import_graph()
+    assert {"model", "tokenizer", "data", "lora", "compact", "train", "eval", "demo"} <= set(graph)
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+    assert not graph["model"] and graph["tokenizer"] <= {"model"}, "model.py and tokenizer.py are the bottom"
+    assert "demo" not in set().union(*(graph[m] for m in graph if m != "demo")), "nothing imports the demo"
