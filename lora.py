@@ -35,7 +35,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from data import atomic_path
+from data import atomic_path, write_json
 from model import Transformer
 from tokenizer import Tokenizer, copy_tokenizer
 
@@ -126,17 +126,14 @@ def save_adapter(model, path, base_model=""):
 
 
 def _write_adapter(path, settings, tensors):
-    """Each file goes to a temp name in `path`, then os.replace: a kill leaves old or new files, never a
-    truncated one; other files in `path` are kept. Config last: a config in a new directory means whole weights."""
+    """adapter_config.json + adapter_model.safetensors, written beside `path` and renamed in whole."""
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "bias": "none", "fan_in_fan_out": False,
               "modules_to_save": None, "use_dora": False, "inference_mode": True, **settings}
-    os.makedirs(path, exist_ok=True)
-    weights_file, config_file = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_config.json")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, weights_file + ".tmp", metadata={"format": "pt"})
-    os.replace(weights_file + ".tmp", weights_file)
-    with open(config_file + ".tmp", "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(config_file + ".tmp", config_file)
+    with atomic_path(path) as tmp:
+        os.makedirs(tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                  os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        write_json(os.path.join(tmp, "adapter_config.json"), config)
 
 
 def read_adapter(path):
