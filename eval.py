@@ -1,7 +1,10 @@
-"""Evaluate students and read what distillation did to them (SPEC.md §6).
+"""Evaluate students, sample teacher rationales, and read what distillation did (SPEC.md §6).
 
-    python eval.py accuracy --model DIR [--adapter DIR] --task gsm8k --data gsm8k_test.jsonl --out preds.jsonl
+    python eval.py accuracy --model DIR|org/name [--adapter DIR] --task gsm8k --data gsm8k_test.jsonl --out preds.jsonl
     torchrun --nproc_per_node=8 eval.py accuracy --model DIR --task gsm8k --data A.jsonl --task svamp --data B.jsonl --out p.jsonl
+    torchrun --nproc_per_node=2 eval.py rationales --model TEACHER (--questions Q.jsonl | --task math --data BENCH) \
+        --samples 4 --temperature 0.7 --out qwq.jsonl
+    python eval.py table --run base=runs/base/preds.jsonl --run compact=runs/c-s0/eval,runs/c-s1/eval [--out table/]
     python eval.py pca-shift --model DIR --adapter DIR --task csqa --data dev.jsonl --out pca/
     python eval.py mi-trace --model DIR [--adapter DIR] --data multi.jsonl --id ID [--teacher T] --out trace/
     python eval.py weights RUN_DIR
@@ -11,11 +14,24 @@ greedy decoding with the KV cache in length-sorted batches, answers extracted an
 data.py; prints accuracy ± SEM, the binomial standard error sqrt(p(1-p)/n) of the 0/1 scores.
 --task and --data repeat and pair up in order (math500 = data.py's "math"); with one task --out
 is the predictions file, with several each task writes OUT-STEM-TASK.jsonl beside it, and
-OUT-STEM.summary.json holds the settings and the table. Every batch is appended and flushed,
-so a rerun with the same --out does only what is missing (a torn last line is redone); a rerun
-with another --model, --adapter or --max-new-tokens is refused. Under torchrun each rank takes
-every WORLD_SIZE-th missing item and appends to its own OUT.partR; rank 0 merges the parts
-into OUT, in data order, at the start and the end of a run.
+OUT-STEM.summary.json holds the settings and the table.
+
+rationales: --samples per question at --temperature (--top-p), prompted like accuracy in the
+teacher's own chat template; sample s of question q draws from its own stream, seeded by
+(--seed, q, s), so a sample does not depend on its batch, its rank or a resume. Writes one record
+per (question, sample), OUT-STEM.questions.jsonl and OUT-STEM.summary.json; `data.py build
+--questions OUT-STEM.questions.jsonl --teacher NAME=OUT` reads them as they are.
+
+Both run_sharded: every batch is appended and flushed, so a rerun with the same --out does only
+what is missing (a torn last line is redone); a rerun with other generation settings is refused.
+Under torchrun each rank takes every WORLD_SIZE-th missing item and appends to its own
+OUT.partR; rank 0 merges the parts into OUT, in data order, at the start and the end of a run.
+
+table: the paper's Table 1 from accuracy outputs: --run NAME=PATH[,PATH...] (one PATH per seed:
+an accuracy --out, its summary, or a directory of summaries). Accuracy per benchmark, the
+in-distribution (MATH500, GSM8K, SVAMP) and out-of-distribution (CommonsenseQA, StrategyQA,
+GPQA-Diamond) average gain over --baseline, each ± SEM over items and, with several seeds, ± SEM
+over seeds (table1 says how); as Markdown (printed, table.md) and JSON (table.json).
 
 pca-shift: per layer l (the output of block l; the embeddings are not a layer), each prompt's
 states mean-pooled over its tokens; PCA of the base student's pooled states (SVD, centred);
