@@ -1,9 +1,13 @@
 """The data side of compact-ref: files, the multi-teacher format, answer checking, branch
 batches (SPEC.md §1, §8, §9) and benchmark loaders.
 
-    python data.py build --questions Q.jsonl --teacher qwq=qwq.jsonl --teacher r1=r1.jsonl \
-                         --task math --out train.jsonl [--min-teachers 2]
+    python data.py build --questions Q.jsonl --teacher qwq=qwq.jsonl --teacher r1=r1-batch-output.jsonl \
+                         --task math --out train.jsonl [--min-teachers 4] [--max-len 2048 --model STUDENT]
     python data.py check train.jsonl [--model DIR]
+
+build reads eval.py rationales' output (N samples per question), plain {id, text} lines and OpenAI-
+style batch output; it keeps per teacher and question the first correct rationale in sample order
+and reports per teacher how many questions were kept, wrong, without an answer, too long, missing.
 
 Runs on torch and the standard library (the tokenizer is tokenizer.py's).
 Left out: sympy-grade answer checking (expressions are compared textually after
@@ -623,7 +627,25 @@ def load_benchmark(task, path):
 
 
 # ----------------------------------------------------------------------------------------
-# CLI
+# CLI: build (teacher generations -> the multi-teacher file) and check
+
+def read_questions(path, task=None):
+    """A questions JSONL ({id, question, answer[, task]}) as Instances without rationales; `task` fills
+    in a missing task. Bad lines raise DataError naming FILE:LINE."""
+    questions, first_line = [], {}
+    for lineno, row in read_jsonl(path):
+        try:
+            inst = _parse_instance({**row, "rationales": []} if isinstance(row, dict) else row)
+            if inst.id in first_line:
+                raise ValueError(f"duplicate id {inst.id!r} (first on line {first_line[inst.id]})")
+            if (inst.task or task) is None:
+                raise ValueError("no task: give --task")
+        except ValueError as e:
+            raise DataError(f"{path}:{lineno}: {e}") from None
+        inst.task, first_line[inst.id] = inst.task or task, lineno
+        questions.append(inst)
+    return questions
+
 
 def _generation_text(path, lineno, row):
     for key in ("text", "output", "response"):
@@ -632,50 +654,112 @@ def _generation_text(path, lineno, row):
     raise DataError(f"{path}:{lineno}: a generation needs a string 'text', 'output' or 'response'")
 
 
-def build(questions_path, teachers, task, out_path, min_teachers=1):
-    """Join questions with each teacher's generations (by id, else by exact question text),
-    keep rationales whose own final answer matches the gold one; returns the report."""
+def _batch_choices(path, lineno, row, ids):
+    """(question id, order, text, cut off) per choice of one OpenAI-style batch output line."""
+    cid, response = row["custom_id"], row.get("response")
+    if not isinstance(cid, str) or not cid:
+        raise DataError(f"{path}:{lineno}: 'custom_id' must be a non-empty string")
+    qid, sample = cid, 0
+    if cid not in ids and (m := re.fullmatch(r"(.+)#(\d+)", cid)):  # one request per sample: ID#S
+        qid, sample = m[1], int(m[2])
+    if row.get("error") or response is None or (isinstance(response, dict) and response.get("status_code", 200) != 200):
+        return []  # a failed request: its question counts as missing
+    choices = response.get("body", {}).get("choices") if isinstance(response, dict) and \
+        isinstance(response.get("body"), dict) else None
+    if not isinstance(choices, list) or not all(isinstance(c, dict) and isinstance(c.get("message"), dict)
+                                                for c in choices):
+        raise DataError(f"{path}:{lineno}: a batch output line needs response.body.choices[].message")
+    out = []
+    for j, c in enumerate(choices):
+        parts = [c["message"].get(k) for k in ("reasoning_content", "reasoning", "content")]
+        if not all(x is None or isinstance(x, str) for x in parts):
+            raise DataError(f"{path}:{lineno}: choices[{j}].message: content must be a string or null")
+        text = "\n\n".join(x for x in parts if x)  # a reasoning parser's thoughts, then the reply
+        out.append((qid, None, (sample, c.get("index", j), lineno), text, c.get("finish_reason") == "length"))
+    return out
+
+
+def read_generations(path, ids=()):
+    """(question id, question text, order, text, cut off) per generation in one teacher's file.
+
+    Lines are ours ({id or question, text|output|response[, sample][, stopped]}, as eval.py rationales
+    writes them) or OpenAI-style batch output ({custom_id, response: {body: {choices: [{message:
+    {content}, finish_reason}]}}, error}, as OpenAI's and vLLM's batch runners write; custom_id is the
+    question id, or ID#S for the S-th request of one question). order = (sample, choice, line);
+    cut off = stopped false, or finish_reason "length" (the teacher ran out of tokens)."""
+    out = []
+    for lineno, row in read_jsonl(path):
+        if isinstance(row, dict) and "custom_id" in row:
+            out += _batch_choices(path, lineno, row, ids)
+            continue
+        if not isinstance(row, dict) or not ("id" in row or "question" in row):
+            raise DataError(f"{path}:{lineno}: a generation needs 'id' or 'question' (or a batch line's 'custom_id')")
+        sample = row.get("sample", 0)
+        if not isinstance(sample, int) or isinstance(sample, bool):
+            raise DataError(f"{path}:{lineno}: 'sample' must be an integer")
+        question = row["question"] if isinstance(row.get("question"), str) else None
+        out.append((str(row["id"]) if "id" in row else None, question, (sample, 0, lineno),
+                    _generation_text(path, lineno, row), row.get("stopped") is False))
+    return out
+
+
+STAGES = ("missing", "no_answer", "wrong", "too_long", "kept")  # how far a generation got, in order
+
+
+def _stage(q, name, text, cut_off, tok, max_len):
+    """The index in STAGES of one generation for question q."""
+    if not text.strip():
+        return 0
+    if cut_off:
+        return 3
+    pred = extract_answer(text, q.task)
+    if pred is None or not is_equivalent(pred, q.answer, q.task):
+        return 1 if pred is None else 2
+    fits = tok is None or encode_instance(Instance(q.id, q.question, q.answer, q.task, [(name, text)]), tok, [name],
+                                          max_len) is not None
+    return 4 if fits else 3
+
+
+def build(questions_path, teachers, task, out_path, min_teachers=1, max_len=None, model_dir=None):
+    """Join questions with each teacher's generations (by id, else by exact question text) and keep per
+    teacher and question at most one rationale: the first in sample order whose own final answer matches
+    the gold one, that was not cut off and, with max_len, whose branch fits max_len tokens of
+    model_dir's tokenizer (as train.py --max-len counts). Returns the report: per teacher, questions by
+    the furthest STAGE any of their generations got. Writes nothing when a teacher keeps nothing."""
     names = [name for name, _ in teachers]
     if dup := sorted({n for n in names if names.count(n) > 1}):
         raise DataError(f"--teacher {dup[0]} is given twice: each teacher needs one name")
     if min_teachers < 1:
         raise DataError(f"--min-teachers {min_teachers}: must be at least 1 (an instance needs a rationale)")
-    questions, first_line = [], {}
-    for lineno, row in read_jsonl(questions_path):
-        try:
-            inst = _parse_instance({**row, "rationales": []} if isinstance(row, dict) else row)
-            if inst.id in first_line:
-                raise ValueError(f"duplicate id {inst.id!r} (first on line {first_line[inst.id]})")
-            if (inst.task or task) is None:
-                raise ValueError("no task: give --task")
-        except ValueError as e:
-            raise DataError(f"{questions_path}:{lineno}: {e}") from None
-        inst.task, first_line[inst.id] = inst.task or task, lineno
-        questions.append(inst)
-    report = {}
+    if (max_len is None) != (model_dir is None) or (max_len is not None and max_len < 1):
+        raise DataError("--max-len N (>= 1) and --model DIR go together: the student's tokenizer counts the tokens")
+    tok = Tokenizer.from_pretrained(model_dir) if model_dir else None
+    questions = read_questions(questions_path, task)
+    if not questions:
+        raise DataError(f"{questions_path}: no questions")
+    ids, report, empty = {q.id for q in questions}, {}, []
     for name, path in teachers:
-        by_id, by_question = {}, {}
-        for lineno, row in read_jsonl(path):
-            if not isinstance(row, dict) or not ("id" in row or "question" in row):
-                raise DataError(f"{path}:{lineno}: a generation needs 'id' or 'question'")
-            text = _generation_text(path, lineno, row)
-            if "id" in row:
-                by_id.setdefault(str(row["id"]), text)
-            if isinstance(row.get("question"), str):
-                by_question.setdefault(row["question"], text)
-        counts = Counter(kept=0, wrong=0, no_answer=0, missing=0)
+        found = {}
+        for qid, question, order, text, cut_off in read_generations(path, ids):
+            for key in (("id", qid), ("question", question)):
+                if key[1] is not None:
+                    found.setdefault(key, []).append((order, text, cut_off))
+        counts = Counter({stage: 0 for stage in STAGES})
         for q in questions:
-            text = by_id.get(q.id) or by_question.get(q.question)
-            if text is None or not text.strip():
-                counts["missing"] += 1
-                continue
-            pred = extract_answer(text, q.task)
-            verdict = "no_answer" if pred is None else \
-                "kept" if is_equivalent(pred, q.answer, q.task) else "wrong"
-            counts[verdict] += 1
-            if verdict == "kept":
-                q.rationales.append((name, text))
+            best = 0
+            for _, text, cut_off in sorted(found.get(("id", q.id)) or found.get(("question", q.question)) or []):
+                best = max(best, _stage(q, name, text, cut_off, tok, max_len))
+                if best == 4:
+                    q.rationales.append((name, text))
+                    break
+            counts[STAGES[best]] += 1
         report[name] = dict(counts)
+        if not counts["kept"]:
+            empty.append(f"{path}: teacher {name} has no usable rationale for any of the {len(questions)} questions ("
+                         + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()) + ")")
+    if empty:
+        raise DataError("\n".join(empty) + f"\n(no ids or question texts in common with {questions_path}? "
+                        "another --task? nothing written)")
     kept = [q for q in questions if len(q.rationales) >= min_teachers]
     write_jsonl(out_path, [{"id": q.id, "question": q.question, "answer": q.answer, "task": q.task,
                              "rationales": [{"teacher": t, "text": r} for t, r in q.rationales]}
@@ -708,10 +792,13 @@ def main(argv=None):
     b = sub.add_parser("build", help="assemble a multi-teacher file from teacher generations")
     b.add_argument("--questions", required=True, help="JSONL of {id, question, answer[, task]}")
     b.add_argument("--teacher", action="append", required=True, metavar="NAME=FILE",
-                   help="a teacher's generations, JSONL of {id or question, text}; repeat")
+                   help="a teacher's generations: eval.py rationales output, JSONL of {id or question, text}, "
+                        "or OpenAI-style batch output; repeat")
     b.add_argument("--task", choices=TASKS, help="answer checking for questions without a task")
     b.add_argument("--out", required=True)
     b.add_argument("--min-teachers", type=int, default=1, help="drop instances with fewer rationales")
+    b.add_argument("--max-len", type=int, help="drop rationales whose branch is longer (train.py's --max-len)")
+    b.add_argument("--model", help="the student's tokenizer directory, which counts --max-len tokens")
     c = sub.add_parser("check", help="validate a multi-teacher file and print statistics")
     c.add_argument("file")
     c.add_argument("--model", help="a model/tokenizer directory, for token lengths")
@@ -725,11 +812,12 @@ def main(argv=None):
                 if not eq or not name or not path:
                     raise DataError(f"--teacher {spec!r}: expected NAME=FILE")
                 teachers.append((name, path))
-            report = build(args.questions, teachers, args.task, args.out, args.min_teachers)
-            print(f"{'teacher':<24} {'kept':>6} {'wrong':>6} {'no answer':>10} {'missing':>8}")
+            report = build(args.questions, teachers, args.task, args.out, args.min_teachers, args.max_len, args.model)
+            print(f"{'teacher':<24} {'kept':>6} {'wrong':>6} {'no answer':>10} {'too long':>9} {'missing':>8}")
             for name, _ in teachers:
                 r = report[name]
-                print(f"{name:<24} {r['kept']:>6} {r['wrong']:>6} {r['no_answer']:>10} {r['missing']:>8}")
+                print(f"{name:<24} {r['kept']:>6} {r['wrong']:>6} {r['no_answer']:>10} {r['too_long']:>9} "
+                      f"{r['missing']:>8}")
             print(f"wrote {report['instances']['written']} instances to {args.out} "
                   f"({report['instances']['dropped']} with under {args.min_teachers} rationales dropped)")
         else:

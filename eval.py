@@ -1,7 +1,10 @@
-"""Evaluate students and read what distillation did to them (SPEC.md §6).
+"""Evaluate students, sample teacher rationales, and read what distillation did (SPEC.md §6).
 
-    python eval.py accuracy --model DIR [--adapter DIR] --task gsm8k --data gsm8k_test.jsonl --out preds.jsonl
+    python eval.py accuracy --model DIR|org/name [--adapter DIR] --task gsm8k --data gsm8k_test.jsonl --out preds.jsonl
     torchrun --nproc_per_node=8 eval.py accuracy --model DIR --task gsm8k --data A.jsonl --task svamp --data B.jsonl --out p.jsonl
+    torchrun --nproc_per_node=2 eval.py rationales --model TEACHER (--questions Q.jsonl | --task math --data BENCH) \
+        --samples 4 --temperature 0.7 --out qwq.jsonl
+    python eval.py table --run base=runs/base/preds.jsonl --run compact=runs/c-s0/eval,runs/c-s1/eval [--out table/]
     python eval.py pca-shift --model DIR --adapter DIR --task csqa --data dev.jsonl --out pca/
     python eval.py mi-trace --model DIR [--adapter DIR] --data multi.jsonl --id ID [--teacher T] --out trace/
     python eval.py weights RUN_DIR
@@ -11,11 +14,24 @@ greedy decoding with the KV cache in length-sorted batches, answers extracted an
 data.py; prints accuracy ± SEM, the binomial standard error sqrt(p(1-p)/n) of the 0/1 scores.
 --task and --data repeat and pair up in order (math500 = data.py's "math"); with one task --out
 is the predictions file, with several each task writes OUT-STEM-TASK.jsonl beside it, and
-OUT-STEM.summary.json holds the settings and the table. Every batch is appended and flushed,
-so a rerun with the same --out does only what is missing (a torn last line is redone); a rerun
-with another --model, --adapter or --max-new-tokens is refused. Under torchrun each rank takes
-every WORLD_SIZE-th missing item and appends to its own OUT.partR; rank 0 merges the parts
-into OUT, in data order, at the start and the end of a run.
+OUT-STEM.summary.json holds the settings and the table.
+
+rationales: --samples per question at --temperature (--top-p), prompted like accuracy in the
+teacher's own chat template; sample s of question q draws from its own stream, seeded by
+(--seed, q, s), so a sample does not depend on its batch, its rank or a resume. Writes one record
+per (question, sample), OUT-STEM.questions.jsonl and OUT-STEM.summary.json; `data.py build
+--questions OUT-STEM.questions.jsonl --teacher NAME=OUT` reads them as they are.
+
+Both run_sharded: every batch is appended and flushed, so a rerun with the same --out does only
+what is missing (a torn last line is redone); a rerun with other generation settings is refused.
+Under torchrun each rank takes every WORLD_SIZE-th missing item and appends to its own
+OUT.partR; rank 0 merges the parts into OUT, in data order, at the start and the end of a run.
+
+table: the paper's Table 1 from accuracy outputs: --run NAME=PATH[,PATH...] (one PATH per seed:
+an accuracy --out, its summary, or a directory of summaries). Accuracy per benchmark, the
+in-distribution (MATH500, GSM8K, SVAMP) and out-of-distribution (CommonsenseQA, StrategyQA,
+GPQA-Diamond) average gain over --baseline, each ± SEM over items and, with several seeds, ± SEM
+over seeds (table1 says how); as Markdown (printed, table.md) and JSON (table.json).
 
 pca-shift: per layer l (the output of block l; the embeddings are not a layer), each prompt's
 states mean-pooled over its tokens; PCA of the base student's pooled states (SVD, centred);
@@ -33,9 +49,11 @@ prompts, several GPUs per model. Plots need matplotlib; without it the numbers a
 import argparse
 import csv
 import glob
+import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -43,7 +61,7 @@ import torch
 
 from compact import CompactConfig, probe_log_likelihood, probe_plan
 from data import DataError, TASKS, collate, encode_instance, extract_answer, is_equivalent, load_benchmark, \
-    load_multi_teacher, write_json, write_jsonl
+    load_multi_teacher, read_questions, user_prompt, write_json, write_jsonl, write_text
 from lora import load_adapter, load_student
 from model import generate
 
@@ -57,7 +75,75 @@ def chat_prompt(tok, user_text):
     return tok.render_chat(messages), tok.encode_chat(messages)
 
 
-# --- accuracy ---
+def complete(model, tok, prompts, max_new_tokens, **sampling):
+    """(text, new tokens, stopped) per prompt: model.generate up to the template's stop token, which the
+    text leaves out. sampling: generate's temperature, top_p, seed (greedy without)."""
+    stop = set(tok.eos_ids) | {tok.eot_id}
+    outs = generate(model, prompts, max_new_tokens=max_new_tokens, eos_ids=stop, **sampling)
+    ends = [bool(new) and new[-1] in stop for new in outs]
+    return [(tok.decode(new[:-1] if end else new), len(new), end) for new, end in zip(outs, ends)]
+
+
+# --- accuracy: predict → extract → check ---
+
+def accuracy_sem(correct):
+    """(n, accuracy, SEM) of 0/1 outcomes; SEM = sqrt(p(1-p)/n), the binomial standard error."""
+    n = len(correct)
+    p = sum(correct) / n if n else float("nan")
+    return n, p, math.sqrt(p * (1 - p) / n) if n else float("nan")
+
+
+def evaluate(model, tok, items, out, batch_size=8, max_new_tokens=512, rank=0, world=1, log=None):
+    """Predict, extract and check every item not already in `out`; return all records, in items' order.
+
+    items: data.load_benchmark rows. Greedy decoding; resumable and sharded by run_sharded.
+    """
+    def predict_and_check(jobs):
+        outs = complete(model, tok, [j["ids"] for j in jobs], max_new_tokens)
+        return [{"id": j["item"]["id"], "prompt": j["text"], "output": text, "extracted": (pred := extract_answer(
+                    text, j["item"]["task"])), "gold": j["item"]["answer"],
+                 "correct": is_equivalent(pred, j["item"]["answer"], j["item"]["task"]), "new_tokens": n,
+                 "stopped": stopped} for j, (text, n, stopped) in zip(jobs, outs)]
+    jobs = [{"key": (it["id"], 0), "item": it, **dict(zip(("text", "ids"), chat_prompt(tok, it["prompt"])))}
+            for it in items]
+    return run_sharded(jobs, out, predict_and_check, batch_size, rank, world, log, items[0]["task"])
+
+
+def run_accuracy(a, rank=0, world=1, device="cpu"):
+    if len(a.task) != len(a.data):
+        raise DataError(f"--task given {len(a.task)} times but --data {len(a.data)} times; they pair up in order")
+    tasks = [task_name(t) for t in a.task]
+    if len(set(tasks)) != len(tasks):
+        raise DataError("--task: each task once per call")
+    data = [load_benchmark(t, p)[:a.limit] for t, p in zip(tasks, a.data)]  # DataError names FILE:LINE
+    for t, p, d in zip(tasks, a.data, data):
+        if not d:
+            raise DataError(f"--data {p}: no {t} items")
+    stem, ext = os.path.splitext(a.out)
+    outs = [a.out] if len(tasks) == 1 else [f"{stem}-{t}{ext or '.jsonl'}" for t in tasks]  # one file per task
+    model, tok = start_run(a, outs, ("model", "adapter", "max_new_tokens"), rank, world, device)
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else None
+    table = []
+    for task, items, out in zip(tasks, data, outs):
+        records = evaluate(model, tok, items, out, a.batch_size, a.max_new_tokens, rank, world, log)
+        n, p, sem = accuracy_sem([r["correct"] for r in records])
+        table.append({"task": task, "n": n, "accuracy": p, "sem": sem, "predictions": out})
+    if rank == 0:
+        write_json(stem + ".summary.json", {"settings": vars(a), "results": table})
+        print(f"{'task':<12} {'n':>6} {'accuracy':>9} {'± SEM':>7}")
+        for r in table:
+            print(f"{r['task']:<12} {r['n']:>6} {r['accuracy']:>9.4f} {r['sem']:>7.4f}")
+    return table
+
+
+def task_name(task):
+    """data.py's task for a benchmark's name (math500 = math), or DataError."""
+    if TASK_ALIASES.get(task, task) not in TASKS:
+        raise DataError(f"--task {task}: unknown (known: {', '.join(TASKS + tuple(TASK_ALIASES))})")
+    return TASK_ALIASES.get(task, task)
+
+
+# --- resumable sharded runs: the part-file protocol accuracy and rationales share ---
 
 def complete_lines(path):
     """(line number, object or None if not JSON) per complete line of a JSONL file that another
@@ -72,31 +158,22 @@ def complete_lines(path):
                 yield lineno, None
 
 
-def read_predictions(path):
-    """The complete records of a predictions file, by id."""
+def read_records(path):
+    """The complete records of an output file by key, (id, sample); accuracy's records have no sample."""
     lines = complete_lines(path) if os.path.exists(path) else []
-    return {r["id"]: r for _, r in lines if isinstance(r, dict) and "id" in r}
+    return {(r["id"], r.get("sample", 0)): r for _, r in lines if isinstance(r, dict) and "id" in r}
 
 
-def merge_predictions(out, order):
-    """Fold OUT and its part files into OUT, in data order (unknown ids last), atomically."""
+def merge_records(out, order):
+    """Fold OUT and its part files into OUT, in `order` of keys (unknown keys last), atomically."""
     parts = sorted(glob.glob(glob.escape(out) + ".part*"))
-    records = read_predictions(out)
+    records = read_records(out)
     for p in parts:
-        records.update(read_predictions(p))
-    rank = {i: n for n, i in enumerate(order)}
-    ordered = sorted(records.values(), key=lambda r: rank.get(r["id"], len(rank)))
-    write_jsonl(out, ordered)
+        records.update(read_records(p))
+    rank = {k: n for n, k in enumerate(order)}
+    write_jsonl(out, sorted(records.values(), key=lambda r: rank.get((r["id"], r.get("sample", 0)), len(rank))))
     for p in parts:
         os.remove(p)
-    return records
-
-
-def accuracy_sem(correct):
-    """(n, accuracy, SEM) of 0/1 outcomes; SEM = sqrt(p(1-p)/n), the binomial standard error."""
-    n = len(correct)
-    p = sum(correct) / n if n else float("nan")
-    return n, p, math.sqrt(p * (1 - p) / n) if n else float("nan")
 
 
 def _barrier(world):
@@ -105,88 +182,228 @@ def _barrier(world):
 
 
 @torch.no_grad()
-def evaluate(model, tok, items, out, batch_size=8, max_new_tokens=512, rank=0, world=1, log=None):
-    """Predict, extract and check every item not already in `out`; return all records, in items' order.
+def run_sharded(jobs, out, work, batch_size, rank=0, world=1, log=None, label=""):
+    """Do every job whose record `out` lacks; return all records, in jobs' order.
 
-    items: data.load_benchmark rows. Each rank generates todo[rank::world], longest prompts
-    first (an out-of-memory shows in the first batch), and appends one line per item per batch.
+    jobs: dicts with a unique "key" (id, sample) and "ids" (the prompt); work(batch of jobs) returns one
+    record per job, carrying its id (and sample). Each rank takes every world-th missing job, longest
+    prompts first (an out-of-memory shows in the first batch), and appends each batch's records to OUT
+    (one process) or OUT.partR, flushed, so a kill loses at most one batch (a torn last line is redone).
+    Rank 0 folds the parts into OUT, in jobs' order, at the start and the end.
     """
-    ids = [it["id"] for it in items]
-    if len(set(ids)) != len(ids):
-        raise DataError(f"{items[0]['task']}: duplicate item ids in the data; resuming needs unique ones")
+    keys = [j["key"] for j in jobs]
+    if len(set(keys)) != len(keys):
+        raise DataError(f"{label}: duplicate item ids in the data; resuming needs unique ones")
     if rank == 0:
-        merge_predictions(out, ids)
+        merge_records(out, keys)
     _barrier(world)
-    done = read_predictions(out)
-    mine = [it for it in items if it["id"] not in done][rank::world]
-    prompts = {it["id"]: chat_prompt(tok, it["prompt"]) for it in mine}
-    mine.sort(key=lambda it: -len(prompts[it["id"]][1]))
-    stop = set(tok.eos_ids) | {tok.eot_id}
-    path = out if world == 1 else f"{out}.part{rank}"
+    done = read_records(out)
+    mine = sorted([j for j in jobs if j["key"] not in done][rank::world], key=lambda j: -len(j["ids"]))
     t0 = time.time()
-    with open(path, "a", encoding="utf-8") as f:
+    with open(out if world == 1 else f"{out}.part{rank}", "a", encoding="utf-8") as f:
         for start in range(0, len(mine), batch_size):
-            batch = mine[start:start + batch_size]
-            outs = generate(model, [prompts[it["id"]][1] for it in batch], max_new_tokens=max_new_tokens, eos_ids=stop)
-            for it, new in zip(batch, outs):
-                stopped = bool(new) and new[-1] in stop
-                text = tok.decode(new[:-1] if stopped else new)
-                pred = extract_answer(text, it["task"])
-                f.write(json.dumps({"id": it["id"], "prompt": prompts[it["id"]][0], "output": text, "extracted": pred,
-                                    "gold": it["answer"], "correct": is_equivalent(pred, it["answer"], it["task"]),
-                                    "new_tokens": len(new), "stopped": stopped}, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in work(mine[start:start + batch_size]))
             f.flush()
             if log:
-                n, dt = start + len(batch), time.time() - t0
+                n, dt = min(start + batch_size, len(mine)), time.time() - t0
                 eta = int(dt / n * (len(mine) - n))
-                log(f"{items[0]['task']} {'rank 0: ' if world > 1 else ''}{n}/{len(mine)} | {n / dt:.2f} items/s"
+                log(f"{label} {'rank 0: ' if world > 1 else ''}{n}/{len(mine)} | {n / dt:.2f} items/s"
                     f" | eta {eta // 3600}h{eta // 60 % 60:02d}m{eta % 60:02d}s")
     _barrier(world)
     if rank == 0:
-        merge_predictions(out, ids)
+        merge_records(out, keys)
     _barrier(world)
-    records = read_predictions(out)
-    return [records[i] for i in ids if i in records]
+    records = read_records(out)
+    return [records[k] for k in keys if k in records]
 
 
-def run_accuracy(a, rank=0, world=1, device="cpu"):
-    if len(a.task) != len(a.data):
-        raise DataError(f"--task given {len(a.task)} times but --data {len(a.data)} times; they pair up in order")
-    tasks = [TASK_ALIASES.get(t, t) for t in a.task]
-    for t in tasks:
-        if t not in TASKS:
-            raise DataError(f"--task {t}: unknown (known: {', '.join(TASKS + tuple(TASK_ALIASES))})")
-    if len(set(tasks)) != len(tasks):
-        raise DataError("--task: each task once per call")
-    data = [load_benchmark(t, p)[:a.limit] for t, p in zip(tasks, a.data)]  # DataError names FILE:LINE
-    for t, p, d in zip(tasks, a.data, data):
-        if not d:
-            raise DataError(f"--data {p}: no {t} items")
-    stem, ext = os.path.splitext(a.out)
-    outs = [a.out] if len(tasks) == 1 else [f"{stem}-{t}{ext or '.jsonl'}" for t in tasks]  # one file per task
-    summary_path = stem + ".summary.json"
-    if os.path.exists(summary_path) and any(os.path.exists(o) for o in outs):
-        old = json.load(open(summary_path)).get("settings", {})
-        changed = [k for k in ("model", "adapter", "max_new_tokens") if old.get(k) != getattr(a, k)]
-        if changed:
-            raise DataError(f"--out {a.out}: holds predictions made with another {', '.join(changed)}; use a new --out")
+def start_run(a, outs, keys, rank, world, device):
+    """Refuse to resume outputs made with other settings `keys`; load the model; rank 0 writes the settings
+    to OUT-STEM.summary.json first, so that a resumed run can be checked against them."""
+    summary = os.path.splitext(a.out)[0] + ".summary.json"
+    if os.path.exists(summary) and any(os.path.exists(o) for o in outs):
+        old = json.load(open(summary)).get("settings", {})
+        if changed := [k for k in keys if old.get(k) != getattr(a, k)]:
+            raise DataError(f"--out {a.out}: holds outputs made with another {', '.join(changed)}; use a new --out")
     model, tok = load_student(a.model, a.adapter, a.dtype, device)
     _barrier(world)  # every rank has read the old settings before rank 0 writes the new
-    if rank == 0:  # the settings first, so a resumed run can be checked against them
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        write_json(summary_path, {"settings": vars(a), "results": None})
-    log = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else None
-    table = []
-    for task, items, out in zip(tasks, data, outs):
-        records = evaluate(model, tok, items, out, a.batch_size, a.max_new_tokens, rank, world, log)
-        n, p, sem = accuracy_sem([r["correct"] for r in records])
-        table.append({"task": task, "n": n, "accuracy": p, "sem": sem, "predictions": out})
     if rank == 0:
-        write_json(summary_path, {"settings": vars(a), "results": table})
-        print(f"{'task':<12} {'n':>6} {'accuracy':>9} {'± SEM':>7}")
-        for r in table:
-            print(f"{r['task']:<12} {r['n']:>6} {r['accuracy']:>9.4f} {r['sem']:>7.4f}")
-    return table
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        write_json(summary, {"settings": vars(a), "results": None})
+    return model, tok
+
+
+# --- teacher rationales: N samples per question, in the teacher's own chat template ---
+
+def sample_seed(seed, qid, sample):
+    """The sampling seed of one (seed, question, sample): a row's draws do not depend on its batch."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{qid}\0{sample}".encode()).digest()[:7], "little")
+
+
+def run_rationales(a, rank=0, world=1, device="cpu"):
+    """Sample --samples rationales per question at --temperature; records {id, sample, question, answer,
+    task, text, extracted, correct, new_tokens, stopped}, which data.py build reads as they are."""
+    if bool(a.questions) == bool(a.data) or (a.data and not a.task):
+        raise DataError("give --questions FILE, or --task TASK with --data FILE (a benchmark in its public format)")
+    if a.samples > 1 and a.temperature <= 0:
+        raise DataError(f"--samples {a.samples} at --temperature {a.temperature}: greedy samples are all the same")
+    questions = [{"id": q.id, "question": q.question, "answer": q.answer, "task": q.task} for q in
+                 read_questions(a.questions, a.task and task_name(a.task))] if a.questions else \
+        [{k: it[k] for k in ("id", "question", "answer", "task")} for it in load_benchmark(task_name(a.task), a.data)]
+    if not (questions := questions[:a.limit]):
+        raise DataError(f"{a.questions or a.data}: no questions")
+    model, tok = start_run(a, [a.out], ("model", "adapter", "max_new_tokens", "temperature", "top_p", "seed"),
+                           rank, world, device)
+    stem = os.path.splitext(a.out)[0]
+    if rank == 0:  # the questions as data.py build reads them
+        write_jsonl(stem + ".questions.jsonl", questions)
+
+    def sample(jobs):
+        outs = complete(model, tok, [j["ids"] for j in jobs], a.max_new_tokens, temperature=a.temperature,
+                        top_p=a.top_p, seed=[sample_seed(a.seed, *j["key"]) for j in jobs])
+        return [{"id": j["q"]["id"], "sample": j["key"][1], **j["q"], "text": text, "extracted": (pred := extract_answer(
+                    text, j["q"]["task"])), "correct": is_equivalent(pred, j["q"]["answer"], j["q"]["task"]),
+                 "new_tokens": n, "stopped": stopped} for j, (text, n, stopped) in zip(jobs, outs)]
+    prompts = {q["id"]: chat_prompt(tok, user_prompt(q["question"], q["task"]))[1] for q in questions}
+    jobs = [{"key": (q["id"], s), "q": q, "ids": prompts[q["id"]]} for q in questions for s in range(a.samples)]
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else None
+    records = run_sharded(jobs, a.out, sample, a.batch_size, rank, world, log, "rationales")
+    solved = {r["id"] for r in records if r["correct"]}
+    result = {"questions": len(questions), "samples": len(records), "correct": sum(r["correct"] for r in records),
+              "cut_off": sum(not r["stopped"] for r in records), "questions_with_a_correct_sample": len(solved)}
+    if rank == 0:
+        write_json(stem + ".summary.json", {"settings": vars(a), "results": result})
+        print(" | ".join(f"{k.replace('_', ' ')} {v}" for k, v in result.items()) + f" | wrote {a.out}")
+    return records
+
+
+# --- Table 1: accuracy per benchmark, average gains over the baseline, SEMs ---
+
+GROUPS = {"in-distribution": ("math", "gsm8k", "svamp"), "out-of-distribution": ("csqa", "strategyqa", "gpqa")}
+NAMES = {"math": "MATH500", "gsm8k": "GSM8K", "svamp": "SVAMP", "csqa": "CommonsenseQA", "strategyqa": "StrategyQA",
+         "gpqa": "GPQA-Diamond"}
+
+
+def seed_predictions(path):
+    """{task: predictions file} of one seed: an eval.py accuracy --out (its summary beside it), the summary
+    itself, a directory of summaries, or a predictions file named TASK.jsonl / STEM-TASK.jsonl."""
+    stem = path[:-len(".summary.json")] if path.endswith(".summary.json") else os.path.splitext(path)[0]
+    summaries = sorted(glob.glob(os.path.join(glob.escape(path), "*.summary.json"))) if os.path.isdir(path) else \
+        [stem + ".summary.json"] if os.path.isfile(stem + ".summary.json") else []
+    if not summaries:
+        task = next((t for t in TASKS + tuple(TASK_ALIASES) if re.search(rf"(^|[-_/]){t}\.jsonl$", path)), None)
+        if task and os.path.isfile(path):
+            return {task_name(task): path}
+        raise DataError(f"--run {path}: no eval.py accuracy output (no .summary.json, no TASK.jsonl file)")
+    found = {}
+    for s in summaries:
+        results = json.load(open(s)).get("results")
+        if not isinstance(results, list):
+            raise DataError(f"{s}: the accuracy run has not finished; rerun it with the same --out")
+        for r in results:  # a path relative to where the run started, else beside the summary
+            pred = r["predictions"] if os.path.isfile(r["predictions"]) else \
+                os.path.join(os.path.dirname(s), os.path.basename(r["predictions"]))
+            if found.setdefault(r["task"], pred) != pred:
+                raise DataError(f"--run {path}: two prediction files for {r['task']}")
+    return found
+
+
+def read_correct(path):
+    """{id: 0 or 1} of a predictions file."""
+    out = {}
+    for lineno, r in complete_lines(path):
+        if not isinstance(r, dict) or not isinstance(r.get("correct"), bool) or "id" not in r:
+            raise DataError(f"{path}:{lineno}: not a prediction record with 'id' and 'correct'")
+        out[r["id"]] = int(r["correct"])
+    return out
+
+
+def item_means(seeds, where):
+    """Per item, the mean over seeds of the 0/1 scores; every seed must score the same items."""
+    if any(set(s) != set(seeds[0]) for s in seeds) or not seeds[0]:
+        raise DataError(f"{where}: the seeds' prediction files hold different (or no) items")
+    return {i: sum(s[i] for s in seeds) / len(seeds) for i in seeds[0]}
+
+
+def sem(x, ddof):
+    """sqrt(Σ(x_i − x̄)² / (n − ddof)) / √n; ddof 0 on 0/1 scores is the binomial SEM sqrt(p(1−p)/n)."""
+    m = sum(x) / len(x)
+    return math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - ddof) / len(x)) if len(x) > ddof else None
+
+
+def table1(runs, baseline):
+    """runs: {name: [{task: {id: 0/1}} per seed]} -> per run and benchmark the accuracy (mean over seeds) with
+    its item SEM (of the per-item means over seeds: the binomial SEM with one seed) and seed SEM (std of the
+    seeds' accuracies / √S), and per group the average gain over `baseline` (mean over the group's benchmarks
+    of run − baseline) with its item SEM (paired per item, benchmarks in quadrature) and seed SEM."""
+    tasks = [t for g in GROUPS.values() for t in g if any(t in s for seeds in runs.values() for s in seeds)]
+    out, scores = {}, {}
+    for name, seeds in runs.items():
+        means, accs = {}, {}
+        out[name] = {"seeds": len(seeds), "benchmarks": {}, "gains": {}}
+        for t in [t for t in tasks if all(t in s for s in seeds)]:
+            means[t] = item_means([s[t] for s in seeds], f"--run {name} {t}")
+            accs[t] = [sum(s[t].values()) / len(s[t]) for s in seeds]
+            out[name]["benchmarks"][t] = {"n": len(means[t]), "accuracy": sum(accs[t]) / len(seeds),
+                                          "sem_items": sem(list(means[t].values()), 0), "sem_seeds": sem(accs[t], 1)}
+        scores[name] = means, accs
+    base_means, base_accs = scores[baseline]
+    for name, row in out.items():
+        means, accs = scores[name]
+        for group, members in GROUPS.items():
+            members = [t for t in members if t in tasks]
+            if name == baseline or not members or any(t not in means or t not in base_means for t in members):
+                continue
+            if bad := [t for t in members if set(means[t]) != set(base_means[t])]:
+                raise DataError(f"--run {name} and --run {baseline}: {bad[0]} predictions of different items")
+            base = {t: sum(base_accs[t]) / len(base_accs[t]) for t in members}
+            per_seed = [sum(accs[t][s] - base[t] for t in members) / len(members) for s in range(row["seeds"])]
+            paired = [sem([x - base_means[t][i] for i, x in means[t].items()], 0) for t in members]
+            row["gains"][group] = {"gain": sum(per_seed) / len(per_seed), "benchmarks": members,
+                                   "sem_items": math.sqrt(sum(v * v for v in paired)) / len(members),
+                                   "sem_seeds": sem(per_seed, 1)}
+    return {"baseline": baseline, "tasks": tasks, "runs": out}
+
+
+def table_markdown(t):
+    """Table 1's layout: a row per run; each group's benchmarks, then its average gain. In %."""
+    pct = lambda v, sign="": f"{100 * v[0]:{sign}.2f} ± {100 * v[1]:.2f}" + (f" ± {100 * v[2]:.2f}" if v[2] is not None else "")
+    head, rows = ["run", "seeds"], []
+    for group, members in GROUPS.items():
+        head += [NAMES[m] for m in members if m in t["tasks"]] + [f"{group} avg gain"] * any(m in t["tasks"] for m in members)
+    for name, r in t["runs"].items():
+        cells = [name, str(r["seeds"])]
+        for group, members in GROUPS.items():
+            cells += [pct([b["accuracy"], b["sem_items"], b["sem_seeds"]]) if (b := r["benchmarks"].get(m)) else "—"
+                      for m in members if m in t["tasks"]]
+            if any(m in t["tasks"] for m in members):
+                g = r["gains"].get(group)
+                cells.append(pct([g["gain"], g["sem_items"], g["sem_seeds"]], "+") if g else "—")
+        rows.append(cells)
+    lines = ["| " + " | ".join(c) + " |" for c in [head, ["---"] * len(head)] + rows]
+    return "\n".join(lines) + (f"\n\nAccuracy and gains over {t['baseline']} in %, ± SEM over items (binomial; "
+                               "of the per-item mean over seeds; for gains paired per item), ± SEM over seeds.\n")
+
+
+def run_table(a):
+    runs = {}
+    for spec in a.run:
+        name, eq, paths = spec.partition("=")
+        if not eq or not name or not paths or name in runs:
+            raise DataError(f"--run {spec!r}: expected NAME=PATH[,PATH...] (one path per seed), each NAME once")
+        runs[name] = [{t: read_correct(p) for t, p in seed_predictions(path).items()} for path in paths.split(",")]
+    baseline = a.baseline or next(iter(runs))
+    if baseline not in runs:
+        raise DataError(f"--baseline {baseline}: not one of the --run names ({', '.join(runs)})")
+    t = table1(runs, baseline)
+    text = table_markdown(t)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        write_text(os.path.join(a.out, "table.md"), text)
+        write_json(os.path.join(a.out, "table.json"), {**t, "sources": {r.partition("=")[0]: r.partition("=")[2].split(",")
+                                                                        for r in a.run}})
+    print(text, end="")
+    return t
 
 
 # --- PCA shift (SPEC §6, the paper's §4.3) ---
@@ -238,8 +455,7 @@ def pca_shift(base, distilled):
 
 
 def run_pca_shift(a, device="cpu"):
-    task = TASK_ALIASES.get(a.task, a.task)
-    items = load_benchmark(task, a.data)[:a.limit]
+    items = load_benchmark(task_name(a.task), a.data)[:a.limit]
     if len(items) < 3:
         raise DataError(f"--data {a.data}: {len(items)} item(s); two principal axes need at least 3")
     model, tok = load_student(a.model, None, a.dtype, device)
@@ -416,6 +632,22 @@ def build_parser():
                      help="the task's file in its public format; repeat, in --task order")
     acc.add_argument("--max-new-tokens", type=int, default=1024)
     acc.add_argument("--out", required=True, help="predictions JSONL (several tasks: OUT-STEM-TASK.jsonl)")
+    r = sub.add_parser("rationales", help="teacher rationales: N samples per question (resumable, torchrun-aware)")
+    student(r, batch_size=16)
+    r.add_argument("--questions", help="JSONL of {id, question, answer[, task]}, as data.py build reads it")
+    r.add_argument("--task", help="task of questions without one; with --data, the benchmark's")
+    r.add_argument("--data", help="instead of --questions: a benchmark file in its public format")
+    r.add_argument("--samples", type=int, default=4, help="rationales per question")
+    r.add_argument("--temperature", type=float, default=0.7)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=0, help="sample s of question q draws from seed (seed, q, s)")
+    r.add_argument("--max-new-tokens", type=int, default=4096)
+    r.add_argument("--out", required=True, help="rationales JSONL (OUT-STEM.questions.jsonl and .summary.json beside)")
+    t = sub.add_parser("table", help="Table 1: accuracy per benchmark, average gains over a baseline, SEMs")
+    t.add_argument("--run", action="append", required=True, metavar="NAME=PATH[,PATH...]",
+                   help="a run's eval.py accuracy outputs, one PATH per seed (its --out, summary or directory); repeat")
+    t.add_argument("--baseline", help="the run gains are measured against (default: the first --run)")
+    t.add_argument("--out", help="directory for table.md and table.json")
     pca = sub.add_parser("pca-shift", help="per-layer centroid shift of the distilled student in the base's PCA frame")
     student(pca, adapter_required=True)
     pca.add_argument("--task", required=True)
@@ -437,18 +669,20 @@ def main(argv=None):
     p = build_parser()
     a = p.parse_args(argv)
     try:
-        if a.command == "weights":
-            return run_weights(a)
-        for flag in ("batch_size", "limit", "max_new_tokens"):
+        if a.command in ("weights", "table"):
+            return (run_weights if a.command == "weights" else run_table)(a)
+        for flag in ("batch_size", "limit", "max_new_tokens", "samples"):
             if getattr(a, flag, None) is not None and getattr(a, flag) < 1:
                 raise DataError(f"--{flag.replace('_', '-')} must be >= 1")
         if a.device == "cuda" and not torch.cuda.is_available():
             raise DataError("--device cuda: no CUDA device here")
         a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
-        if a.command == "accuracy":
+        if a.command == "rationales" and not 0 < a.top_p <= 1:
+            raise DataError(f"--top-p {a.top_p}: must be in (0, 1]")
+        if a.command in ("accuracy", "rationales"):
             from train import setup_dist  # torchrun's process group, as training sets it up
             rank, world, device = setup_dist(a.device)
-            return run_accuracy(a, rank, world, device)
+            return (run_accuracy if a.command == "accuracy" else run_rationales)(a, rank, world, device)
         return (run_pca_shift if a.command == "pca-shift" else run_mi_trace)(a, a.device)
     except (DataError, OSError, ValueError, KeyError) as e:
         p.exit(2, f"eval.py {a.command}: error: {e.args[0] if isinstance(e, KeyError) else e}\n")

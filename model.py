@@ -307,7 +307,9 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu") -> "Transformer":
         """Build on the meta device, then stream each safetensors tensor to dtype/device once."""
         from safetensors import safe_open
+        from tokenizer import resolve_model_dir  # a hub id `org/name` is fetched first
 
+        path = resolve_model_dir(path)
         config_file = os.path.join(path, "config.json")
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
@@ -455,13 +457,20 @@ def generate(model, prompts, max_new_tokens=256, eos_ids=(), temperature=0.0, to
     a = model.args
     cache = [KVCache.empty(N, a.num_key_value_heads, L + max_new_tokens, a.head_dim,
                            model.model.embed_tokens.weight.dtype, device) for _ in range(a.num_hidden_layers)]
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    # seed: one int for the batch, or one per prompt: each row then draws from its own stream, so what a
+    # row samples does not depend on which prompts share its batch (resumable sampling, eval.py rationales).
+    rows = [torch.Generator(device).manual_seed(s) for s in seed] if isinstance(seed, (list, tuple)) else None
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None and rows is None else None
+    if rows is not None and len(rows) != N:
+        raise ValueError(f"{len(rows)} seeds for {N} prompts")
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
 
     logits, pos = prefill(model, ids, valid, cache)
     out, done = [], torch.zeros(N, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        nxt = torch.where(done, 0, sample(logits.float(), temperature, top_p, generator))  # (N,)
+        nxt = torch.cat([sample(logits[i:i + 1].float(), temperature, top_p, g) for i, g in enumerate(rows)]) \
+            if rows else sample(logits.float(), temperature, top_p, generator)  # (N,)
+        nxt = torch.where(done, 0, nxt)
         out.append(nxt)
         done = done | torch.isin(nxt, eos)
         if bool(done.all()) or step == max_new_tokens - 1:

@@ -9,6 +9,7 @@ Text inside messages is always plain text: special-token strings in data stay te
 question holding "<|im_end|>" cannot close a turn. Left out: slow (sentencepiece-only)
 tokenizers, multi-template tool calling beyond what the checkpoint's template renders.
 """
+import functools
 import json
 import os
 import re
@@ -93,7 +94,8 @@ class Tokenizer:
     def from_pretrained(cls, path, chat_format=None):
         """Read tokenizer.json, tokenizer_config.json, generation_config.json and the chat
         template (chat_template.jinja, else tokenizer_config's, else chat_format's built-in;
-        an explicit chat_format wins)."""
+        an explicit chat_format wins). A hub id `org/name` is fetched first (resolve_model_dir)."""
+        path = resolve_model_dir(path)
         tj = os.path.join(path, "tokenizer.json")
         if not os.path.exists(tj):
             raise FileNotFoundError(f"{path}: no tokenizer.json (only fast tokenizers are read)")
@@ -194,14 +196,38 @@ class Tokenizer:
         return self._eot_id
 
 
-# --- tokenizer files ---
+# --- model directories: tokenizer files, hub ids ---
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
+HUB_FILES = ["*.safetensors", "*.json", *TOKENIZER_FILES]  # what we read: weights, configs, tokenizer files
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_model_dir(path):
+    """A model directory for `path`: the path itself when it exists or does not look like a Hugging Face
+    hub id; else `org/name` fetched with huggingface_hub's snapshot_download (only HUB_FILES; it honours
+    HF_HOME, HF_HUB_OFFLINE and its cache). huggingface_hub is optional: without it the error says how
+    to get the files. Once per id and process."""
+    if os.path.exists(path) or not _HUB_ID.fullmatch(path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"{path}: no such directory. As a Hugging Face hub id it needs huggingface_hub "
+                                f"(pip install huggingface_hub), or download it yourself: huggingface-cli download "
+                                f"{path} --local-dir DIR, and pass DIR") from None
+    try:
+        return snapshot_download(path, allow_patterns=HUB_FILES)
+    except Exception as e:  # RepositoryNotFoundError, GatedRepoError, offline and not cached, network
+        raise FileNotFoundError(f"{path}: no such directory, and the Hugging Face hub gives no model of that id "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
 
 
 def copy_tokenizer(src, dst):
     """Copy a model directory's tokenizer files, so `dst` is a complete model directory."""
+    src = resolve_model_dir(src)
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copy2(os.path.join(src, name), dst)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from compact import TEACHER_STATS, CompactConfig, compact_loss, teacher_means, teacher_sums
 from data import (THINKING_WORDS, DataError, add_config_args, atomic_path, collate, config_from_args, encode_dataset,
                   load_multi_teacher, read_jsonl, shard_indices, write_json, write_jsonl)
-from lora import apply_lora, load_adapter, save_adapter
+from lora import apply_lora, load_adapter, read_adapter, save_adapter
 from model import Transformer
 from tokenizer import Tokenizer, copy_tokenizer
 
@@ -51,6 +51,7 @@ class TrainConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     full_ft: bool = False  # train every weight instead of LoRA
+    init_adapter: str = ""  # start LoRA from this PEFT adapter, exactly (its rank and alpha, not --lora-rank/-alpha)
     grad_checkpointing: bool = False  # recompute each layer in backward (less memory)
     seed: int = 0
     save_every: int = 200  # checkpoint every N steps (0 = only at the end)
@@ -69,6 +70,8 @@ class TrainConfig:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 0")
         if os.path.isfile(self.out):
             raise ValueError(f"--out {self.out} is a file, not a directory")
+        if self.init_adapter and self.full_ft:
+            raise ValueError("--init-adapter continues a LoRA adapter; --full-ft trains no adapter")
 
 
 # --- distributed plumbing ---
@@ -193,10 +196,14 @@ def build_model(cfg, device, resume_dir=None):
     dtype = torch.bfloat16 if cuda and not cfg.full_ft else torch.float32
     source = resume_dir if (cfg.full_ft and resume_dir) else cfg.model
     model = Transformer.from_pretrained(source, dtype=dtype, device=device)
-    if not cfg.full_ft:
+    if cfg.init_adapter:  # the adapter's own settings with this run's dropout; its weights, so step 0 is its model
+        init, _ = read_adapter(cfg.init_adapter)
+        apply_lora(model, init["r"], init["lora_alpha"], cfg.lora_dropout, init["target_modules"], init.get("use_rslora", False))
+        load_adapter(model, cfg.init_adapter)
+    elif not cfg.full_ft:
         apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-        if resume_dir:
-            load_adapter(model, resume_dir)
+    if resume_dir and not cfg.full_ft:
+        load_adapter(model, resume_dir)
     model.gradient_checkpointing = cfg.grad_checkpointing
     return model.to(device)
 

@@ -252,8 +252,9 @@ def test_cli_build_reports_per_teacher(tmp_path, capsys):
     data.main(["build", "--questions", questions, "--teacher", f"good={good}", "--teacher",
                f"mixed={mixed}", "--task", "gsm8k", "--out", out, "--min-teachers", "2"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split() == ["good", "4", "0", "0", "0"]
-    assert lines[2].split() == ["mixed", "1", "1", "1", "1"]
+    assert lines[0].split() == ["teacher", "kept", "wrong", "no", "answer", "too", "long", "missing"]
+    assert lines[1].split() == ["good", "4", "0", "0", "0", "0"]
+    assert lines[2].split() == ["mixed", "1", "1", "1", "0", "1"]
     insts = data.load_multi_teacher(out)
     assert [i.id for i in insts] == ["q0"] and [t for t, _ in insts[0].rationales] == ["good", "mixed"]
     assert "1 instances" in lines[3] and "3 with under 2 rationales dropped" in lines[3]
@@ -291,7 +292,7 @@ def test_build_joins_by_question_text_when_the_id_is_unknown_and_refuses_a_name_
     gens = _write(tmp_path / "g.jsonl", [{"id": "gen-7", "question": "What is 1 + 1?", "text": "The answer is 2."}])
     out = str(tmp_path / "out.jsonl")
     data.main(["build", "--questions", questions, "--teacher", f"a={gens}", "--task", "gsm8k", "--out", out])
-    assert capsys.readouterr().out.splitlines()[1].split() == ["a", "1", "0", "0", "0"]
+    assert capsys.readouterr().out.splitlines()[1].split() == ["a", "1", "0", "0", "0", "0"]
     for argv, message in [(["--teacher", f"a={gens}", "--teacher", f"a={gens}"], "given twice"),
                           (["--teacher", f"a={gens}", "--min-teachers", "0"], "--min-teachers 0")]:
         with pytest.raises(SystemExit) as err:
@@ -304,3 +305,65 @@ def test_cli_check_skip_bad_counts_dropped_lines(tmp_path, capsys):
     data.main(["check", bad, "--skip-bad"])
     captured = capsys.readouterr()
     assert "2 instances" in captured.out and "1" in captured.err
+
+
+def batch_line(custom_id, *contents, finish="stop", reasoning=None):
+    """One line of OpenAI-style batch output (what OpenAI's and vLLM's batch runners write)."""
+    choices = [{"index": j, "message": {"role": "assistant", "content": c, **({"reasoning_content": reasoning}
+                                                                               if reasoning else {})},
+                "finish_reason": finish, "logprobs": None} for j, c in enumerate(contents)]
+    return {"id": f"batch_req_{custom_id}", "custom_id": custom_id, "error": None,
+            "response": {"status_code": 200, "request_id": "r", "body": {"object": "chat.completion", "choices": choices}}}
+
+
+def test_build_keeps_the_first_correct_sample_and_reads_openai_batch_output(tmp_path, capsys, tiny_tokenizer_dir):
+    questions = _write(tmp_path / "q.jsonl", [{"id": f"q{i}", "question": f"What is {i} + 1?", "answer": str(i + 1)}
+                                              for i in range(5)])
+    said = lambda i, n: f"So {i} + 1 = {n}. The answer is {n}."
+    ours = _write(tmp_path / "ours.jsonl", [  # eval.py rationales records, samples out of order
+        {"id": "q0", "sample": 2, "text": said(0, 1) + " (third)", "stopped": True},
+        {"id": "q0", "sample": 0, "text": said(0, 7), "stopped": True},
+        {"id": "q0", "sample": 1, "text": said(0, 1), "stopped": True},  # the first correct sample
+        {"id": "q1", "sample": 0, "text": said(1, 2), "stopped": False},  # cut off by max_new_tokens
+        {"id": "q2", "sample": 0, "text": "I am not sure.", "stopped": True},
+        {"id": "q4", "sample": 0, "text": "Let me think. " * 40 + said(4, 5), "stopped": True}])  # over --max-len
+    batch = _write(tmp_path / "batch.jsonl", [
+        batch_line("q0", said(0, 1), reasoning="Hmm, 0 plus 1."),
+        batch_line("q1#1", said(1, 2)), batch_line("q1#0", said(1, 9)),  # one request per sample: ID#S
+        {"id": "batch_req_q2", "custom_id": "q2", "response": None, "error": {"code": "server_error", "message": "x"}},
+        batch_line("q3", said(3, 4)[:8], finish="length"),
+        batch_line("q4", said(4, 6), said(4, 5))])  # n = 2 choices: the second is the first correct one
+    out = str(tmp_path / "multi.jsonl")
+    data.main(["build", "--questions", questions, "--teacher", f"ours={ours}", "--teacher", f"api={batch}",
+               "--task", "gsm8k", "--out", out, "--max-len", "120", "--model", tiny_tokenizer_dir])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["ours", "1", "0", "1", "2", "1"]  # kept q0; q2 no answer; q1, q4 too long; q3 missing
+    assert lines[2].split() == ["api", "3", "0", "0", "1", "1"]  # kept q0, q1, q4; q3 cut off; q2 failed: missing
+    got = {i.id: dict(i.rationales) for i in data.load_multi_teacher(out)}
+    assert got["q0"] == {"ours": said(0, 1), "api": "Hmm, 0 plus 1.\n\n" + said(0, 1)}
+    assert got["q1"] == {"api": said(1, 2)} and got["q4"] == {"api": said(4, 5)} and set(got) == {"q0", "q1", "q4"}
+
+
+def test_build_bad_batch_lines_and_a_teacher_with_nothing_usable_exit_2_and_write_nothing(tmp_path, capsys):
+    questions = _write(tmp_path / "q.jsonl", [{"id": "q0", "question": "What is 1 + 1?", "answer": "2"}])
+    good = _write(tmp_path / "good.jsonl", [batch_line("q0", "The answer is 2.")])
+    out = tmp_path / "multi.jsonl"
+    out.write_text("an earlier build\n")
+    broken = {**batch_line("q0", "x"), "response": {"status_code": 200, "body": {"choices": [{"text": "x"}]}}}
+    cases = [([batch_line("q0", "The answer is 2."), broken], "bad.jsonl:2: a batch output line needs response.body"),
+             ([batch_line("q0", None), {**batch_line("q0", "x"), "custom_id": 7}], "bad.jsonl:2: 'custom_id' must be"),
+             ([{"id": "q0", "sample": "first", "text": "The answer is 2."}], "bad.jsonl:1: 'sample' must be an integer"),
+             ([batch_line("zz", "The answer is 2."), batch_line("q0", "The answer is 3.")],
+              "bad.jsonl: teacher bad has no usable rationale for any of the 1 questions (missing 0, no answer 0, "
+              "wrong 1, too long 0, kept 0)")]
+    for lines, message in cases:
+        bad = _write(tmp_path / "bad.jsonl", lines)
+        with pytest.raises(SystemExit) as e:
+            data.main(["build", "--questions", questions, "--teacher", f"good={good}", "--teacher", f"bad={bad}",
+                       "--task", "gsm8k", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, (message, err)
+        assert out.read_text() == "an earlier build\n"
+    with pytest.raises(SystemExit) as e:
+        data.main(["build", "--questions", questions, "--teacher", f"good={good}", "--out", str(out), "--max-len", "9"])
+    assert e.value.code == 2 and "--max-len N (>= 1) and --model DIR go together" in capsys.readouterr().err

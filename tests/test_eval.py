@@ -332,3 +332,127 @@ def test_weights_from_a_real_training_run(tmp_path, student_dir):
     dyn = ev.main(["weights", str(tmp_path / "run")])
     assert sorted(dyn) == sorted(demo.SYNTH_TEACHERS) and os.path.isfile(tmp_path / "run" / "weights.png")
     assert all(len(d["steps"]) <= 3 and 0 < d["weight_first"] < 1 for d in dyn.values())
+
+
+# --- teacher rationales ---
+
+def test_rationales_are_deterministic_per_question_and_sample_and_resume_exactly(tmp_path, capsys, student_dir):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"id": f"q{i}", "question": f"Tom has {i} apples{'!' * i}. How many?",
+                                             "answer": str(i)}) + "\n" for i in range(3)))
+    common = ["rationales", "--model", student_dir, "--questions", str(questions), "--task", "gsm8k", "--samples", "2",
+              "--temperature", "1.0", "--max-new-tokens", "6", "--device", "cpu"]
+    ev.main(common + ["--batch-size", "4", "--out", str(tmp_path / "a" / "qwq.jsonl")])
+    a = [json.loads(line) for line in open(tmp_path / "a" / "qwq.jsonl")]
+    assert [(r["id"], r["sample"]) for r in a] == [(f"q{i}", s) for i in range(3) for s in range(2)]
+    assert {"question", "answer", "task", "text", "extracted", "correct", "new_tokens", "stopped"} <= set(a[0])
+    assert a[0]["text"] != a[1]["text"]  # two samples of one question differ
+    assert [json.loads(line)["id"] for line in open(tmp_path / "a" / "qwq.questions.jsonl")] == ["q0", "q1", "q2"]
+    assert "questions 3 | samples 6" in capsys.readouterr().out
+    ev.main(common + ["--batch-size", "1", "--out", str(tmp_path / "b" / "qwq.jsonl")])  # other batches: same samples
+    assert [json.loads(line) for line in open(tmp_path / "b" / "qwq.jsonl")] == a
+    with open(tmp_path / "b" / "qwq.jsonl", "w") as f:  # killed after two records, mid-way through a third
+        f.write("".join(json.dumps(r) + "\n" for r in a[:2]) + json.dumps(a[2])[:20])
+    ev.main(common + ["--batch-size", "3", "--out", str(tmp_path / "b" / "qwq.jsonl")])
+    assert [json.loads(line) for line in open(tmp_path / "b" / "qwq.jsonl")] == a
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # another seed may not mix into the same file
+        ev.main(common + ["--seed", "1", "--out", str(tmp_path / "b" / "qwq.jsonl")])
+    assert e.value.code == 2 and "another seed" in capsys.readouterr().err
+
+
+def test_rationales_bad_input_exits_2(tmp_path, capsys, student_dir):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"id": "q0", "question": "Q?", "answer": "1"}\n{"id": "q0", "question": "R?", "answer": "2"}\n')
+    gsm8k = write_benchmarks(str(tmp_path))["gsm8k"]
+    cases = [(["--questions", str(questions), "--task", "gsm8k"], "q.jsonl:2: duplicate id 'q0'"),
+             (["--questions", str(questions), "--data", gsm8k, "--task", "gsm8k"], "give --questions FILE, or --task"),
+             (["--data", gsm8k], "give --questions FILE, or --task"),
+             (["--data", gsm8k, "--task", "gsm8k", "--temperature", "0"], "greedy samples are all the same"),
+             (["--data", gsm8k, "--task", "gsm8k", "--top-p", "0"], "--top-p 0.0"),
+             (["--data", gsm8k, "--task", "gsm9k"], "--task gsm9k: unknown")]
+    for args, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            ev.main(["rationales", "--model", student_dir, "--device", "cpu", *args, "--out", str(tmp_path / "r.jsonl")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and "Traceback" not in err, (args, err)
+    assert not os.path.exists(tmp_path / "r.jsonl")
+
+
+# --- Table 1 ---
+
+def write_accuracy_output(out, correct):
+    """What eval.py accuracy writes for {task: [0/1 per item]}: OUT-STEM-TASK.jsonl and OUT-STEM.summary.json."""
+    stem = os.path.splitext(out)[0]
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    results = []
+    for task, scores in correct.items():
+        with open(f"{stem}-{task}.jsonl", "w") as f:
+            f.writelines(json.dumps({"id": f"{task}-{i}", "correct": bool(c)}) + "\n" for i, c in enumerate(scores))
+        results.append({"task": task, "n": len(scores), "predictions": f"{stem}-{task}.jsonl"})
+    with open(stem + ".summary.json", "w") as f:
+        json.dump({"settings": {}, "results": results}, f)
+
+
+def test_table_accuracy_gains_and_sems_by_hand(tmp_path, capsys):
+    base = str(tmp_path / "base" / "preds.jsonl")
+    write_accuracy_output(base, {"gsm8k": [1, 0, 0, 1], "svamp": [0, 0], "csqa": [1, 0]})
+    write_accuracy_output(str(tmp_path / "c0" / "preds.jsonl"), {"gsm8k": [1, 1, 0, 1], "svamp": [1, 0], "csqa": [1, 1]})
+    write_accuracy_output(str(tmp_path / "c1" / "preds.jsonl"), {"gsm8k": [1, 0, 1, 0], "svamp": [1, 0], "csqa": [0, 1]})
+    ev.main(["table", "--run", f"base={base}", "--run", f"compact={tmp_path / 'c0'},{tmp_path / 'c1' / 'preds.summary.json'}",
+             "--out", str(tmp_path / "table")])
+    t = json.load(open(tmp_path / "table" / "table.json"))
+    assert t["tasks"] == ["gsm8k", "svamp", "csqa"] and t["baseline"] == "base"
+    b, c = t["runs"]["base"], t["runs"]["compact"]
+    approx = lambda d: pytest.approx(d, abs=1e-6)
+    # base, one seed: the binomial SEM sqrt(p(1-p)/n); no seed SEM
+    assert b["benchmarks"]["gsm8k"] == approx({"n": 4, "accuracy": 0.5, "sem_items": 0.25, "sem_seeds": None})
+    assert b["benchmarks"]["csqa"] == approx({"n": 2, "accuracy": 0.5, "sem_items": math.sqrt(0.125), "sem_seeds": None})
+    assert b["gains"] == {}
+    # compact gsm8k: seeds 0.75, 0.5; item means 1, .5, .5, .5 (mean .625): sqrt(.1875)/4; seed SEM stdev(.75, .5)/√2
+    assert c["benchmarks"]["gsm8k"] == approx({"n": 4, "accuracy": 0.625, "sem_items": math.sqrt(0.1875) / 4,
+                                               "sem_seeds": 0.125})
+    assert c["benchmarks"]["svamp"] == approx({"n": 2, "accuracy": 0.5, "sem_items": math.sqrt(0.5) / 2, "sem_seeds": 0.0})
+    assert c["benchmarks"]["csqa"] == approx({"n": 2, "accuracy": 0.75, "sem_items": math.sqrt(0.125) / 2, "sem_seeds": 0.25})
+    # ID gain: mean(.625 − .5, .5 − 0) = .3125; per seed .375 and .25 -> SEM .0625; paired items: gsm8k
+    # d = 0, .5, .5, −.5 -> sqrt(.6875)/4, svamp d = 1, 0 -> sqrt(.5)/2, in quadrature over the 2 benchmarks
+    ident = c["gains"]["in-distribution"]
+    assert ident["benchmarks"] == ["gsm8k", "svamp"]
+    assert {k: ident[k] for k in ("gain", "sem_items", "sem_seeds")} == approx(
+        {"gain": 0.3125, "sem_items": math.sqrt(0.6875 / 16 + 0.5 / 4) / 2, "sem_seeds": 0.0625})
+    # OOD: csqa alone: .75 − .5; per seed .5, 0 -> .25; d = −.5, 1 -> sqrt(1.125)/2
+    ood = c["gains"]["out-of-distribution"]
+    assert {k: ood[k] for k in ("gain", "sem_items", "sem_seeds")} == approx(
+        {"gain": 0.25, "sem_items": math.sqrt(1.125) / 2, "sem_seeds": 0.25})
+    md = capsys.readouterr().out
+    assert md == open(tmp_path / "table" / "table.md").read()
+    lines = md.splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == [
+        "run", "seeds", "GSM8K", "SVAMP", "in-distribution avg gain", "CommonsenseQA", "out-of-distribution avg gain"]
+    assert [c.strip() for c in lines[2].strip("|").split("|")] == [
+        "base", "1", "50.00 ± 25.00", "0.00 ± 0.00", "—", "50.00 ± 35.36", "—"]
+    assert [c.strip() for c in lines[3].strip("|").split("|")] == [
+        "compact", "2", "62.50 ± 10.83 ± 12.50", "50.00 ± 35.36 ± 0.00", "+31.25 ± 20.49 ± 6.25",
+        "75.00 ± 17.68 ± 25.00", "+25.00 ± 53.03 ± 25.00"]
+
+
+def test_table_bad_input_exits_2(tmp_path, capsys):
+    base = str(tmp_path / "base" / "preds.jsonl")
+    write_accuracy_output(base, {"gsm8k": [1, 0]})
+    write_accuracy_output(str(tmp_path / "other" / "preds.jsonl"), {"gsm8k": [1, 0, 1]})
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "gsm8k.jsonl").write_text('{"id": "a", "correct": true}\n{"id": "b"}\n')
+    (tmp_path / "running.summary.json").write_text('{"settings": {}, "results": null}')
+    cases = [(["--run", "base"], "expected NAME=PATH"),
+             (["--run", f"base={base}", "--run", f"base={base}"], "each NAME once"),
+             (["--run", f"base={tmp_path / 'nothing'}"], "no eval.py accuracy output"),
+             (["--run", f"base={tmp_path / 'running.summary.json'}"], "has not finished"),
+             (["--run", f"base={tmp_path / 'torn' / 'gsm8k.jsonl'}"], "gsm8k.jsonl:2: not a prediction record"),
+             (["--run", f"base={base},{tmp_path / 'other'}"], "--run base gsm8k: the seeds' prediction files hold"),
+             (["--run", f"base={base}", "--run", f"x={tmp_path / 'other'}"], "gsm8k predictions of different items"),
+             (["--run", f"base={base}", "--baseline", "nope"], "--baseline nope")]
+    for args, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            ev.main(["table", *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and "Traceback" not in err, (args, err)

@@ -266,3 +266,99 @@ def test_generate_refuses_empty_prompts():
         with pytest.raises(ValueError, match="prompt"):
             generate(model, prompts, max_new_tokens=2)
     assert len(generate(model, [[1, 2]], max_new_tokens=2, eos_ids=None)[0]) == 2
+
+
+def test_per_prompt_seeds_sample_a_row_whatever_shares_its_batch():
+    model = random_model(tiny_config(), seed=5)
+    a, b, c = [1, 2, 3], [9, 8], [4, 4, 4, 4, 4, 4]
+    alone = generate(model, [a], max_new_tokens=8, temperature=1.0, seed=[11])[0]
+    assert generate(model, [c, a, b], max_new_tokens=8, temperature=1.0, seed=[3, 11, 5])[1] == alone
+    assert generate(model, [a, a], max_new_tokens=8, temperature=1.0, seed=[12, 11])[1] == alone
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        generate(model, [a, b, c], max_new_tokens=2, temperature=1.0, seed=[1, 2])
+
+
+# --- hub ids: resolved by tokenizer.resolve_model_dir through a stand-in huggingface_hub ---
+
+class RepositoryNotFoundError(Exception):
+    pass
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path, tiny_tokenizer_dir):
+    """A huggingface_hub stand-in whose snapshot_download copies a tiny model directory (with files we never
+    read) into a cache, honouring allow_patterns as the real one does."""
+    import fnmatch
+    import shutil
+    import sys
+    import types
+    import tokenizer
+    repo = tmp_path / "repo"
+    vocab = tokenizer.Tokenizer.from_pretrained(tiny_tokenizer_dir).vocab_size
+    random_model(tiny_config(vocab_size=vocab)).save_pretrained(str(repo))
+    for name in os.listdir(tiny_tokenizer_dir):
+        shutil.copy(os.path.join(tiny_tokenizer_dir, name), repo)
+    (repo / "pytorch_model.bin").write_bytes(b"not read")
+    (repo / "README.md").write_text("model card")
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append(repo_id)
+        if repo_id != "org/tiny":
+            raise RepositoryNotFoundError(f"404 Client Error. Repository Not Found for url: .../{repo_id}")
+        dst = tmp_path / "hub-cache" / repo_id.replace("/", "--")
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in os.listdir(repo):
+            if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                shutil.copy(repo / name, dst / name)
+        return str(dst)
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
+    tokenizer.resolve_model_dir.cache_clear()
+    yield str(repo), calls
+    tokenizer.resolve_model_dir.cache_clear()
+
+
+def test_hub_id_is_fetched_once_with_only_the_files_we_read(fake_hub, tmp_path, monkeypatch):
+    import lora
+    import tokenizer
+    repo, calls = fake_hub
+    monkeypatch.chdir(tmp_path)  # "org/tiny" is not a local path here
+    model = Transformer.from_pretrained("org/tiny", dtype=torch.float32)
+    local = Transformer.from_pretrained(repo, dtype=torch.float32)
+    for (k, v), (_, w) in zip(model.state_dict().items(), local.state_dict().items()):
+        torch.testing.assert_close(v, w, rtol=0, atol=0, msg=k)
+    tok = tokenizer.Tokenizer.from_pretrained("org/tiny")
+    assert tok.encode("So 12") == tokenizer.Tokenizer.from_pretrained(repo).encode("So 12")
+    cache = tokenizer.resolve_model_dir("org/tiny")
+    assert calls == ["org/tiny"] and not {"pytorch_model.bin", "README.md"} & set(os.listdir(cache))
+    model, _ = lora.load_student("org/tiny")
+    lora.apply_lora(model, rank=2, alpha=4)
+    lora.save_adapter(model, "adapter", base_model="org/tiny")
+    lora.main(["merge", "--model", "org/tiny", "--adapter", "adapter", "--out", "merged"])  # tokenizer files copied too
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir("merged"))
+
+
+def test_unknown_hub_id_and_missing_package_exit_2_saying_what_to_do(fake_hub, tmp_path, monkeypatch, capsys):
+    import sys
+    import eval as ev
+    import lora
+    import tokenizer
+    import train
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        lora.main(["merge", "--model", "org/nope", "--adapter", "a", "--out", "merged"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "org/nope" in err and "RepositoryNotFoundError" in err and "Traceback" not in err
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed: importing it fails
+    tokenizer.resolve_model_dir.cache_clear()
+    (tmp_path / "g.jsonl").write_text(json.dumps({"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
+    for main, argv in [(train.main, ["--model", "org/tiny", "--data", "d.jsonl", "--out", "run"]),
+                       (ev.main, ["accuracy", "--model", "org/tiny", "--task", "gsm8k", "--data", "g.jsonl",
+                                  "--out", "p.jsonl", "--device", "cpu"])]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "pip install huggingface_hub" in err, err
+        assert "huggingface-cli download org/tiny --local-dir DIR" in err
+    assert not os.path.exists("run") and not os.path.exists("merged")

@@ -285,3 +285,87 @@ def test_on_the_synthetic_pool_the_teacher_the_student_learned_from_is_the_easie
     weight = {name: s["weight"][batch["teacher"] == i].mean().item() for i, name in enumerate(stats["teachers"])}
     assert mean["concise"] < min(mean["verbose"], mean["stylized"]), mean
     assert weight["concise"] > weight["stylized"], weight
+
+
+# --- starting from an adapter; MoT rounds; teacher rationales to a trained student ---
+
+def student_logits(model_dir, adapter=None, ids=torch.arange(3, 40)[None]):
+    from lora import load_student
+    model, _ = load_student(model_dir, adapter)
+    with torch.no_grad():
+        return model(ids)
+
+
+def test_init_adapter_continues_the_adapter_exactly(run_inputs, tmp_path):
+    from train import build_model
+    model_dir, data_file = run_inputs
+    train(*parse_args(flags(model_dir, data_file, tmp_path / "first", "--max-steps", "2", "--batch-size", "2",
+                            "--grad-accum", "1")))
+    adapter = str(tmp_path / "first" / "adapter")
+    cfg, _ = parse_args(flags(model_dir, data_file, tmp_path / "next", "--init-adapter", adapter, "--lora-rank", "8"))
+    model = build_model(cfg, torch.device("cpu")).eval()  # the adapter's rank 4, not --lora-rank 8
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.arange(3, 40)[None]), student_logits(model_dir, adapter), rtol=0, atol=0)
+    train(*parse_args(flags(model_dir, data_file, tmp_path / "next", "--init-adapter", adapter, "--max-steps", "1",
+                            "--batch-size", "2", "--grad-accum", "1", "--lr", "0")))
+    before, after = adapter_state(tmp_path / "first"), adapter_state(tmp_path / "next")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(SystemExit) as e:
+        parse_args(flags(model_dir, data_file, tmp_path / "x", "--init-adapter", adapter, "--full-ft"))
+    assert e.value.code == 2
+
+
+def test_mot_runs_rounds_of_per_teacher_sft_then_an_exact_merge(run_inputs, tmp_path, capsys):
+    import mot
+    model_dir, data_file = run_inputs
+    argv = ["--rounds", "2", *flags(model_dir, data_file, tmp_path / "mot", "--teachers", "concise,verbose",
+                                    "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--save-every", "0")]
+    mot.main(argv)
+    r1, r2 = tmp_path / "mot" / "round-1", tmp_path / "mot" / "round-2"
+    for k in ("concise", "verbose"):  # round 2 trains a fresh LoRA on round 1's merged model
+        assert json.load(open(r1 / k / "config.json"))["teachers"] == [k]
+        assert json.load(open(r2 / k / "adapter" / "adapter_config.json"))["base_model_name_or_path"] == str(r1 / "model")
+    # M_2 = M_1 + the exact mean of round 1's adapters (one-shot MoT when R = 1)
+    torch.testing.assert_close(student_logits(str(r1 / "model")), student_logits(model_dir, str(r1 / "average")),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(student_logits(str(r2 / "model")), student_logits(str(r1 / "model"), str(r2 / "average")),
+                               rtol=1e-5, atol=1e-5)
+    assert json.load(open(r1 / "average" / "adapter_config.json"))["r"] == 8  # 2 teachers × rank 4
+    assert "the student is " + str(r2 / "model") in capsys.readouterr().out
+    stamp = os.path.getmtime(r2 / "model" / "model.safetensors")
+    mot.main(argv)  # finished: nothing is trained or merged again
+    assert os.path.getmtime(r2 / "model" / "model.safetensors") == stamp and "MoT round" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        mot.main(["--rounds", "1", *flags(model_dir, data_file, tmp_path / "bad", "--teachers", "nobody")])
+    assert e.value.code == 2 and "unknown teacher(s) nobody" in capsys.readouterr().err
+
+
+def test_teacher_rationales_to_build_to_a_trained_student(run_inputs, tmp_path, monkeypatch, capsys):
+    """eval.py rationales for two teachers (generation scripted by the sample's seed) -> data.py build -> train.py."""
+    import eval as ev
+    model_dir, data_file = run_inputs
+    rows = [json.loads(line) for line in open(data_file)][:6]
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({k: r[k] for k in ("id", "question", "answer", "task")}) + "\n" for r in rows))
+    tok = tokenizer.Tokenizer.from_pretrained(model_dir)
+    answer_of = {tuple(ev.chat_prompt(tok, data.user_prompt(r["question"], "gsm8k"))[1]): r["answer"] for r in rows}
+
+    def scripted(right):  # a teacher that is right when right(seed) holds, and ends with the stop token
+        def generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, seed):
+            return [tok.encode(f"So we add. The answer is {answer_of[tuple(p)] if right(s) else 'unclear'}.")
+                    + [tok.eot_id] for p, s in zip(prompts, seed)]
+        return generate
+
+    seeds = {(r["id"], s): ev.sample_seed(0, r["id"], s) for r in rows for s in range(2)}
+    for name, right in (("odd", lambda s: s % 2 == 1), ("all", lambda s: True)):
+        monkeypatch.setattr(ev, "generate", scripted(right))
+        ev.main(["rationales", "--model", model_dir, "--questions", str(questions), "--samples", "2", "--device", "cpu",
+                 "--out", str(tmp_path / f"{name}.jsonl")])
+    out = str(tmp_path / "multi.jsonl")
+    data.main(["build", "--questions", str(tmp_path / "odd.questions.jsonl"), "--teacher", f"odd={tmp_path / 'odd.jsonl'}",
+               "--teacher", f"all={tmp_path / 'all.jsonl'}", "--out", out, "--min-teachers", "2"])
+    solved = sorted({q for (q, _), seed in seeds.items() if seed % 2})
+    assert [i.id for i in data.load_multi_teacher(out)] == [r["id"] for r in rows if r["id"] in solved]
+    result = train(*parse_args(flags(model_dir, out, tmp_path / "run", "--max-steps", "1", "--batch-size", "2",
+                                     "--grad-accum", "1")))
+    assert result["teachers"] == ["all", "odd"] and os.path.isfile(tmp_path / "run" / "adapter" / "adapter_config.json")
