@@ -19,15 +19,15 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
 
 from compact import TEACHER_STATS, CompactConfig, compact_loss, teacher_means, teacher_sums
 from data import (THINKING_WORDS, DataError, add_config_args, atomic_path, collate, config_from_args, encode_dataset,
-                  load_multi_teacher, read_jsonl, shard_indices, write_json, write_jsonl)
-from lora import apply_lora, load_adapter, read_adapter, save_adapter
+                  load_multi_teacher, read_jsonl, shard_indices, teacher_names, write_json, write_jsonl)
+from lora import apply_lora, average_adapters, load_adapter, merge_to_dir, read_adapter, save_adapter
 from model import Transformer
 from tokenizer import Tokenizer, copy_tokenizer
 
@@ -52,6 +52,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     full_ft: bool = False  # train every weight instead of LoRA
     init_adapter: str = ""  # start LoRA from this PEFT adapter, exactly (its rank and alpha, not --lora-rank/-alpha)
+    mot_rounds: int = 0  # the MoT baseline: R rounds of per-teacher SFT, each closed by a merge (see mot())
     grad_checkpointing: bool = False  # recompute each layer in backward (less memory)
     seed: int = 0
     save_every: int = 200  # checkpoint every N steps (0 = only at the end)
@@ -72,6 +73,8 @@ class TrainConfig:
             raise ValueError(f"--out {self.out} is a file, not a directory")
         if self.init_adapter and self.full_ft:
             raise ValueError("--init-adapter continues a LoRA adapter; --full-ft trains no adapter")
+        if self.mot_rounds < 0 or (self.mot_rounds and (self.full_ft or self.init_adapter)):
+            raise ValueError("--mot-rounds must be >= 0, and MoT trains fresh LoRA runs (no --full-ft, no --init-adapter)")
 
 
 # --- distributed plumbing ---
@@ -343,6 +346,44 @@ def finish(raw, optimizer, cfg, meta, start, last, t_start):
            f"{last['loss'] if last else float('nan'):.4f} | wrote {final}")
 
 
+def mot(cfg, ccfg, rank=0, world=1, device=torch.device("cpu")):
+    """The MoT baseline as published (Merge-of-Thought, arXiv 2509.08814); returns the student's directory.
+
+    Round r starts from the model directory M_r (M_1 = --model). For each teacher k a fresh LoRA on
+    M_r is trained on teacher k's rationales alone (--teachers k: plain SFT), giving ΔW_{r,k}; then
+    M_{r+1} = M_r + mean_k ΔW_{r,k}: lora.py's exact average (rank K·r) merged into M_r, in fp32.
+    Merging each round keeps the rank at r: continuing the rank-K·r average would train K·r ranks
+    per teacher and the next average would have rank K²·r. R = 1 is one-shot averaging
+    (OUT/round-1/average). Outputs: OUT/round-r/TEACHER/ (runs), OUT/round-r/average/,
+    OUT/round-r/model/ (M_{r+1}; the student is OUT/round-R/model). A rerun skips finished rounds
+    and resumes started runs; every other flag applies to each per-teacher run.
+    """
+    rounds = cfg.mot_rounds
+    teachers = [t.strip() for t in cfg.teachers.split(",") if t.strip()] or \
+        teacher_names(load_multi_teacher(cfg.data, skip_bad=cfg.skip_bad))
+    if bad := [t for t in teachers if os.sep in t or t.startswith(".")]:
+        raise DataError(f"teacher name {bad[0]!r} cannot name a run directory")
+    single = replace(ccfg, weighting="uniform", mcon_lambda=0.0)  # one branch per instance: plain SFT
+    model = cfg.model
+    for r in range(1, rounds + 1):
+        root = os.path.join(cfg.out, f"round-{r}")
+        merged = os.path.join(root, "model")
+        if not os.path.isfile(os.path.join(merged, "config.json")):  # written last, atomically
+            for k in teachers:
+                out = os.path.join(root, k)
+                print0(f"MoT round {r}/{rounds}: teacher {k} from {model}")
+                train(replace(cfg, model=model, out=out, teachers=k, resume=bool(checkpoint_steps(out)), mot_rounds=0), single,
+                      rank, world, device)
+            if rank == 0:
+                average_adapters([os.path.join(root, k, "adapter") for k in teachers], os.path.join(root, "average"))
+                merge_to_dir(model, os.path.join(root, "average"), merged, dtype="float32")
+            if dist.is_initialized():
+                dist.barrier()
+        model = merged
+    print0(f"MoT: {rounds} round(s) over {', '.join(teachers)} | the student is {model}")
+    return model
+
+
 def _duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -388,7 +429,7 @@ def main(argv=None):
     cfg, ccfg = parse_args(argv)
     rank, world, device = setup_dist()
     try:
-        train(cfg, ccfg, rank, world, device)
+        (mot if cfg.mot_rounds else train)(cfg, ccfg, rank, world, device)
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

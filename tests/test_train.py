@@ -316,11 +316,11 @@ def test_init_adapter_continues_the_adapter_exactly(run_inputs, tmp_path):
 
 
 def test_mot_runs_rounds_of_per_teacher_sft_then_an_exact_merge(run_inputs, tmp_path, capsys):
-    import mot
+    import train as t
     model_dir, data_file = run_inputs
-    argv = ["--rounds", "2", *flags(model_dir, data_file, tmp_path / "mot", "--teachers", "concise,verbose",
+    argv = ["--mot-rounds", "2", *flags(model_dir, data_file, tmp_path / "mot", "--teachers", "concise,verbose",
                                     "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--save-every", "0")]
-    mot.main(argv)
+    t.main(argv)
     r1, r2 = tmp_path / "mot" / "round-1", tmp_path / "mot" / "round-2"
     for k in ("concise", "verbose"):  # round 2 trains a fresh LoRA on round 1's merged model
         assert json.load(open(r1 / k / "config.json"))["teachers"] == [k]
@@ -333,10 +333,10 @@ def test_mot_runs_rounds_of_per_teacher_sft_then_an_exact_merge(run_inputs, tmp_
     assert json.load(open(r1 / "average" / "adapter_config.json"))["r"] == 8  # 2 teachers × rank 4
     assert "the student is " + str(r2 / "model") in capsys.readouterr().out
     stamp = os.path.getmtime(r2 / "model" / "model.safetensors")
-    mot.main(argv)  # finished: nothing is trained or merged again
+    t.main(argv)  # finished: nothing is trained or merged again
     assert os.path.getmtime(r2 / "model" / "model.safetensors") == stamp and "MoT round" not in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
-        mot.main(["--rounds", "1", *flags(model_dir, data_file, tmp_path / "bad", "--teachers", "nobody")])
+        t.main(["--mot-rounds", "1", *flags(model_dir, data_file, tmp_path / "bad", "--teachers", "nobody")])
     assert e.value.code == 2 and "unknown teacher(s) nobody" in capsys.readouterr().err
 
 
