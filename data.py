@@ -99,9 +99,11 @@ def _read_text(path):
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def _jsonl(path):
-    """(line number, object or the JSON error's message) per non-blank line."""
-    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+def _jsonl(path, torn_tail=False):
+    """(line number, object or the JSON error's message) per non-blank line; with torn_tail the text
+    after the last newline is left out (a writer was killed there, or is still writing)."""
+    lines = _read_text(path).split("\n")
+    for lineno, line in enumerate(lines[:-1] if torn_tail else lines, 1):
         if line.strip():
             try:
                 yield lineno, json.loads(line)
@@ -109,14 +111,13 @@ def _jsonl(path):
                 yield lineno, f"bad JSON ({e.msg}, column {e.colno})"
 
 
-def read_jsonl(path, skip_bad=False):
-    """[(line number, object)] of a JSONL file; bad JSON raises DataError naming the line, or
-    with skip_bad (a log a kill may have torn) is left out."""
-    rows = list(_jsonl(path))
+def read_jsonl(path, torn_tail=False):
+    """[(line number, object)] of a JSONL file; bad JSON raises DataError naming the line. torn_tail:
+    a log that is appended to (metrics, predictions), whose unfinished last line is not yet a line."""
+    rows = list(_jsonl(path, torn_tail))
     if bad := next(((n, r) for n, r in rows if isinstance(r, str)), None):
-        if not skip_bad:
-            raise DataError(f"{path}:{bad[0]}: {bad[1]}")
-    return [(n, r) for n, r in rows if not isinstance(r, str)]
+        raise DataError(f"{path}:{bad[0]}: {bad[1]}")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ import torch
 
 from compact import CompactConfig, probe_log_likelihood, probe_plan
 from data import DataError, TASKS, collate, encode_instance, extract_answer, is_equivalent, load_benchmark, \
-    load_multi_teacher, read_questions, user_prompt, write_json, write_jsonl, write_text
+    load_multi_teacher, read_jsonl, read_questions, user_prompt, write_json, write_jsonl, write_text
 from lora import load_adapter, load_student
 from model import generate
 
@@ -145,22 +145,9 @@ def task_name(task):
 
 # --- resumable sharded runs: the part-file protocol accuracy and rationales share ---
 
-def complete_lines(path):
-    """(line number, object or None if not JSON) per complete line of a JSONL file that another
-    process may be appending to, or was killed while appending to: a torn last line is left out."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.endswith("\n"):
-                return
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError:
-                yield lineno, None
-
-
 def read_records(path):
     """The complete records of an output file by key, (id, sample); accuracy's records have no sample."""
-    lines = complete_lines(path) if os.path.exists(path) else []
+    lines = read_jsonl(path, torn_tail=True) if os.path.exists(path) else []  # a kill may tear the last line
     return {(r["id"], r.get("sample", 0)): r for _, r in lines if isinstance(r, dict) and "id" in r}
 
 
@@ -311,7 +298,7 @@ def seed_predictions(path):
 def read_correct(path):
     """{id: 0 or 1} of a predictions file."""
     out = {}
-    for lineno, r in complete_lines(path):
+    for lineno, r in read_jsonl(path, torn_tail=True):
         if not isinstance(r, dict) or not isinstance(r.get("correct"), bool) or "id" not in r:
             raise DataError(f"{path}:{lineno}: not a prediction record with 'id' and 'correct'")
         out[r["id"]] = int(r["correct"])
@@ -563,7 +550,7 @@ def run_weights(a):
     if not os.path.isfile(path):
         raise DataError(f"{a.run_dir}: no metrics.jsonl (not a train.py output directory?)")
     records = []
-    for lineno, r in complete_lines(path):  # a run still writing has a torn last line
+    for lineno, r in read_jsonl(path, torn_tail=True):  # a run still writing has a torn last line
         if not isinstance(r, dict) or "step" not in r or not isinstance(r.get("teachers"), dict):
             raise DataError(f"{path}:{lineno}: not a metrics record with 'step' and 'teachers'")
         records.append(r)

@@ -285,7 +285,7 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
         write_json(os.path.join(cfg.out, "config.json"), {
             "train": asdict(cfg), "compact": asdict(ccfg), "teachers": teachers, "world_size": world,
             "data_stats": {k: v for k, v in data_stats.items() if k != "teachers"}})
-        kept = read_jsonl(metrics_path, skip_bad=True) if start and os.path.isfile(metrics_path) else []  # torn by a kill: dropped
+        kept = read_jsonl(metrics_path, torn_tail=True) if start and os.path.isfile(metrics_path) else []
         write_jsonl(metrics_path, [r for _, r in kept if r["step"] <= start])
 
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
