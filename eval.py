@@ -292,7 +292,7 @@ def information_trace(model, tok, inst, teacher, chunk=256):
     enc = encode_instance(inst, tok, [teacher], max_len=10**9)
     device = model.lm_head.weight.device
     batch = {k: (v[:, 0] if v.dim() == 3 else v).to(device) for k, v in collate([enc], tok.pad_id).items()}  # (1, T)
-    pos, valid, _ = probe_plan(batch["rationale_mask"], batch["think_mask"], batch["sft_mask"], CompactConfig(mi_stride=1))
+    pos, valid, _ = probe_plan(batch["rationale_mask"], batch["think_mask"], CompactConfig(mi_budget=0))
     _, aux = model(batch["input_ids"], return_hidden=True, return_aux=True)
     info = torch.cat([probe_log_likelihood(model, aux.kv, batch["attention_mask"], pos[:, i:i + chunk],
                                            valid[:, i:i + chunk], batch["probe_ids"], batch["probe_answer_mask"])[0]

@@ -178,7 +178,7 @@ def _complete(line):
 STAT_KEYS = ("weight", "s_mi", "s_g", "s_d")
 
 
-def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg, ccfg, device, autocast):
+def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg, ccfg, device, autocast, rng_key=()):
     """One optimizer step over this rank's micro-batches; returns the step's summed stats.
 
     Each micro-batch loss is Σ w L / n_instances (all instances of the step, all ranks),
@@ -189,15 +189,15 @@ def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    totals = torch.zeros(4, device=device)  # loss, sft, mcon, supervised tokens
+    totals = torch.zeros(5, device=device)  # loss, sft, mcon, supervised tokens, weight entropy
     per_teacher = torch.zeros(n_teachers, len(STAT_KEYS) + 1, device=device)  # sums, then count
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         sync = not ddp or i == len(micro_batches) - 1
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
-            loss, stats = compact_loss(model, batch, ccfg, n_instances=n_instances)
+            loss, stats = compact_loss(model, batch, ccfg, n_instances=n_instances, rng_key=(*rng_key, i))
             (loss * world).backward()
-        totals += torch.stack([stats["loss"], stats["sft"], stats["mcon"], stats["tokens"].float()])
+        totals += torch.stack([stats["loss"], stats["sft"], stats["mcon"], stats["tokens"].float(), stats["weight_entropy"]])
         real = batch["branch_mask"]
         t = batch["teacher"][real]
         for j, key in enumerate(STAT_KEYS):
@@ -244,7 +244,8 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
         raise DataError(f"{cfg.data}: no instance has a branch that fits --max-len {cfg.max_len}")
     print0(f"data: {len(encoded)} instances, {data_stats.get('branches', 0)} branches, teachers {', '.join(teachers)}"
            f" | dropped {data_stats.get('dropped_branches', 0)} branches and"
-           f" {data_stats.get('dropped_instances', 0)} instances longer than --max-len {cfg.max_len}")
+           f" {data_stats.get('dropped_instances', 0)} instances longer than --max-len {cfg.max_len}"
+           f" (per teacher: {data_stats.get('dropped_per_teacher', {})})")
 
     per_rank_step = cfg.batch_size * cfg.grad_accum
     n_step = per_rank_step * world  # instances per optimizer step, all ranks together
@@ -307,7 +308,7 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)  # dropout: a function of (step, rank)
         t0 = time.time()
         finite, gnorm, s = train_step(model, optimizer, micro, lr_at(step, total, cfg), n_step, len(teachers),
-                                      cfg, ccfg, device, autocast)
+                                      cfg, ccfg, device, autocast, rng_key=(cfg.seed, step, rank))
         dt = time.time() - t0
         if not finite:
             bad += 1
@@ -319,10 +320,10 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
             continue
         bad = 0
         tokens_seen += s[3]
-        per_teacher = torch.tensor(s[4:]).view(len(teachers), -1)
+        per_teacher = torch.tensor(s[5:]).view(len(teachers), -1)
         record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": s[0], "sft": s[1],
                   "mcon": s[2], "lr": lr_at(step, total, cfg), "grad_norm": gnorm, "tokens_per_s": s[3] / dt,
-                  "instances": n_step, "time": round(time.time() - t_start, 3), "teachers": {
+                  "instances": n_step, "weight_entropy": s[4], "time": round(time.time() - t_start, 3), "teachers": {
                       name: {**{k: row[j].item() / row[-1].item() for j, k in enumerate(STAT_KEYS)}, "n": int(row[-1])}
                       for name, row in zip(teachers, per_teacher) if row[-1] > 0}}
         last = record

@@ -33,7 +33,7 @@ def run_inputs(tmp_path_factory):
 
 def flags(model_dir, data_file, out, *extra):
     return ["--model", model_dir, "--data", data_file, "--out", str(out), "--lr", "1e-2", "--max-len", "400",
-            "--mi-stride", "4", "--lora-rank", "4", "--lora-dropout", "0.1", *extra]
+            "--mi-budget", "12", "--lora-rank", "4", "--lora-dropout", "0.1", *extra]
 
 
 def adapter_state(out):
@@ -55,7 +55,7 @@ def test_outputs_and_metrics_keys(run_inputs, tmp_path):
             assert {"weight", "s_mi", "s_g", "s_d", "n"} == set(t)
         assert sum(t["weight"] * t["n"] for t in r["teachers"].values()) == pytest.approx(4, rel=1e-4)
     saved = json.load(open(tmp_path / "config.json"))
-    assert saved["train"]["batch_size"] == 2 and saved["compact"]["mi_stride"] == 4
+    assert saved["train"]["batch_size"] == 2 and saved["compact"]["mi_budget"] == 12
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-2", "step-3"]
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
     assert result["steps"] == 3
@@ -93,7 +93,7 @@ def sgd_update(model_dir, data_file, rank, world, batch_size, grad_accum):
              for m in range(grad_accum)]
     params = [p for p in raw.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1.0)
-    t.train_step(model, opt, micro, 1.0, per_rank * world, len(stats["teachers"]), cfg, CompactConfig(mi_stride=4),
+    t.train_step(model, opt, micro, 1.0, per_rank * world, len(stats["teachers"]), cfg, CompactConfig(mi_budget=12),
                  torch.device("cpu"), contextlib.nullcontext)
     return {k: v for k, v in raw.state_dict().items() if "lora_" in k}
 
@@ -277,7 +277,7 @@ def test_on_the_synthetic_pool_the_teacher_the_student_learned_from_is_the_easie
     encoded, stats = data.encode_dataset(data.load_multi_teacher(data_file), tok, max_len=400)
     batch = data.collate(encoded[:8], tok.pad_id)
     with torch.no_grad():
-        _, s = compact_loss(student, batch, CompactConfig(mi_stride=4))
+        _, s = compact_loss(student, batch, CompactConfig(mi_budget=12))
     mean = {name: s[key][batch["teacher"] == i].mean().item() for i, name in enumerate(stats["teachers"])
             for key in ["s_d"]}
     weight = {name: s["weight"][batch["teacher"] == i].mean().item() for i, name in enumerate(stats["teachers"])}
