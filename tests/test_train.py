@@ -1,4 +1,5 @@
 """train.py: outputs, DDP equivalence (gloo, two spawned ranks), exact resume after SIGKILL."""
+import math
 import json
 import os
 import signal
@@ -49,13 +50,15 @@ def test_outputs_and_metrics_keys(run_inputs, tmp_path):
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in lines] == [1, 2, 3]
     for r in lines:
-        assert {"step", "epoch", "loss", "sft", "mcon", "lr", "grad_norm", "tokens_per_s", "teachers"} <= set(r)
+        assert {"step", "epoch", "loss", "sft", "mcon", "lr", "grad_norm", "tokens_per_s", "weight_entropy", "teachers"} <= set(r)
+        assert 0 <= r["weight_entropy"] <= math.log(len(data.SYNTH_TEACHERS)) + 1e-6  # mean entropy of w over instances
         assert set(r["teachers"]) <= set(data.SYNTH_TEACHERS)
         for t in r["teachers"].values():
             assert {"weight", "s_mi", "s_g", "s_d", "n"} == set(t)
         assert sum(t["weight"] * t["n"] for t in r["teachers"].values()) == pytest.approx(4, rel=1e-4)
     saved = json.load(open(tmp_path / "config.json"))
     assert saved["train"]["batch_size"] == 2 and saved["compact"]["mi_budget"] == 12
+    assert set(saved["data_stats"]["dropped_per_teacher"]) <= set(data.SYNTH_TEACHERS)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-2", "step-3"]
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
     assert result["steps"] == 3
@@ -93,7 +96,7 @@ def sgd_update(model_dir, data_file, rank, world, batch_size, grad_accum):
              for m in range(grad_accum)]
     params = [p for p in raw.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1.0)
-    t.train_step(model, opt, micro, 1.0, per_rank * world, len(stats["teachers"]), cfg, CompactConfig(mi_budget=12),
+    t.train_step(model, opt, micro, 1.0, per_rank * world, len(stats["teachers"]), cfg, CompactConfig(mi_budget=0),
                  torch.device("cpu"), contextlib.nullcontext)
     return {k: v for k, v in raw.state_dict().items() if "lora_" in k}
 
@@ -187,8 +190,8 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(run_inputs, tm
     model_dir, data_file = run_inputs
     real = t.compact_loss
 
-    def poisoned(model, batch, cfg, n_instances=None):
-        loss, stats = real(model, batch, cfg, n_instances)
+    def poisoned(model, batch, cfg, n_instances=None, **kw):
+        loss, stats = real(model, batch, cfg, n_instances, **kw)
         return loss * float("nan"), stats
 
     monkeypatch.setattr(t, "compact_loss", poisoned)
