@@ -66,9 +66,9 @@ class BenchConfig:
     lora_rank: int = 16  # alpha = 2 * rank
     mi_budget: int = CompactConfig.mi_budget  # COMPACT's S_MI probes per branch, in the step and in mi_agreement
     mi_questions: int = 8  # mi_agreement: instances (GSM8K questions), 4 rationales each
-    mi_long_words: int = 330  # words of each long thinking-dense rationale (600+ tokens)
+    mi_long_words: int = 380  # words of each long thinking-dense rationale (600+ tokens)
     mi_keys: int = 4  # sampled estimates per instance (rng keys)
-    mi_train_steps: int = 60  # steps of plain LM training of the agreement student
+    mi_train_steps: int = 200  # plain LM steps for the agreement student (60 left ΔI_t at noise level, std 0.025)
     mi_vocab: int = 1024  # its BPE tokenizer, trained on the bench's own texts
     no_mi: bool = False  # skip mi_agreement
     grad_checkpointing: bool = False  # recompute each layer in backward (ours and HF's)
@@ -207,7 +207,7 @@ def token_mean_nll(model, batch):
 
 
 def probe_fns(model, batch):
-    """The exact (stride 1) I_t of branch 0 three ways: one pass with its own main forward, the probe
+    """The exact (every position) I_t of branch 0 three ways: one pass with its own main forward, the probe
     pass alone from given K/V, and the obvious loop: one forward of prompt ⊕ r_≤t ⊕ cue ⊕ y per
     prefix, one at a time (logits only where y is read, so the loop is not charged the full vocab)."""
     one = {k: batch[k][0, :1] for k in ("input_ids", "attention_mask", "rationale_mask", "think_mask", "sft_mask")}
@@ -255,10 +255,11 @@ def _gsm8k_solution(text):
 
 
 def mi_instances(c: BenchConfig):
-    """(instances, source): per question 2 short rationales (the GSM8K solution as written, and the
-    same with a short check) and 2 long thinking-dense ones of about c.mi_long_words words: the
-    solution's sentences interleaved with musings, a thinking word and ~6 words of MATH500 solution
-    text each (about one thinking word in seven tokens). Without the benchmark files: synthesised text."""
+    """(instances, source): per question 3 short rationales (the GSM8K solution as written, with a
+    check, with a restatement) and one long thinking-dense one of about c.mi_long_words words (600+
+    tokens), the shape of the issue's measurement: the solution's sentences spread among musings, a
+    thinking word and 2-4 prose words of MATH500 solutions each (about one thinking word in seven
+    tokens). Without the benchmark files: synthesised text, and the source says so."""
     gsm, mth = os.path.join(BENCHMARKS, "gsm8k_test.jsonl"), os.path.join(BENCHMARKS, "math500_test.jsonl")
     rng = random.Random(c.seed)
     if os.path.exists(gsm) and os.path.exists(mth):
@@ -284,7 +285,7 @@ def mi_instances(c: BenchConfig):
             return " ".join(m for i, x in enumerate(musings) for m in ([sentences[i // every]] if i % every == 0
                             and i // every < len(sentences) else []) + [x]) + " " + sentences[-1]
         rationales = [("short", sol), ("short-check", f"{sol} Check: that gives {ans}."),
-                      ("long-a", long_trace()), ("long-b", long_trace())]
+                      ("short-restated", f"We need the total asked for. {sol}"), ("long", long_trace())]
         instances.append(Instance(f"mi-{i}", q, ans, "gsm8k", rationales))
     return instances, source
 
@@ -328,7 +329,8 @@ def kendall_tau(a, b):
 
 def mi_agreement(c: BenchConfig) -> dict:
     """Default S_MI vs exact Eq. 3 (and the old plan) on mi_instances with a briefly trained student:
-    mean Kendall tau over each instance's branches, mean relative error, probes and probe time."""
+    mean Kendall tau over each instance's branches, mean relative error (all branches; the long one,
+    the last), top-1 agreement, mean probes per branch, probe-pass seconds summed over instances."""
     from data import Tokenizer, encode_dataset, write_tokenizer
     instances, source = mi_instances(c)
     with tempfile.TemporaryDirectory(prefix="bench-tok-") as tmp:
@@ -385,12 +387,13 @@ def mi_agreement(c: BenchConfig) -> dict:
                 u = (hash_uniform((key,), 0, b, torch.arange(K)[:, None], torch.arange(T)),
                      hash_uniform((key,), 1, b, torch.arange(K)[:, None], torch.arange(-(-T // MI_RUN))))
                 _, v, _ = probe_plan(flat["rationale_mask"], flat["think_mask"], default, *u)
-                probes["default"] += (v.sum(-1) / c.mi_keys).tolist()
+                probes["default"] += v.sum(-1).tolist()
     r = {"mi_source": source, "mi_instances": len(batches), "mi_long_rationale_tokens": statistics.mean(long_tokens) if long_tokens else None,
          "mi_long_think_density": statistics.mean(think_density) if think_density else None}
     for name, pairs in rows.items():
         r[f"mi_tau_{name}"] = statistics.mean(kendall_tau(e, s) for e, s in pairs)
         r[f"mi_rel_err_{name}"] = statistics.mean(abs(s_ - e_) / e_ for e, s in pairs for e_, s_ in zip(e, s) if e_ > 0)
+        r[f"mi_rel_err_long_{name}"] = statistics.mean(abs(s[-1] - e[-1]) / e[-1] for e, s in pairs if e[-1] > 0)
         r[f"mi_top1_{name}"] = statistics.mean(max(range(len(e)), key=e.__getitem__) == max(range(len(s)), key=s.__getitem__)
                                                for e, s in pairs)
     for name, n in probes.items():
