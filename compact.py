@@ -190,10 +190,10 @@ def probe_plan(rationale_mask, think_mask, cfg, u_think=None, u_run=None):
         r = (rat.cumsum(-1) - 1).clamp(min=0)  # rationale index at rationale positions
         run = torch.where(rat, r // MI_RUN, u_run.shape[1])  # (N, T): run id; padding -> a spill bin
         n_think = think.sum(-1)
-        n_t = torch.minimum(n_think, torch.tensor(int(cfg.mi_think_share * cfg.mi_budget) // 2))
+        n_t = n_think.clamp(max=int(cfg.mi_think_share * cfg.mi_budget) // 2)
         other = rat & ~think
-        has_other = torch.zeros(N, u_run.shape[1] + 1, dtype=torch.bool, device=rat.device)
-        has_other = has_other.scatter_reduce(1, run, other, "amax")[:, :-1]  # (N, runs)
+        has_other = torch.zeros(N, u_run.shape[1] + 1, dtype=torch.long, device=rat.device)
+        has_other = has_other.scatter_add(1, run, other.long())[:, :-1] > 0  # (N, runs)
         n_runs = has_other.sum(-1)
         n_c = torch.minimum(n_runs, (cfg.mi_budget - 2 * n_t) // (MI_RUN + 1))
         pick_t = sample_without_replacement(u_think, think, n_t)
