@@ -8,7 +8,7 @@ heads, intermediate 1408, vocab 8192 so lm_head keeps Qwen2.5-1.5B's share of th
 28M) and random ids laid out by data.collate (SPEC §9): a 32-token prompt, K rationales (branch 0
 fills T, the others are up to 10% shorter) with a thinking mark on ~1 token in 32, then cue (4) ⊕
 y (4) ⊕ close ⊕ eot. LoRA r=16, alpha=32, dropout 0 on all 7 projections; AdamW. A step is
-train.train_step (forward, backward, clipping, AdamW, stats sync). Stride 1's cost: --mi-stride 1.
+train.train_step (forward, backward, clipping, AdamW, stats sync). Exact Eq. 3's cost: --mi-budget 0.
 Timing: a warmup call of each configuration, then --repeats rounds running each --steps times in
 turn (load from other processes falls on all alike); the median round; cuda.synchronize around
 each. CUDA differs only in synchronize, peak memory, the bf16 base and bf16 autocast (as train.py).
@@ -21,6 +21,10 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import math
+import os
+import random
+import re
 import resource
 import statistics
 import tempfile
@@ -29,14 +33,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from compact import CompactConfig, probe_log_likelihood, probe_plan, token_nll
-from data import ANSWER, CLOSE, CUE, EOT, PROMPT, RATIONALE, EncodedInstance, add_config_args, collate, config_from_args
+from compact import (MI_RUN, CompactConfig, adaptability_scores, hash_uniform, probe_log_likelihood, probe_plan,
+                     token_nll)
+from data import ANSWER, CLOSE, CUE, EOT, PROMPT, RATIONALE, EncodedInstance, Instance, add_config_args, collate, \
+    config_from_args
 from lora import TARGETS, apply_lora
 from model import ModelArgs, Transformer
 from train import TrainConfig, train_step
 
 SIZE_FIELDS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")  # Qwen2, tied embeddings
 SHAPES = {"small": (512, 8, 8, 2, 1408, 8192), "qwen2.5-1.5b": (1536, 28, 12, 2, 8960, 151936)}
+ROOT = os.path.dirname(os.path.abspath(__file__))
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, FLOP/s
 PROMPT_LEN, CUE_LEN, ANSWER_LEN = 32, 4, 4
 
@@ -58,7 +65,13 @@ class BenchConfig:
     steps: int = 1  # calls per configuration per round
     repeats: int = 3  # timed rounds after one warmup; the median is reported
     lora_rank: int = 16  # alpha = 2 * rank
-    mi_stride: int = 16  # COMPACT's probe stride in the training step (the probe comparison is always stride 1)
+    mi_budget: int = CompactConfig.mi_budget  # COMPACT's S_MI probes per branch, in the step and in mi_agreement
+    mi_questions: int = 8  # mi_agreement: instances (GSM8K questions), 4 rationales each
+    mi_long_words: int = 380  # words of each long thinking-dense rationale (600+ tokens)
+    mi_keys: int = 4  # sampled estimates per instance (rng keys)
+    mi_train_steps: int = 200  # plain LM steps for the agreement student (60 left ΔI_t at noise level, std 0.025)
+    mi_vocab: int = 1024  # its BPE tokenizer, trained on the bench's own texts
+    no_mi: bool = False  # skip mi_agreement
     grad_checkpointing: bool = False  # recompute each layer in backward (ours and HF's)
     no_naive: bool = False  # skip the per-prefix probe loop (big shapes)
     no_hf: bool = False  # skip transformers + PEFT
@@ -72,8 +85,8 @@ class BenchConfig:
         self.dtype = self.dtype or ("bfloat16" if self.device == "cuda" else "float32")
         for name, value in zip(SIZE_FIELDS, SHAPES[self.shape]):
             setattr(self, name, getattr(self, name) or value)
-        if min(self.batch, self.branches, self.steps, self.repeats, self.lora_rank, self.mi_stride) < 1:
-            raise ValueError("--batch, --branches, --steps, --repeats, --lora-rank and --mi-stride must be >= 1")
+        if min(self.batch, self.branches, self.steps, self.repeats, self.lora_rank, self.mi_questions, self.mi_keys) < 1:
+            raise ValueError("--batch, --branches, --steps, --repeats, --lora-rank, --mi-questions, --mi-keys must be >= 1")
         if self.seq < PROMPT_LEN + CUE_LEN + ANSWER_LEN + 12:
             raise ValueError(f"--seq must be >= {PROMPT_LEN + CUE_LEN + ANSWER_LEN + 12} (prompt, rationale, answer block)")
 
@@ -195,12 +208,12 @@ def token_mean_nll(model, batch):
 
 
 def probe_fns(model, batch):
-    """The exact (stride 1) I_t of branch 0 three ways: one pass with its own main forward, the probe
+    """The exact (every position) I_t of branch 0 three ways: one pass with its own main forward, the probe
     pass alone from given K/V, and the obvious loop: one forward of prompt ⊕ r_≤t ⊕ cue ⊕ y per
     prefix, one at a time (logits only where y is read, so the loop is not charged the full vocab)."""
     one = {k: batch[k][0, :1] for k in ("input_ids", "attention_mask", "rationale_mask", "think_mask", "sft_mask")}
     probe_ids, probe_mask = batch["probe_ids"][:1], batch["probe_answer_mask"][:1]
-    pos, valid, _ = probe_plan(one["rationale_mask"], one["think_mask"], one["sft_mask"], CompactConfig(mi_stride=1))
+    pos, valid, _ = probe_plan(one["rationale_mask"], one["think_mask"], CompactConfig(mi_budget=0))
     scored = probe_mask[0].nonzero().flatten()  # probe index j of each y token, read at j − 1
     with torch.no_grad():
         _, kv_aux = model(one["input_ids"], return_hidden=True, return_aux=True)
@@ -230,6 +243,167 @@ def flops_per_step(model, batch, c: BenchConfig):
     return int(batch["attention_mask"].sum()) * per_token
 
 
+# --- S_MI agreement: the default estimate against exact Eq. 3 on long thinking-dense rationales ---
+
+BENCHMARKS = os.path.join(ROOT, "..", "shared", "benchmarks")
+MUSING_WORDS = ("Wait", "Hmm", "So", "But", "Let", "Maybe", "Okay", "Now", "Then", "Alternatively")
+
+
+def _gsm8k_solution(text):
+    """A GSM8K solution without its <<calculator>> notes and the '#### answer' line; (text, answer)."""
+    body, _, answer = text.partition("####")
+    return re.sub(r"<<[^>]*>>", "", body).strip(), answer.strip().replace(",", "")
+
+
+def mi_instances(c: BenchConfig):
+    """(instances, source): per question 3 short rationales (the GSM8K solution as written, with a
+    check, with a restatement) and one long thinking-dense one of about c.mi_long_words words (600+
+    tokens), the shape of the issue's measurement: the solution's sentences spread among musings, a
+    thinking word and 2-4 prose words of MATH500 solutions each (about one thinking word in seven
+    tokens). Without the benchmark files: synthesised text, and the source says so."""
+    gsm, mth = os.path.join(BENCHMARKS, "gsm8k_test.jsonl"), os.path.join(BENCHMARKS, "math500_test.jsonl")
+    rng = random.Random(c.seed)
+    if os.path.exists(gsm) and os.path.exists(mth):
+        rows = [json.loads(line) for line in open(gsm, encoding="utf-8")][:c.mi_questions]
+        qa = [(r["question"], *_gsm8k_solution(r["answer"])) for r in rows]
+        filler = [w for line in open(mth, encoding="utf-8") for w in json.loads(line)["solution"].split()
+                  if re.fullmatch(r"[A-Za-z]+[,.]?", w)]  # its prose words: LaTeX would dilute the thinking words
+        source = "GSM8K test solutions + MATH500 solution text"
+    else:
+        qa = [(f"Tom has {a} apples and buys {b} more. How many apples?", f"He has {a} + {b} = {a + b} apples.",
+               str(a + b)) for a, b in ((rng.randint(2, 50), rng.randint(2, 50)) for _ in range(c.mi_questions))]
+        filler = ("we could count the pieces again and check each total against the sums above " * 50).split()
+        source = "synthesised text (no benchmark files found)"
+    instances = []
+    for i, (q, sol, ans) in enumerate(qa):
+        sentences = re.split(r"(?<=[.\n])\s+", sol)
+        def long_trace():  # the solution's sentences in order, spread among musings
+            musings = []
+            while sum(len(x.split()) for x in musings) + len(sol.split()) < c.mi_long_words:
+                j = rng.randrange(len(filler) - 8)
+                musings.append(f"{rng.choice(MUSING_WORDS)}, {' '.join(filler[j:j + rng.randint(2, 4)]).rstrip(',.')}.")
+            every = max(1, len(musings) // len(sentences))
+            return " ".join(m for i, x in enumerate(musings) for m in ([sentences[i // every]] if i % every == 0
+                            and i // every < len(sentences) else []) + [x]) + " " + sentences[-1]
+        rationales = [("short", sol), ("short-check", f"{sol} Check: that gives {ans}."),
+                      ("short-restated", f"We need the total asked for. {sol}"), ("long", long_trace())]
+        instances.append(Instance(f"mi-{i}", q, ans, "gsm8k", rationales))
+    return instances, source
+
+
+def train_student(model, batches, steps, lr=3e-3):
+    """A few AdamW steps of plain next-token loss on the bench's own branches, so that I_t responds to
+    the rationale (a random student's I_t is nearly flat and its gains are noise)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for s in range(steps):
+        b = batches[s % len(batches)]
+        ids, sel = b["input_ids"][0], (b["sft_mask"] & b["branch_mask"][..., None])[0][:, 1:]
+        h = model(ids, return_hidden=True)
+        token_nll(model.lm_head, h[:, :-1][sel], ids[:, 1:][sel]).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def old_plan_estimate(info, rat_think, cfg, stride=16, cap=64):
+    """The first default, for comparison only: every stride-th rationale position, t−1 and t of each
+    thinking token and the last, capped at `cap` evenly spaced keeping the last; the gain between
+    consecutive probed prefixes credited with think_weight when the interval holds a thinking token.
+    info [1 + |R|] (I_0..I_|R|, exact), rat_think [|R|] bool -> (estimate, probed r, I_0 not listed)."""
+    n = len(rat_think)
+    cand = [r for r in range(1, n + 1) if r % stride == 0 or rat_think[r - 1] or (r < n and rat_think[r]) or r == n]
+    keep = [x for i, x in enumerate(cand) if (i + 1) * cap // len(cand) > i * cap // len(cand)]
+    s, prev = 0.0, 0
+    for r in keep:
+        m = cfg.think_weight if any(rat_think[prev:r]) else cfg.other_weight
+        s += m * max(float(info[r] - info[prev]), 0.0)
+        prev = r
+    return s / max(n, 1), keep
+
+
+def kendall_tau(a, b):
+    pairs = [(i, j) for i in range(len(a)) for j in range(i + 1, len(a))]
+    return sum(math.copysign(1, (a[i] - a[j]) * (b[i] - b[j])) if (a[i] - a[j]) * (b[i] - b[j]) else 0
+               for i, j in pairs) / len(pairs)
+
+
+def mi_agreement(c: BenchConfig) -> dict:
+    """Default S_MI vs exact Eq. 3 (and the old plan) on mi_instances with a briefly trained student:
+    mean Kendall tau over each instance's branches, mean relative error (all branches; the long one,
+    the last), top-1 agreement, mean probes per branch, probe-pass seconds summed over instances."""
+    from data import encode_dataset
+    from tokenizer import Tokenizer, write_tokenizer
+    instances, source = mi_instances(c)
+    with tempfile.TemporaryDirectory(prefix="bench-tok-") as tmp:
+        texts = [i.question for i in instances] + [t for i in instances for _, t in i.rationales]
+        tok = Tokenizer.from_pretrained(write_tokenizer(tmp, texts, vocab_size=c.mi_vocab))
+    encoded, _ = encode_dataset(instances, tok, max_len=10**6)
+    batches = [collate([e], tok.pad_id) for e in encoded]
+    cfg = hf_config(BenchConfig(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab=tok.vocab_size))
+    torch.manual_seed(c.seed)
+    model = train_student(Transformer(ModelArgs.from_hf_config(cfg), cfg), batches, c.mi_train_steps)
+    default, exact_cfg = CompactConfig(mi_budget=c.mi_budget), CompactConfig(mi_budget=0)
+    rows = {"default": [], "old": []}
+    probes = {"default": [], "exact": [], "old": []}
+    secs = {"default": 0.0, "exact": 0.0, "old": 0.0}
+    long_tokens, think_density = [], []
+    with torch.no_grad():
+        for batch in batches:
+            B, K, T = batch["input_ids"].shape
+            flat = {k: batch[k].view(K, T) for k in ("input_ids", "attention_mask", "rationale_mask", "think_mask")}
+            _, aux = model(flat["input_ids"], return_hidden=True, return_aux=True)
+            t0 = time.perf_counter()
+            exact = adaptability_scores(model, aux.kv, batch, exact_cfg)[0].tolist()
+            secs["exact"] += time.perf_counter() - t0
+            probes["exact"] += (flat["rationale_mask"].sum(-1) + 1).tolist()
+            for key in range(c.mi_keys):
+                t0 = time.perf_counter()
+                est = adaptability_scores(model, aux.kv, batch, default, rng_key=(key,))[0].tolist()
+                secs["default"] += (time.perf_counter() - t0) / c.mi_keys
+                rows["default"].append((exact, est))
+            pos, valid, _ = probe_plan(flat["rationale_mask"], flat["think_mask"], exact_cfg)
+            probe = batch["probe_ids"].expand(K, -1), batch["probe_answer_mask"].expand(K, -1)
+            info = probe_log_likelihood(model, aux.kv, flat["attention_mask"], pos, valid, *probe)  # (K, 1 + |R|)
+            old, old_pos = [], []
+            for k in range(K):
+                rat = flat["rationale_mask"][k]
+                th = flat["think_mask"][k][rat].tolist()
+                s, keep = old_plan_estimate(info[k, :len(th) + 1], th, default)
+                start = int(rat.int().argmax())  # position of rationale index r is start + r − 1
+                old.append(s)
+                old_pos.append([start - 1] + [start + r - 1 for r in keep])
+                probes["old"].append(len(old_pos[-1]))
+                if len(th) >= 2 * c.mi_budget:
+                    long_tokens.append(len(th))
+                    think_density.append(sum(th) / len(th))
+            rows["old"].append((exact, old))
+            Q = max(map(len, old_pos))
+            valid = torch.tensor([[q < len(p) for q in range(Q)] for p in old_pos])
+            old_pos = torch.tensor([p + [0] * (Q - len(p)) for p in old_pos])
+            t0 = time.perf_counter()  # the old plan's probe pass: its positions through the same probe
+            probe_log_likelihood(model, aux.kv, flat["attention_mask"], old_pos, valid, *probe)
+            secs["old"] += time.perf_counter() - t0
+            for key in range(c.mi_keys):  # the default's probe count, one plan per key
+                b = torch.zeros(K, 1, dtype=torch.long)
+                u = (hash_uniform((key,), 0, b, torch.arange(K)[:, None], torch.arange(T)),
+                     hash_uniform((key,), 1, b, torch.arange(K)[:, None], torch.arange(-(-T // MI_RUN))))
+                _, v, _ = probe_plan(flat["rationale_mask"], flat["think_mask"], default, *u)
+                probes["default"] += v.sum(-1).tolist()
+    r = {"mi_source": source, "mi_instances": len(batches), "mi_long_rationale_tokens": statistics.mean(long_tokens) if long_tokens else None,
+         "mi_long_think_density": statistics.mean(think_density) if think_density else None}
+    for name, pairs in rows.items():
+        r[f"mi_tau_{name}"] = statistics.mean(kendall_tau(e, s) for e, s in pairs)
+        r[f"mi_rel_err_{name}"] = statistics.mean(abs(s_ - e_) / e_ for e, s in pairs for e_, s_ in zip(e, s) if e_ > 0)
+        r[f"mi_rel_err_long_{name}"] = statistics.mean(abs(s[-1] - e[-1]) / e[-1] for e, s in pairs if e[-1] > 0)
+        r[f"mi_top1_{name}"] = statistics.mean(max(range(len(e)), key=e.__getitem__) == max(range(len(s)), key=s.__getitem__)
+                                               for e, s in pairs)
+    for name, n in probes.items():
+        r[f"mi_probes_{name}"] = statistics.mean(n)
+    r.update({f"mi_probe_s_{k}": v for k, v in secs.items()})
+    return r
+
+
 def run_bench(c: BenchConfig) -> dict:
     """Every measurement as one dict (the --json line); times in seconds per call."""
     device = torch.device(c.device)
@@ -243,7 +417,7 @@ def run_bench(c: BenchConfig) -> dict:
         batch = {k: v.to(device) for k, v in synth_batch(c, c.seed).items()}
         with torch.no_grad(), autocast():
             our_loss0 = token_mean_nll(model, batch)  # LoRA B = 0: the base model's loss
-        configs = {"compact": CompactConfig(mi_stride=c.mi_stride), "uniform": CompactConfig(weighting="uniform"),
+        configs = {"compact": CompactConfig(mi_budget=c.mi_budget), "uniform": CompactConfig(weighting="uniform"),
                    "sft": CompactConfig(weighting="uniform", mcon_lambda=0.0)}
         peaks = {}
         times = interleaved({n: our_step(model, batch, cc, device, autocast) for n, cc in configs.items()}, c, device, peaks)
@@ -275,6 +449,8 @@ def run_bench(c: BenchConfig) -> dict:
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
         if cuda_bf16 and peak:
             r["mfu"] = flops_per_step(model, batch, c) / times["compact"] / peak
+    if not c.no_mi:
+        r.update(mi_agreement(c))
     n_params = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
     r.update(times_s=times, supervised_tokens=sup_tokens, params_m=n_params / 1e6, config=asdict(c),
              torch=torch.__version__, threads=torch.get_num_threads())
@@ -288,6 +464,7 @@ def print_table(r: dict):
     rows = [(f"{name} (s/call)", f"{t:.4f}") for name, t in r["times_s"].items()]
     rows += [(k, "null" if r[k] is None else f"{r[k]:,.4g}") for k in ("tokens_per_s", "compact_over_uniform", "probe_speedup",
              "probe_max_abs_diff", "vs_hf_peft", "hf_loss_abs_diff", "peak_rss_mb", "peak_mem_mb", "mfu")]
+    rows += [(k, v if isinstance(v, str) else f"{v:,.4g}") for k, v in r.items() if k.startswith("mi_") and v is not None]
     for k, v in rows:
         print(f"{k:<28} {v:>10}")
 

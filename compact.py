@@ -27,6 +27,20 @@ from model import KVCache
 
 @dataclass
 class CompactConfig:
+    """The method's settings (SPEC §3-§4); train.py and `compact.py score` make a flag of each field.
+
+    S_MI's default is a sampled, unbiased estimate of Eq. 3 (probe_plan): at most mi_budget = 64
+    probes per branch, at most half of them (mi_think_share = 0.5) on thinking-token pairs, the rest
+    on runs of MI_RUN = 4 other tokens; exact whenever |R| + 1 <= 64; --mi-budget 0 is exact Eq. 3.
+    Chosen on bench.py's mi_agreement (GSM8K rationales next to 600-token traces with one thinking
+    word in seven, a briefly trained student, 20 keys each): budgets 32 / 48 / 64 / 96 gave mean
+    Kendall tau 0.55 / 0.76 / 0.85 / 0.90 against exact Eq. 3, relative error on the long trace
+    0.40 / 0.30 / 0.27 / 0.20, for 28 / 39 / 50 / 69 probes per branch on average (exact: the
+    rationale length + 1, ~640 on the long one). Share 0.5 had the lowest error at every budget
+    (0.25 and 0.75 tried); runs of 2, 4 and 8 tied. 64 is the smallest budget past tau 0.8. Each
+    probe is a block of len(cue ⊕ y) − 1 tokens, so 64 probes cost far more than the first
+    default's ~28 on a CPU (README, Speed).
+    """
     weighting: str = "compact"  # "compact" (Eq. 7) or "uniform" (w_k = 1/K_valid, "Direct Avg.")
     alpha: float = 1.0  # weight of Z(S_MI); 0 switches it off and skips the probe pass (--no-mi)
     beta: float = 1.0  # weight of Z(S_G); 0 switches it off (--no-consensus)
@@ -34,8 +48,9 @@ class CompactConfig:
     temperature: float = 1.0  # T of the softmax in Eq. 7
     mcon_lambda: float = 0.1  # λ of Eq. 10; 0 drops the consistency loss and its logits
     mcon_detach: bool = False  # BKL treats the other branch as a fixed target
-    mi_stride: int = 16  # probe every n-th rationale position; 1 = every position (exact Eq. 3)
-    mi_max_probes: int = 64  # cap on probed rationale positions per branch (when mi_stride > 1)
+    mi_budget: int = 64  # S_MI probes per branch (probe_plan); 0 = exact Eq. 3 (every rationale position)
+    mi_think_share: float = 0.5  # at most this share of mi_budget goes to thinking-token pairs
+    z_floor: float = 0.01  # Z's std is floored at z_floor · mean|s| (SPEC §3.4); 0 = the plain z-score
     think_weight: float = 1.0  # m_t for a token that starts a thinking word
     other_weight: float = 0.1  # m_t for every other rationale token
 
@@ -46,8 +61,10 @@ class CompactConfig:
             raise ValueError("alpha, beta, gamma, mcon_lambda, think_weight and other_weight must be >= 0")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.mi_stride < 1 or self.mi_max_probes < 1:
-            raise ValueError("mi_stride and mi_max_probes must be >= 1")
+        if self.mi_budget < 0 or self.z_floor < 0 or not 0 <= self.mi_think_share <= 1:
+            raise ValueError("mi_budget and z_floor must be >= 0, mi_think_share in [0, 1]")
+        if 0 < self.mi_budget < 2 * MI_RUN + 2:  # room for one run of the other stratum besides I_0's pair
+            raise ValueError(f"mi_budget must be 0 (exact) or >= {2 * MI_RUN + 2}")
 
 
 def full_precision(x):
@@ -55,14 +72,19 @@ def full_precision(x):
     return torch.autocast(x.device.type, enabled=False)
 
 
-def token_nll(lm_head, h, targets):
+def token_nll(lm_head, h, targets, fp32=False):
     """−log p(targets | h) row by row: h [M, C], targets [M] -> [M] fp32.
 
     Logits exist one chunk of rows at a time (at most ~2^27 fp32 values, 512 MB); under grad each
     chunk is checkpointed, so backward recomputes its logits instead of keeping [M, V] alive.
+    fp32: the matmul too runs in fp32 (autocast off, an fp32 copy of a bf16 weight), not only the
+    log-softmax, so bf16 rounding of the logits does not reach the result.
     """
     rows = max(1, 2**27 // lm_head.weight.shape[0])
     def nll(h, y):
+        if fp32:
+            with full_precision(h):
+                return F.cross_entropy(F.linear(h.float(), lm_head.weight.float()), y, reduction="none")
         return F.cross_entropy(lm_head(h).float(), y, reduction="none")
     grad = torch.is_grad_enabled() and h.requires_grad
     out = [checkpoint(nll, hc, yc, use_reentrant=False) if grad else nll(hc, yc)
@@ -103,38 +125,90 @@ def consensus_scores(e, branch_mask, q_proj, k_proj, head_dim):
     return attn.sum(1)  # column sums: the weight flowing into k
 
 
-def probe_plan(rationale_mask, think_mask, sft_mask, cfg):
-    """Which prefixes the S_MI probe reads (SPEC §3.1); masks [N, T] -> three [N, Q] tensors.
+# --- S_MI (SPEC §3.1): which gains to probe, the probe pass, the estimate ---
 
-    pos[:, q] is the last main token the probe consumed (its block sits at pos+1..): column 0 is
-    the prompt's last token (I_0), then the probed rationale positions in order. think[:, q] says
-    a thinking token lies in (pos[q−1], pos[q]], the interval whose gain column q is credited.
-    mi_stride=1: every rationale position, no cap. Otherwise every mi_stride-th (after each
-    mi_stride tokens consumed), t−1 and t of each thinking token t, and the last position; past
-    mi_max_probes an evenly spaced subset that keeps the last (Decision). I_0 is not counted.
+MI_RUN = 4  # other-stratum runs: MI_RUN consecutive rationale tokens, MI_RUN + 1 probes, MI_RUN gains
+_M64 = (1 << 64) - 1
+
+
+def _shr(x, s):
+    """Logical right shift of int64 tensors (torch's >> is arithmetic on negatives)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix(x):
+    """splitmix64's finaliser on int64 (products wrap modulo 2^64, as in C)."""
+    to_i64 = lambda c: c - (1 << 64) if c >= 1 << 63 else c
+    x = (x ^ _shr(x, 30)) * to_i64(0xBF58476D1CE4E5B9)
+    x = (x ^ _shr(x, 27)) * to_i64(0x94D049BB133111EB)
+    return x ^ _shr(x, 31)
+
+
+def hash_uniform(rng_key, salt, b, k, j):
+    """U[0, 1) as a pure function of (rng_key ints, salt, b, k, j), broadcast over index tensors.
+
+    A hash rather than a generator: an instance's sample does not depend on the batch's padding or
+    on other instances, and a resumed run draws the same sample (like dropout seeded by step)."""
+    seed = 0
+    for v in (*rng_key, salt):
+        seed = (seed * 0x9E3779B97F4A7C15 + int(v) + 1) & _M64
+    x = torch.tensor(seed - (1 << 64) if seed >= 1 << 63 else seed, dtype=torch.long, device=j.device)
+    for idx in (b, k, j):
+        x = _mix(x + idx * 0x9E3779B97F4A7C1 + 1)
+    return _shr(x, 11).double() / 2.0**53
+
+
+def sample_without_replacement(u, eligible, n):
+    """Bool [N, M]: the n[i] eligible entries of row i with the smallest keys u (all when n >= count)."""
+    order = torch.where(eligible, u, 2.0).argsort(-1)
+    rank = order.argsort(-1)  # rank of each entry's key in its row
+    return eligible & (rank < n[:, None])
+
+
+def probe_plan(rationale_mask, think_mask, cfg, u_think=None, u_run=None):
+    """Which pairs (t−1, t) the S_MI probe reads and what each gain counts for (SPEC §3.1).
+
+    Masks [N, T] -> pos, valid, coef [N, Q]: pos holds the probed positions in order (the probe's
+    block q sits after main token pos[q]); coef[q] > 0 only where pos[q−1] = pos[q] − 1, and the
+    estimate is Σ_q coef[q] · max(I[q] − I[q−1], 0). Exact Eq. 3 (mi_budget = 0, or |R| + 1 <=
+    mi_budget): every rationale token, coef = m_t. Otherwise two strata, each an unbiased
+    Horvitz-Thompson sum: thinking tokens, n_T = min(N_T, ⌊mi_think_share · budget / 2⌋) sampled
+    (2 probes each) and scaled by N_T / n_T; the other tokens, in runs of MI_RUN rationale tokens
+    (the rationale cut at multiples of MI_RUN), n_C runs from the rest of the budget (MI_RUN + 1
+    probes each) scaled by N_C / n_C, N_C = runs holding a non-thinking token. u_think [N, T], u_run
+    [N, ⌈T/MI_RUN⌉]: the sampling keys (hash_uniform), needed only when some branch is sampled.
     """
     rat = rationale_mask
     think = think_mask & rat
     N, T = rat.shape
+    m = torch.where(think, cfg.think_weight, cfg.other_weight) * rat  # (N, T): m_t on R, else 0
+    n_rat = rat.sum(-1)
+    exact = n_rat + 1 <= cfg.mi_budget if cfg.mi_budget > 0 else torch.ones_like(n_rat, dtype=torch.bool)
+    coef, counted = torch.where(exact[:, None], m, 0.0), exact[:, None] & rat
+    if not bool(exact.all()):
+        r = (rat.cumsum(-1) - 1).clamp(min=0)  # rationale index at rationale positions
+        run = torch.where(rat, r // MI_RUN, u_run.shape[1])  # (N, T): run id; padding -> a spill bin
+        n_think = think.sum(-1)
+        n_t = n_think.clamp(max=int(cfg.mi_think_share * cfg.mi_budget) // 2)
+        other = rat & ~think
+        has_other = torch.zeros(N, u_run.shape[1] + 1, dtype=torch.long, device=rat.device)
+        has_other = has_other.scatter_add(1, run, other.long())[:, :-1] > 0  # (N, runs)
+        n_runs = has_other.sum(-1)
+        n_c = torch.minimum(n_runs, (cfg.mi_budget - 2 * n_t) // (MI_RUN + 1))
+        pick_t = sample_without_replacement(u_think, think, n_t)
+        pick_c = sample_without_replacement(u_run, has_other, n_c)
+        pick_c = F.pad(pick_c, (0, 1)).gather(1, run) & other  # (N, T): the other tokens of picked runs
+        scale = lambda total, n: (total / n.clamp(min=1))[:, None]  # tokens (runs) per one probed
+        sampled = pick_t * cfg.think_weight * scale(n_think, n_t) + pick_c * cfg.other_weight * scale(n_runs, n_c)
+        coef = torch.where(exact[:, None], coef, sampled)
+        counted = torch.where(exact[:, None], counted, pick_t | pick_c)
+    probed = counted | F.pad(counted[:, 1:], (0, 1))  # t and t − 1 of every counted token
+    Q = int(probed.sum(-1).max())
     idx = torch.arange(T, device=rat.device)
-    if cfg.mi_stride == 1:
-        keep = rat
-    else:
-        r = rat.cumsum(-1)  # 1-based rationale index at rationale positions
-        before_think = F.pad(think[:, 1:], (0, 1)) & rat
-        cand = rat & ((r % cfg.mi_stride == 0) | think | before_think | (r == r[:, -1:]))
-        n, rank = cand.sum(-1, keepdim=True).clamp(min=1), cand.cumsum(-1) - 1
-        cap = cfg.mi_max_probes
-        keep = cand & ((rank + 1) * cap // n > rank * cap // n)  # exactly min(n, cap), last one kept
-    Q = int(keep.sum(-1).max())
-    pos_r = torch.where(keep, idx, T + idx).sort(-1).values[:, :Q]  # kept positions first, in order
-    prompt_end = (sft_mask.int().argmax(-1) - 1).clamp(min=0)  # token before the first supervised one
-    pos = torch.cat([prompt_end[:, None], pos_r], 1)  # (N, 1+Q)
-    valid = torch.cat([rat.any(-1, keepdim=True), pos_r < T], 1)
+    pos = torch.where(probed, idx, T + idx).sort(-1).values[:, :Q]  # probed positions first, in order
+    valid = pos < T
     pos = torch.where(valid, pos, 0)
-    think_upto = think.cumsum(-1).gather(1, pos)  # thinking tokens at positions <= pos
-    think_in = F.pad(think_upto[:, 1:] > think_upto[:, :-1], (1, 0))
-    return pos, valid, think_in
+    return pos, valid, torch.where(valid, coef.gather(1, pos), 0.0)
 
 
 #   The probe pass: one block of cue ⊕ y per probed position, up to PROBE_ROW blocks to a row.
@@ -151,6 +225,22 @@ def probe_plan(rationale_mask, think_mask, sft_mask, cfg):
 #
 #   c2's output predicts y1, so I = Σ log p(y_j) is read one token early, as everywhere.
 
+
+def probe_block_mask(pos, valid, attention_mask, P):
+    """Bool [R, n·P, T + n·P]: who each probe token may see, R rows of n blocks (the diagram above).
+
+    pos, valid [R, n]; attention_mask [R, T]. Main part: key s <= the block's pos, if s is a real
+    token and the block valid. Probe part: same block, key j' <= query j (block-causal)."""
+    R, n = pos.shape
+    T = attention_mask.shape[1]
+    see_main = (torch.arange(T, device=pos.device) <= pos[:, :, None]) & attention_mask[:, None] & valid[:, :, None]
+    see_main = see_main[:, :, None].expand(R, n, P, T).reshape(R, n * P, T)  # (R, nP, T)
+    i = torch.arange(n * P, device=pos.device)
+    blk, j = i // P, i % P
+    see_probe = (blk[:, None] == blk[None, :]) & (j[None, :] <= j[:, None])  # (nP, nP)
+    return torch.cat([see_main, see_probe.expand(R, -1, -1)], dim=-1)  # (R, nP, T + nP)
+
+
 PROBE_ROW = 4  # blocks per row: short rows pad less and each query scans T + 4·P keys, not T + Q·P
 
 
@@ -160,54 +250,55 @@ def probe_log_likelihood(raw, kv, attention_mask, pos, valid, probe_ids, probe_a
     kv: the training pass's per-layer (k, v) [N, G, T, D], detached; probe_ids, probe_answer_mask
     [N, P] (cue ⊕ y, then padding). Each branch's Q blocks are cut into rows of PROBE_ROW, every
     row attending to its branch's cached K/V; rows with no valid block are skipped. Invalid
-    blocks score 0.
+    blocks score 0. The LM head and log-softmax run in fp32 even under bf16 autocast: S_MI keeps
+    only the positive part of differences of I, so rounding noise would turn into gain.
     """
     N, T = attention_mask.shape
     Q, P = pos.shape[1], probe_ids.shape[1] - 1  # the last probe token predicts nothing: not fed
     if bool(probe_answer_mask[:, 0].any()):
         raise ValueError("the probe's first token must be the cue, not an answer token")
     dev = pos.device
-    C = min(PROBE_ROW, Q)
-    n_rows = -(-Q // C)
-    pos_r = F.pad(pos, (0, n_rows * C - Q)).view(N * n_rows, C)  # (N·rows, C)
-    valid_r = F.pad(valid, (0, n_rows * C - Q)).view(N * n_rows, C)
+    per_row = min(PROBE_ROW, Q)
+    n_rows = -(-Q // per_row)
+    pos_r = F.pad(pos, (0, n_rows * per_row - Q)).view(N * n_rows, per_row)  # (N·rows, per_row)
+    valid_r = F.pad(valid, (0, n_rows * per_row - Q)).view(N * n_rows, per_row)
     keep = valid_r.any(-1)
     src = torch.arange(N, device=dev).repeat_interleave(n_rows)[keep]  # (R,): each row's branch
     pos_r, valid_r = pos_r[keep], valid_r[keep]
     R = src.numel()
-    ids = probe_ids[src, None, :-1].expand(R, C, P).reshape(R, C * P)
-    position_ids = (pos_r[:, :, None] + 1 + torch.arange(P, device=dev)).reshape(R, C * P)
-    see_main = (torch.arange(T, device=dev) <= pos_r[:, :, None]) & attention_mask[src, None] & valid_r[:, :, None]
-    see_main = see_main[:, :, None].expand(R, C, P, T).reshape(R, C * P, T)  # (R, CP, T)
-    blk, j = torch.arange(C * P, device=dev) // P, torch.arange(C * P, device=dev) % P
-    see_probe = (blk[:, None] == blk[None, :]) & (j[None, :] <= j[:, None])  # (CP, CP), block-causal
-    mask = torch.cat([see_main, see_probe.expand(R, -1, -1)], dim=-1)  # (R, CP, T + CP)
-    cache = [KVCache.from_kv(k[src], v[src], C * P) for k, v in kv]
-    h = raw(ids, position_ids=position_ids, mask=mask, cache=cache, return_hidden=True).view(R, C, P, -1)
-    scored = probe_answer_mask[src, None, 1:] & valid_r[:, :, None]  # (R, C, P): token j predicts j+1
-    targets = probe_ids[src, None, 1:].expand(R, C, P)
-    logp = -token_nll(raw.lm_head, h[scored], targets[scored])
-    info = torch.zeros(N * n_rows, C, device=dev)
+    ids = probe_ids[src, None, :-1].expand(R, per_row, P).reshape(R, per_row * P)
+    position_ids = (pos_r[:, :, None] + 1 + torch.arange(P, device=dev)).reshape(R, per_row * P)
+    mask = probe_block_mask(pos_r, valid_r, attention_mask[src], P)
+    cache = [KVCache.from_kv(k[src], v[src], per_row * P) for k, v in kv]
+    h = raw(ids, position_ids=position_ids, mask=mask, cache=cache, return_hidden=True).view(R, per_row, P, -1)
+    scored = probe_answer_mask[src, None, 1:] & valid_r[:, :, None]  # (R, per_row, P): token j predicts j+1
+    targets = probe_ids[src, None, 1:].expand(R, per_row, P)
+    logp = -token_nll(raw.lm_head, h[scored], targets[scored], fp32=True)
+    info = torch.zeros(N * n_rows, per_row, device=dev)
     info[keep] = torch.zeros(scored.shape, device=dev).masked_scatter(scored, logp).sum(-1)
-    return info.view(N, n_rows * C)[:, :Q]
+    return info.view(N, n_rows * per_row)[:, :Q]
 
 
-def adaptability_scores(raw, kv, batch, cfg):
-    """S_MI (SPEC §3.1, Eq. 2-3): S_MI,k = (1/|R_k|) Σ_t m_t max(I_t − I_{t−1}, 0), [B, K].
+def adaptability_scores(raw, kv, batch, cfg, rng_key=()):
+    """S_MI (SPEC §3.1, Eq. 2-3): (1/|R_k|) Σ_t m_t max(I_t − I_{t−1}, 0), [B, K], exact or estimated.
 
-    With mi_stride > 1 the gain between consecutive probed positions is credited to the later
-    one, with m = think_weight if a thinking token lies in the interval. kv: aux.kv, detached.
+    probe_plan picks the pairs (t−1, t) and their weights; the estimate is unbiased for Eq. 3, its
+    sample a function of (rng_key, instance b, branch k). kv: aux.kv, detached.
     """
     B, K, T = batch["input_ids"].shape
-    flat = {k: batch[k].reshape(B * K, T) for k in ("attention_mask", "rationale_mask", "think_mask", "sft_mask")}
-    pos, valid, think_in = probe_plan(flat["rationale_mask"], flat["think_mask"], flat["sft_mask"], cfg)
+    flat = {k: batch[k].reshape(B * K, T) for k in ("attention_mask", "rationale_mask", "think_mask")}
+    dev = batch["input_ids"].device
+    b = torch.arange(B, device=dev).repeat_interleave(K)[:, None]  # (BK, 1)
+    k = torch.arange(K, device=dev).repeat(B)[:, None]
+    u_think = hash_uniform(rng_key, 0, b, k, torch.arange(T, device=dev))  # (BK, T)
+    u_run = hash_uniform(rng_key, 1, b, k, torch.arange(-(-T // MI_RUN), device=dev))  # (BK, runs)
+    pos, valid, coef = probe_plan(flat["rationale_mask"], flat["think_mask"], cfg, u_think, u_run)
     if not bool(valid.any()):  # no rationale anywhere: nothing to probe
-        return torch.zeros(B, K, device=pos.device)
+        return torch.zeros(B, K, device=dev)
     probe = batch["probe_ids"].repeat_interleave(K, 0), batch["probe_answer_mask"].repeat_interleave(K, 0)
     info = probe_log_likelihood(raw, kv, flat["attention_mask"], pos, valid, *probe)  # (N, Q)
-    gain = (info[:, 1:] - info[:, :-1]).clamp(min=0)  # ΔI credited to column q >= 1
-    m = torch.where(think_in[:, 1:], cfg.think_weight, cfg.other_weight) * valid[:, 1:]
-    s = (m * gain).sum(-1) / flat["rationale_mask"].sum(-1).clamp(min=1)
+    gain = (info[:, 1:] - info[:, :-1]).clamp(min=0)  # column q's gain, q >= 1
+    s = (coef[:, 1:] * gain).sum(-1) / flat["rationale_mask"].sum(-1).clamp(min=1)
     return s.view(B, K)
 
 
@@ -216,8 +307,9 @@ def adaptability_scores(raw, kv, batch, cfg):
 def fuse_weights(s_mi, s_g, s_d, branch_mask, cfg):
     """w [B, K] (SPEC §3.4, Eq. 7): softmax((α Z(S_MI) + β Z(S_G) − γ Z(S_D)) / T) per instance.
 
-    Z is the z-score over the instance's valid branches (population std, + 1e-6); padding
-    branches get weight 0; uniform weighting gives exactly 1/K_valid.
+    Z(s) = (s − mean) / max(std, z_floor · mean|s|, 1e-6) over the instance's valid branches
+    (population std): the floor keeps differences at the level of numerical noise from becoming
+    ±1 z-scores. Padding branches get weight 0; uniform weighting gives exactly 1/K_valid.
     """
     m = branch_mask.float()
     n = m.sum(-1, keepdim=True).clamp(min=1)
@@ -227,7 +319,8 @@ def fuse_weights(s_mi, s_g, s_d, branch_mask, cfg):
         s = torch.where(branch_mask, s.float(), 0.0)
         mean = s.sum(-1, keepdim=True) / n
         std = (((s - mean) ** 2 * m).sum(-1, keepdim=True) / n).sqrt()
-        return torch.where(branch_mask, (s - mean) / (std + 1e-6), 0.0)
+        floor = (cfg.z_floor * s.abs().sum(-1, keepdim=True) / n).clamp(min=1e-6)
+        return torch.where(branch_mask, (s - mean) / torch.maximum(std, floor), 0.0)
     logit = (cfg.alpha * z(s_mi) + cfg.beta * z(s_g) - cfg.gamma * z(s_d)) / cfg.temperature
     w = torch.softmax(logit.masked_fill(~branch_mask, float("-inf")), dim=-1)
     return torch.where(branch_mask, w, 0.0)  # an all-padding instance (NaN row) weighs nothing
@@ -271,15 +364,16 @@ def answer_logprobs(lm_head, hidden, answer_mask):
 
 # --- the objective (SPEC §2, §4) ---
 
-def compact_loss(model, batch, cfg, n_instances=None):
+def compact_loss(model, batch, cfg, n_instances=None, rng_key=()):
     """(loss, stats) for one batch (SPEC §9 dict): loss = Σ_b Σ_k w_bk L_bk / n_instances (Eq. 8-11).
 
     L_k = L_SFT,k + λ L_MCon,k; w from the scores under no_grad, detached, so one backward
     gives Σ_k w_k ∇L_k. n_instances: instances of the whole optimizer step over all
-    micro-batches and ranks (default: this batch's B), so every instance counts once.
+    micro-batches and ranks (default: this batch's B), so every instance counts once. rng_key:
+    ints that fix S_MI's sample (train.py: seed, step, rank, micro-batch), like dropout's seed.
     stats, detached tensors: [B, K] s_mi s_g s_d weight l_sft l_mcon (0 for padding branches);
-    scalars loss = sft + λ·mcon (the two weighted parts, same normalisation) and tokens
-    (supervised tokens). Decision: scores are read in the model's current mode (LoRA dropout
+    scalars loss = sft + λ·mcon (the two weighted parts, same normalisation), weight_entropy
+    (Σ over instances of −Σ_k w_k log w_k, same normalisation) and tokens (supervised tokens). Decision: scores are read in the model's current mode (LoRA dropout
     on while training, as in the K/V the probe reuses); padding branches run through the
     forward (right-padded, causal) and are masked afterwards.
     """
@@ -309,14 +403,15 @@ def compact_loss(model, batch, cfg, n_instances=None):
         s_g = consensus_scores(e, bm, attn.q_proj, attn.k_proj, raw.args.head_dim)
         s_mi = torch.zeros(B, K, device=ids.device)
         if cfg.weighting == "compact" and cfg.alpha > 0:  # the only score that costs a pass
-            s_mi = adaptability_scores(raw, [(k.detach(), v.detach()) for k, v in aux.kv], batch, cfg)
+            s_mi = adaptability_scores(raw, [(k.detach(), v.detach()) for k, v in aux.kv], batch, cfg, rng_key)
         w = fuse_weights(s_mi, s_g, s_d, bm, cfg)
 
     per_branch = l_sft + cfg.mcon_lambda * l_mcon
     loss = (w * per_branch).sum() / n_instances
     stats = dict(s_mi=s_mi, s_g=s_g, s_d=s_d, weight=w, l_sft=l_sft.detach(), l_mcon=l_mcon.detach(),
                  loss=loss.detach(), sft=(w * l_sft).sum().detach() / n_instances,
-                 mcon=(w * l_mcon).sum().detach() / n_instances, tokens=sft.sum())
+                 mcon=(w * l_mcon).sum().detach() / n_instances, tokens=sft.sum(),
+                 weight_entropy=-torch.special.xlogy(w, w).sum() / n_instances)
     return loss, stats
 
 
@@ -358,13 +453,14 @@ def score(a, cfg):
     if not encoded:
         raise ValueError(f"{a.data}: no instance has a rationale that fits --max-len {a.max_len}")
     if info.get("dropped_branches"):
-        print(f"{info['dropped_branches']} rationale(s) longer than --max-len {a.max_len} left out", file=sys.stderr)
+        per = ", ".join(f"{t} {n}" for t, n in sorted(info.get("dropped_per_teacher", {}).items()))
+        print(f"{info['dropped_branches']} rationale(s) longer than --max-len {a.max_len} left out ({per})", file=sys.stderr)
     teachers, rows = info["teachers"], []
     sums, top = torch.zeros(len(teachers), len(TEACHER_STATS) + 1), [0] * len(teachers)
     with torch.no_grad():
         for i in range(0, len(encoded), a.batch_size):
             batch = {k: v.to(device) for k, v in collate(encoded[i:i + a.batch_size], tok.pad_id).items()}
-            _, st = compact_loss(model, batch, cfg)
+            _, st = compact_loss(model, batch, cfg, rng_key=(i,))  # S_MI's sample: fixed per batch
             sums += teacher_sums(st, batch["teacher"], batch["branch_mask"], len(teachers)).cpu()
             st = {k: st[k].float().cpu().tolist() for k in TEACHER_STATS}
             for b, enc in enumerate(encoded[i:i + a.batch_size]):
@@ -372,8 +468,9 @@ def score(a, cfg):
                 rows += [{"id": enc.id, "teacher": teachers[t], **{key: st[key][b][k] for key in TEACHER_STATS}}
                          for k, t in enumerate(enc.teacher)]
     write_jsonl(a.out, rows)
-    means = teacher_means(sums, teachers)
-    return {t: {**m, "top": top[teachers.index(t)]} for t, m in means.items()}, info
+    means, drops = teacher_means(sums, teachers), info.get("dropped_per_teacher", {})
+    return {t: {**means.get(t, {"n": 0}), "top": top[j], "dropped": drops.get(t, 0)}  # every rationale dropped: n 0
+            for j, t in enumerate(teachers) if t in means or drops.get(t)}, info
 
 
 def main(argv=None):
@@ -403,9 +500,11 @@ def main(argv=None):
         sys.exit(2)
     write_json(os.path.splitext(a.out)[0] + ".settings.json", {"score": vars(a), "compact": asdict(cfg),
                                                                "data_stats": {k: v for k, v in info.items() if k != "teachers"}})
-    print(f"{'teacher':<24} {'n':>6} {'weight':>7} {'s_mi':>8} {'s_g':>7} {'s_d':>7} {'top':>6}")
-    for t, r in summary.items():
-        print(f"{t:<24} {r['n']:>6} {r['weight']:>7.3f} {r['s_mi']:>8.4f} {r['s_g']:>7.3f} {r['s_d']:>7.3f} {r['top']:>6}")
+    print(f"{'teacher':<24} {'n':>6} {'weight':>7} {'s_mi':>8} {'s_g':>7} {'s_d':>7} {'top':>6} {'dropped':>8}")
+    nan = float("nan")
+    for t, r in summary.items():  # dropped: rationales longer than --max-len, left out
+        print(f"{t:<24} {r['n']:>6} {r.get('weight', nan):>7.3f} {r.get('s_mi', nan):>8.4f} {r.get('s_g', nan):>7.3f} "
+              f"{r.get('s_d', nan):>7.3f} {r['top']:>6} {r['dropped']:>8}")
 
 
 if __name__ == "__main__":

@@ -479,10 +479,11 @@ class EncodedInstance:
     dropped: int = 0  # branches dropped for max_len
 
 
-def encode_instance(inst, tok, teachers, max_len, thinking_words=THINKING_WORDS):
+def encode_instance(inst, tok, teachers, max_len, thinking_words=THINKING_WORDS, drops=None):
     """Tokenize every branch of an instance, each segment on its own so y's ids are the same
     in every branch. Rationales of teachers not in `teachers` are left out; a branch longer
-    than max_len is dropped whole (never cut). None when no branch is left."""
+    than max_len is dropped whole (never cut) and counted in `drops` (a Counter by teacher name,
+    if given). None when no branch is left."""
     prompt = tok.encode_chat([{"role": "user", "content": user_prompt(inst.question, inst.task)}])
     cue_text, close_text = answer_cue(inst.task)
     cue, y, close = tok.encode(cue_text), tok.encode(inst.answer), tok.encode(close_text)
@@ -496,6 +497,8 @@ def encode_instance(inst, tok, teachers, max_len, thinking_words=THINKING_WORDS)
         segments = [(prompt, PROMPT), (r, RATIONALE)] + tail
         if sum(len(ids) for ids, _ in segments) > max_len:
             dropped += 1
+            if drops is not None:
+                drops[name] += 1
             continue
         think = [False] * len(prompt) + think_starts(text, offsets, thinking_words)
         think += [False] * sum(len(ids) for ids, _ in tail)
@@ -515,15 +518,16 @@ def encode_dataset(instances, tok, teachers=None, max_len=2048, thinking_words=T
     teachers = sorted(teachers) if teachers else known
     if unknown := [t for t in teachers if t not in known]:
         raise DataError(f"unknown teacher(s) {', '.join(unknown)}; the data has {', '.join(known)}")
-    encoded, stats = [], Counter(instances=len(instances))
+    encoded, stats, drops = [], Counter(instances=len(instances)), Counter()
     for inst in instances:
-        e = encode_instance(inst, tok, teachers, max_len, thinking_words)
+        e = encode_instance(inst, tok, teachers, max_len, thinking_words, drops)
         stats["dropped_instances"] += e is None
         if e is not None:
             encoded.append(e)
             stats["branches"] += len(e.branches)
-            stats["dropped_branches"] += e.dropped
-    return encoded, dict(stats, teachers=teachers)
+    # Every branch dropped for max_len, per teacher, those of dropped instances included.
+    stats["dropped_branches"] = sum(drops.values())
+    return encoded, dict(stats, dropped_per_teacher=dict(sorted(drops.items())), teachers=teachers)
 
 
 def collate(batch, pad_id):

@@ -39,7 +39,7 @@ d = centroid(base + adapter) − centroid(base); reports |d·v1|, |d·v2|, ‖d�
 the base's spread (its std along v1, v2; its RMS distance to the centroid).
 
 mi-trace: I_t = log p(y | x, r_≤t) after every rationale token, computed exactly by compact.py's
-probe at stride 1 (equal to a per-prefix loop), ΔI_t = I_t − I_{t−1}, thinking tokens marked,
+probe with every position (equal to a per-prefix loop), ΔI_t = I_t − I_{t−1}, thinking tokens marked,
 before and, with --adapter, after distillation. weights: a train.py run's metrics.jsonl as
 per-teacher weight and score curves (the paper's Fig. 3) and a table.
 
@@ -464,7 +464,7 @@ def run_pca_shift(a, device="cpu"):
 
 @torch.no_grad()
 def information_trace(model, tok, inst, teacher, chunk=256):
-    """I_0..I_|R| = log p(y | x, r_≤t) along one rationale, exact (compact.py's probe at stride 1).
+    """I_0..I_|R| = log p(y | x, r_≤t) along one rationale, exact (compact.py's probe, --mi-budget 0).
 
     Returns (info [|R|+1], think [|R|] bool, token texts); ΔI_t = info[t] − info[t−1]. The probe
     blocks see only the main pass and themselves, so `chunk` of them at a time is exact and
@@ -473,7 +473,7 @@ def information_trace(model, tok, inst, teacher, chunk=256):
     enc = encode_instance(inst, tok, [teacher], max_len=10**9)
     device = model.lm_head.weight.device
     batch = {k: (v[:, 0] if v.dim() == 3 else v).to(device) for k, v in collate([enc], tok.pad_id).items()}  # (1, T)
-    pos, valid, _ = probe_plan(batch["rationale_mask"], batch["think_mask"], batch["sft_mask"], CompactConfig(mi_stride=1))
+    pos, valid, _ = probe_plan(batch["rationale_mask"], batch["think_mask"], CompactConfig(mi_budget=0))
     _, aux = model(batch["input_ids"], return_hidden=True, return_aux=True)
     info = torch.cat([probe_log_likelihood(model, aux.kv, batch["attention_mask"], pos[:, i:i + chunk],
                                            valid[:, i:i + chunk], batch["probe_ids"], batch["probe_answer_mask"])[0]

@@ -155,27 +155,27 @@ def checkpoint_steps(out):
 
 # --- the step ---
 
-def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg, ccfg, device, autocast):
+def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg, ccfg, device, autocast, rng_key=()):
     """One optimizer step over this rank's micro-batches; returns the step's stats summed over ranks.
 
     Each micro-batch loss is Σ w L / n_instances (all instances of the step, all ranks),
     times world_size because DDP averages gradients over ranks: so the update is the same
     however the step is split. Only the last micro-step all-reduces gradients.
-    Returns {finite, grad_norm, loss, sft, mcon, tokens, teachers: [n_teachers, |TEACHER_STATS|+1]}.
+    Returns {finite, grad_norm, loss, sft, mcon, tokens, weight_entropy, teachers: [n_teachers, |TEACHER_STATS|+1]}.
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    totals = torch.zeros(4, device=device)  # loss, sft, mcon, supervised tokens
+    totals = torch.zeros(5, device=device)  # loss, sft, mcon, supervised tokens, weight entropy
     teachers = torch.zeros(n_teachers, len(TEACHER_STATS) + 1, device=device)
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         sync = not ddp or i == len(micro_batches) - 1
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
-            loss, stats = compact_loss(model, batch, ccfg, n_instances=n_instances)
+            loss, stats = compact_loss(model, batch, ccfg, n_instances=n_instances, rng_key=(*rng_key, i))
             (loss * world).backward()
-        totals += torch.stack([stats["loss"], stats["sft"], stats["mcon"], stats["tokens"].float()])
+        totals += torch.stack([stats["loss"], stats["sft"], stats["mcon"], stats["tokens"].float(), stats["weight_entropy"]])
         teachers += teacher_sums(stats, batch["teacher"], batch["branch_mask"], n_teachers)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.max_grad_norm > 0:
@@ -183,7 +183,8 @@ def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
     summed = all_sum(torch.cat([totals, teachers.flatten()])).cpu()  # the step's one host sync
-    out = dict(zip(("loss", "sft", "mcon", "tokens"), summed[:4].tolist()), teachers=summed[4:].view_as(teachers))
+    out = dict(zip(("loss", "sft", "mcon", "tokens", "weight_entropy"), summed[:5].tolist()),
+               teachers=summed[5:].view_as(teachers))
     out["grad_norm"] = float(grad_norm)
     out["finite"] = math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])
     if out["finite"]:
@@ -224,7 +225,8 @@ def load_data(cfg):
         raise DataError(f"{cfg.data}: no instance has a branch that fits --max-len {cfg.max_len}")
     print0(f"data: {len(encoded)} instances, {stats.get('branches', 0)} branches, teachers {', '.join(stats['teachers'])}"
            f" | dropped {stats.get('dropped_branches', 0)} branches and"
-           f" {stats.get('dropped_instances', 0)} instances longer than --max-len {cfg.max_len}")
+           f" {stats.get('dropped_instances', 0)} instances longer than --max-len {cfg.max_len}"
+           f" (per teacher: {stats.get('dropped_per_teacher', {})})")
     return tok, encoded, stats
 
 
@@ -252,7 +254,8 @@ def step_record(step, s, dt, t_start, lr, teachers, steps_per_epoch, n_step):
     """One metrics.jsonl line from train_step's stats."""
     return {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": s["loss"], "sft": s["sft"],
             "mcon": s["mcon"], "lr": lr, "grad_norm": s["grad_norm"], "tokens_per_s": s["tokens"] / dt,
-            "instances": n_step, "time": round(time.time() - t_start, 3), "teachers": teacher_means(s["teachers"], teachers)}
+            "instances": n_step, "weight_entropy": s["weight_entropy"], "time": round(time.time() - t_start, 3),
+            "teachers": teacher_means(s["teachers"], teachers)}
 
 
 def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.device("cpu")):
@@ -300,7 +303,8 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
                  for m in range(cfg.grad_accum)]
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)  # dropout: a function of (step, rank)
         t0, lr = time.time(), lr_at(step, total, cfg)
-        s = train_step(model, optimizer, micro, lr, n_step, len(teachers), cfg, ccfg, device, autocast)
+        s = train_step(model, optimizer, micro, lr, n_step, len(teachers), cfg, ccfg, device, autocast,
+                       rng_key=(cfg.seed, step, rank))  # S_MI's sample, like dropout: a function of (step, rank)
         if not s["finite"]:
             bad += 1
             print0(f"warning: step {step + 1}: non-finite loss or gradient, update skipped ({bad} in a row)", file=sys.stderr)

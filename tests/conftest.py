@@ -61,10 +61,10 @@ def tiny_model_dir(tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
-    """A tiny byte-level BPE tokenizer directory with a ChatML template (demo.write_tokenizer)."""
-    import demo
+    """A tiny byte-level BPE tokenizer directory with a ChatML template (tokenizer.write_tokenizer)."""
+    import tokenizer
     texts = ["So the answer is 12. First, 3 + 4 = 7. Wait, let me check: 7 * 2 = 14.",
              "Okay, then we subtract 5 from 20 and get 15. Therefore the total is 15.",
              "Tom has 5 apples. How many apples does he have now? Please reason step by step.",
              "The answer is $\\boxed{\\frac{1}{2}}$. Since x = 4, hence y = 8; thus z = 9."] * 4
-    return demo.write_tokenizer(str(tmp_path_factory.mktemp("tiny_tokenizer")), texts, vocab_size=400)
+    return tokenizer.write_tokenizer(str(tmp_path_factory.mktemp("tiny_tokenizer")), texts, vocab_size=400)

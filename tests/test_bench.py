@@ -5,13 +5,14 @@ import math
 
 from bench import BenchConfig, run_bench
 
-KEYS = ("tokens_per_s", "compact_over_uniform", "probe_speedup", "probe_max_abs_diff", "peak_rss_mb", "vs_hf_peft",
+KEYS = ("mi_tau_default", "mi_rel_err_default", "mi_probes_default", "mi_probes_exact", "tokens_per_s", "compact_over_uniform", "probe_speedup", "probe_max_abs_diff", "peak_rss_mb", "vs_hf_peft",
         "mfu", "peak_mem_mb", "times_s", "config")
 
 
 def test_bench_tiny_json():
     c = BenchConfig(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, vocab=128, batch=1, branches=2,
-                    seq=64, repeats=1, mi_stride=4, lora_rank=4)
+                    seq=64, repeats=1, mi_budget=10, lora_rank=4, mi_questions=1, mi_keys=1, mi_train_steps=1,
+                    mi_long_words=60)
     r = json.loads(json.dumps(run_bench(c)))  # what --json prints
     assert set(KEYS) <= set(r)
     ratios = [r["tokens_per_s"], r["compact_over_uniform"], r["probe_speedup"], r["peak_rss_mb"]]
@@ -22,6 +23,9 @@ def test_bench_tiny_json():
     if r["hf_loss_abs_diff"] is not None:  # the same weights in transformers: the same loss before training
         assert r["hf_loss_abs_diff"] < 1e-4
     assert r["mfu"] is None and r["peak_mem_mb"] is None  # CPU
+    for name in ("default", "old"):  # S_MI agreement with exact Eq. 3: a tau in [-1, 1], probe counts
+        assert -1 <= r[f"mi_tau_{name}"] <= 1 and r[f"mi_rel_err_{name}"] >= 0
+    assert 0 < r["mi_probes_default"] <= r["mi_probes_exact"]
 
 
 def test_mfu_flops_count_every_linear_once():

@@ -7,8 +7,9 @@ import torch.nn as nn
 from torch.testing import assert_close
 
 from compact import (CompactConfig, adaptability_scores, answer_logprobs, compact_loss, consensus_scores,
-                     difficulty_scores, fuse_weights, mcon_loss, probe_log_likelihood, probe_plan)
-from model import ModelArgs, Transformer
+                     difficulty_scores, fuse_weights, hash_uniform, mcon_loss, probe_log_likelihood, probe_plan,
+                     token_nll)
+from model import ModelArgs, Transformer, rope_cos_sin
 
 V = 128
 CUE, CLOSE, EOT = [5, 6], [7], 8
@@ -16,8 +17,9 @@ CUE, CLOSE, EOT = [5, 6], [7], 8
 
 def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
-    args = ModelArgs(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, qkv_bias=True, initializer_range=0.15, **kw)
+    kw = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, qkv_bias=True, initializer_range=0.15) | kw
+    args = ModelArgs(**kw)
     return Transformer(args).float().eval()
 
 
@@ -112,8 +114,9 @@ def slow_branch_losses(model, batch):
 # --- config, fusion, pure scorers ---
 
 def test_config_validation():
-    CompactConfig(weighting="uniform", alpha=0, mi_stride=1)
-    for bad in (dict(weighting="avg"), dict(temperature=0), dict(alpha=-1), dict(mi_stride=0), dict(mi_max_probes=0)):
+    CompactConfig(weighting="uniform", alpha=0, mi_budget=0, z_floor=0)
+    for bad in (dict(weighting="avg"), dict(temperature=0), dict(alpha=-1), dict(mi_budget=-1), dict(mi_budget=5),
+                dict(mi_think_share=1.5), dict(z_floor=-0.1)):
         with pytest.raises(ValueError):
             CompactConfig(**bad)
 
@@ -127,7 +130,9 @@ def test_fuse_weights_reference_and_padding():
     ref = torch.zeros(4, 5)
     for b in range(4):
         idx = bm[b].nonzero().flatten()
-        z = lambda s: (s[b, idx] - s[b, idx].mean()) / (s[b, idx].std(unbiased=False) + 1e-6)
+        def z(s):
+            x = s[b, idx]
+            return (x - x.mean()) / max(x.std(unbiased=False), 0.01 * x.abs().mean(), 1e-6)
         ref[b, idx] = torch.softmax((0.5 * z(s_mi) + 2.0 * z(s_g) - 1.5 * z(s_d)) / 0.7, 0)
     assert_close(w, ref)
     assert w[2, 1] == 1.0  # one valid branch: weight 1
@@ -137,6 +142,25 @@ def test_fuse_weights_reference_and_padding():
     assert_close(fuse_weights(same, same, same, bm, cfg), bm.float() / bm.sum(-1, keepdim=True))
     uniform = fuse_weights(s_mi, s_g, s_d, bm, CompactConfig(weighting="uniform"))
     assert torch.equal(uniform, torch.where(bm, 1.0 / bm.sum(-1, keepdim=True), 0.0))
+
+
+def test_fuse_weights_z_floor():
+    """SPEC §3.4: std floored at z_floor · mean|s|; noise-level differences give about uniform weights."""
+    bm = torch.ones(1, 2, dtype=torch.bool)
+    s_d, zero = torch.tensor([[2.0, 2.00001]]), torch.zeros(1, 2)
+    w = fuse_weights(zero, zero, s_d, bm, CompactConfig())
+    assert_close(w, torch.full((1, 2), 0.5), atol=1e-3, rtol=0)
+    plain = fuse_weights(zero, zero, s_d, bm, CompactConfig(z_floor=0))  # the plain z-score: ±1
+    assert_close(plain, torch.softmax(torch.tensor([[1.0, -1.0]]), -1))
+    # By hand: s = (1, 2, 6): mean 3, std sqrt(14/3) ≈ 2.16, mean|s| = 3. At z_floor 1 the floor 3
+    # wins, Z = (−2/3, −1/3, 1); at z_floor 0.5 the std wins (2.16 > 1.5).
+    s = torch.tensor([[1.0, 2.0, 6.0]])
+    bm3 = torch.ones(1, 3, dtype=torch.bool)
+    w = fuse_weights(s, torch.zeros(1, 3), torch.zeros(1, 3), bm3, CompactConfig(z_floor=1.0))
+    assert_close(w, torch.softmax(torch.tensor([[-2 / 3, -1 / 3, 1.0]]), -1))
+    std = math.sqrt(14 / 3)
+    w = fuse_weights(s, torch.zeros(1, 3), torch.zeros(1, 3), bm3, CompactConfig(z_floor=0.5))
+    assert_close(w, torch.softmax(torch.tensor([[-2 / std, -1 / std, 3 / std]]), -1))
 
 
 def test_fuse_weights_directions():
@@ -231,35 +255,51 @@ def test_mcon_loss_reference_and_detach():
 
 # --- the probe ---
 
-def test_probe_plan_positions():
+def test_probe_plan_exact_and_sampled():
     # prompt of 3 tokens, rationale at positions 3..22 (20 tokens), thinking tokens at rationale index 6 and 13
     T = 30
     rat = torch.zeros(1, T, dtype=torch.bool)
     rat[0, 3:23] = True
-    sft = torch.zeros(1, T, dtype=torch.bool)
-    sft[0, 3:28] = True
     think = torch.zeros(1, T, dtype=torch.bool)
     think[0, [3 + 6, 3 + 13, 25]] = True  # the one at 25 is outside the rationale: ignored
-    pos, valid, th = probe_plan(rat, think, sft, CompactConfig(mi_stride=5))
-    # stride: after 5, 10, 15, 20 tokens -> positions 7, 12, 17, 22; thinking: 8, 9 and 15, 16; last: 22
-    assert pos.tolist() == [[2, 7, 8, 9, 12, 15, 16, 17, 22]]
-    assert valid.all()
-    assert th.tolist() == [[False, False, False, True, False, False, True, False, False]]
-    pos, valid, _ = probe_plan(rat, think, sft, CompactConfig(mi_stride=5, mi_max_probes=3))
-    assert pos.tolist() == [[2, 9, 16, 22]]  # an evenly spaced subset, last kept
-    pos, valid, th = probe_plan(rat, think, sft, CompactConfig(mi_stride=1))
-    assert pos.tolist() == [list(range(2, 23))]
-    assert th[0].nonzero().flatten().tolist() == [7, 14]  # column q credits token pos[q]
+    m = torch.where(think[0, 3:23], 1.0, 0.1)
+    for cfg in (CompactConfig(mi_budget=0), CompactConfig(mi_budget=21)):  # exact: every pair (t−1, t)
+        pos, valid, coef = probe_plan(rat, think, cfg)
+        assert pos.tolist() == [list(range(2, 23))] and valid.all()
+        assert_close(coef[0], torch.cat([torch.zeros(1), m]))
+    # Budget 10: both thinking pairs (4 probes, scale 2/2) and one run of 4 others (5 probes) out of
+    # the 5 runs, scaled 5/1. The keys make run 2 (rationale 8..11, positions 11..14) the smallest.
+    u_think, u_run = torch.rand(1, T), torch.ones(1, 8)
+    u_run[0, 2] = 0.0
+    pos, valid, coef = probe_plan(rat, think, CompactConfig(mi_budget=10), u_think, u_run)
+    assert pos.tolist() == [[8, 9, 10, 11, 12, 13, 14, 15, 16]] and valid.all()
+    assert_close(coef, torch.tensor([[0, 1.0, 0, 0.5, 0.5, 0.5, 0.5, 0, 1.0]]))
+    # Thinking share 0.3 of 10: 3 probes, so one of the two thinking pairs, scaled 2/1; then one run.
+    u_think[0, 16] = -1.0
+    pos, valid, coef = probe_plan(rat, think, CompactConfig(mi_budget=10, mi_think_share=0.3), u_think, u_run)
+    assert pos.tolist() == [[10, 11, 12, 13, 14, 15, 16]]
+    assert_close(coef, torch.tensor([[0, 0.5, 0.5, 0.5, 0.5, 0, 2.0]]))
 
 
-@pytest.mark.parametrize("stride", [1, 3])
-def test_probe_equals_naive_per_prefix_loop(stride):
+def test_sample_is_a_function_of_the_key_and_the_instance():
+    b, k, j = torch.tensor([[0], [1]]), torch.tensor([[2], [2]]), torch.arange(50)
+    u = hash_uniform((7, 3, 0), 0, b, k, j)
+    assert u.shape == (2, 50) and 0 <= u.min() and u.max() < 1 and u.dtype == torch.float64
+    assert torch.equal(u, hash_uniform((7, 3, 0), 0, b, k, j))  # resume: the same sample
+    assert torch.equal(u[1], hash_uniform((7, 3, 0), 0, b[1:], k[1:], j)[0])  # no dependence on other rows
+    assert not torch.equal(u, hash_uniform((7, 4, 0), 0, b, k, j)) and not torch.equal(u[0], u[1])
+    assert not torch.equal(u, hash_uniform((7, 3, 0), 1, b, k, j))  # the two strata draw apart
+
+
+@pytest.mark.parametrize("budget", [0, 10])
+def test_probe_equals_naive_per_prefix_loop(budget):
     model, batch = tiny_model(), standard_batch()
     B, K, T = batch["input_ids"].shape
     flat = lambda key: batch[key].view(B * K, T)
     with torch.no_grad():
         _, aux = model(flat("input_ids"), return_hidden=True, return_aux=True)
-        pos, valid, _ = probe_plan(flat("rationale_mask"), flat("think_mask"), flat("sft_mask"), CompactConfig(mi_stride=stride))
+        u = torch.rand(B * K, T), torch.rand(B * K, T)
+        pos, valid, _ = probe_plan(flat("rationale_mask"), flat("think_mask"), CompactConfig(mi_budget=budget), *u)
         probe = batch["probe_ids"].repeat_interleave(K, 0), batch["probe_answer_mask"].repeat_interleave(K, 0)
         info = probe_log_likelihood(model, aux.kv, flat("attention_mask"), pos, valid, *probe)
         ref = torch.zeros_like(info)
@@ -270,27 +310,117 @@ def test_probe_equals_naive_per_prefix_loop(stride):
     assert (info[~valid] == 0).all()
 
 
+def test_probe_log_likelihood_is_fp32_under_bf16_autocast():
+    """The probe's LM head and log-softmax ignore autocast: max(ΔI, 0) would turn rounding into gain."""
+    model = tiny_model(9)
+    g = torch.Generator().manual_seed(9)
+    h, y = torch.randn(6, 64, generator=g) * 3, torch.randint(0, V, (6,), generator=g)
+    want = token_nll(model.lm_head, h, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_close(token_nll(model.lm_head, h, y, fp32=True), want, atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(token_nll(model.lm_head, h, y), want, atol=1e-6, rtol=1e-6)  # the bf16 head
+
+
 def test_adaptability_scores_exact_eq3():
-    """mi_stride=1: S_MI = (1/|R|) Σ_t m_t max(I_t − I_{t−1}, 0), every I_t from its own forward."""
+    """mi_budget=0: S_MI = (1/|R|) Σ_t m_t max(I_t − I_{t−1}, 0), every I_t from its own forward."""
     model, batch = tiny_model(1), standard_batch(1)
-    cfg = CompactConfig(mi_stride=1, think_weight=1.0, other_weight=0.3)
+    cfg = CompactConfig(mi_budget=0, think_weight=1.0, other_weight=0.3)
     B, K, T = batch["input_ids"].shape
     with torch.no_grad():
         _, aux = model(batch["input_ids"].view(B * K, T), return_hidden=True, return_aux=True)
         s = adaptability_scores(model, aux.kv, batch, cfg)
-        ref = torch.zeros(B, K)
-        for b, k in batch["branch_mask"].nonzero().tolist():
-            rat = batch["rationale_mask"][b, k].nonzero().flatten().tolist()
-            if not rat:
-                continue
-            prev = naive_info(model, batch, b * K + k, rat[0] - 1)
-            for t in rat:
-                cur = naive_info(model, batch, b * K + k, t)
-                m = 1.0 if batch["think_mask"][b, k, t] else 0.3
-                ref[b, k] += m * max(cur - prev, 0) / len(rat)
-                prev = cur
-    assert_close(s, ref, atol=1e-6, rtol=1e-5)
+    assert_close(s, naive_s_mi(model, batch, cfg), atol=1e-6, rtol=1e-5)
     assert (s[batch["branch_mask"]] [:-1] > 0).all()
+
+
+def test_sampled_s_mi_is_unbiased():
+    """The mean of many sampled estimates (one per instance copy and key) matches exact Eq. 3 within
+    4 standard errors, with both strata sampled: 12 thinking tokens and 15 runs, budget 24."""
+    model = tiny_model(10)
+    g = torch.Generator().manual_seed(10)
+    prompt, answer, rat = rand_ids(g, 4), rand_ids(g, 2), rand_ids(g, 60)
+    branch = (rat, list(range(2, 60, 5)))
+    copies = 60
+    batch = make_batch([(prompt, answer, [branch])] * copies)
+    cfg = CompactConfig(mi_budget=24, think_weight=1.0, other_weight=0.3)
+    B, K, T = batch["input_ids"].shape
+    with torch.no_grad():
+        _, aux = model(batch["input_ids"].view(B * K, T), return_hidden=True, return_aux=True)
+        one = {k: v[:1] for k, v in batch.items()}
+        exact = adaptability_scores(model, [(k[:1], v[:1]) for k, v in aux.kv], one, CompactConfig(mi_budget=0, other_weight=0.3))[0, 0]
+        est = torch.cat([adaptability_scores(model, aux.kv, batch, cfg, rng_key=(key,))[:, 0] for key in range(5)])
+    assert est.std() > 0.02 * exact  # really sampled
+    se = est.std() / math.sqrt(len(est))
+    assert abs(est.mean() - exact) < 4 * se, (est.mean().item(), exact.item(), se.item())
+    pos, valid, _ = probe_plan(batch["rationale_mask"][:, 0], batch["think_mask"][:, 0], cfg,
+                               torch.rand(B, T), torch.rand(B, T))
+    assert valid.sum(-1).max() <= 24  # the budget holds
+
+
+# --- an independent reference: plain forward passes, branch by branch, no cache, no probe ---
+
+def naive_s_mi(model, batch, cfg):
+    """Exact Eq. 3 from one full forward per prefix (naive_info)."""
+    B, K, T = batch["input_ids"].shape
+    ref = torch.zeros(B, K)
+    for b, k in batch["branch_mask"].nonzero().tolist():
+        rat = batch["rationale_mask"][b, k].nonzero().flatten().tolist()
+        if not rat:
+            continue
+        prev = naive_info(model, batch, b * K + k, rat[0] - 1)
+        for t in rat:
+            cur = naive_info(model, batch, b * K + k, t)
+            m = cfg.think_weight if batch["think_mask"][b, k, t] else cfg.other_weight
+            ref[b, k] += m * max(cur - prev, 0) / len(rat)
+            prev = cur
+    return ref
+
+
+def reference_scores(model, batch):
+    """S_D and S_G of every branch from plain calls on the unpadded branch alone: S_D from full
+    logits, S_G from the blocks run one by one up to the last layer's input norm at the eot."""
+    B, K, T = batch["input_ids"].shape
+    s_d, s_g = torch.zeros(B, K), torch.zeros(B, K)
+    attn, D = model.model.layers[-1].self_attn, model.args.head_dim
+    for b in range(B):
+        ks = batch["branch_mask"][b].nonzero().flatten().tolist()
+        e = {}
+        for k in ks:
+            ids = batch["input_ids"][b, k, :int(batch["attention_mask"][b, k].sum())][None]
+            logp = torch.log_softmax(model(ids)[0], -1)
+            rat = batch["rationale_mask"][b, k].nonzero().flatten()
+            s_d[b, k] = -logp[rat - 1, ids[0, rat]].mean() if len(rat) else 0.0
+            cos, sin = rope_cos_sin(model.inv_freq, torch.arange(ids.shape[1])[None])
+            x = model.model.embed_tokens(ids)
+            for layer in model.model.layers[:-1]:
+                x = layer(x, cos, sin)[0]
+            e[k] = model.model.layers[-1].input_layernorm(x)[0, -1]  # the eot
+        H = attn.q_proj.out_features // D
+        G = attn.k_proj.out_features // D
+        for i in ks if len(ks) > 1 else []:  # one branch: S_G = 0
+            others = [j for j in ks if j != i]
+            for h in range(H):
+                q = attn.q_proj(e[i]).view(H, D)[h]
+                logits = torch.stack([q @ attn.k_proj(e[j]).view(G, D)[h // (H // G)] for j in others]) / math.sqrt(D)
+                for j, a in zip(others, torch.softmax(logits, 0)):
+                    s_g[b, j] += a / H
+    return s_d, s_g
+
+
+def test_compact_loss_scores_match_an_independent_reference():
+    """The wiring: compact_loss's S_D, S_G and exact S_MI equal the reference's, branch by branch."""
+    model = tiny_model(11, num_hidden_layers=3)
+    batch = standard_batch(11)
+    cfg = CompactConfig(mi_budget=0)
+    with torch.no_grad():
+        _, st = compact_loss(model, batch, cfg)
+        s_d, s_g = reference_scores(model, batch)
+        s_mi = naive_s_mi(model, batch, cfg)
+    assert_close(st["s_d"], s_d)
+    assert_close(st["s_g"], s_g)
+    assert_close(st["s_mi"], s_mi, atol=1e-6, rtol=1e-5)
+    w = st["weight"]
+    assert_close(st["weight_entropy"], -(w[w > 0] * w[w > 0].log()).sum() / 3)
 
 
 # --- the objective ---
@@ -298,7 +428,7 @@ def test_adaptability_scores_exact_eq3():
 def test_gradient_is_weighted_sum_of_task_vectors():
     """Eq. 1 = Eq. 11: ∇(Σ_k w_k L_k) = Σ_k w_k ∇L_k, each L_k from full logits, branch by branch."""
     model, batch = tiny_model(2), standard_batch(2)
-    cfg = CompactConfig(mi_stride=2, mcon_lambda=0.5)
+    cfg = CompactConfig(mi_budget=10, mcon_lambda=0.5)
     params = [p for p in model.parameters()]
     loss, st = compact_loss(model, batch, cfg)
     grads = torch.autograd.grad(loss, params)
@@ -336,7 +466,7 @@ def test_mcon_reads_the_predicting_positions():
 
 def test_padding_branches_change_nothing():
     model, batch = tiny_model(4), standard_batch(4)
-    cfg = CompactConfig(mi_stride=2)
+    cfg = CompactConfig(mi_budget=10)
     loss, st = compact_loss(model, batch, cfg)
     g = torch.Generator().manual_seed(9)
     padded = {k: v.clone() for k, v in batch.items()}
@@ -368,7 +498,7 @@ def test_degenerate_batches_stay_finite():
     for key in batch:  # instance 3: every branch is padding
         extra = torch.full_like(batch[key][:1], -1) if key == "teacher" else torch.zeros_like(batch[key][:1])
         batch[key] = torch.cat([batch[key], batch[key][:1] if key.startswith("probe") else extra])
-    for cfg in (CompactConfig(mi_stride=1), CompactConfig(mi_stride=4), CompactConfig(weighting="uniform")):
+    for cfg in (CompactConfig(mi_budget=0), CompactConfig(mi_budget=10), CompactConfig(weighting="uniform")):
         model.zero_grad()
         loss, st = compact_loss(model, batch, cfg)
         loss.backward()
@@ -398,7 +528,7 @@ def test_easier_rationale_is_less_difficult():
 def test_instances_count_once_across_micro_batches():
     """Two halves with n_instances = B add up to the whole batch (the trainer's normalisation)."""
     model, batch = tiny_model(7), standard_batch(7)
-    cfg = CompactConfig(mi_stride=3)
+    cfg = CompactConfig(mi_budget=10)
     whole, st = compact_loss(model, batch, cfg)
     halves = [{k: v[s] for k, v in batch.items()} for s in (slice(0, 1), slice(1, 3))]
     parts = [compact_loss(model, h, cfg, n_instances=3)[0] for h in halves]
@@ -418,9 +548,9 @@ def test_ddp_style_wrapper_trains_through_the_wrapper():
 
     model, batch = tiny_model(8), standard_batch(8)
     wrapped = Wrapper(model)
-    loss, _ = compact_loss(wrapped, batch, CompactConfig(mi_stride=4))
+    loss, _ = compact_loss(wrapped, batch, CompactConfig(mi_budget=10))
     assert wrapped.calls == 1
-    assert_close(loss, compact_loss(model, batch, CompactConfig(mi_stride=4))[0])
+    assert_close(loss, compact_loss(model, batch, CompactConfig(mi_budget=10))[0])
 
 
 # --- the CLI ---
@@ -442,16 +572,16 @@ def test_score_cli(tmp_path, tiny_tokenizer_dir, capsys):
     demo.synth_pool(str(tmp_path / "pool"), n_train=3, n_test=1)
     out = str(tmp_path / "scores.jsonl")
     compact.main(["score", "--model", model_dir, "--data", str(tmp_path / "pool" / "train.jsonl"), "--out", out,
-                  "--batch-size", "2", "--mi-stride", "8"])
+                  "--batch-size", "2", "--mi-budget", "10"])
     rows = [json.loads(line) for line in open(out)]
     teachers = sorted({r["teacher"] for r in rows})
     assert len(rows) == 3 * len(teachers) and set(rows[0]) == {"id", "teacher", "s_mi", "s_g", "s_d", "weight"}
     for i in {r["id"] for r in rows}:
         assert abs(sum(r["weight"] for r in rows if r["id"] == i) - 1) < 1e-5
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["teacher", "n", "weight", "s_mi", "s_g", "s_d", "top"]
+    assert table[0].split() == ["teacher", "n", "weight", "s_mi", "s_g", "s_d", "top", "dropped"]
     assert [line.split()[0] for line in table[1:]] == teachers
-    assert sum(int(line.split()[-1]) for line in table[1:]) == 3  # one top teacher per instance
+    assert sum(int(line.split()[-2]) for line in table[1:]) == 3  # one top teacher per instance
 
     with pytest.raises(SystemExit) as e:  # bad input: a message and exit 2, no traceback
         compact.main(["score", "--model", str(tmp_path / "nowhere"), "--data", out, "--out", out])

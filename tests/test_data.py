@@ -147,8 +147,10 @@ def test_max_len_drops_branches_and_instances(tok):
     assert data.encode_instance(inst, tok, ["a", "b"], n_short - 1) is None  # never cut
     encoded, stats = data.encode_dataset([inst, inst], tok, max_len=n_short)
     assert len(encoded) == 2 and stats["dropped_branches"] == 2 and stats["branches"] == 2
+    assert stats["dropped_per_teacher"] == {"b": 2}
     encoded, stats = data.encode_dataset([inst], tok, teachers=["b"], max_len=n_short)
     assert encoded == [] and stats["dropped_instances"] == 1 and stats["teachers"] == ["b"]
+    assert stats["dropped_per_teacher"] == {"b": 1} == {"b": stats["dropped_branches"]}  # a dropped instance's too
     encoded, stats = data.encode_dataset([inst], tok, teachers=["a"])  # the --teachers filter
     assert encoded[0].teacher == [0] and stats["branches"] == 1
     with pytest.raises(DataError, match="unknown teacher"):

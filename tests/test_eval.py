@@ -270,7 +270,7 @@ def test_mi_trace_equals_per_prefix_loop_and_the_scorer(tmp_path, student_dir):
     assert "".join(tokens) == dict(inst.rationales)["verbose"] and think[0] and think.sum() >= 4
 
     # compact.py's scorer at stride 1 is (1/|R|) Σ m_t max(ΔI_t, 0) over these very gains.
-    cfg = CompactConfig(mi_stride=1)
+    cfg = CompactConfig(mi_budget=0)
     teachers = data.teacher_names([inst])
     batch = data.collate([data.encode_instance(inst, tok, teachers, 10**9)], tok.pad_id)
     B, K, T = batch["input_ids"].shape
@@ -328,7 +328,7 @@ def test_weights_from_a_real_training_run(tmp_path, student_dir):
     demo.synth_pool(str(tmp_path / "pool"), n_train=8, n_test=1)
     cfg = train.TrainConfig(model=student_dir, data=str(tmp_path / "pool" / "train.jsonl"), out=str(tmp_path / "run"),
                             max_steps=3, batch_size=2, grad_accum=1, max_len=256, save_every=0, lora_rank=2)
-    train.train(cfg, CompactConfig(mi_stride=4))
+    train.train(cfg, CompactConfig(mi_budget=12))
     dyn = ev.main(["weights", str(tmp_path / "run")])
     assert sorted(dyn) == sorted(demo.SYNTH_TEACHERS) and os.path.isfile(tmp_path / "run" / "weights.png")
     assert all(len(d["steps"]) <= 3 and 0 < d["weight_first"] < 1 for d in dyn.values())

@@ -1,4 +1,5 @@
 """train.py: outputs, DDP equivalence (gloo, two spawned ranks), exact resume after SIGKILL."""
+import math
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ def run_inputs(tmp_path_factory):
     rows, _ = demo.synth_pool(str(root / "data"), seed=1, n_train=18, n_test=2)
     texts = [r["question"] + " " + x["text"] for r in rows for x in r["rationales"]]
     model_dir = str(root / "student")
-    demo.write_tokenizer(model_dir, texts, vocab_size=300)
+    tokenizer.write_tokenizer(model_dir, texts, vocab_size=300)
     vocab = tokenizer.Tokenizer.from_pretrained(model_dir).vocab_size
     cfg = tiny_config(vocab_size=vocab, hidden_size=32, intermediate_size=64, tie_word_embeddings=True)
     torch.manual_seed(0)
@@ -35,7 +36,7 @@ def run_inputs(tmp_path_factory):
 
 def flags(model_dir, data_file, out, *extra):
     return ["--model", model_dir, "--data", data_file, "--out", str(out), "--lr", "1e-2", "--max-len", "400",
-            "--mi-stride", "4", "--lora-rank", "4", "--lora-dropout", "0.1", *extra]
+            "--mi-budget", "12", "--lora-rank", "4", "--lora-dropout", "0.1", *extra]
 
 
 def adapter_state(out):
@@ -51,13 +52,15 @@ def test_outputs_and_metrics_keys(run_inputs, tmp_path):
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in lines] == [1, 2, 3]
     for r in lines:
-        assert {"step", "epoch", "loss", "sft", "mcon", "lr", "grad_norm", "tokens_per_s", "teachers"} <= set(r)
+        assert {"step", "epoch", "loss", "sft", "mcon", "lr", "grad_norm", "tokens_per_s", "weight_entropy", "teachers"} <= set(r)
+        assert 0 <= r["weight_entropy"] <= math.log(len(demo.SYNTH_TEACHERS)) + 1e-6  # mean entropy of w over instances
         assert set(r["teachers"]) <= set(demo.SYNTH_TEACHERS)
         for t in r["teachers"].values():
             assert {"weight", "s_mi", "s_g", "s_d", "n"} == set(t)
         assert sum(t["weight"] * t["n"] for t in r["teachers"].values()) == pytest.approx(4, rel=1e-4)
     saved = json.load(open(tmp_path / "config.json"))
-    assert saved["train"]["batch_size"] == 2 and saved["compact"]["mi_stride"] == 4
+    assert saved["train"]["batch_size"] == 2 and saved["compact"]["mi_budget"] == 12
+    assert set(saved["data_stats"]["dropped_per_teacher"]) <= set(demo.SYNTH_TEACHERS)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-2", "step-3"]
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
     assert result["steps"] == 3
@@ -95,7 +98,7 @@ def sgd_update(model_dir, data_file, rank, world, batch_size, grad_accum):
              for m in range(grad_accum)]
     params = [p for p in raw.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1.0)
-    t.train_step(model, opt, micro, 1.0, per_rank * world, len(stats["teachers"]), cfg, CompactConfig(mi_stride=4),
+    t.train_step(model, opt, micro, 1.0, per_rank * world, len(stats["teachers"]), cfg, CompactConfig(mi_budget=0),
                  torch.device("cpu"), contextlib.nullcontext)
     return {k: v for k, v in raw.state_dict().items() if "lora_" in k}
 
@@ -189,8 +192,8 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(run_inputs, tm
     model_dir, data_file = run_inputs
     real = t.compact_loss
 
-    def poisoned(model, batch, cfg, n_instances=None):
-        loss, stats = real(model, batch, cfg, n_instances)
+    def poisoned(model, batch, cfg, n_instances=None, **kw):
+        loss, stats = real(model, batch, cfg, n_instances, **kw)
         return loss * float("nan"), stats
 
     monkeypatch.setattr(t, "compact_loss", poisoned)
@@ -279,7 +282,7 @@ def test_on_the_synthetic_pool_the_teacher_the_student_learned_from_is_the_easie
     encoded, stats = data.encode_dataset(data.load_multi_teacher(data_file), tok, max_len=400)
     batch = data.collate(encoded[:8], tok.pad_id)
     with torch.no_grad():
-        _, s = compact_loss(student, batch, CompactConfig(mi_stride=4))
+        _, s = compact_loss(student, batch, CompactConfig(mi_budget=12))
     mean = {name: s[key][batch["teacher"] == i].mean().item() for i, name in enumerate(stats["teachers"])
             for key in ["s_d"]}
     weight = {name: s["weight"][batch["teacher"] == i].mean().item() for i, name in enumerate(stats["teachers"])}
