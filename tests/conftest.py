@@ -1,16 +1,68 @@
 """Shared fixtures: tiny seeded models, nothing downloaded."""
+import json
 import os
 import sys
 
 import pytest
+import tokenizers
 import torch
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 BENCHMARKS = os.path.join(ROOT, "..", "shared", "benchmarks")
 
+from tokenizer import BUILTIN_TEMPLATES  # noqa: E402  (after the path insert)
+
 # One thread: tiny models gain nothing from more, and spawned ranks would oversubscribe 2 cores.
 torch.set_num_threads(1)
+
+
+# --- a tiny byte-level BPE tokenizer (test helper) ---
+
+# The token split regex Qwen2 / Llama 3 tokenizers use before byte-level BPE.
+_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_FAMILIES = {  # special tokens, bos, eos, pad, generation_config eos ids (as tokens)
+    "chatml": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>",
+               "<|endoftext|>", ["<|im_end|>", "<|endoftext|>"]),
+    "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"], "<|begin_of_text|>",
+               "<|eot_id|>", None, ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]),
+}
+
+
+def write_tokenizer(out_dir, texts, vocab_size=512, template="chatml", chat_template=None):
+    """Train a tiny byte-level BPE on texts and write a complete HF tokenizer directory
+    (tokenizer.json, tokenizer_config.json with a chat template, generation_config.json).
+    template picks the special-token family ("chatml" or "llama3"); chat_template
+    overrides the jinja text (default: the family's built-in template)."""
+    specials, bos, eos, pad, gen_eos = _FAMILIES[template]
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(list(texts), trainer)
+    if bos is not None:  # like Llama 3: the post-processor adds BOS when asked to
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+              "pad_token": pad, "clean_up_tokenization_spaces": False, "model_max_length": 4096,
+              "chat_template": chat_template or BUILTIN_TEMPLATES[template]}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [tok.token_to_id(t) for t in gen_eos]}, f, indent=2)
+    return out_dir
+
 
 
 @pytest.fixture
@@ -61,11 +113,9 @@ def tiny_model_dir(tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
-    """A tiny byte-level BPE tokenizer directory with a ChatML template (demo.write_tokenizer)."""
-    import data
-    import demo
+    """A tiny byte-level BPE tokenizer directory with a ChatML template (write_tokenizer)."""
     texts = ["So the answer is 12. First, 3 + 4 = 7. Wait, let me check: 7 * 2 = 14.",
              "Okay, then we subtract 5 from 20 and get 15. Therefore the total is 15.",
              "Tom has 5 apples. How many apples does he have now? Please reason step by step.",
              "The answer is $\\boxed{\\frac{1}{2}}$. Since x = 4, hence y = 8; thus z = 9."] * 4
-    return demo.write_tokenizer(str(tmp_path_factory.mktemp("tiny_tokenizer")), texts, vocab_size=400)
+    return write_tokenizer(str(tmp_path_factory.mktemp("tiny_tokenizer")), texts, vocab_size=400)

@@ -7,7 +7,7 @@ import pytest
 
 import data
 import tokenizer
-import demo
+from conftest import write_tokenizer
 from chat_templates import LLAMA31, LLAMA32, QWEN25, SMOLLM2
 
 transformers = pytest.importorskip("transformers")
@@ -27,7 +27,7 @@ CONVERSATIONS = [
 
 
 def _make(root, name, family, template, **config):
-    out = demo.write_tokenizer(os.path.join(root, name), TEXTS, vocab_size=360, template=family,
+    out = write_tokenizer(os.path.join(root, name), TEXTS, vocab_size=360, template=family,
                                chat_template=template)
     if config:  # override tokenizer_config / generation_config fields
         path = os.path.join(out, "tokenizer_config.json")
@@ -115,7 +115,7 @@ def test_no_double_bos_and_ids(dirs):
 
 
 def test_missing_template_needs_chat_format(tmp_path):
-    out = demo.write_tokenizer(str(tmp_path), TEXTS, vocab_size=300)
+    out = write_tokenizer(str(tmp_path), TEXTS, vocab_size=300)
     cfg = json.load(open(tmp_path / "tokenizer_config.json"))
     del cfg["chat_template"]
     json.dump(cfg, open(tmp_path / "tokenizer_config.json", "w"))
@@ -132,7 +132,7 @@ def test_missing_template_needs_chat_format(tmp_path):
 
 def test_template_raise_exception_is_a_clear_error(tmp_path):
     template = "{{ raise_exception('only user turns') }}"
-    tok = tokenizer.Tokenizer.from_pretrained(demo.write_tokenizer(str(tmp_path), TEXTS, 300,
+    tok = tokenizer.Tokenizer.from_pretrained(write_tokenizer(str(tmp_path), TEXTS, 300,
                                                               chat_template=template))
     with pytest.raises(ValueError, match="only user turns"):
         tok.render_chat([{"role": "user", "content": "Hi"}])
