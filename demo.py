@@ -101,19 +101,26 @@ def unique_problems(rng, n, ops, seen):
     return out
 
 
+def one_step_facts():
+    """Every single operation the task can ask for, as one-step problems (a from 0 to MAX_VALUE)."""
+    return [(f"{a}{op}{b}", str(apply_op(a, op, b)), [(a, op, b, apply_op(a, op, b))])
+            for a in range(MAX_VALUE + 1) for op in "+-*" for b in ((2, 3) if op == "*" else range(1, 10))
+            if 0 <= apply_op(a, op, b) <= MAX_VALUE and (op != "*" or 1 <= a <= 9)]
+
+
 def synth_pool(out_dir, seed=0, n_train=2000, n_test=300, n_pretrain=2000):
     """Write out_dir/test.jsonl (three steps, no rationales), train.jsonl (three steps, every teacher)
-    and pretrain.jsonl (one or two steps, stepwise only); no question in two files. Returns
-    (train rows, test rows)."""
+    and pretrain.jsonl (every one-step fact and n_pretrain two-step problems, stepwise only); no
+    question in two files. Returns (train rows, test rows)."""
     rng, seen = random.Random(seed), set()
-    test, train_, pre = (unique_problems(rng, n, ops, seen) for n, ops in
-                         ((n_test, (3,)), (n_train, (3,)), (n_pretrain, (1, 2, 2, 2))))
+    test, train_, pre = (unique_problems(rng, n, (steps,), seen) for n, steps in
+                         ((n_test, 3), (n_train, 3), (n_pretrain, 2)))
     def rows(problems, prefix, teachers):
         return [{"id": f"{prefix}-{i:05d}", "question": q, "answer": a,
                  **({"rationales": [{"teacher": t, "text": rationale(s, t, rng)} for t in teachers]} if teachers else {})}
                 for i, (q, a, s) in enumerate(problems)]
     out = {"test": rows(test, "test", ()), "train": rows(train_, "train", list(TEACHERS)),
-           "pretrain": rows(pre, "pre", ["stepwise"])}
+           "pretrain": rows(one_step_facts() + pre, "pre", ["stepwise"])}
     os.makedirs(out_dir, exist_ok=True)
     for name, r in out.items():
         write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), r)
@@ -151,12 +158,13 @@ STUDENT = {"model_type": "qwen2", "hidden_size": 128, "intermediate_size": 384, 
 # Full fine-tuning: a from-scratch student this small learns little through LoRA in minutes.
 COMMON = dict(full_ft=True, grad_accum=1, max_len=128, save_every=0, warmup=0.05, keep_checkpoints=1)
 PRETRAIN = dict(batch_size=32, lr=3e-3)
-DISTIL = dict(batch_size=8, lr=1e-3)
+DISTIL = dict(batch_size=8, lr=3e-3)
 UNIFORM = dict(weighting="uniform", mcon_lambda=0.0)
-# name: (teachers, CompactConfig fields), SPEC.md §5. "sbs-T" is SbS-KD from teacher T alone.
-ARMS = {"base": None, **{f"sbs-{t}": (t, UNIFORM) for t in TEACHERS}, "direct-avg": ("", UNIFORM),
-        "mcc": ("", dict(weighting="uniform")), "compact": ("", {}), "no-mi": ("", dict(alpha=0.0)),
-        "no-consensus": ("", dict(beta=0.0)), "no-difficulty": ("", dict(gamma=0.0))}
+# name: (teachers, CompactConfig fields), SPEC.md §5; "sbs-T" is SbS-KD from teacher T alone. Run in
+# this order, every seed of an arm before the next arm, so a stopped run has whole arms.
+ARMS = {"base": None, "sbs-stepwise": ("stepwise", UNIFORM), "direct-avg": ("", UNIFORM), "compact": ("", {}),
+        "mcc": ("", dict(weighting="uniform")), "no-mi": ("", dict(alpha=0.0)), "no-consensus": ("", dict(beta=0.0)),
+        "no-difficulty": ("", dict(gamma=0.0)), **{f"sbs-{t}": (t, UNIFORM) for t in TEACHERS if t != "stepwise"}}
 DEFAULT_ARMS = ("base", "sbs-stepwise", "direct-avg", "compact")
 
 
@@ -179,75 +187,87 @@ def demo(a, rank, world, device):
         write_json(os.path.join(out, "demo.json"), vars(a))
     if dist.is_initialized():
         dist.barrier()
-    print0(f"== base student: {a.pretrain_steps} steps on one- and two-step problems (stepwise rationales)")
+    print0(f"== base student: {a.pretrain_steps} steps on one-step facts and two-step problems (stepwise rationales)")
     pre = TrainConfig(model=os.path.join(out, "pretrain", "init"), data=os.path.join(data_dir, "pretrain.jsonl"),
                       out=os.path.join(out, "pretrain"), max_steps=a.pretrain_steps, **COMMON, **PRETRAIN)
     train(pre, CompactConfig(**UNIFORM), rank, world, device)
     if rank == 0:
         shutil.copytree(os.path.join(pre.out, "model"), base_dir)  # with the tokenizer (save_weights)
-    runs = {}
-    for seed in range(a.seed, a.seed + a.seeds):
-        for arm in [x for x in a.arms if ARMS[x]]:
-            teachers, fields = ARMS[arm]
+    test_rows = [json.loads(line) for line in open(os.path.join(data_dir, "test.jsonl"))]
+    if rank == 0:
+        run_result(base_dir, None, test_rows, os.path.join(out, "eval", "base.jsonl"), device, (t0, 0.0))
+    for arm in [x for x in a.arms if ARMS[x]]:
+        teachers, fields = ARMS[arm]
+        for seed in range(a.seed, a.seed + a.seeds):
             cfg = TrainConfig(model=base_dir, data=os.path.join(data_dir, "train.jsonl"), teachers=teachers, seed=seed,
                               out=os.path.join(out, "runs", arm, f"seed-{seed}"), max_steps=a.max_steps, **COMMON, **DISTIL)
             print0(f"== {arm}, seed {seed}: {a.max_steps} steps from {teachers or ', '.join(TEACHERS)}")
+            t_run = (time.time(), time.process_time())
             train(cfg, CompactConfig(**fields), rank, world, device)
-            runs[arm, seed] = cfg.out
+            if rank == 0:
+                run_result(os.path.join(cfg.out, "model"), cfg.out, test_rows,
+                           os.path.join(out, "eval", f"{arm}-seed-{seed}.jsonl"), device, t_run)
     if rank == 0:
-        report(a, runs, base_dir, data_dir, device, t0)
+        report(a, test_rows, t0)
     if dist.is_initialized():
         dist.barrier()
 
 
-def accuracy(model_dir, test_rows, preds, device):
-    """Held-out accuracy with eval.py's loop: greedy, batched, answers checked by data.py."""
+def run_result(model_dir, run_dir, test_rows, preds, device, t_start):
+    """Held-out accuracy with eval.py's loop (greedy, batched, answers checked by data.py), and the
+    run's teacher weights; written to RUN/result.json (OUT/eval/base.json for the base student)."""
     model, tok = load_student(model_dir, None, device=device)
     items = [{"id": r["id"], "prompt": r["question"], "answer": r["answer"], "task": None} for r in test_rows]
     os.makedirs(os.path.dirname(preds), exist_ok=True)
+    if os.path.exists(preds):
+        os.remove(preds)
     records = evaluate(model, tok, items, preds, batch_size=100, max_new_tokens=64)
-    return [r["correct"] for r in records], records[0]["output"]
+    n, acc, _ = accuracy_sem([r["correct"] for r in records])
+    dyn = teacher_dynamics([json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]) if run_dir else {}
+    result = {"accuracy": acc, "n": n, "sample_output": records[0]["output"], "wall_s": round(time.time() - t_start[0], 1),
+              "cpu_s": round(time.process_time() - t_start[1], 1),
+              "teachers": {t: {k: v for k, v in d.items() if k != "steps"} for t, d in dyn.items()}}
+    write_json(os.path.join(run_dir, "result.json") if run_dir else preds[:-len(".jsonl")] + ".json", result)
+    print0(f"   held-out accuracy {acc:.3f} (n = {n}) | {result['wall_s']}s | first answer {result['sample_output'][:50]!r}")
 
 
-def report(a, runs, base_dir, data_dir, device, t0):
+def report(a, test_rows, t0):
     """Accuracy per arm (mean ± SEM over seeds), weights per teacher, the chart; OUT/report.json."""
-    test_rows = [json.loads(line) for line in open(os.path.join(data_dir, "test.jsonl"))]
-    seeds = list(range(a.seed, a.seed + a.seeds))
-    table, curves = {}, {}
+    seeds, table, curves = list(range(a.seed, a.seed + a.seeds)), {}, {}
     for arm in a.arms:
-        accs, dyn, sample = [], [], ""
-        for seed in ([None] if arm == "base" else seeds):
-            model_dir = base_dir if arm == "base" else os.path.join(runs[arm, seed], "model")
-            correct, sample = accuracy(model_dir, test_rows, os.path.join(a.out, "eval", f"{arm}-seed-{seed}.jsonl"
-                                                                              if seed is not None else "base.jsonl"), device)
-            accs.append(accuracy_sem(correct)[1])
-            if seed is not None:
-                dyn.append(teacher_dynamics([json.loads(x) for x in open(os.path.join(runs[arm, seed], "metrics.jsonl"))]))
+        paths = [os.path.join(a.out, "eval", "base.json")] if arm == "base" else \
+            [os.path.join(a.out, "runs", arm, f"seed-{s}", "result.json") for s in seeds]
+        res = [json.load(open(p)) for p in paths if os.path.isfile(p)]
+        if not res:
+            continue
+        accs = [r["accuracy"] for r in res]
         mean = sum(accs) / len(accs)
-        # One base student: its SEM is the binomial one; the arms' is the spread over seeds.
-        sem = accuracy_sem([1] * round(mean * len(test_rows)) + [0] * (len(test_rows) - round(mean * len(test_rows))))[2] \
-            if arm == "base" else math.sqrt(sum((x - mean) ** 2 for x in accs) / max(1, len(accs) - 1) / len(accs))
-        teachers = sorted({t for d in dyn for t in d})
-        table[arm] = {"accuracy": mean, "sem": sem, "per_seed": accs, "n_per_seed": len(test_rows),
-                      "seeds": [None] if arm == "base" else seeds, "sample_output": sample, "teachers": {
-                          t: {k: sum(d[t][k] for d in dyn) / len(dyn) for k in ("weight_first", "weight_last", "s_mi", "s_g", "s_d")}
-                          for t in teachers}}
+        # One base student: its SEM is the binomial one; an arm's is the spread over its seeds.
+        sem = math.sqrt(mean * (1 - mean) / res[0]["n"]) if arm == "base" else \
+            math.sqrt(sum((x - mean) ** 2 for x in accs) / max(1, len(accs) - 1) / len(accs))
+        dyn = [r["teachers"] for r in res if r["teachers"]]
+        names = sorted({t for d in dyn for t in d})
+        table[arm] = {"accuracy": mean, "sem": sem, "per_seed": accs, "n_per_seed": res[0]["n"],
+                      "seeds": [None] if arm == "base" else seeds[:len(res)], "minutes": round(sum(r["wall_s"] for r in res) / 60, 2),
+                      "sample_output": res[0]["sample_output"], "teachers": {t: {
+                          k: sum(d[t][k] for d in dyn) / len(dyn) for k in ("weight_first", "weight_last", "s_mi", "s_g", "s_d")}
+                          for t in names}}
         if dyn and ARMS[arm][1].get("weighting") != "uniform":
-            curves[arm] = {t: [sum(x) / len(dyn) for x in zip(*(d[t]["series"]["weight"] for d in dyn))] for t in teachers}
+            curves[arm] = {t: [sum(x) / len(dyn) for x in zip(*(d[t]["series"]["weight"] for d in dyn))] for t in names}
     sbs = [x for x in table if x.startswith("sbs-")]
     best = max(sbs, key=lambda x: table[x]["accuracy"]) if sbs else None
     write_json(os.path.join(a.out, "report.json"), {"arms": table, "best_sbs": best, "settings": vars(a),
                                                      "minutes": round((time.time() - t0) / 60, 2)})
     print0(f"\n{'arm':<18} {'accuracy':>9} {'± SEM':>7}  per seed (n = {len(test_rows)} each)   first test answer")
     for arm, r in table.items():
-        print0(f"{arm + (' (SbS best)' if arm == best else ''):<18} {r['accuracy']:>9.3f} {r['sem']:>7.3f}  "
+        print0(f"{arm + (' (SbS best)' if arm == best and len(sbs) > 1 else ''):<18} {r['accuracy']:>9.3f} {r['sem']:>7.3f}  "
                f"{' '.join(f'{x:.3f}' for x in r['per_seed']):<22} {r['sample_output'][:60]!r}")
     for arm, series in curves.items():
         print0(f"\n{arm}: mean weight per teacher over training (mean of {len(seeds)} seeds; ▁ = 0, █ = 1)")
         for t, w in series.items():
-            print0(f"{t:<13} {sparkline(w)}  {table[arm]['teachers'][t]['weight_first']:.2f} → "
-                   f"{table[arm]['teachers'][t]['weight_last']:.2f}   S_MI {table[arm]['teachers'][t]['s_mi']:.4f}  "
-                   f"S_G {table[arm]['teachers'][t]['s_g']:.3f}  S_D {table[arm]['teachers'][t]['s_d']:.3f}")
+            d = table[arm]["teachers"][t]
+            print0(f"{t:<13} {sparkline(w)}  {d['weight_first']:.2f} → {d['weight_last']:.2f}   S_MI {d['s_mi']:.4f}  "
+                   f"S_G {d['s_g']:.3f}  S_D {d['s_d']:.3f}")
     if curves:
         png = plot(os.path.join(a.out, "weights.png"), "optimizer step", {f"weight ({arm})": {
             t: (list(range(1, len(w) + 1)), w) for t, w in s.items()} for arm, s in curves.items()})
@@ -270,7 +290,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/demo", help="the demo's directory (replaced by a new demo)")
     p.add_argument("--full", action="store_true", help="every arm: " + ", ".join(ARMS))
     p.add_argument("--arms", help=f"comma-separated arms (default: {','.join(DEFAULT_ARMS)})")
-    p.add_argument("--max-steps", type=int, default=150, help="distillation steps per arm and seed")
+    p.add_argument("--max-steps", type=int, default=300, help="distillation steps per arm and seed")
     p.add_argument("--pretrain-steps", type=int, default=400, help="steps that make the base student")
     p.add_argument("--seeds", type=int, default=3, help="how many seeds per arm")
     p.add_argument("--seed", type=int, default=0, help="the first seed")

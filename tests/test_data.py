@@ -218,7 +218,7 @@ def test_synth_pool(tmp_path):
     insts = data.load_multi_teacher(str(tmp_path / "train.jsonl"))
     held = data.load_multi_teacher(str(tmp_path / "test.jsonl"))
     pre = data.load_multi_teacher(str(tmp_path / "pretrain.jsonl"))
-    assert len(insts) == 40 and len(held) == 10 and len(pre) == 30 and all(not h.rationales for h in held)
+    assert len(insts) == 40 and len(held) == 10 and len(pre) == len(demo.one_step_facts()) + 30 and all(not h.rationales for h in held)
     questions = [{i.question for i in x} for x in (insts, held, pre)]
     assert sum(map(len, questions)) == len(set.union(*questions))  # no question twice, no question in two files
     assert data.teacher_names(insts) == sorted(demo.TEACHERS) and data.teacher_names(pre) == ["stepwise"]
@@ -226,6 +226,7 @@ def test_synth_pool(tmp_path):
         assert len(re.findall(r"[-+*]", inst.question)) == 3 and inst.task is None
         assert left_to_right(inst.question) == int(inst.answer) == eval(inst.question)  # × only comes first
     assert {len(re.findall(r"[-+*]", i.question)) for i in pre} == {1, 2}
+    assert all(left_to_right(i.question) == int(i.answer) for i in pre)
     assert demo.synth_pool(str(tmp_path / "again"), 3, 40, 10, 30) == (train, test)
 
 

@@ -217,8 +217,8 @@ def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, capsys):
             "base,sbs-stepwise,compact", "--n-train", "24", "--n-test", "12", "--n-pretrain", "24"])
     printed = capsys.readouterr().out
     for name in ("data/train.jsonl", "data/test.jsonl", "data/pretrain.jsonl", "base/config.json", "base/tokenizer.json",
-                 "base/model.safetensors", "eval/base.jsonl", "eval/compact-seed-1.jsonl",
-                 "runs/compact/seed-0/metrics.jsonl", "runs/sbs-stepwise/seed-1/model/model.safetensors", "report.json"):
+                 "base/model.safetensors", "eval/base.jsonl", "eval/base.json", "eval/compact-seed-1.jsonl",
+                 "runs/compact/seed-0/metrics.jsonl", "runs/compact/seed-1/result.json", "runs/sbs-stepwise/seed-1/model/model.safetensors", "report.json"):
         assert (tmp_path / name).exists(), name
     report = json.load(open(tmp_path / "report.json"))
     assert list(report["arms"]) == ["base", "sbs-stepwise", "compact"] and report["best_sbs"] == "sbs-stepwise"
