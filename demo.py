@@ -193,6 +193,8 @@ def demo(a, rank, world, device):
     train(pre, CompactConfig(**UNIFORM), rank, world, device)
     if rank == 0:
         shutil.copytree(os.path.join(pre.out, "model"), base_dir)  # with the tokenizer (save_weights)
+    if dist.is_initialized():
+        dist.barrier()  # nobody reads OUT/base before it is complete
     test_rows = [json.loads(line) for line in open(os.path.join(data_dir, "test.jsonl"))]
     if rank == 0:
         run_result(base_dir, None, test_rows, os.path.join(out, "eval", "base.jsonl"), device, (t0, 0.0))
