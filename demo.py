@@ -187,12 +187,16 @@ def demo(a, rank, world, device):
         write_json(os.path.join(out, "demo.json"), vars(a))
     if dist.is_initialized():
         dist.barrier()
-    print0(f"== base student: {a.pretrain_steps} steps on one-step facts and two-step problems (stepwise rationales)")
-    pre = TrainConfig(model=os.path.join(out, "pretrain", "init"), data=os.path.join(data_dir, "pretrain.jsonl"),
-                      out=os.path.join(out, "pretrain"), max_steps=a.pretrain_steps, **COMMON, **PRETRAIN)
-    train(pre, CompactConfig(**UNIFORM), rank, world, device)
-    if rank == 0:
-        shutil.copytree(os.path.join(pre.out, "model"), base_dir)  # with the tokenizer (save_weights)
+    if a.base:  # an earlier demo's base student: the arms run on it, nothing is pretrained
+        if rank == 0:
+            shutil.copytree(a.base, base_dir)
+    else:
+        print0(f"== base student: {a.pretrain_steps} steps on one-step facts and two-step problems (stepwise rationales)")
+        pre = TrainConfig(model=os.path.join(out, "pretrain", "init"), data=os.path.join(data_dir, "pretrain.jsonl"),
+                          out=os.path.join(out, "pretrain"), max_steps=a.pretrain_steps, **COMMON, **PRETRAIN)
+        train(pre, CompactConfig(**UNIFORM), rank, world, device)
+        if rank == 0:
+            shutil.copytree(os.path.join(pre.out, "model"), base_dir)  # with the tokenizer (save_weights)
     if dist.is_initialized():
         dist.barrier()  # nobody reads OUT/base before it is complete
     test_rows = [json.loads(line) for line in open(os.path.join(data_dir, "test.jsonl"))]
@@ -294,6 +298,7 @@ def main(argv=None):
     p.add_argument("--arms", help=f"comma-separated arms (default: {','.join(DEFAULT_ARMS)})")
     p.add_argument("--max-steps", type=int, default=300, help="distillation steps per arm and seed")
     p.add_argument("--pretrain-steps", type=int, default=400, help="steps that make the base student")
+    p.add_argument("--base", help="run the arms on this base student (an earlier demo's OUT/base) instead of pretraining one")
     p.add_argument("--seeds", type=int, default=3, help="how many seeds per arm")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
     p.add_argument("--n-train", type=int, default=2000, help="three-step training problems")
