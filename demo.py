@@ -311,6 +311,9 @@ def main(argv=None):
     a.arms = list(ARMS) if a.full else (a.arms.split(",") if a.arms else list(DEFAULT_ARMS))
     if unknown := [x for x in a.arms if x not in ARMS]:
         p.error(f"--arms: unknown {', '.join(unknown)} (known: {', '.join(ARMS)})")
+    # One thread: a 0.4M-parameter model gains nothing from a second one, and a second thread per
+    # process oversubscribes the cores (under torchrun, or next to other jobs) and runs ~5x slower.
+    torch.set_num_threads(1)
     rank, world, device = setup_dist()
     try:
         demo(a, rank, world, device)
