@@ -264,9 +264,9 @@ def report(a, test_rows, t0):
     best = max(sbs, key=lambda x: table[x]["accuracy"]) if sbs else None
     write_json(os.path.join(a.out, "report.json"), {"arms": table, "best_sbs": best, "settings": vars(a),
                                                      "minutes": round((time.time() - t0) / 60, 2)})
-    print0(f"\n{'arm':<18} {'accuracy':>9} {'± SEM':>7}  per seed (n = {len(test_rows)} each)   first test answer")
+    print0(f"\n{'arm':<24} {'accuracy':>9} {'± SEM':>7}  per seed (n = {len(test_rows)} each)   first test answer")
     for arm, r in table.items():
-        print0(f"{arm + (' (SbS best)' if arm == best and len(sbs) > 1 else ''):<18} {r['accuracy']:>9.3f} {r['sem']:>7.3f}  "
+        print0(f"{arm + (' (SbS best)' if arm == best and len(sbs) > 1 else ''):<24} {r['accuracy']:>9.3f} {r['sem']:>7.3f}  "
                f"{' '.join(f'{x:.3f}' for x in r['per_seed']):<22} {r['sample_output'][:60]!r}")
     for arm, series in curves.items():
         print0(f"\n{arm}: mean weight per teacher over training (mean of {len(seeds)} seeds; ▁ = 0, █ = 1)")
