@@ -1,228 +1,322 @@
-"""The CPU demo: synthetic teachers, a tiny student, COMPACT against uniform weighting.
+"""The CPU demo: four synthetic teachers, a tiny student that learns arithmetic, COMPACT against the baselines.
 
-    python demo.py                         # the embedded default, minutes on a CPU
+    python demo.py                         # default: base, SbS, Direct Avg. and COMPACT over 3 seeds, minutes
+    python demo.py --full                  # every arm of SPEC.md §5 (SbS per teacher, MCC, the ablations)
     torchrun --nproc_per_node=2 demo.py    # the same through DDP (gloo)
-    python train.py --demo                 # alias kept for scripts
+    python train.py --demo [--max-steps N] [--out DIR]   # alias kept for scripts
 
-Everything runs through the real code path: train.py's loop, eval.py's accuracy. This file
-holds only what the demo needs besides: the synthetic multi-teacher pool and the training
-of a tiny tokenizer. Left out: real checkpoints (see README for the paper's recipe).
+The task: left-to-right arithmetic on small numbers ("7*3-5+8"), read and written one
+character at a time. A tiny Qwen2-shaped student is first taught one- and two-step problems
+with worked steps (its "pretraining"; this is the base student, OUT/base/), then distilled on
+three-step problems from four teachers, each arm through train.py's own loop and scored with
+eval.py's own accuracy. OUT/report.json holds the table; OUT/weights.png the weight curves when
+matplotlib is installed. Left out: real checkpoints (see README for the paper's recipe).
 """
 import argparse
 import json
+import math
 import os
 import random
 import shutil
 import sys
-from dataclasses import replace
+import time
 
+
+import tokenizers
 import torch
 import torch.distributed as dist
+from tokenizers import decoders, models
 
 from compact import CompactConfig
-from data import user_prompt, write_jsonl
-from eval import accuracy_sem, evaluate, load_student, run_weights
+from data import write_json, write_jsonl
+from eval import accuracy_sem, evaluate, plot, teacher_dynamics
+from lora import load_student
 from model import ModelArgs, Transformer
-from tokenizer import Tokenizer, write_tokenizer
+from tokenizer import BUILTIN_TEMPLATES
 from train import TrainConfig, cleanup_dist, print0, setup_dist, train
 
-# --- the synthetic pool ---
-#
-# Multi-step arithmetic word problems (2-4 steps, small integers) and four teachers that
-# differ the way real ones do. Every rationale ends on the right final value:
-#   concise       correct, one short equation per step
-#   verbose       correct, wrapped in thinking words (Okay, so, wait, let me check, therefore)
-#   hallucinated  every intermediate result is wrong, the final one is right (the case a
-#                 consensus score should catch: the answer agrees, the path does not)
-#   stylized      correct, but backwards (last step first) with numbers written as words
+# --- the task: left-to-right arithmetic on small numbers ---
 
-_NAMES = ("Tom", "Ann", "Ben", "Mia", "Sam", "Lily", "Max", "Zoe")
-_ITEMS = ("apples", "pens", "cards", "books", "coins", "shells", "stamps", "marbles")
-_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-          "fifteen sixteen seventeen eighteen nineteen").split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+MAX_VALUE = 29  # every intermediate value stays in 0..29
 
 
-def number_words(n):
-    """0..999 in English words ('one hundred twenty-three')."""
-    if n < 20:
-        return _WORDS[n]
-    if n < 100:
-        return _TENS[n // 10] + ("-" + _WORDS[n % 10] if n % 10 else "")
-    return _WORDS[n // 100] + " hundred" + (" " + number_words(n % 100) if n % 100 else "")
+def apply_op(a, op, b):
+    return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-def synth_problem(rng):
-    """(question, answer, steps) with steps = [(a, op, b, result)], op in + - *."""
-    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    value = rng.randint(2, 20)
-    text, steps = [f"{name} has {value} {item}."], []
-    for _ in range(rng.randint(2, 4)):
-        kind = rng.choice(("add", "sub", "mul", "box") if value <= 40 else ("add", "sub"))
-        if kind == "sub" and value < 2:
-            kind = "add"
-        if kind == "add":
-            b = rng.randint(1, 15)
-            text.append(f"Then {name} gets {b} more.")
-            steps.append((value, "+", b, value + b))
-        elif kind == "sub":
-            b = rng.randint(1, value - 1)
-            text.append(f"Then {name} gives away {b}.")
-            steps.append((value, "-", b, value - b))
-        elif kind == "mul":
-            b = rng.choice((2, 3))
-            text.append(f"Then the number of {item} {'doubles' if b == 2 else 'triples'}.")
-            steps.append((value, "*", b, value * b))
-        else:
-            n, m = rng.randint(2, 4), rng.randint(2, 6)
-            text.append(f"Then {name} buys {n} boxes with {m} {item} each.")
-            steps += [(n, "*", m, n * m), (value, "+", n * m, value + n * m)]
+def make_problem(rng, n_ops):
+    """(question, answer, steps), steps = [(a, op, b, result)]: a start digit and n_ops operations
+    on digits ("7*3-5+8"). × only comes first, so the usual precedence and left to right agree."""
+    value = start = rng.randint(1, 9)
+    steps = []
+    for j in range(n_ops):
+        choices = [(op, b) for op in "+-" for b in range(1, 10) if 0 <= apply_op(value, op, b) <= MAX_VALUE]
+        choices += [("*", b) for b in (2, 3) if j == 0 and value * b <= MAX_VALUE] * 9  # × in about half
+        op, b = rng.choice(choices)
+        steps.append((value, op, b, apply_op(value, op, b)))
         value = steps[-1][3]
-    text.append(f"How many {item} does {name} have now?")
-    return " ".join(text), str(value), steps
+    return str(start) + "".join(f"{op}{b}" for _, op, b, _ in steps), str(value), steps
 
 
-def synth_rationale(steps, teacher, rng):
-    """One teacher's rationale for a problem's steps (see the section comment)."""
-    if teacher == "concise":
-        return " ".join(f"{a} {op} {b} = {c}." for a, op, b, c in steps)
-    if teacher == "verbose":
-        lines = [f"Okay, so first we start from {steps[0][0]}."]
-        for a, op, b, c in steps:
-            lines.append(rng.choice(("Then", "Now", "Next")) + f", {a} {op} {b} = {c}.")
-            if rng.random() < 0.5:
-                lines.append(f"Wait, let me check: {a} {op} {b} is {c}. Yes.")
-        return " ".join(lines + [f"Therefore the total is {steps[-1][3]}."])
-    if teacher == "hallucinated":
-        out = []
-        for j, (a, op, b, c) in enumerate(steps):
-            wrong = c if j == len(steps) - 1 else c + rng.choice((-3, -2, -1, 1, 2, 3))
-            out.append(f"{a} {op} {b} = {max(wrong, 0)}.")
-        return " ".join(out)
-    if teacher == "stylized":
-        ops = {"+": "plus", "-": "minus", "*": "times"}
-        return "; ".join(f"{number_words(c)} is {number_words(a)} {ops[op]} {number_words(b)}"
-                         for a, op, b, c in reversed(steps)) + "."
+# --- the teachers, and which score is meant to catch which (README reports what happened) ---
+
+TEACHERS = {
+    "stepwise": "correct, one equation per step, in the student's own style: the teacher to learn from",
+    "hallucinated": "wrong intermediate results, right final answer: the minority path against the "
+                    "consensus of the others, meant for S_G (consensus)",
+    "reversed": "correct, but the last step first, so the answer must be known before any step is "
+                "written: a style the student cannot absorb, meant for S_D (difficulty)",
+    "oracle": "states the answer without reasoning towards it ('Hmm, so it is 8.'): thinking words "
+              "that carry no information gain, meant for S_MI (adaptability)",
+}
+
+
+def rationale(steps, teacher, rng):
+    """One teacher's rationale for a problem's steps (see TEACHERS)."""
+    if teacher == "stepwise":
+        return ", then ".join(f"{a}{op}{b}={c}" for a, op, b, c in steps) + "."
+    if teacher == "hallucinated":  # each wrong result is off by 1 or 2 from the true one
+        last = len(steps) - 1
+        wrong = [c if j == last else (c + rng.choice((1, 2)) if c < 2 else c + rng.choice((-2, -1, 1, 2)))
+                 for j, (_, _, _, c) in enumerate(steps)]
+        return ", then ".join(f"{a}{op}{b}={w}" for (a, op, b, _), w in zip(steps, wrong)) + "."
+    if teacher == "reversed":
+        return ", ".join(f"{c}={a}{op}{b}" for a, op, b, c in reversed(steps)) + "."
+    if teacher == "oracle":
+        return f"Hmm, so it is {steps[-1][3]}."
     raise ValueError(f"unknown synthetic teacher {teacher!r}")
 
 
-SYNTH_TEACHERS = ("concise", "verbose", "hallucinated", "stylized")
+def unique_problems(rng, n, ops, seen):
+    """n problems with questions not in `seen` (which grows); ops: the allowed step counts."""
+    out, tries = [], 0
+    while len(out) < n:
+        q, a, steps = make_problem(rng, rng.choice(ops))
+        tries += 1
+        if tries > 50 * n + 10_000:
+            raise ValueError(f"cannot draw {n} distinct problems with {ops} steps")
+        if q not in seen:
+            seen.add(q)
+            out.append((q, a, steps))
+    return out
 
 
-def synth_pool(out_dir, seed=0, n_train=256, n_test=64):
-    """Write out_dir/train.jsonl (multi-teacher, task gsm8k) and out_dir/test.jsonl (the same
-    format without rationales), with no question in both."""
-    rng, seen, rows = random.Random(seed), set(), []
-    while len(rows) < n_train + n_test:
-        question, answer, steps = synth_problem(rng)
-        if question in seen:
-            continue
-        seen.add(question)
-        row = {"id": f"synth-{len(rows):05d}", "question": question, "answer": answer, "task": "gsm8k"}
-        if len(rows) < n_train:
-            row["rationales"] = [{"teacher": t, "text": synth_rationale(steps, t, rng)}
-                                 for t in SYNTH_TEACHERS]
-        rows.append(row)
+def one_step_facts():
+    """Every single operation the task can ask for, as one-step problems (a from 0 to MAX_VALUE)."""
+    return [(f"{a}{op}{b}", str(apply_op(a, op, b)), [(a, op, b, apply_op(a, op, b))])
+            for a in range(MAX_VALUE + 1) for op in "+-*" for b in ((2, 3) if op == "*" else range(1, 10))
+            if 0 <= apply_op(a, op, b) <= MAX_VALUE and (op != "*" or 1 <= a <= 9)]
+
+
+def synth_pool(out_dir, seed=0, n_train=2000, n_test=300, n_pretrain=2000):
+    """Write out_dir/test.jsonl (three steps, no rationales), train.jsonl (three steps, every teacher)
+    and pretrain.jsonl (every one-step fact and n_pretrain two-step problems, stepwise only); no
+    question in two files. Returns (train rows, test rows)."""
+    rng, seen = random.Random(seed), set()
+    test, train_, pre = (unique_problems(rng, n, (steps,), seen) for n, steps in
+                         ((n_test, 3), (n_train, 3), (n_pretrain, 2)))
+    def rows(problems, prefix, teachers):
+        return [{"id": f"{prefix}-{i:05d}", "question": q, "answer": a,
+                 **({"rationales": [{"teacher": t, "text": rationale(s, t, rng)} for t in teachers]} if teachers else {})}
+                for i, (q, a, s) in enumerate(problems)]
+    out = {"test": rows(test, "test", ()), "train": rows(train_, "train", list(TEACHERS)),
+           "pretrain": rows(one_step_facts() + pre, "pre", ["stepwise"])}
     os.makedirs(out_dir, exist_ok=True)
-    write_jsonl(os.path.join(out_dir, "train.jsonl"), rows[:n_train])
-    write_jsonl(os.path.join(out_dir, "test.jsonl"), rows[n_train:])
-    return rows[:n_train], rows[n_train:]
+    for name, r in out.items():
+        write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), r)
+    return out["train"], out["test"]
 
 
+# --- a character-level tokenizer, a Hugging Face tokenizer.json like any checkpoint's ---
 
-# --- the demo ---
-
-DEMO_STUDENT = {"model_type": "qwen2", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
-                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
-                "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True, "hidden_act": "silu",
-                "use_sliding_window": False, "torch_dtype": "float32", "architectures": ["Qwen2ForCausalLM"]}
-# Flags left at their TrainConfig default take these values in the demo.
-DEMO_DEFAULTS = dict(out="runs/demo", max_steps=60, batch_size=4, grad_accum=1, lr=2e-3, max_len=320,
-                     save_every=20, lora_dropout=0.0)
-DEMO_PRETRAIN = dict(batch_size=8, lr=3e-3, full_ft=True)  # for min(150, 2.5 × distillation) steps
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+ALPHABET = "0123456789+-*=,.: \nHTabcdefghijklmnopqrstuvwxyz"
 
 
-def demo(cfg, ccfg, rank, world, device):
-    """Synthetic teachers → a tiny base student → COMPACT and uniform distillation → accuracy.
+def write_char_tokenizer(out_dir):
+    """One token per character (a BPE without merges), ChatML specials and template."""
+    vocab = {c: i for i, c in enumerate(SPECIALS + sorted(set(ALPHABET)))}
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.add_special_tokens(SPECIALS)
+    tok.decoder = decoders.Fuse()
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "clean_up_tokenization_spaces": False, "model_max_length": 512,
+        "chat_template": BUILTIN_TEMPLATES["chatml"]})
+    write_json(os.path.join(out_dir, "generation_config.json"), {"eos_token_id": [vocab["<|im_end|>"]]})
+    return len(vocab)
 
-    The base student is trained briefly, with the very same loop, on the answer format alone
-    (one terse "teacher"), so that held-out accuracy measures what the rationales teach.
-    """
-    cfg = replace(cfg, **{k: v for k, v in DEMO_DEFAULTS.items() if getattr(cfg, k) == getattr(TrainConfig, k)})
-    out = cfg.out
-    data_dir, init_dir, base_dir = (os.path.join(out, d) for d in ("data", "base-init", "base"))
-    if os.path.isdir(out) and os.listdir(out) and not os.path.isdir(init_dir):
+
+# --- the student, the stages, the arms ---
+
+STUDENT = {"model_type": "qwen2", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+           "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True, "hidden_act": "silu",
+           "use_sliding_window": False, "torch_dtype": "float32", "architectures": ["Qwen2ForCausalLM"]}
+# Full fine-tuning: a from-scratch student this small learns little through LoRA in minutes.
+COMMON = dict(full_ft=True, grad_accum=1, max_len=128, save_every=0, warmup=0.05, keep_checkpoints=1)
+PRETRAIN = dict(batch_size=32, lr=3e-3)
+DISTIL = dict(batch_size=8, lr=3e-3)
+UNIFORM = dict(weighting="uniform", mcon_lambda=0.0)
+# name: (teachers, CompactConfig fields), SPEC.md §5; "sbs-T" is SbS-KD from teacher T alone. Run in
+# this order, every seed of an arm before the next arm, so a stopped run has whole arms.
+ARMS = {"base": None, "sbs-stepwise": ("stepwise", UNIFORM), "direct-avg": ("", UNIFORM), "compact": ("", {}),
+        "mcc": ("", dict(weighting="uniform")), "no-mi": ("", dict(alpha=0.0)), "no-consensus": ("", dict(beta=0.0)),
+        "no-difficulty": ("", dict(gamma=0.0)), **{f"sbs-{t}": (t, UNIFORM) for t in TEACHERS if t != "stepwise"}}
+DEFAULT_ARMS = ("base", "sbs-stepwise", "direct-avg", "compact")
+
+
+def demo(a, rank, world, device):
+    """Pool and tokenizer → pretraining (the base student) → every arm × seed → the report (rank 0)."""
+    out, data_dir, base_dir = a.out, os.path.join(a.out, "data"), os.path.join(a.out, "base")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "demo.json")):
         raise ValueError(f"--out {out} is not empty and holds no earlier demo: choose another --out")
     if dist.is_initialized():
         dist.barrier()  # every rank has checked before rank 0 writes
-    if rank == 0:  # a new demo replaces an earlier one's runs
-        for run in ("pretrain", "uniform", "."):
-            shutil.rmtree(os.path.join(out, run, "checkpoints"), ignore_errors=True)
-        train_rows, test_rows = synth_pool(data_dir, seed=cfg.seed)
-        texts = [r["question"] + " " + r["answer"] for r in train_rows + test_rows]
-        texts += [x["text"] for r in train_rows for x in r["rationales"]]
-        write_tokenizer(init_dir, texts, vocab_size=512)
-        vocab = Tokenizer.from_pretrained(init_dir).vocab_size
-        torch.manual_seed(cfg.seed)
-        Transformer(ModelArgs.from_hf_config({**DEMO_STUDENT, "vocab_size": vocab}), {**DEMO_STUDENT, "vocab_size": vocab}).save_pretrained(init_dir)
-        with open(os.path.join(data_dir, "format.jsonl"), "w") as f:
-            for r in train_rows:
-                f.write(json.dumps({**r, "rationales": [{"teacher": "format", "text": "Let me compute."}]}) + "\n")
+    t0 = time.time()
+    if rank == 0:  # a new demo replaces an earlier one
+        for d in ("pretrain", "runs", "eval", "base"):
+            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+        synth_pool(data_dir, 0, a.n_train, a.n_test, a.n_pretrain)
+        init = os.path.join(out, "pretrain", "init")
+        config = {**STUDENT, "vocab_size": write_char_tokenizer(init)}
+        torch.manual_seed(0)
+        Transformer(ModelArgs.from_hf_config(config), config).save_pretrained(init)
+        write_json(os.path.join(out, "demo.json"), vars(a))
+    if dist.is_initialized():
+        dist.barrier()
+    if a.base:  # an earlier demo's base student: the arms run on it, nothing is pretrained
+        if rank == 0:
+            shutil.copytree(a.base, base_dir)
+    else:
+        print0(f"== base student: {a.pretrain_steps} steps on one-step facts and two-step problems (stepwise rationales)")
+        pre = TrainConfig(model=os.path.join(out, "pretrain", "init"), data=os.path.join(data_dir, "pretrain.jsonl"),
+                          out=os.path.join(out, "pretrain"), max_steps=a.pretrain_steps, **COMMON, **PRETRAIN)
+        train(pre, CompactConfig(**UNIFORM), rank, world, device)
+        if rank == 0:
+            shutil.copytree(os.path.join(pre.out, "model"), base_dir)  # with the tokenizer (save_weights)
+    if dist.is_initialized():
+        dist.barrier()  # nobody reads OUT/base before it is complete
+    test_rows = [json.loads(line) for line in open(os.path.join(data_dir, "test.jsonl"))]
+    if rank == 0:
+        run_result(base_dir, None, test_rows, os.path.join(out, "eval", "base.jsonl"), device, (t0, 0.0))
+    for arm in [x for x in a.arms if ARMS[x]]:
+        teachers, fields = ARMS[arm]
+        for seed in range(a.seed, a.seed + a.seeds):
+            cfg = TrainConfig(model=base_dir, data=os.path.join(data_dir, "train.jsonl"), teachers=teachers, seed=seed,
+                              out=os.path.join(out, "runs", arm, f"seed-{seed}"), max_steps=a.max_steps, **COMMON, **DISTIL)
+            print0(f"== {arm}, seed {seed}: {a.max_steps} steps from {teachers or ', '.join(TEACHERS)}")
+            t_run = (time.time(), time.process_time())
+            train(cfg, CompactConfig(**fields), rank, world, device)
+            if rank == 0:
+                run_result(os.path.join(cfg.out, "model"), cfg.out, test_rows,
+                           os.path.join(out, "eval", f"{arm}-seed-{seed}.jsonl"), device, t_run)
+    if rank == 0:
+        report(a, test_rows, t0)
     if dist.is_initialized():
         dist.barrier()
 
-    print0("== 1/4 base student: learns the answer format only")
-    pre = replace(cfg, model=init_dir, data=os.path.join(data_dir, "format.jsonl"), out=os.path.join(out, "pretrain"),
-                  resume=False, max_steps=min(150, max(1, round(2.5 * cfg.max_steps))), **DEMO_PRETRAIN)
-    train(pre, CompactConfig(weighting="uniform", mcon_lambda=0.0), rank, world, device)
-    if rank == 0:
-        shutil.rmtree(base_dir, ignore_errors=True)
-        shutil.copytree(os.path.join(pre.out, "model"), base_dir)  # with the tokenizer (save_weights)
-    if dist.is_initialized():
-        dist.barrier()
-    runs = {"compact": replace(cfg, model=base_dir, data=os.path.join(data_dir, "train.jsonl")),
-            "uniform": replace(cfg, model=base_dir, data=os.path.join(data_dir, "train.jsonl"), out=os.path.join(out, "uniform"))}
-    print0(f"== 2/4 COMPACT distillation from {', '.join(SYNTH_TEACHERS)}")
-    train(runs["compact"], ccfg, rank, world, device)
-    print0("== 3/4 the same with uniform weights (Direct Avg. + MCon)")
-    train(runs["uniform"], replace(ccfg, weighting="uniform"), rank, world, device)
-    if rank == 0:
-        print0("== 4/4 held-out accuracy")
-        demo_report(out, base_dir, os.path.join(data_dir, "test.jsonl"), runs, device)
+
+def run_result(model_dir, run_dir, test_rows, preds, device, t_start):
+    """Held-out accuracy with eval.py's loop (greedy, batched, answers checked by data.py), and the
+    run's teacher weights; written to RUN/result.json (OUT/eval/base.json for the base student)."""
+    model, tok = load_student(model_dir, None, device=device)
+    items = [{"id": r["id"], "prompt": r["question"], "answer": r["answer"], "task": None} for r in test_rows]
+    os.makedirs(os.path.dirname(preds), exist_ok=True)
+    if os.path.exists(preds):
+        os.remove(preds)
+    records = evaluate(model, tok, items, preds, batch_size=100, max_new_tokens=64)
+    n, acc, _ = accuracy_sem([r["correct"] for r in records])
+    dyn = teacher_dynamics([json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]) if run_dir else {}
+    result = {"accuracy": acc, "n": n, "sample_output": records[0]["output"], "wall_s": round(time.time() - t_start[0], 1),
+              "cpu_s": round(time.process_time() - t_start[1], 1),
+              "teachers": {t: {k: v for k, v in d.items() if k != "steps"} for t, d in dyn.items()}}
+    write_json(os.path.join(run_dir, "result.json") if run_dir else preds[:-len(".jsonl")] + ".json", result)
+    print0(f"   held-out accuracy {acc:.3f} (n = {n}) | {result['wall_s']}s | first answer {result['sample_output'][:50]!r}")
 
 
-def demo_report(out, base_dir, test_file, runs, device):
-    """Held-out accuracy of base / uniform / COMPACT (eval.py's own loop), and COMPACT's teacher weights."""
-    rows = [json.loads(line) for line in open(test_file)]
-    items = [{"id": r["id"], "prompt": user_prompt(r["question"], r["task"]), "answer": r["answer"], "task": r["task"]}
-             for r in rows]
-    print0(f"{'student':<10} {'accuracy':>9} {'± SEM':>7}   first test answer (n = {len(items)}, greedy)")
-    for name in ("base", "uniform", "compact"):
-        model, tok = load_student(base_dir, None if name == "base" else os.path.join(runs[name].out, "adapter"),
-                                  device=device)
-        preds = os.path.join(out, "eval", f"{name}.jsonl")
-        os.makedirs(os.path.dirname(preds), exist_ok=True)
-        if os.path.exists(preds):
-            os.remove(preds)  # a new demo run: new predictions
-        records = evaluate(model, tok, items, preds, batch_size=64, max_new_tokens=96)
-        n, p, sem = accuracy_sem([r["correct"] for r in records])
-        print0(f"{name:<10} {p:>9.3f} {sem:>7.3f}   {records[0]['output'][:90]!r}")
-    print0("COMPACT's teacher weights over training (eval.py weights):")
-    run_weights(argparse.Namespace(run_dir=out, out=None))
+def report(a, test_rows, t0):
+    """Accuracy per arm (mean ± SEM over seeds), weights per teacher, the chart; OUT/report.json."""
+    seeds, table, curves = list(range(a.seed, a.seed + a.seeds)), {}, {}
+    for arm in a.arms:
+        paths = [os.path.join(a.out, "eval", "base.json")] if arm == "base" else \
+            [os.path.join(a.out, "runs", arm, f"seed-{s}", "result.json") for s in seeds]
+        res = [json.load(open(p)) for p in paths if os.path.isfile(p)]
+        if not res:
+            continue
+        accs = [r["accuracy"] for r in res]
+        mean = sum(accs) / len(accs)
+        # One base student: its SEM is the binomial one; an arm's is the spread over its seeds.
+        sem = math.sqrt(mean * (1 - mean) / res[0]["n"]) if arm == "base" else \
+            math.sqrt(sum((x - mean) ** 2 for x in accs) / max(1, len(accs) - 1) / len(accs))
+        dyn = [r["teachers"] for r in res if r["teachers"]]
+        names = sorted({t for d in dyn for t in d})
+        table[arm] = {"accuracy": mean, "sem": sem, "per_seed": accs, "n_per_seed": res[0]["n"],
+                      "seeds": [None] if arm == "base" else seeds[:len(res)], "minutes": round(sum(r["wall_s"] for r in res) / 60, 2),
+                      "sample_output": res[0]["sample_output"], "teachers": {t: {
+                          k: sum(d[t][k] for d in dyn) / len(dyn) for k in ("weight_first", "weight_last", "s_mi", "s_g", "s_d")}
+                          for t in names}}
+        if dyn and ARMS[arm][1].get("weighting") != "uniform":
+            curves[arm] = {t: [sum(x) / len(dyn) for x in zip(*(d[t]["series"]["weight"] for d in dyn))] for t in names}
+    sbs = [x for x in table if x.startswith("sbs-")]
+    best = max(sbs, key=lambda x: table[x]["accuracy"]) if sbs else None
+    write_json(os.path.join(a.out, "report.json"), {"arms": table, "best_sbs": best, "settings": vars(a),
+                                                     "minutes": round((time.time() - t0) / 60, 2)})
+    print0(f"\n{'arm':<24} {'accuracy':>9} {'± SEM':>7}  per seed (n = {len(test_rows)} each)   first test answer")
+    for arm, r in table.items():
+        print0(f"{arm + (' (SbS best)' if arm == best and len(sbs) > 1 else ''):<24} {r['accuracy']:>9.3f} {r['sem']:>7.3f}  "
+               f"{' '.join(f'{x:.3f}' for x in r['per_seed']):<22} {r['sample_output'][:60]!r}")
+    for arm, series in curves.items():
+        print0(f"\n{arm}: mean weight per teacher over training (mean of {len(seeds)} seeds; ▁ = 0, █ = 1)")
+        for t, w in series.items():
+            d = table[arm]["teachers"][t]
+            print0(f"{t:<13} {sparkline(w)}  {d['weight_first']:.2f} → {d['weight_last']:.2f}   S_MI {d['s_mi']:.4f}  "
+                   f"S_G {d['s_g']:.3f}  S_D {d['s_d']:.3f}")
+    if curves:
+        png = plot(os.path.join(a.out, "weights.png"), "optimizer step", {f"weight ({arm})": {
+            t: (list(range(1, len(w) + 1)), w) for t, w in s.items()} for arm, s in curves.items()})
+        print0(f"\nwrote {png or 'no PNG (pip install matplotlib)'}, {os.path.join(a.out, 'report.json')}")
+    print0(f"demo: {(time.time() - t0) / 60:.1f} min")
+
+
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values, width=48):
+    """Values in [0, 1] as one row of bar characters, averaged into at most `width` columns."""
+    cols = min(width, len(values))
+    chunks = [values[i * len(values) // cols:(i + 1) * len(values) // cols] for i in range(cols)]
+    return "".join(BARS[min(len(BARS) - 1, int(sum(c) / len(c) * len(BARS)))] for c in chunks)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=DEMO_DEFAULTS["out"], help="the demo's directory (replaced by a new demo)")
-    p.add_argument("--max-steps", type=int, default=DEMO_DEFAULTS["max_steps"], help="distillation steps per arm")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo", help="the demo's directory (replaced by a new demo)")
+    p.add_argument("--full", action="store_true", help="every arm: " + ", ".join(ARMS))
+    p.add_argument("--arms", help=f"comma-separated arms (default: {','.join(DEFAULT_ARMS)})")
+    p.add_argument("--max-steps", type=int, default=300, help="distillation steps per arm and seed")
+    p.add_argument("--pretrain-steps", type=int, default=400, help="steps that make the base student")
+    p.add_argument("--base", help="run the arms on this base student (an earlier demo's OUT/base) instead of pretraining one")
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds per arm")
+    p.add_argument("--seed", type=int, default=0, help="the first seed")
+    p.add_argument("--n-train", type=int, default=2000, help="three-step training problems")
+    p.add_argument("--n-test", type=int, default=300, help="held-out three-step problems (the same for every seed)")
+    p.add_argument("--n-pretrain", type=int, default=2000, help="one- and two-step problems for the base student")
     a = p.parse_args(argv)
-    if a.max_steps < 1:
-        p.error("--max-steps must be >= 1")
-    cfg, ccfg = TrainConfig(out=a.out, max_steps=a.max_steps, seed=a.seed), CompactConfig()
+    for flag in ("max_steps", "pretrain_steps", "seeds", "n_train", "n_test", "n_pretrain"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    a.arms = list(ARMS) if a.full else (a.arms.split(",") if a.arms else list(DEFAULT_ARMS))
+    if unknown := [x for x in a.arms if x not in ARMS]:
+        p.error(f"--arms: unknown {', '.join(unknown)} (known: {', '.join(ARMS)})")
+    # One thread: a 0.4M-parameter model gains nothing from a second one, and a second thread per
+    # process oversubscribes the cores (under torchrun, or next to other jobs) and runs ~5x slower.
+    torch.set_num_threads(1)
     rank, world, device = setup_dist()
     try:
-        demo(cfg, ccfg, rank, world, device)
+        demo(a, rank, world, device)
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

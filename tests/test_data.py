@@ -216,24 +216,63 @@ def test_small_format_loaders(tmp_path):
 # ---- synthetic pool ---------------------------------------------------------------------
 
 def test_synth_pool(tmp_path):
-    train, test = demo.synth_pool(str(tmp_path), seed=3, n_train=40, n_test=10)
+    train, test = demo.synth_pool(str(tmp_path), seed=3, n_train=40, n_test=10, n_pretrain=30)
     insts = data.load_multi_teacher(str(tmp_path / "train.jsonl"))
     held = data.load_multi_teacher(str(tmp_path / "test.jsonl"))
-    assert len(insts) == 40 and len(held) == 10 and all(not h.rationales for h in held)
-    assert not {i.question for i in insts} & {h.question for h in held}
-    assert data.teacher_names(insts) == sorted(demo.SYNTH_TEACHERS)
-    for inst in insts:
+    pre = data.load_multi_teacher(str(tmp_path / "pretrain.jsonl"))
+    assert len(insts) == 40 and len(held) == 10 and len(pre) == len(demo.one_step_facts()) + 30 and all(not h.rationales for h in held)
+    questions = [{i.question for i in x} for x in (insts, held, pre)]
+    assert sum(map(len, questions)) == len(set.union(*questions))  # no question twice, no question in two files
+    assert data.teacher_names(insts) == sorted(demo.TEACHERS) and data.teacher_names(pre) == ["stepwise"]
+    for inst in insts + held:  # three steps; the answer is the question read left to right
+        assert len(re.findall(r"[-+*]", inst.question)) == 3 and inst.task is None
+        assert left_to_right(inst.question) == int(inst.answer) == eval(inst.question)  # × only comes first
+    assert {len(re.findall(r"[-+*]", i.question)) for i in pre} == {1, 2}
+    assert all(left_to_right(i.question) == int(i.answer) for i in pre)
+    assert demo.synth_pool(str(tmp_path / "again"), 3, 40, 10, 30) == (train, test)
+
+
+def left_to_right(question):
+    value, *rest = re.findall(r"[-+*]?\d+", question)
+    value = int(value)
+    for term in rest:
+        value = demo.apply_op(value, term[0], int(term[1:]))
+        assert 0 <= value <= demo.MAX_VALUE
+    return value
+
+
+def test_each_synthetic_teacher_has_its_defining_property(tmp_path):
+    demo.synth_pool(str(tmp_path), seed=5, n_train=60, n_test=1, n_pretrain=1)
+    for inst in data.load_multi_teacher(str(tmp_path / "train.jsonl")):
         r = dict(inst.rationales)
-        for name in ("concise", "verbose", "hallucinated"):
-            assert is_answer(r[name], inst.answer), (name, r[name])
-        eqs = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", r["hallucinated"])
-        assert all(eval(f"{a}{op}{b}") != int(c) for a, op, b, c in eqs[:-1])
-        assert all(eval(f"{a}{op}{b}") == int(c) for a, op, b, c in
-                   re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", r["concise"]))
-        assert r["stylized"].startswith(demo.number_words(int(inst.answer)) + " is ")
-        assert sum(w in data.THINKING_WORDS for w in re.findall(r"[a-z]+", r["verbose"].lower())) >= 3
-    assert demo.synth_pool(str(tmp_path / "again"), 3, 40, 10) == (train, test)
-    assert demo.number_words(123) == "one hundred twenty-three"
+        eqs = {t: re.findall(r"(\d+)([-+*])(\d+)=(\d+)", r[t]) for t in ("stepwise", "hallucinated")}
+        # stepwise: every step true, chained, ending on the answer
+        assert all(eval(f"{a}{op}{b}") == int(c) for a, op, b, c in eqs["stepwise"])
+        assert [int(a) for a, *_ in eqs["stepwise"][1:]] == [int(c) for *_, c in eqs["stepwise"][:-1]]
+        assert eqs["stepwise"][-1][3] == inst.answer and "then" in r["stepwise"]
+        # hallucinated: the same steps, every intermediate result wrong, the final one right
+        assert [e[:3] for e in eqs["hallucinated"]] == [e[:3] for e in eqs["stepwise"]]
+        assert all(eval(f"{a}{op}{b}") != int(c) for a, op, b, c in eqs["hallucinated"][:-1])
+        assert eqs["hallucinated"][-1] == eqs["stepwise"][-1]
+        # reversed: the same true equations, the answer first
+        rev = re.findall(r"(\d+)=(\d+)([-+*])(\d+)", r["reversed"])
+        assert [(a, op, b, c) for c, a, op, b in reversed(rev)] == eqs["stepwise"] and rev[0][0] == inst.answer
+        # oracle: the answer, thinking words, no arithmetic at all
+        assert not re.search(r"[-+*=]", r["oracle"]) and data.extract_answer(r["oracle"], None) is None
+        assert r["oracle"].endswith(f" {inst.answer}.")
+        assert sum(w in data.THINKING_WORDS for w in re.findall(r"[a-z]+", r["oracle"].lower())) >= 2
+
+
+def test_the_char_tokenizer_reads_like_any_checkpoint(tmp_path):
+    import tokenizer
+    assert demo.write_char_tokenizer(str(tmp_path)) == tokenizer.Tokenizer.from_pretrained(str(tmp_path)).vocab_size
+    tok = tokenizer.Tokenizer.from_pretrained(str(tmp_path))
+    text = "7*3=21, then 21-5=16.\nThe answer is 16."
+    ids, offsets = tok.encode_with_offsets(text)
+    assert len(ids) == len(text) and tok.decode(ids) == text and offsets[3] == (3, 4)
+    prompt = tok.encode_chat([{"role": "user", "content": "7*3-5"}])
+    assert tok.decode(prompt) == "<|im_start|>user\n7*3-5<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.eot_id == tok.token_id("<|im_end|>") and tok.eos_ids == [tok.eot_id]
 
 
 def is_answer(text, answer):

@@ -23,7 +23,7 @@ from compact import CompactConfig
 def run_inputs(tmp_path_factory):
     """A tiny synthetic pool (18 questions, so batches do not divide it) and a tiny student."""
     root = tmp_path_factory.mktemp("train")
-    rows, _ = demo.synth_pool(str(root / "data"), seed=1, n_train=18, n_test=2)
+    rows, _ = demo.synth_pool(str(root / "data"), seed=1, n_train=18, n_test=2, n_pretrain=1)
     texts = [r["question"] + " " + x["text"] for r in rows for x in r["rationales"]]
     model_dir = str(root / "student")
     tokenizer.write_tokenizer(model_dir, texts, vocab_size=300)
@@ -53,14 +53,14 @@ def test_outputs_and_metrics_keys(run_inputs, tmp_path):
     assert [r["step"] for r in lines] == [1, 2, 3]
     for r in lines:
         assert {"step", "epoch", "loss", "sft", "mcon", "lr", "grad_norm", "tokens_per_s", "weight_entropy", "teachers"} <= set(r)
-        assert 0 <= r["weight_entropy"] <= math.log(len(demo.SYNTH_TEACHERS)) + 1e-6  # mean entropy of w over instances
-        assert set(r["teachers"]) <= set(demo.SYNTH_TEACHERS)
+        assert 0 <= r["weight_entropy"] <= math.log(len(demo.TEACHERS)) + 1e-6  # mean entropy of w over instances
+        assert set(r["teachers"]) <= set(demo.TEACHERS)
         for t in r["teachers"].values():
             assert {"weight", "s_mi", "s_g", "s_d", "n"} == set(t)
         assert sum(t["weight"] * t["n"] for t in r["teachers"].values()) == pytest.approx(4, rel=1e-4)
     saved = json.load(open(tmp_path / "config.json"))
     assert saved["train"]["batch_size"] == 2 and saved["compact"]["mi_budget"] == 12
-    assert set(saved["data_stats"]["dropped_per_teacher"]) <= set(demo.SYNTH_TEACHERS)
+    assert set(saved["data_stats"]["dropped_per_teacher"]) <= set(demo.TEACHERS)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-2", "step-3"]
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
     assert result["steps"] == 3
@@ -216,14 +216,32 @@ def test_bad_data_exits_2_without_traceback(run_inputs, tmp_path):
 
 def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, capsys):
     import train as t
-    t.main(["--demo", "--out", str(tmp_path), "--max-steps", "2"])
+    t.main(["--demo", "--out", str(tmp_path), "--max-steps", "2", "--pretrain-steps", "2", "--seeds", "2", "--arms",
+            "base,sbs-stepwise,compact", "--n-train", "24", "--n-test", "12", "--n-pretrain", "24"])
     printed = capsys.readouterr().out
-    for name in ("data/train.jsonl", "data/test.jsonl", "base/config.json", "base/tokenizer.json",
-                 "base/model.safetensors", "adapter/adapter_model.safetensors", "uniform/adapter/adapter_config.json",
-                 "eval/base.jsonl", "eval/compact.jsonl", "metrics.jsonl", "weights.json"):
+    for name in ("data/train.jsonl", "data/test.jsonl", "data/pretrain.jsonl", "base/config.json", "base/tokenizer.json",
+                 "base/model.safetensors", "eval/base.jsonl", "eval/base.json", "eval/compact-seed-1.jsonl",
+                 "runs/compact/seed-0/metrics.jsonl", "runs/compact/seed-1/result.json", "runs/sbs-stepwise/seed-1/model/model.safetensors", "report.json"):
         assert (tmp_path / name).exists(), name
-    assert "compact" in printed and "± SEM" in printed and "w last" in printed
-    assert len((tmp_path / "eval" / "compact.jsonl").read_text().splitlines()) == 64
+    report = json.load(open(tmp_path / "report.json"))
+    assert list(report["arms"]) == ["base", "sbs-stepwise", "compact"] and report["best_sbs"] == "sbs-stepwise"
+    arm = report["arms"]["compact"]
+    assert arm["seeds"] == [0, 1] and arm["n_per_seed"] == 12 and len(arm["per_seed"]) == 2 and arm["sem"] >= 0
+    assert set(arm["teachers"]) == set(demo.TEACHERS)
+    assert all(0 <= w["weight_first"] <= 1 and 0 <= w["weight_last"] <= 1 for w in arm["teachers"].values())
+    assert "± SEM" in printed and "compact: mean weight per teacher" in printed
+    assert any(c in printed for c in demo.BARS)
+    assert len((tmp_path / "eval" / "compact-seed-0.jsonl").read_text().splitlines()) == 12
+    with pytest.raises(SystemExit) as e:  # a second demo may replace the first, but never another directory
+        demo.main(["--out", str(tmp_path / "runs"), "--max-steps", "1"])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("flag", [["--seeds", "0"], ["--arms", "base,nope"], ["--max-steps", "-1"]])
+def test_demo_bad_flags_exit_2(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(flag)
+    assert e.value.code == 2 and "error" in capsys.readouterr().err
 
 
 def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(run_inputs, tmp_path):
@@ -268,12 +286,12 @@ def test_bad_flag_values_exit_2(flag):
 
 
 def test_on_the_synthetic_pool_the_teacher_the_student_learned_from_is_the_easiest(run_inputs, tmp_path):
-    """S_D responds as intended: after a few steps on the concise teacher alone, the student finds
-    concise rationales easier (lower S_D) than verbose and stylized ones, and weighs them above
-    the stylized ones. (The hallucinated teacher writes in the concise format: as easy.)"""
+    """S_D responds as intended: after a few steps on the stepwise teacher alone, the student finds
+    stepwise rationales easier (lower S_D) than reversed ones, and weighs them above the reversed
+    ones. (The hallucinated teacher writes in the stepwise format: about as easy.)"""
     from compact import compact_loss
     model_dir, data_file = run_inputs
-    cfg, ccfg = parse_args(flags(model_dir, data_file, tmp_path, "--teachers", "concise", "--full-ft", "--max-steps",
+    cfg, ccfg = parse_args(flags(model_dir, data_file, tmp_path, "--teachers", "stepwise", "--full-ft", "--max-steps",
                                  "12", "--batch-size", "6", "--grad-accum", "1", "--lr", "3e-3", "--weighting",
                                  "uniform", "--mcon-lambda", "0"))
     train(cfg, ccfg)
@@ -282,12 +300,11 @@ def test_on_the_synthetic_pool_the_teacher_the_student_learned_from_is_the_easie
     encoded, stats = data.encode_dataset(data.load_multi_teacher(data_file), tok, max_len=400)
     batch = data.collate(encoded[:8], tok.pad_id)
     with torch.no_grad():
-        _, s = compact_loss(student, batch, CompactConfig(mi_budget=12))
-    mean = {name: s[key][batch["teacher"] == i].mean().item() for i, name in enumerate(stats["teachers"])
-            for key in ["s_d"]}
+        _, s = compact_loss(student, batch, CompactConfig(alpha=0.0, beta=0.0))  # the weights follow S_D alone
+    mean = {name: s["s_d"][batch["teacher"] == i].mean().item() for i, name in enumerate(stats["teachers"])}
     weight = {name: s["weight"][batch["teacher"] == i].mean().item() for i, name in enumerate(stats["teachers"])}
-    assert mean["concise"] < min(mean["verbose"], mean["stylized"]), mean
-    assert weight["concise"] > weight["stylized"], weight
+    assert mean["stepwise"] < mean["reversed"], mean
+    assert weight["stepwise"] > weight["reversed"], weight
 
 
 # --- starting from an adapter; MoT rounds; teacher rationales to a trained student ---
@@ -321,11 +338,11 @@ def test_init_adapter_continues_the_adapter_exactly(run_inputs, tmp_path):
 def test_mot_runs_rounds_of_per_teacher_sft_then_an_exact_merge(run_inputs, tmp_path, capsys):
     import train as t
     model_dir, data_file = run_inputs
-    argv = ["--mot-rounds", "2", *flags(model_dir, data_file, tmp_path / "mot", "--teachers", "concise,verbose",
+    argv = ["--mot-rounds", "2", *flags(model_dir, data_file, tmp_path / "mot", "--teachers", "stepwise,reversed",
                                     "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--save-every", "0")]
     t.main(argv)
     r1, r2 = tmp_path / "mot" / "round-1", tmp_path / "mot" / "round-2"
-    for k in ("concise", "verbose"):  # round 2 trains a fresh LoRA on round 1's merged model
+    for k in ("stepwise", "reversed"):  # round 2 trains a fresh LoRA on round 1's merged model
         assert json.load(open(r1 / k / "config.json"))["teachers"] == [k]
         assert json.load(open(r2 / k / "adapter" / "adapter_config.json"))["base_model_name_or_path"] == str(r1 / "model")
     # M_2 = M_1 + the exact mean of round 1's adapters (one-shot MoT when R = 1)
@@ -349,7 +366,8 @@ def test_teacher_rationales_to_build_to_a_trained_student(run_inputs, tmp_path, 
     model_dir, data_file = run_inputs
     rows = [json.loads(line) for line in open(data_file)][:6]
     questions = tmp_path / "questions.jsonl"
-    questions.write_text("".join(json.dumps({k: r[k] for k in ("id", "question", "answer", "task")}) + "\n" for r in rows))
+    questions.write_text("".join(json.dumps({**{k: r[k] for k in ("id", "question", "answer")}, "task": "gsm8k"}) + "\n"
+                                 for r in rows))
     tok = tokenizer.Tokenizer.from_pretrained(model_dir)
     answer_of = {tuple(ev.chat_prompt(tok, data.user_prompt(r["question"], "gsm8k"))[1]): r["answer"] for r in rows}
 
