@@ -27,7 +27,7 @@ import torch.distributed as dist
 from compact import CompactConfig, compact_loss
 from data import THINKING_WORDS, DataError, Tokenizer, collate, encode_dataset, load_multi_teacher, shard_indices
 from lora import apply_lora, copy_tokenizer, load_adapter, save_adapter
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, compile_blocks
 
 
 @dataclass
@@ -50,6 +50,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     full_ft: bool = False  # train every weight instead of LoRA
     grad_checkpointing: bool = False  # recompute each layer in backward (less memory)
+    compile: bool = False  # torch.compile each decoder block (the first step pays the compile; a CPU needs a C compiler)
     seed: int = 0
     save_every: int = 200  # checkpoint every N steps (0 = only at the end)
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
@@ -228,7 +229,8 @@ def build_model(cfg, device, resume_dir=None):
         if resume_dir:
             load_adapter(model, resume_dir)
     model.gradient_checkpointing = cfg.grad_checkpointing
-    return model.to(device)
+    model = model.to(device)
+    return compile_blocks(model) if cfg.compile else model
 
 
 def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.device("cpu")):

@@ -266,3 +266,16 @@ def test_generate_refuses_empty_prompts():
         with pytest.raises(ValueError, match="prompt"):
             generate(model, prompts, max_new_tokens=2)
     assert len(generate(model, [[1, 2]], max_new_tokens=2, eos_ids=None)[0]) == 2
+
+
+def test_compile_blocks_keeps_names_and_logits():
+    """torch.compile of each block in place: Hugging Face names unchanged, the same logits (a CPU needs a C compiler)."""
+    from model import compile_blocks
+    model = random_model(tiny_config())
+    keys, ids = list(model.state_dict()), torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids)
+        compile_blocks(model)
+        got = model(ids)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
