@@ -199,9 +199,9 @@ def our_step(model, batch, ccfg, device, autocast):
     return lambda: train_step(model, opt, [batch], 1e-4, B, K, tcfg, ccfg, device, autocast)
 
 
-def hf_step(hf, batch, autocast):
-    """(step, loss before training): plain SFT cross-entropy over the [B·K, T] tokens, labels masked
-    as our sft_mask, the same optimizer and clipping as train_step."""
+def hf_step(hf, batch, autocast, loss0=True):
+    """(step, loss before training or None): plain SFT cross-entropy over the [B·K, T] tokens, labels
+    masked as our sft_mask, the same optimizer and clipping as train_step."""
     B, K, T = batch["input_ids"].shape
     ids, attn = batch["input_ids"].view(B * K, T), batch["attention_mask"].view(B * K, T)
     labels = torch.where((batch["sft_mask"] & batch["branch_mask"][..., None]).view(B * K, T), ids, -100)
@@ -215,6 +215,8 @@ def hf_step(hf, batch, autocast):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()  # the host sync train_step's stats make too
+    if not loss0:  # a compiled model would compile its no-grad graphs too
+        return step, None
     with torch.no_grad(), autocast():
         return step, hf(input_ids=ids, attention_mask=attn, labels=labels).loss.item()
 
@@ -317,9 +319,12 @@ def run_bench(c: BenchConfig) -> dict:
             r["hf_loss_abs_diff"] = abs(loss0 - our_loss0)
             if c.compile:
                 hf_c = build_hf_peft(c, tmp, device)
+                # Its layers' wrapper (GradientCheckpointingLayer) recompiles per layer instance: let
+                # all of them compile rather than run eager past dynamo's default limit of 8.
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * c.layers)
                 for layer in hf_layers(hf_c):
                     layer.compile()
-                pair["hf_peft_compiled"], _ = hf_step(hf_c, batch, autocast)
+                pair["hf_peft_compiled"], _ = hf_step(hf_c, batch, autocast, loss0=False)
         first = {}
         for name in [k for k in pair if k.endswith("compiled")]:  # compiles, then recompiles for the first
             sync(device)                                            # block's input (no grad) vs the others'
