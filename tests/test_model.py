@@ -279,3 +279,51 @@ def test_compile_blocks_keeps_names_and_logits():
         got = model(ids)
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _unpack(model):
+    """Every parameter in its own storage again: project() falls back to one matmul per projection."""
+    for p in model.parameters():
+        p.data = p.data.clone()
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_packed_qkv_and_gate_up_equal_one_matmul_each(lora_rank):
+    """q/k/v and gate/up share a storage (one matmul each); logits and LoRA gradients equal the
+    per-projection path; names unchanged; a cast packs again; a trained base gets its own gradients."""
+    from lora import apply_lora
+    from model import packed
+    cfg = tiny_config("qwen2")  # q/k/v biases packed too
+    model = random_model(cfg)
+    keys = list(model.state_dict())
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert packed([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]) is not None
+    assert packed([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]) is not None
+    assert packed([mlp.gate_proj.weight, mlp.up_proj.weight]) is not None
+    if lora_rank:
+        apply_lora(model, rank=lora_rank, alpha=8, dropout=0.0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1)
+    else:  # a frozen base (the packed path), gradients through it to the norms
+        for name, p in model.named_parameters():
+            p.requires_grad = "norm" in name
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(4))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    def run():
+        out = model(ids)
+        return out, torch.autograd.grad(out.logsumexp(-1).mean(), trained)
+    got, got_grads = run()
+    twin = random_model(cfg)
+    twin.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k})
+    _unpack(model)
+    assert packed([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]) is None
+    want, want_grads = run()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grads, want_grads, atol=1e-5, rtol=1e-5)
+    assert [k for k in model.state_dict() if "lora_" not in k] == keys
+    model.to(torch.float64)
+    assert packed([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]) is not None
+    twin.train()(ids).logsumexp(-1).mean().backward()  # full fine-tuning: every named weight has its gradient
+    assert all(p.grad is not None for p in twin.parameters())
