@@ -71,13 +71,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = nn.functional.linear(x, self.weight, self.bias)
-        return (y + self.lora_delta(x)).to(y.dtype)
-
-    def lora_delta(self, x):
-        """scale · B A dropout(x): what the wrapper adds (model.project adds it to a packed matmul)."""
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)
-        return self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scale)
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scale)
+        return (y + delta).to(y.dtype)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"

@@ -158,50 +158,6 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-# --- projections of one input as one matmul (q/k/v; gate/up) ---
-#
-# The frozen weights of q/k/v (and of gate/up) share one storage, each Parameter a row slice of
-# it, so the forward runs one [C, (H+2G)·D] matmul instead of three, and one grad-input matmul in
-# backward instead of three plus the sums. Only the storage changes (a `.data` swap): names,
-# shapes, Parameter objects, state_dict, checkpoints and LoRA wrapping are untouched. A trained
-# base (full fine-tuning) runs one matmul per projection, so each gradient reaches its Parameter.
-
-def pack_(linears):
-    """Put the weights (and biases) of projections of the same input in one storage, in order."""
-    for attr in ("weight", "bias"):
-        ps = [getattr(m, attr) for m in linears]
-        if ps[0] is None or ps[0].device.type == "meta" or packed(ps) is not None:
-            continue
-        whole, start = torch.cat([p.detach() for p in ps]), 0
-        for p in ps:
-            p.data = whole[start:start + p.shape[0]]
-            start += p.shape[0]
-
-
-def packed(params):
-    """The tensor the params are consecutive row slices of (detached), or None."""
-    first, offset = params[0], params[0].storage_offset()
-    for p in params:
-        if not p.is_contiguous() or p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() \
-                or p.storage_offset() != offset:
-            return None
-        offset += p.numel()
-    return first.detach().as_strided((sum(p.shape[0] for p in params), *first.shape[1:]), first.stride())
-
-
-def project(x, linears):
-    """Each projection of x: one matmul when their frozen weights are packed, plus the low-rank
-    term a wrapper adds (`lora_delta`, lora.py); otherwise one call each."""
-    weights, biases = [m.weight for m in linears], [m.bias for m in linears]
-    frozen = not any(p is not None and p.requires_grad for p in weights + biases)
-    w = packed(weights) if frozen else None
-    b = packed(biases) if w is not None and biases[0] is not None else None
-    if w is None or (biases[0] is not None and b is None):
-        return [m(x) for m in linears]
-    ys = F.linear(x, w, b).split([p.shape[0] for p in weights], dim=-1)
-    return [(y + m.lora_delta(x)).to(y.dtype) if hasattr(m, "lora_delta") else y for y, m in zip(ys, linears)]
-
-
 # --- the network ---
 
 class RMSNorm(nn.Module):
@@ -228,10 +184,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         N, T, _ = x.shape
-        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
-        q = q.view(N, T, self.H, self.D).transpose(1, 2)  # (N, H, T, D)
-        k = k.view(N, T, self.G, self.D).transpose(1, 2)  # (N, G, T, D)
-        v = v.view(N, T, self.G, self.D).transpose(1, 2)  # (N, G, T, D)
+        q = self.q_proj(x).view(N, T, self.H, self.D).transpose(1, 2)  # (N, H, T, D)
+        k = self.k_proj(x).view(N, T, self.G, self.D).transpose(1, 2)  # (N, G, T, D)
+        v = self.v_proj(x).view(N, T, self.G, self.D).transpose(1, 2)  # (N, G, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = (k, v)
         if cache is not None:
@@ -253,8 +208,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
 
     def forward(self, x):
-        gate, up = project(x, (self.gate_proj, self.up_proj))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -291,7 +245,6 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
         if self.lm_head.weight.device.type != "meta":
             self.init_weights()
-            self.pack()
 
     def init_weights(self):
         """Normal(0, initializer_range) weights, zero biases, unit norms: Hugging Face's init."""
@@ -304,18 +257,9 @@ class Transformer(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # model.to(bf16) would round the RoPE frequencies too: recompute them in fp32 after any move.
-        # A move or cast gives every parameter its own storage: pack q/k/v and gate/up again.
         super()._apply(fn, recurse)
         if self.inv_freq.device.type != "meta":
             self.inv_freq = rope_inv_freq(self.args).to(self.inv_freq.device)
-            self.pack()
-        return self
-
-    def pack(self):
-        """Each layer's q/k/v and gate/up weights in one storage each (see pack_); idempotent."""
-        for layer in self.model.layers:
-            pack_((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
-            pack_((layer.mlp.gate_proj, layer.mlp.up_proj))
         return self
 
     def tie_weights(self):
@@ -405,7 +349,7 @@ class Transformer(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         model.tie_weights()
         model.inv_freq = rope_inv_freq(args).to(device)
-        return model.pack()
+        return model
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30):
         """Write config.json and model.safetensors (sharded with an index past max_shard_bytes)."""
