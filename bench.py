@@ -1,17 +1,25 @@
 """Speed of compact-ref: a COMPACT training step, the one-pass S_MI probe, transformers + PEFT.
 
-    python bench.py [--json] [--threads 1]   # default CPU shape: a table (or one JSON line), ~1 min on 2 cores
+    python bench.py [--json] [--threads 2] [--compile]   # default CPU shape: a table (or one JSON line)
     python bench.py --device cuda --shape qwen2.5-1.5b --no-naive --no-hf
 
 All synthetic: a Qwen2-shaped model with random weights (default "small": hidden 512, 8 layers, 8/2
-heads, intermediate 1408, vocab 8192 so lm_head keeps Qwen2.5-1.5B's share of the weights, tied,
-28M) and random ids laid out by data.collate (SPEC §9): a 32-token prompt, K rationales (branch 0
-fills T, the others are up to 10% shorter) with a thinking mark on ~1 token in 32, then cue (4) ⊕
-y (4) ⊕ close ⊕ eot. LoRA r=16, alpha=32, dropout 0 on all 7 projections; AdamW. A step is
-train.train_step (forward, backward, clipping, AdamW, stats sync). Exact Eq. 3's cost: --mi-budget 0.
+heads, intermediate 1408, vocab 32000, tied, 40M: issue 15's shape, where lm_head is 42% of the
+linear weights) and random ids laid out by data.collate (SPEC §9): a 32-token prompt, K rationales
+(branch 0 fills T, the others are up to 10% shorter) with a thinking mark on ~1 token in 32, then
+cue (4) ⊕ y (4) ⊕ close ⊕ eot. LoRA r=16, alpha=32, dropout 0 on all 7 projections; AdamW. A step
+is train.train_step (forward, backward, clipping, AdamW, stats sync) at compact.py's default
+CompactConfig (--mi-stride overrides its stride); "sft" is uniform weights without L_MCon, the
+plain LoRA SFT step set against transformers + PEFT (same weights, batch, dtype, optimizer and
+clipping; its loss shifts labels over full logits). --compile adds torch.compile'd blocks of both
+(model.compile_blocks; the layers of the PEFT model likewise) and reports the first two calls' time less two warm calls (compile, then a recompile: the first
+block's input needs no grad, the others' do).
 Timing: a warmup call of each configuration, then --repeats rounds running each --steps times in
-turn (load from other processes falls on all alike); the median round; cuda.synchronize around
-each. CUDA differs only in synchronize, peak memory, the bf16 base and bf16 autocast (as train.py).
+turn (load from other processes falls on all alike); the median round, and ratios as the median
+[min, max] of per-round ratios; cuda.synchronize around each. Peak memory per configuration: the
+most tensor memory one call holds above what was allocated before it (CUDA: the allocator's peak;
+CPU: the running sum of the profiler's allocation events, one extra untimed call). CUDA differs
+only in synchronize, the bf16 base and bf16 autocast (as train.py).
 MFU = model FLOPs of the LoRA training pass / step time / peak dense bf16 (989e12 H100/H200, 312e12
 A100), per real token 4·N_frozen + 6·N_lora (no weight gradients for the frozen base) + 12·L·T·C
 (attention, PaLM's term); N = linear weights incl. lm_head. The probe pass is not counted.
@@ -20,6 +28,7 @@ Left out: multi-GPU, data loading and tokenisation, generation.
 import argparse
 import contextlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -38,12 +47,13 @@ from compact import (MI_RUN, CompactConfig, adaptability_scores, hash_uniform, p
 from data import ANSWER, CLOSE, CUE, EOT, PROMPT, RATIONALE, EncodedInstance, Instance, add_config_args, collate, \
     config_from_args
 from lora import TARGETS, apply_lora
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, compile_blocks
 from train import TrainConfig, train_step
 
-SIZE_FIELDS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")  # Qwen2, tied embeddings
-SHAPES = {"small": (512, 8, 8, 2, 1408, 8192), "qwen2.5-1.5b": (1536, 28, 12, 2, 8960, 151936)}
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+SIZE_FIELDS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")  # Qwen2, tied embeddings
+SHAPES = {"small": (512, 8, 8, 2, 1408, 32000), "qwen2.5-1.5b": (1536, 28, 12, 2, 8960, 151936)}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, FLOP/s
 PROMPT_LEN, CUE_LEN, ANSWER_LEN = 32, 4, 4
 
@@ -73,6 +83,7 @@ class BenchConfig:
     mi_vocab: int = 1024  # its BPE tokenizer, trained on the bench's own texts
     no_mi: bool = False  # skip mi_agreement
     grad_checkpointing: bool = False  # recompute each layer in backward (ours and HF's)
+    compile: bool = False  # also time torch.compile'd blocks (ours and HF's) against each other
     no_naive: bool = False  # skip the per-prefix probe loop (big shapes)
     no_hf: bool = False  # skip transformers + PEFT
     json: bool = False  # print one JSON line instead of the table
@@ -152,7 +163,8 @@ def sync(device):
 
 
 def interleaved(fns, c: BenchConfig, device, peaks=None):
-    """Median seconds per call of each fn (see the file docstring); peaks: name -> CUDA peak bytes."""
+    """Median seconds per call of each fn (see the file docstring), and the per-round times under
+    the key "rounds"; peaks: name -> CUDA peak bytes."""
     times = {name: [] for name in fns}
     for r in range(c.repeats + 1):  # round 0 is the warmup
         for name, fn in fns.items():
@@ -166,7 +178,29 @@ def interleaved(fns, c: BenchConfig, device, peaks=None):
             times[name] += [(time.perf_counter() - t0) / c.steps] if r else []
             if peaks is not None and device.type == "cuda":
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(device))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {**{name: statistics.median(t) for name, t in times.items()}, "rounds": times}
+
+
+def ratio(rounds, a, b):
+    """time(a) / time(b): the median of the per-round ratios and their [min, max]."""
+    r = [x / y for x, y in zip(rounds[a], rounds[b])]
+    return statistics.median(r), [min(r), max(r)]
+
+
+def step_peak_bytes(fn, device):
+    """The most tensor memory one call of fn holds above what was allocated before it."""
+    sync(device)
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
 
 
 def our_step(model, batch, ccfg, device, autocast):
@@ -178,9 +212,9 @@ def our_step(model, batch, ccfg, device, autocast):
     return lambda: train_step(model, opt, [batch], 1e-4, B, K, tcfg, ccfg, device, autocast)
 
 
-def hf_step(hf, batch, autocast):
-    """(step, loss before training): plain SFT cross-entropy over the [B·K, T] tokens, labels masked
-    as our sft_mask, the same optimizer and clipping as train_step."""
+def hf_step(hf, batch, autocast, loss0=True):
+    """(step, loss before training or None): plain SFT cross-entropy over the [B·K, T] tokens, labels
+    masked as our sft_mask, the same optimizer and clipping as train_step."""
     B, K, T = batch["input_ids"].shape
     ids, attn = batch["input_ids"].view(B * K, T), batch["attention_mask"].view(B * K, T)
     labels = torch.where((batch["sft_mask"] & batch["branch_mask"][..., None]).view(B * K, T), ids, -100)
@@ -194,6 +228,8 @@ def hf_step(hf, batch, autocast):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()  # the host sync train_step's stats make too
+    if not loss0:  # a compiled model would compile its no-grad graphs too
+        return step, None
     with torch.no_grad(), autocast():
         return step, hf(input_ids=ids, attention_mask=attn, labels=labels).loss.item()
 
@@ -208,7 +244,7 @@ def token_mean_nll(model, batch):
 
 
 def probe_fns(model, batch):
-    """The exact (every position) I_t of branch 0 three ways: one pass with its own main forward, the probe
+    """The exact (stride 1) I_t of branch 0 three ways: one pass with its own main forward, the probe
     pass alone from given K/V, and the obvious loop: one forward of prompt ⊕ r_≤t ⊕ cue ⊕ y per
     prefix, one at a time (logits only where y is read, so the loop is not charged the full vocab)."""
     one = {k: batch[k][0, :1] for k in ("input_ids", "attention_mask", "rationale_mask", "think_mask", "sft_mask")}
@@ -241,6 +277,10 @@ def flops_per_step(model, batch, c: BenchConfig):
     T = batch["input_ids"].shape[-1]
     per_token = 4 * n_frozen + 6 * n_lora + 12 * c.layers * T * c.heads * model.args.head_dim
     return int(batch["attention_mask"].sum()) * per_token
+
+
+def hf_layers(hf):
+    return hf.get_base_model().model.layers
 
 
 # --- S_MI agreement: the default estimate against exact Eq. 3 on long thinking-dense rationales ---
@@ -417,19 +457,25 @@ def run_bench(c: BenchConfig) -> dict:
         batch = {k: v.to(device) for k, v in synth_batch(c, c.seed).items()}
         with torch.no_grad(), autocast():
             our_loss0 = token_mean_nll(model, batch)  # LoRA B = 0: the base model's loss
-        configs = {"compact": CompactConfig(mi_budget=c.mi_budget), "uniform": CompactConfig(weighting="uniform"),
-                   "sft": CompactConfig(weighting="uniform", mcon_lambda=0.0)}
+        stride = {"mi_budget": c.mi_budget}
+        configs = {"compact": CompactConfig(**stride), "compact_no_mi": CompactConfig(**stride, alpha=0.0),
+                   "uniform": CompactConfig(weighting="uniform"), "sft": CompactConfig(weighting="uniform", mcon_lambda=0.0)}
         peaks = {}
         times = interleaved({n: our_step(model, batch, cc, device, autocast) for n, cc in configs.items()}, c, device, peaks)
+        rounds = times.pop("rounds")
         sup_tokens = int((batch["sft_mask"] & batch["branch_mask"][..., None]).sum())
-        r = {"tokens_per_s": sup_tokens / times["compact"], "compact_over_uniform": times["compact"] / times["uniform"],
-             "probe_speedup": None, "probe_max_abs_diff": None, "vs_hf_peft": None, "hf_loss_abs_diff": None,
+        cu, cu_range = ratio(rounds, "compact", "uniform")
+        r = {"tokens_per_s": sup_tokens / times["compact"], "compact_over_uniform": cu, "compact_over_uniform_range": cu_range,
+             "probe_share": 1 - times["compact_no_mi"] / times["compact"],  # alpha = 0 skips only the probe pass
+             "probe_speedup": None, "probe_max_abs_diff": None, "vs_hf_peft": None, "vs_hf_peft_range": None,
+             "vs_hf_peft_compiled": None, "vs_hf_peft_compiled_range": None, "compile_s": None, "hf_loss_abs_diff": None,
              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux; before HF
-             "peak_mem_mb": peaks["compact"] / 2**20 if peaks else None, "mfu": None}
+             "peak_mem_mb": peaks["compact"] / 2**20 if peaks else None, "mfu": None, "step_peak_mb": {}}
         if not c.no_naive:
             fns = probe_fns(model, batch)
             with torch.no_grad(), autocast():
                 times.update(interleaved({k: fns[k] for k in ("one_pass_probe", "probe_given_kv")}, c, device))
+                times.pop("rounds")
                 sync(device)  # the loop is timed once: it is itself 1 + |R| forwards
                 t0 = time.perf_counter()
                 naive = fns["naive_probe"]()
@@ -437,34 +483,77 @@ def run_bench(c: BenchConfig) -> dict:
                 times["naive_probe"] = time.perf_counter() - t0
                 r["probe_max_abs_diff"] = (fns["one_pass_probe"]() - naive).abs().max().item()
             r.update(probe_speedup=times["naive_probe"] / times["one_pass_probe"], probe_prefixes=len(naive))
+        pair = {"sft_vs_hf": our_step(model, batch, configs["sft"], device, autocast)}
+        if c.compile:
+            compiled = compile_blocks(build_model(c, device))  # the same seed: the same weights
+            pair["sft_compiled"] = our_step(compiled, batch, configs["sft"], device, autocast)
         if hf_ok:
             hf = build_hf_peft(c, tmp, device)
-            step, loss0 = hf_step(hf, batch, autocast)
-            pair = interleaved({"sft_vs_hf": our_step(model, batch, configs["sft"], device, autocast), "hf_peft": step}, c, device)
-            times.update(pair)
-            r.update(vs_hf_peft=pair["hf_peft"] / pair["sft_vs_hf"], hf_loss_abs_diff=abs(loss0 - our_loss0))
-            del hf
+            pair["hf_peft"], loss0 = hf_step(hf, batch, autocast)
+            r["hf_loss_abs_diff"] = abs(loss0 - our_loss0)
+            if c.compile:
+                hf_c = build_hf_peft(c, tmp, device)
+                # Its layers' wrapper (GradientCheckpointingLayer) recompiles per layer instance: let
+                # all of them compile rather than run eager past dynamo's default limit of 8.
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * c.layers)
+                for layer in hf_layers(hf_c):
+                    layer.compile()
+                pair["hf_peft_compiled"], _ = hf_step(hf_c, batch, autocast, loss0=False)
+        first = {}
+        for name in [k for k in pair if k.endswith("compiled")]:  # compiles, then recompiles for the first
+            sync(device)                                            # block's input (no grad) vs the others'
+            t0 = time.perf_counter()
+            pair[name]()
+            pair[name]()
+            sync(device)
+            first[name] = time.perf_counter() - t0
+        times.update(interleaved(pair, c, device))
+        rounds = times.pop("rounds")
+        if hf_ok:
+            r["vs_hf_peft"], r["vs_hf_peft_range"] = ratio(rounds, "hf_peft", "sft_vs_hf")
+        if c.compile:
+            r["compile_s"] = {k: t - 2 * times[k] for k, t in first.items()}  # two first calls less two warm ones
+            if hf_ok:
+                r["vs_hf_peft_compiled"], r["vs_hf_peft_compiled_range"] = ratio(rounds, "hf_peft_compiled", "sft_compiled")
+        for name, fn in pair.items():
+            r["step_peak_mb"][name] = step_peak_bytes(fn, device) / 2**20
+        r["step_peak_mb"]["compact"] = step_peak_bytes(our_step(model, batch, configs["compact"], device, autocast), device) / 2**20
+        del pair
     if device.type == "cuda":
         r["device_name"] = name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
         if cuda_bf16 and peak:
             r["mfu"] = flops_per_step(model, batch, c) / times["compact"] / peak
+            r["mfu_sft"] = flops_per_step(model, batch, c) / times["sft_vs_hf"] / peak
+    n_params = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
     if not c.no_mi:
         r.update(mi_agreement(c))
-    n_params = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
     r.update(times_s=times, supervised_tokens=sup_tokens, params_m=n_params / 1e6, config=asdict(c),
-             torch=torch.__version__, threads=torch.get_num_threads())
+             torch=torch.__version__, threads=torch.get_num_threads(), loadavg=_loadavg())
     return r
+
+
+def _loadavg():
+    """The 1-minute load average at the end (Linux/macOS), so a reader knows how busy the machine was."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def print_table(r: dict):
     c = r["config"]
-    print(f"{c['shape']} ({c['hidden']}x{c['layers']}, {r['params_m']:.1f}M) on {c['device']} {c['dtype']}, "
-          f"B={c['batch']} K={c['branches']} T={c['seq']}, {r['supervised_tokens']} supervised tokens, {r['threads']} threads")
+    print(f"{c['shape']} ({c['hidden']}x{c['layers']}, vocab {c['vocab']}, {r['params_m']:.1f}M) on {c['device']} {c['dtype']}, "
+          f"B={c['batch']} K={c['branches']} T={c['seq']}, {r['supervised_tokens']} supervised tokens, {r['threads']} threads"
+          + (f", load average {r['loadavg']:.1f}" if r["loadavg"] is not None else ""))
+    fmt = lambda v: "null" if v is None else f"{v:,.4g}"
+    span = lambda k: f"  [{r[k + '_range'][0]:.3f}, {r[k + '_range'][1]:.3f}]" if r.get(k + "_range") else ""
     rows = [(f"{name} (s/call)", f"{t:.4f}") for name, t in r["times_s"].items()]
-    rows += [(k, "null" if r[k] is None else f"{r[k]:,.4g}") for k in ("tokens_per_s", "compact_over_uniform", "probe_speedup",
-             "probe_max_abs_diff", "vs_hf_peft", "hf_loss_abs_diff", "peak_rss_mb", "peak_mem_mb", "mfu")]
-    rows += [(k, v if isinstance(v, str) else f"{v:,.4g}") for k, v in r.items() if k.startswith("mi_") and v is not None]
+    rows += [(k, fmt(r[k]) + span(k)) for k in ("tokens_per_s", "compact_over_uniform", "probe_share", "probe_speedup",
+             "probe_max_abs_diff", "vs_hf_peft", "vs_hf_peft_compiled", "hf_loss_abs_diff", "peak_rss_mb", "peak_mem_mb", "mfu")]
+    rows += [(f"compile {k} (s)", f"{v:.1f}") for k, v in (r["compile_s"] or {}).items()]
+    rows += [(f"step peak {k} (MB)", f"{v:,.0f}") for k, v in r["step_peak_mb"].items()]
+    rows += [(k, v if isinstance(v, str) else fmt(v)) for k, v in r.items() if k.startswith("mi_") and v is not None]
     for k, v in rows:
         print(f"{k:<28} {v:>10}")
 

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from model import KVCache
 
@@ -72,24 +71,76 @@ def full_precision(x):
     return torch.autocast(x.device.type, enabled=False)
 
 
-def token_nll(lm_head, h, targets, fp32=False):
-    """−log p(targets | h) row by row: h [M, C], targets [M] -> [M] fp32.
+class LinearNLL(torch.autograd.Function):
+    """nll [M] fp32 = −log softmax(h Wᵀ)[targets], row by row, never holding [M, V] logits.
 
-    Logits exist one chunk of rows at a time (at most ~2^27 fp32 values, 512 MB); under grad each
-    chunk is checkpointed, so backward recomputes its logits instead of keeping [M, V] alive.
-    fp32: the matmul too runs in fp32 (autocast off, an fp32 copy of a bf16 weight), not only the
-    log-softmax, so bf16 rounding of the logits does not reach the result.
+    A frozen W (LoRA): each chunk of rows computes its logits once and, while they are there,
+    the gradient d nll_i / d h_i = (softmax_i − onehot(y_i)) W, which does not depend on what
+    comes after; backward only scales row i by its upstream grad g_i. No recompute, and the
+    memory kept is one [M, C] tensor, the size of h. A trainable W (full FT, a trained tied
+    embedding): W's gradient Σ_i g_i (softmax_i − onehot_i)ᵀ h_i needs the per-row g_i (compact
+    weights each branch), so forward keeps only logsumexp and backward recomputes each chunk's
+    logits for both gradients: the matmuls of a checkpointed chunk, without its softmax pass.
+    Matmuls run in `dtype` (the autocast dtype, or W's), logits and softmax in fp32.
     """
-    rows = max(1, 2**27 // lm_head.weight.shape[0])
-    def nll(h, y):
-        if fp32:
-            with full_precision(h):
-                return F.cross_entropy(F.linear(h.float(), lm_head.weight.float()), y, reduction="none")
-        return F.cross_entropy(lm_head(h).float(), y, reduction="none")
-    grad = torch.is_grad_enabled() and h.requires_grad
-    out = [checkpoint(nll, hc, yc, use_reentrant=False) if grad else nll(hc, yc)
-           for hc, yc in zip(h.split(rows), targets.split(rows))]
-    return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, rows, dtype):
+        need_h, need_w = ctx.needs_input_grad[:2]
+        w = weight.to(dtype)
+        nll = h.new_empty(h.shape[0], dtype=torch.float32)
+        lse_all = h.new_empty(h.shape[0], dtype=torch.float32)
+        grad_h = h.new_empty(h.shape, dtype=dtype) if need_h and not need_w else None
+        for s in range(0, h.shape[0], rows):
+            hc, y = h[s:s + rows].to(dtype), targets[s:s + rows]
+            logits = (hc @ w.T).float()  # (m, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            nll[s:s + rows] = lse - logits.gather(1, y[:, None]).squeeze(1)
+            lse_all[s:s + rows] = lse
+            if grad_h is not None:
+                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                p[torch.arange(len(y), device=p.device), y] -= 1
+                grad_h[s:s + rows] = p.to(dtype) @ w
+        ctx.rows, ctx.dtype, ctx.h_dtype, ctx.grad_h = rows, dtype, h.dtype, grad_h
+        if need_w:
+            ctx.save_for_backward(h, weight, targets, lse_all)
+        return nll
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.grad_h is not None:  # frozen W: d nll_i / d h_i is already there
+            return (ctx.grad_h * g[:, None]).to(ctx.h_dtype), None, None, None, None
+        h, weight, targets, lse_all = ctx.saved_tensors
+        dtype, rows = ctx.dtype, ctx.rows
+        w = weight.to(dtype)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for s in range(0, h.shape[0], rows):
+            hc, y = h[s:s + rows].to(dtype), targets[s:s + rows]
+            p = (hc @ w.T).float().sub_(lse_all[s:s + rows, None]).exp_()  # (m, V) softmax
+            p[torch.arange(len(y), device=p.device), y] -= 1
+            p = p.mul_(g[s:s + rows, None]).to(dtype)
+            grad_h[s:s + rows] = p @ w
+            grad_w += (p.T @ hc).float()
+        return grad_h, grad_w.to(weight.dtype), None, None, None
+
+
+def token_nll(lm_head, h, targets, rows=None, fp32=False):
+    """−log p(targets | h) row by row: h [M, C], targets [M] -> [M] fp32 (LinearNLL).
+
+    Logits exist one chunk of `rows` rows at a time. Default: 2^23 values (32 MB fp32; on 2 CPU
+    cores 128-256 rows of a 32k vocabulary were fastest, whole [M, V] logits 20% slower), but at
+    least 128 rows, so a 152k vocabulary still feeds a GPU matmul of useful height. fp32: the
+    matmul too runs in fp32 (an fp32 copy of a bf16 head), not only the log-softmax, so bf16
+    rounding of the logits does not reach the result (the S_MI probe).
+    """
+    V = lm_head.weight.shape[0]
+    rows = rows or max(128, 2**23 // V)
+    dev = h.device.type
+    dtype = torch.float32 if fp32 else \
+        torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else lm_head.weight.dtype
+    with full_precision(h):  # the matmuls run in `dtype`, chosen above, not in autocast's
+        return LinearNLL.apply(h, lm_head.weight, targets, rows, dtype)
 
 
 # --- the three scores (SPEC §3), each [B, K], computed under no_grad ---

@@ -387,6 +387,16 @@ class Transformer(nn.Module):
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
+def compile_blocks(model):
+    """torch.compile each decoder Block in place (off by default: the first step pays the compile).
+
+    In place, so parameter names stay the Hugging Face ones (torch.compile(model) would prefix
+    `_orig_mod.`); the embedding, final norm and loss stay eager."""
+    for layer in model.model.layers:
+        layer.compile()
+    return model
+
+
 def _weight_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):

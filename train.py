@@ -28,7 +28,7 @@ from compact import TEACHER_STATS, CompactConfig, compact_loss, teacher_means, t
 from data import (THINKING_WORDS, DataError, add_config_args, atomic_path, collate, config_from_args, encode_dataset,
                   load_multi_teacher, read_jsonl, shard_indices, teacher_names, write_json, write_jsonl)
 from lora import apply_lora, average_adapters, load_adapter, merge_to_dir, read_adapter, save_adapter
-from model import Transformer
+from model import Transformer, compile_blocks
 from tokenizer import Tokenizer, copy_tokenizer
 
 
@@ -54,6 +54,7 @@ class TrainConfig:
     init_adapter: str = ""  # start LoRA from this PEFT adapter, exactly (its rank and alpha, not --lora-rank/-alpha)
     mot_rounds: int = 0  # the MoT baseline: R rounds of per-teacher SFT, each closed by a merge (see mot())
     grad_checkpointing: bool = False  # recompute each layer in backward (less memory)
+    compile: bool = False  # torch.compile each decoder block (the first step pays the compile; a CPU needs a C compiler)
     seed: int = 0
     save_every: int = 200  # checkpoint every N steps (0 = only at the end)
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
@@ -209,7 +210,8 @@ def build_model(cfg, device, resume_dir=None):
     if resume_dir and not cfg.full_ft:
         load_adapter(model, resume_dir)
     model.gradient_checkpointing = cfg.grad_checkpointing
-    return model.to(device)
+    model = model.to(device)
+    return compile_blocks(model) if cfg.compile else model
 
 
 # --- the run, in phases: data, resume, model, loop, finish ---

@@ -5,8 +5,10 @@ import math
 
 from bench import BenchConfig, run_bench
 
-KEYS = ("mi_tau_default", "mi_rel_err_default", "mi_probes_default", "mi_probes_exact", "tokens_per_s", "compact_over_uniform", "probe_speedup", "probe_max_abs_diff", "peak_rss_mb", "vs_hf_peft",
-        "mfu", "peak_mem_mb", "times_s", "config")
+KEYS = ("tokens_per_s", "compact_over_uniform", "compact_over_uniform_range", "probe_share", "probe_speedup",
+        "probe_max_abs_diff", "peak_rss_mb", "vs_hf_peft", "vs_hf_peft_range", "vs_hf_peft_compiled", "compile_s", "mfu",
+        "peak_mem_mb", "step_peak_mb", "times_s", "config", "mi_tau_default", "mi_rel_err_default", "mi_probes_default",
+        "mi_probes_exact")
 
 
 def test_bench_tiny_json():
@@ -19,6 +21,10 @@ def test_bench_tiny_json():
     ratios += [r["vs_hf_peft"]] if r["vs_hf_peft"] is not None else []  # null without transformers + peft
     assert all(math.isfinite(x) and x > 0 for x in ratios)
     assert all(math.isfinite(t) and t > 0 for t in r["times_s"].values())
+    lo, hi = r["compact_over_uniform_range"]
+    assert lo <= r["compact_over_uniform"] <= hi
+    assert r["probe_share"] < 1
+    assert all(v > 0 for v in r["step_peak_mb"].values()) and {"sft_vs_hf", "compact"} <= set(r["step_peak_mb"])
     assert r["probe_max_abs_diff"] < 1e-4
     if r["hf_loss_abs_diff"] is not None:  # the same weights in transformers: the same loss before training
         assert r["hf_loss_abs_diff"] < 1e-4

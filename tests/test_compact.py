@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.testing import assert_close
 
 from compact import (CompactConfig, adaptability_scores, answer_logprobs, compact_loss, consensus_scores,
@@ -424,6 +425,46 @@ def test_compact_loss_scores_match_an_independent_reference():
 
 
 # --- the objective ---
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_token_nll_gradients_equal_plain_cross_entropy(trainable):
+    """The chunked linear + cross-entropy (gradient in the forward chunk, or recomputed for a trained
+    head) against F.cross_entropy on full logits: values, h-grad and W-grad under per-row upstream grads."""
+    g = torch.Generator().manual_seed(0)
+    M, C, Vb = 37, 16, 50
+    head = nn.Linear(C, Vb, bias=False)
+    head.weight.requires_grad_(trainable)
+    h = torch.randn(M, C, generator=g, requires_grad=True)
+    y, up = torch.randint(0, Vb, (M,), generator=g), torch.rand(M, generator=g)
+    nll = token_nll(head, h, y, rows=8)  # 5 chunks, the last one short
+    want = F.cross_entropy(head(h), y, reduction="none")
+    assert_close(nll, want)
+    wrt = [h, head.weight] if trainable else [h]
+    assert_close(torch.autograd.grad((nll * up).sum(), wrt), torch.autograd.grad((want * up).sum(), wrt))
+    with torch.no_grad():
+        assert_close(token_nll(head, h, y, rows=8), want.detach())
+    assert token_nll(head, h[:0], y[:0]).shape == (0,)
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_token_nll_under_bf16_autocast(trainable):
+    """Matmuls in bf16, logits and softmax in fp32: within bf16 rounding of the plain autocast path."""
+    g = torch.Generator().manual_seed(1)
+    head = nn.Linear(32, 64, bias=False)
+    head.weight.requires_grad_(trainable)
+    h = torch.randn(20, 32, generator=g, requires_grad=True)
+    y, up = torch.randint(0, 64, (20,), generator=g), torch.rand(20, generator=g)
+    wrt = [h, head.weight] if trainable else [h]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nll = token_nll(head, h, y, rows=6)
+        want = F.cross_entropy(head(h).float(), y, reduction="none")
+    assert nll.dtype == torch.float32
+    assert_close(nll, want, atol=1e-2, rtol=1e-2)
+    for got, ref in zip(torch.autograd.grad((nll * up).sum(), wrt), torch.autograd.grad((want * up).sum(), wrt)):
+        assert got.dtype == ref.dtype
+        assert_close(got, ref, atol=1e-2, rtol=2e-2)
+
+
 
 def test_gradient_is_weighted_sum_of_task_vectors():
     """Eq. 1 = Eq. 11: ∇(Σ_k w_k L_k) = Σ_k w_k ∇L_k, each L_k from full logits, branch by branch."""

@@ -207,6 +207,28 @@ def test_bf16_base_with_fp32_lora():
     torch.testing.assert_close(logits(model).float(), unmerged.float(), rtol=0.05, atol=0.05)  # bf16 rounding only
 
 
+def test_lora_under_bf16_autocast_matches_the_fp32_path():
+    """Under autocast the LoRA branch skips its fp32 input copy: output and LoRA grads stay within
+    bf16 rounding of the fp32 computation, and the LoRA weights keep fp32 grads for the optimizer."""
+    base = nn.Linear(32, 48)
+    m = LoRALinear(base, rank=4, alpha=8)
+    with torch.no_grad():
+        m.lora_B.weight.normal_(0, 0.1)
+    x = torch.randn(3, 5, 32)
+    want = base(x) + m.scale * x @ m.lora_A.weight.T @ m.lora_B.weight.T
+    torch.testing.assert_close(m(x), want)
+    wrt = [m.lora_A.weight, m.lora_B.weight]
+    ref = torch.autograd.grad(want.square().sum(), wrt)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
+    grads = torch.autograd.grad(got.float().square().sum(), wrt)
+    assert all(g.dtype == torch.float32 for g in grads)
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, atol=0.05 * r.abs().max().item(), rtol=0.05)
+
+
 # --- PEFT as the oracle ---
 
 def hf_model(path):

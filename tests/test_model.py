@@ -362,3 +362,16 @@ def test_unknown_hub_id_and_missing_package_exit_2_saying_what_to_do(fake_hub, t
         assert e.value.code == 2 and "pip install huggingface_hub" in err, err
         assert "huggingface-cli download org/tiny --local-dir DIR" in err
     assert not os.path.exists("run") and not os.path.exists("merged")
+
+
+def test_compile_blocks_keeps_names_and_logits():
+    """torch.compile of each block in place: Hugging Face names unchanged, the same logits (a CPU needs a C compiler)."""
+    from model import compile_blocks
+    model = random_model(tiny_config())
+    keys, ids = list(model.state_dict()), torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids)
+        compile_blocks(model)
+        got = model(ids)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
