@@ -1,7 +1,7 @@
 """The CPU demo: four synthetic teachers, a tiny student that learns arithmetic, COMPACT against the baselines.
 
-    python demo.py                         # default: base, SbS, Direct Avg. and COMPACT over 3 seeds, minutes
-    python demo.py --full                  # every arm of SPEC.md §5 (SbS per teacher, MCC, the ablations)
+    python demo.py                         # default: base, SbS (stepwise), Direct Avg., COMPACT; one seed, ~5 min
+    python demo.py --full                  # every arm of SPEC.md §5 (SbS per teacher, MCC, the ablations), 3 seeds
     torchrun --nproc_per_node=2 demo.py    # the same through DDP (gloo)
     python train.py --demo [--max-steps N] [--out DIR]   # alias kept for scripts
 
@@ -165,7 +165,7 @@ UNIFORM = dict(weighting="uniform", mcon_lambda=0.0)
 ARMS = {"base": None, "sbs-stepwise": ("stepwise", UNIFORM), "direct-avg": ("", UNIFORM), "compact": ("", {}),
         "mcc": ("", dict(weighting="uniform")), "no-mi": ("", dict(alpha=0.0)), "no-consensus": ("", dict(beta=0.0)),
         "no-difficulty": ("", dict(gamma=0.0)), **{f"sbs-{t}": (t, UNIFORM) for t in TEACHERS if t != "stepwise"}}
-DEFAULT_ARMS = ("base", "sbs-stepwise", "direct-avg", "compact")
+DEFAULT_ARMS = ("base", "sbs-stepwise", "direct-avg", "compact")  # one seed; --full: three
 
 
 def demo(a, rank, world, device):
@@ -297,17 +297,18 @@ def main(argv=None):
     p.add_argument("--full", action="store_true", help="every arm: " + ", ".join(ARMS))
     p.add_argument("--arms", help=f"comma-separated arms (default: {','.join(DEFAULT_ARMS)})")
     p.add_argument("--max-steps", type=int, default=300, help="distillation steps per arm and seed")
-    p.add_argument("--pretrain-steps", type=int, default=400, help="steps that make the base student")
+    p.add_argument("--pretrain-steps", type=int, default=1000, help="steps that make the base student")
     p.add_argument("--base", help="run the arms on this base student (an earlier demo's OUT/base) instead of pretraining one")
-    p.add_argument("--seeds", type=int, default=3, help="how many seeds per arm")
+    p.add_argument("--seeds", type=int, help="how many seeds per arm (default: 1; 3 with --full)")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
     p.add_argument("--n-train", type=int, default=2000, help="three-step training problems")
     p.add_argument("--n-test", type=int, default=300, help="held-out three-step problems (the same for every seed)")
     p.add_argument("--n-pretrain", type=int, default=2000, help="one- and two-step problems for the base student")
     a = p.parse_args(argv)
     for flag in ("max_steps", "pretrain_steps", "seeds", "n_train", "n_test", "n_pretrain"):
-        if getattr(a, flag) < 1:
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    a.seeds = a.seeds or (3 if a.full else 1)
     a.arms = list(ARMS) if a.full else (a.arms.split(",") if a.arms else list(DEFAULT_ARMS))
     if unknown := [x for x in a.arms if x not in ARMS]:
         p.error(f"--arms: unknown {', '.join(unknown)} (known: {', '.join(ARMS)})")
