@@ -18,7 +18,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 
 
@@ -33,7 +32,7 @@ from eval import accuracy_sem, evaluate, plot, teacher_dynamics
 from lora import load_student
 from model import ModelArgs, Transformer
 from tokenizer import BUILTIN_TEMPLATES
-from train import TrainConfig, cleanup_dist, print0, setup_dist, train
+from train import TrainConfig, print0, run_job, train
 
 # --- the task: left-to-right arithmetic on small numbers ---
 
@@ -315,14 +314,7 @@ def main(argv=None):
     # One thread: a 0.4M-parameter model gains nothing from a second one, and a second thread per
     # process oversubscribes the cores (under torchrun, or next to other jobs) and runs ~5x slower.
     torch.set_num_threads(1)
-    rank, world, device = setup_dist()
-    try:
-        demo(a, rank, world, device)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        cleanup_dist()
+    run_job(demo, a)
 
 
 if __name__ == "__main__":

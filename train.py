@@ -433,10 +433,16 @@ def main(argv=None):
         runpy.run_path(sys.argv[0], run_name="__main__")
         return
     cfg, ccfg = parse_args(argv)
+    run_job(mot if cfg.mot_rounds else train, cfg, ccfg)
+
+
+def run_job(job, *args):
+    """job(*args, rank, world, device) in torchrun's process group (or a plain process): bad input
+    (files, flags, data) exits 2 with its message and no traceback, a non-finite stop exits 1."""
     rank, world, device = setup_dist()
     try:
-        (mot if cfg.mot_rounds else train)(cfg, ccfg, rank, world, device)
-    except (DataError, FileNotFoundError, KeyError, ValueError) as e:
+        return job(*args, rank, world, device)
+    except (FileNotFoundError, KeyError, ValueError) as e:  # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:
