@@ -183,10 +183,10 @@ def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-    summed = all_sum(torch.cat([totals, teachers.flatten()])).cpu()  # the step's one host sync
+    summed = all_sum(torch.cat([totals, teachers.flatten()]))  # the norm is already global: not summed
+    summed = torch.cat([summed, grad_norm.float().view(1)]).cpu()  # the step's one host sync
     out = dict(zip(("loss", "sft", "mcon", "tokens", "weight_entropy"), summed[:5].tolist()),
-               teachers=summed[5:].view_as(teachers))
-    out["grad_norm"] = float(grad_norm)
+               teachers=summed[5:-1].view_as(teachers), grad_norm=summed[-1].item())
     out["finite"] = math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])
     if out["finite"]:
         optimizer.step()
