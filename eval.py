@@ -59,13 +59,12 @@ import time
 
 import torch
 
-from compact import CompactConfig, probe_log_likelihood, probe_plan
+from compact import TEACHER_STATS, CompactConfig, probe_log_likelihood, probe_plan
 from data import DataError, TASKS, collate, encode_instance, extract_answer, is_equivalent, load_benchmark, \
     load_multi_teacher, read_jsonl, read_questions, user_prompt, write_json, write_jsonl, write_text
 from lora import load_adapter, load_student
 from model import generate
 
-SCORES = ("weight", "s_mi", "s_g", "s_d")  # per teacher in each metrics.jsonl step (train.py)
 TASK_ALIASES = {"math500": "math", "gpqa-diamond": "gpqa"}  # the benchmark's name -> data.py's task
 
 
@@ -538,10 +537,10 @@ def teacher_dynamics(records):
             sel = [(v[key], v["n"]) for i, _, v in rows if keep(i)]
             n = sum(c for _, c in sel)
             return sum(x * c for x, c in sel) / n if n else float("nan")
-        out[name] = {"steps": [s for _, s, _ in rows], "series": {k: [v[k] for _, _, v in rows] for k in SCORES},
+        out[name] = {"steps": [s for _, s, _ in rows], "series": {k: [v[k] for _, _, v in rows] for k in TEACHER_STATS},
                      "weight_first": mean("weight", lambda i: i < q),
                      "weight_last": mean("weight", lambda i: i >= len(records) - q),
-                     **{k: mean(k) for k in SCORES[1:]}}
+                     **{k: mean(k) for k in TEACHER_STATS[1:]}}
     return out
 
 
@@ -567,7 +566,7 @@ def run_weights(a):
         print(f"{name:<16} {d['weight_first']:>8.3f} {d['weight_last']:>8.3f} {d['s_mi']:>9.4f} {d['s_g']:>7.3f} "
               f"{d['s_d']:>7.3f}")
     plot(os.path.join(out, "weights.png"), "optimizer step", {f"mean {key}": {
-        name: (d["steps"], d["series"][key]) for name, d in dyn.items()} for key in SCORES})
+        name: (d["steps"], d["series"][key]) for name, d in dyn.items()} for key in TEACHER_STATS})
     return dyn
 
 
