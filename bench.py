@@ -78,7 +78,7 @@ class BenchConfig:
     mi_budget: int = CompactConfig.mi_budget  # COMPACT's S_MI probes per branch, in the step and in mi_agreement
     mi_questions: int = 8  # mi_agreement: instances (GSM8K questions), 4 rationales each
     mi_long_words: int = 380  # words of each long thinking-dense rationale (600+ tokens)
-    mi_keys: int = 4  # sampled estimates per instance (rng keys)
+    mi_keys: int = 16  # sampled estimates per instance (rng keys); tau over 4 keys moved by ±0.05
     mi_train_steps: int = 200  # plain LM steps for the agreement student (60 left ΔI_t at noise level, std 0.025)
     mi_vocab: int = 1024  # its BPE tokenizer, trained on the bench's own texts
     no_mi: bool = False  # skip mi_agreement
@@ -426,8 +426,7 @@ def mi_agreement(c: BenchConfig) -> dict:
             secs["old"] += time.perf_counter() - t0
             for key in range(c.mi_keys):  # the default's probe count, one plan per key
                 b = torch.zeros(K, 1, dtype=torch.long)
-                u = (hash_uniform((key,), 0, b, torch.arange(K)[:, None], torch.arange(T)),
-                     hash_uniform((key,), 1, b, torch.arange(K)[:, None], torch.arange(-(-T // MI_RUN))))
+                u = hash_uniform((key,), 0, b, torch.arange(T)), hash_uniform((key,), 1, b, torch.arange(-(-T // MI_RUN)))
                 _, v, _ = probe_plan(flat["rationale_mask"], flat["think_mask"], default, *u)
                 probes["default"] += v.sum(-1).tolist()
     r = {"mi_source": source, "mi_instances": len(batches), "mi_long_rationale_tokens": statistics.mean(long_tokens) if long_tokens else None,

@@ -28,17 +28,17 @@ from model import KVCache
 class CompactConfig:
     """The method's settings (SPEC §3-§4); train.py and `compact.py score` make a flag of each field.
 
-    S_MI's default is a sampled, unbiased estimate of Eq. 3 (probe_plan): at most mi_budget = 64
-    probes per branch, at most half of them (mi_think_share = 0.5) on thinking-token pairs, the rest
-    on runs of MI_RUN = 4 other tokens; exact whenever |R| + 1 <= 64; --mi-budget 0 is exact Eq. 3.
-    Chosen on bench.py's mi_agreement (GSM8K rationales next to 600-token traces with one thinking
-    word in seven, a briefly trained student, 20 keys each): budgets 32 / 48 / 64 / 96 gave mean
-    Kendall tau 0.55 / 0.76 / 0.85 / 0.90 against exact Eq. 3, relative error on the long trace
-    0.40 / 0.30 / 0.27 / 0.20, for 28 / 39 / 50 / 69 probes per branch on average (exact: the
-    rationale length + 1, ~640 on the long one). Share 0.5 had the lowest error at every budget
-    (0.25 and 0.75 tried); runs of 2, 4 and 8 tied. 64 is the smallest budget past tau 0.8. Each
-    probe is a block of len(cue ⊕ y) − 1 tokens, so 64 probes cost far more than the first
-    default's ~28 on a CPU (README, Speed).
+    S_MI's default is a sampled, unbiased estimate of Eq. 3 (probe_plan): at most mi_budget = 48
+    probes per branch: I_0 and I_|R| (a control variate), at most half the budget (mi_think_share =
+    0.5) on thinking-token pairs, the rest on runs of MI_RUN = 4 other tokens; exact whenever
+    |R| + 1 <= 48; --mi-budget 0 is exact Eq. 3. Chosen on bench.py's mi_agreement (GSM8K
+    rationales next to 600-token traces with one thinking word in eight tokens, a briefly trained
+    student, 16 keys each): budgets 48 / 56 / 64 gave mean Kendall tau 0.85 / 0.87 / 0.89 against
+    exact Eq. 3 and relative error 11 / 10 / 9% (all branches), for 40 / 45 / 50 probes per branch
+    (exact: |R| + 1, ~240 on average); the previous estimator (no control variate, a sample per
+    branch) gave tau 0.76 and 12% at 64. Replayed offline on a second student's exact I_t, 48 gave
+    tau 0.81 and 15%. 48 is the smallest budget meeting tau 0.8 and 15% on both; each probe is a
+    block of len(cue ⊕ y) − 1 tokens, so the budget is most of COMPACT's extra cost (README, Speed).
     """
     weighting: str = "compact"  # "compact" (Eq. 7) or "uniform" (w_k = 1/K_valid, "Direct Avg.")
     alpha: float = 1.0  # weight of Z(S_MI); 0 switches it off and skips the probe pass (--no-mi)
@@ -47,7 +47,7 @@ class CompactConfig:
     temperature: float = 1.0  # T of the softmax in Eq. 7
     mcon_lambda: float = 0.1  # λ of Eq. 10; 0 drops the consistency loss and its logits
     mcon_detach: bool = False  # BKL treats the other branch as a fixed target
-    mi_budget: int = 64  # S_MI probes per branch (probe_plan); 0 = exact Eq. 3 (every rationale position)
+    mi_budget: int = 48  # S_MI probes per branch (probe_plan); 0 = exact Eq. 3 (every rationale position)
     mi_think_share: float = 0.5  # at most this share of mi_budget goes to thinking-token pairs
     z_floor: float = 0.01  # Z's std is floored at z_floor · mean|s| (SPEC §3.4); 0 = the plain z-score
     think_weight: float = 1.0  # m_t for a token that starts a thinking word
@@ -62,7 +62,7 @@ class CompactConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.mi_budget < 0 or self.z_floor < 0 or not 0 <= self.mi_think_share <= 1:
             raise ValueError("mi_budget and z_floor must be >= 0, mi_think_share in [0, 1]")
-        if 0 < self.mi_budget < 2 * MI_RUN + 2:  # room for one run of the other stratum besides I_0's pair
+        if 0 < self.mi_budget < 2 * MI_RUN + 2:  # room for I_0, I_|R|, one thinking pair and one run
             raise ValueError(f"mi_budget must be 0 (exact) or >= {2 * MI_RUN + 2}")
 
 
@@ -195,16 +195,20 @@ def _mix(x):
     return x ^ _shr(x, 31)
 
 
-def hash_uniform(rng_key, salt, b, k, j):
-    """U[0, 1) as a pure function of (rng_key ints, salt, b, k, j), broadcast over index tensors.
+def hash_uniform(rng_key, salt, b, j):
+    """U[0, 1) as a pure function of (rng_key ints, salt, b, j), broadcast over index tensors.
 
     A hash rather than a generator: an instance's sample does not depend on the batch's padding or
-    on other instances, and a resumed run draws the same sample (like dropout seeded by step)."""
+    on other instances, and a resumed run draws the same sample (like dropout seeded by step).
+    Decision: no branch index. An instance's branches share their keys by position (common random
+    numbers: the prompt is the same, so position j is the same rationale index in every branch), so
+    branches that share text are sampled at the same places and their estimates err alike; the
+    ranking that the weights read is kept better than with independent samples (bench.py)."""
     seed = 0
     for v in (*rng_key, salt):
         seed = (seed * 0x9E3779B97F4A7C15 + int(v) + 1) & _M64
     x = torch.tensor(seed - (1 << 64) if seed >= 1 << 63 else seed, dtype=torch.long, device=j.device)
-    for idx in (b, k, j):
+    for idx in (b, j):
         x = _mix(x + idx * 0x9E3779B97F4A7C1 + 1)
     return _shr(x, 11).double() / 2.0**53
 
@@ -217,49 +221,77 @@ def sample_without_replacement(u, eligible, n):
 
 
 def probe_plan(rationale_mask, think_mask, cfg, u_think=None, u_run=None):
-    """Which pairs (t−1, t) the S_MI probe reads and what each gain counts for (SPEC §3.1).
+    """Which positions the S_MI probe reads and what each I counts for (SPEC §3.1).
 
-    Masks [N, T] -> pos, valid, coef [N, Q]: pos holds the probed positions in order (the probe's
-    block q sits after main token pos[q]); coef[q] > 0 only where pos[q−1] = pos[q] − 1, and the
-    estimate is Σ_q coef[q] · max(I[q] − I[q−1], 0). Exact Eq. 3 (mi_budget = 0, or |R| + 1 <=
-    mi_budget): every rationale token, coef = m_t. Otherwise two strata, each an unbiased
-    Horvitz-Thompson sum: thinking tokens, n_T = min(N_T, ⌊mi_think_share · budget / 2⌋) sampled
-    (2 probes each) and scaled by N_T / n_T; the other tokens, in runs of MI_RUN rationale tokens
-    (the rationale cut at multiples of MI_RUN), n_C runs from the rest of the budget (MI_RUN + 1
-    probes each) scaled by N_C / n_C, N_C = runs holding a non-thinking token. u_think [N, T], u_run
+    Masks [N, T] -> pos, valid [N, Q], coef [N, Q, 3]: pos holds the probed positions in order (the
+    probe's block q sits after main token pos[q]). With d_q = I_q − I_{q−1} and coef[q] = (a, b, c),
+    the estimate of Σ_t m_t max(ΔI_t, 0) is mi_estimate's Σ_q a_q d_q + b_q |d_q| + c_q I_q (a, b
+    are 0 unless pos[q−1] = pos[q] − 1). Exact Eq. 3 (mi_budget = 0, or |R| + 1 <= mi_budget):
+    every rationale token, a = b = m_t / 2, since max(d, 0) = (d + |d|) / 2; c = 0. Otherwise the
+    same identity summed with Σ_t ΔI_t = I_|R| − I_0 (θ = think_weight, o = other_weight):
+
+        Σ_t m_t max(ΔI_t, 0) = o/2 (I_|R| − I_0) + Σ_think [(θ − o)/2 ΔI_t + θ/2 |ΔI_t|] + Σ_other o/2 |ΔI_t|
+
+    The first term is exact from two probes, a control variate: only |ΔI| is left to sample for
+    the other tokens, and |x|/2 varies less than max(x, 0) with the same mean (bench.py: tau 0.76
+    -> 0.80 at equal cost). Each stratum sum is Horvitz-Thompson scaled, so the estimate stays
+    unbiased: thinking tokens, n_T = min(N_T, ⌊mi_think_share · budget / 2⌋) sampled (2 probes
+    each; at least 1, and room left for one run), scaled by N_T / n_T; the other tokens in runs of MI_RUN rationale tokens (the rationale
+    cut at multiples of MI_RUN), n_C runs from the rest of the budget (MI_RUN + 1 probes each),
+    scaled by N_C / n_C, N_C = runs holding a non-thinking token. u_think [N, T], u_run
     [N, ⌈T/MI_RUN⌉]: the sampling keys (hash_uniform), needed only when some branch is sampled.
     """
     rat = rationale_mask
     think = think_mask & rat
     N, T = rat.shape
-    m = torch.where(think, cfg.think_weight, cfg.other_weight) * rat  # (N, T): m_t on R, else 0
+    tw, ow = cfg.think_weight, cfg.other_weight
+    m = torch.where(think, tw, ow) * rat  # (N, T): m_t on R, else 0
     n_rat = rat.sum(-1)
     exact = n_rat + 1 <= cfg.mi_budget if cfg.mi_budget > 0 else torch.ones_like(n_rat, dtype=torch.bool)
-    coef, counted = torch.where(exact[:, None], m, 0.0), exact[:, None] & rat
+    lin = half_abs = torch.where(exact[:, None], m / 2, 0.0)
+    level = torch.zeros(N, T, device=rat.device)
+    counted, ends = exact[:, None] & rat, torch.zeros_like(rat)
     if not bool(exact.all()):
         r = (rat.cumsum(-1) - 1).clamp(min=0)  # rationale index at rationale positions
         run = torch.where(rat, r // MI_RUN, u_run.shape[1])  # (N, T): run id; padding -> a spill bin
         n_think = think.sum(-1)
-        n_t = n_think.clamp(max=int(cfg.mi_think_share * cfg.mi_budget) // 2)
+        # at least one pair and one run (when the stratum has tokens): an unsampled stratum would bias
+        cap_t = min(max(1, int(cfg.mi_think_share * cfg.mi_budget) // 2), (cfg.mi_budget - 2 - MI_RUN - 1) // 2)
+        n_t = n_think.clamp(max=cap_t)
         other = rat & ~think
         has_other = torch.zeros(N, u_run.shape[1] + 1, dtype=torch.long, device=rat.device)
         has_other = has_other.scatter_add(1, run, other.long())[:, :-1] > 0  # (N, runs)
         n_runs = has_other.sum(-1)
-        n_c = torch.minimum(n_runs, (cfg.mi_budget - 2 * n_t) // (MI_RUN + 1))
+        n_c = torch.minimum(n_runs, (cfg.mi_budget - 2 - 2 * n_t) // (MI_RUN + 1))  # 2: I_0 and I_|R|
         pick_t = sample_without_replacement(u_think, think, n_t)
         pick_c = sample_without_replacement(u_run, has_other, n_c)
         pick_c = F.pad(pick_c, (0, 1)).gather(1, run) & other  # (N, T): the other tokens of picked runs
-        scale = lambda total, n: (total / n.clamp(min=1))[:, None]  # tokens (runs) per one probed
-        sampled = pick_t * cfg.think_weight * scale(n_think, n_t) + pick_c * cfg.other_weight * scale(n_runs, n_c)
-        coef = torch.where(exact[:, None], coef, sampled)
-        counted = torch.where(exact[:, None], counted, pick_t | pick_c)
-    probed = counted | F.pad(counted[:, 1:], (0, 1))  # t and t − 1 of every counted token
+        s_t, s_c = ((total / n.clamp(min=1))[:, None] for total, n in ((n_think, n_t), (n_runs, n_c)))
+        sampled = ~exact[:, None]
+        lin = torch.where(sampled, pick_t * (tw - ow) / 2 * s_t, lin)
+        half_abs = torch.where(sampled, pick_t * tw / 2 * s_t + pick_c * ow / 2 * s_c, half_abs)
+        idx = torch.arange(T, device=rat.device)
+        first = torch.where(rat, idx, T).min(-1).values - 1  # I_0: the last token before the rationale
+        last = torch.where(rat, idx, -1).max(-1).values  # I_|R|
+        at_first, at_last = idx == first[:, None], idx == last[:, None]
+        level = torch.where(sampled, (at_last.float() - at_first.float()) * ow / 2, level)
+        ends = sampled & (at_first | at_last)
+        counted = torch.where(sampled, pick_t | pick_c, counted)
+    probed = counted | F.pad(counted[:, 1:], (0, 1)) | ends  # t and t − 1 of every counted token
     Q = int(probed.sum(-1).max())
     idx = torch.arange(T, device=rat.device)
     pos = torch.where(probed, idx, T + idx).sort(-1).values[:, :Q]  # probed positions first, in order
     valid = pos < T
     pos = torch.where(valid, pos, 0)
-    return pos, valid, torch.where(valid, coef.gather(1, pos), 0.0)
+    coef = torch.stack([lin, half_abs, level], -1).gather(1, pos[:, :, None].expand(N, Q, 3))
+    return pos, valid, torch.where(valid[:, :, None], coef, 0.0)
+
+
+def mi_estimate(info, coef):
+    """Σ_t m_t max(ΔI_t, 0), exact or estimated, from a probe_plan's coef [N, Q, 3] and the probed
+    I [N, Q]: Σ_q a_q d_q + b_q |d_q| + c_q I_q with d_q = I_q − I_{q−1} (q >= 1) -> [N]."""
+    d = info[:, 1:] - info[:, :-1]
+    return (coef[:, 1:, 0] * d + coef[:, 1:, 1] * d.abs()).sum(-1) + (coef[..., 2] * info).sum(-1)
 
 
 #   The probe pass: one block of cue ⊕ y per probed position, up to PROBE_ROW blocks to a row.
@@ -333,23 +365,21 @@ def probe_log_likelihood(raw, kv, attention_mask, pos, valid, probe_ids, probe_a
 def adaptability_scores(raw, kv, batch, cfg, rng_key=()):
     """S_MI (SPEC §3.1, Eq. 2-3): (1/|R_k|) Σ_t m_t max(I_t − I_{t−1}, 0), [B, K], exact or estimated.
 
-    probe_plan picks the pairs (t−1, t) and their weights; the estimate is unbiased for Eq. 3, its
-    sample a function of (rng_key, instance b, branch k). kv: aux.kv, detached.
+    probe_plan picks the positions and their coefficients; the estimate is unbiased for Eq. 3, its
+    sample a function of (rng_key, instance b), shared by the instance's branches. kv: aux.kv, detached.
     """
     B, K, T = batch["input_ids"].shape
     flat = {k: batch[k].reshape(B * K, T) for k in ("attention_mask", "rationale_mask", "think_mask")}
     dev = batch["input_ids"].device
-    b = torch.arange(B, device=dev).repeat_interleave(K)[:, None]  # (BK, 1)
-    k = torch.arange(K, device=dev).repeat(B)[:, None]
-    u_think = hash_uniform(rng_key, 0, b, k, torch.arange(T, device=dev))  # (BK, T)
-    u_run = hash_uniform(rng_key, 1, b, k, torch.arange(-(-T // MI_RUN), device=dev))  # (BK, runs)
+    b = torch.arange(B, device=dev).repeat_interleave(K)[:, None]  # (BK, 1): one sample per instance
+    u_think = hash_uniform(rng_key, 0, b, torch.arange(T, device=dev))  # (BK, T)
+    u_run = hash_uniform(rng_key, 1, b, torch.arange(-(-T // MI_RUN), device=dev))  # (BK, runs)
     pos, valid, coef = probe_plan(flat["rationale_mask"], flat["think_mask"], cfg, u_think, u_run)
     if not bool(valid.any()):  # no rationale anywhere: nothing to probe
         return torch.zeros(B, K, device=dev)
     probe = batch["probe_ids"].repeat_interleave(K, 0), batch["probe_answer_mask"].repeat_interleave(K, 0)
     info = probe_log_likelihood(raw, kv, flat["attention_mask"], pos, valid, *probe)  # (N, Q)
-    gain = (info[:, 1:] - info[:, :-1]).clamp(min=0)  # column q's gain, q >= 1
-    s = (coef[:, 1:] * gain).sum(-1) / flat["rationale_mask"].sum(-1).clamp(min=1)
+    s = mi_estimate(info, coef) / flat["rationale_mask"].sum(-1).clamp(min=1)
     return s.view(B, K)
 
 

@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from compact import (CompactConfig, adaptability_scores, answer_logprobs, compact_loss, consensus_scores,
-                     difficulty_scores, fuse_weights, hash_uniform, mcon_loss, probe_log_likelihood, probe_plan,
+from compact import (MI_RUN, CompactConfig, adaptability_scores, answer_logprobs, compact_loss, consensus_scores,
+                     difficulty_scores, fuse_weights, hash_uniform, mcon_loss, mi_estimate, probe_log_likelihood, probe_plan,
                      token_nll)
 from model import ModelArgs, Transformer, rope_cos_sin
 
@@ -267,29 +267,63 @@ def test_probe_plan_exact_and_sampled():
     for cfg in (CompactConfig(mi_budget=0), CompactConfig(mi_budget=21)):  # exact: every pair (t−1, t)
         pos, valid, coef = probe_plan(rat, think, cfg)
         assert pos.tolist() == [list(range(2, 23))] and valid.all()
-        assert_close(coef[0], torch.cat([torch.zeros(1), m]))
-    # Budget 10: both thinking pairs (4 probes, scale 2/2) and one run of 4 others (5 probes) out of
-    # the 5 runs, scaled 5/1. The keys make run 2 (rationale 8..11, positions 11..14) the smallest.
+        half = torch.cat([torch.zeros(1), m / 2])  # max(d, 0) = d/2 + |d|/2
+        assert_close(coef[0], torch.stack([half, half, torch.zeros(21)], -1))
+    # Budget 12: I_0 and I_20 (positions 2, 22; o/2 = 0.05 on each, − and +), both thinking pairs
+    # (4 probes, scale 2/2: (θ − o)/2 = 0.45 on d, θ/2 = 0.5 on |d|) and one run of 4 others (5
+    # probes) out of the 5 runs, scaled 5/1 (o/2 · 5 = 0.25 on |d|). The keys pick run 2 (rationale
+    # 8..11, positions 11..14).
     u_think, u_run = torch.rand(1, T), torch.ones(1, 8)
     u_run[0, 2] = 0.0
-    pos, valid, coef = probe_plan(rat, think, CompactConfig(mi_budget=10), u_think, u_run)
-    assert pos.tolist() == [[8, 9, 10, 11, 12, 13, 14, 15, 16]] and valid.all()
-    assert_close(coef, torch.tensor([[0, 1.0, 0, 0.5, 0.5, 0.5, 0.5, 0, 1.0]]))
-    # Thinking share 0.3 of 10: 3 probes, so one of the two thinking pairs, scaled 2/1; then one run.
+    pos, valid, coef = probe_plan(rat, think, CompactConfig(mi_budget=12), u_think, u_run)
+    assert pos.tolist() == [[2, 8, 9, 10, 11, 12, 13, 14, 15, 16, 22]] and valid.all()
+    lin = [0, 0, 0.45, 0, 0, 0, 0, 0, 0, 0.45, 0]
+    half_abs = [0, 0, 0.5, 0, 0.25, 0.25, 0.25, 0.25, 0, 0.5, 0]
+    level = [-0.05] + [0] * 9 + [0.05]
+    assert_close(coef[0], torch.tensor([lin, half_abs, level]).T)
+    # Thinking share 0.3 of 12: 3 probes, so one of the two thinking pairs, scaled 2/1; then one run.
     u_think[0, 16] = -1.0
-    pos, valid, coef = probe_plan(rat, think, CompactConfig(mi_budget=10, mi_think_share=0.3), u_think, u_run)
-    assert pos.tolist() == [[10, 11, 12, 13, 14, 15, 16]]
-    assert_close(coef, torch.tensor([[0, 0.5, 0.5, 0.5, 0.5, 0, 2.0]]))
+    pos, valid, coef = probe_plan(rat, think, CompactConfig(mi_budget=12, mi_think_share=0.3), u_think, u_run)
+    assert pos.tolist() == [[2, 10, 11, 12, 13, 14, 15, 16, 22]]
+    assert_close(coef[0, :, 0], torch.tensor([0, 0, 0, 0, 0, 0, 0, 0.9, 0]))
+    assert_close(coef[0, :, 1], torch.tensor([0, 0, 0.25, 0.25, 0.25, 0.25, 0, 1.0, 0]))
+    # Budget 10 leaves room for one pair and one run, whatever the share: no stratum goes unsampled.
+    _, _, coef = probe_plan(rat, think, CompactConfig(mi_budget=10, mi_think_share=1.0), u_think, u_run)
+    assert (coef[0, :, 0] > 0).sum() == 1 and (coef[0, :, 1] == 0.25).sum() == 4
+
+
+def test_estimate_from_plan_is_unbiased_and_exact_in_full():
+    """mi_estimate over a sampled plan, averaged over 4000 keys, equals Σ_t m_t max(ΔI_t, 0) computed
+    directly, for heavy-tailed I with both strata sampled (pure tensors: the plan and the estimate
+    alone); and the exact plan gives that sum to rounding."""
+    g = torch.Generator().manual_seed(3)
+    T, n = 80, 4000
+    rat = torch.zeros(1, T, dtype=torch.bool)
+    rat[0, 5:75] = True
+    think = (torch.rand(1, T, generator=g) < 0.2) & rat
+    info = (torch.randn(T, generator=g) * torch.rand(T, generator=g) ** 3 * 4).cumsum(0)  # I after each position
+    dI = info[5:75] - info[4:74]
+    want = (torch.where(think[0, 5:75], 1.0, 0.1) * dI.clamp(min=0)).sum()
+    cfg = CompactConfig(mi_budget=24)
+    pos, _, coef = probe_plan(rat, think, CompactConfig(mi_budget=0))
+    assert_close(mi_estimate(info[pos], coef), want[None], atol=1e-5, rtol=1e-6)
+    b = torch.arange(n)[:, None]
+    u = hash_uniform((0,), 0, b, torch.arange(T)), hash_uniform((0,), 1, b, torch.arange(T // MI_RUN))
+    pos, valid, coef = probe_plan(rat.expand(n, T), think.expand(n, T), cfg, *u)
+    assert valid.sum(-1).max() <= 24  # the budget holds
+    est = mi_estimate(info[pos], coef)
+    assert est.std() > 0.05 * want  # really sampled
+    assert abs(est.mean() - want) < 4 * est.std() / math.sqrt(n), (est.mean().item(), want.item())
 
 
 def test_sample_is_a_function_of_the_key_and_the_instance():
-    b, k, j = torch.tensor([[0], [1]]), torch.tensor([[2], [2]]), torch.arange(50)
-    u = hash_uniform((7, 3, 0), 0, b, k, j)
+    b, j = torch.tensor([[0], [1]]), torch.arange(50)
+    u = hash_uniform((7, 3, 0), 0, b, j)
     assert u.shape == (2, 50) and 0 <= u.min() and u.max() < 1 and u.dtype == torch.float64
-    assert torch.equal(u, hash_uniform((7, 3, 0), 0, b, k, j))  # resume: the same sample
-    assert torch.equal(u[1], hash_uniform((7, 3, 0), 0, b[1:], k[1:], j)[0])  # no dependence on other rows
-    assert not torch.equal(u, hash_uniform((7, 4, 0), 0, b, k, j)) and not torch.equal(u[0], u[1])
-    assert not torch.equal(u, hash_uniform((7, 3, 0), 1, b, k, j))  # the two strata draw apart
+    assert torch.equal(u, hash_uniform((7, 3, 0), 0, b, j))  # resume: the same sample
+    assert torch.equal(u[1], hash_uniform((7, 3, 0), 0, b[1:], j)[0])  # no dependence on other rows
+    assert not torch.equal(u, hash_uniform((7, 4, 0), 0, b, j)) and not torch.equal(u[0], u[1])
+    assert not torch.equal(u, hash_uniform((7, 3, 0), 1, b, j))  # the two strata draw apart
 
 
 @pytest.mark.parametrize("budget", [0, 10])
@@ -356,6 +390,21 @@ def test_sampled_s_mi_is_unbiased():
     pos, valid, _ = probe_plan(batch["rationale_mask"][:, 0], batch["think_mask"][:, 0], cfg,
                                torch.rand(B, T), torch.rand(B, T))
     assert valid.sum(-1).max() <= 24  # the budget holds
+
+
+def test_branches_of_an_instance_share_the_sample():
+    """Common random numbers: two identical branches get the identical estimate (independent
+    samples would differ); the same branch in another instance gets another sample."""
+    model = tiny_model(11)
+    g = torch.Generator().manual_seed(11)
+    prompt, answer, rat = rand_ids(g, 4), rand_ids(g, 2), rand_ids(g, 40)
+    branch = (rat, list(range(1, 40, 6)))
+    batch = make_batch([(prompt, answer, [branch, branch])] * 2)
+    B, K, T = batch["input_ids"].shape
+    with torch.no_grad():
+        _, aux = model(batch["input_ids"].view(B * K, T), return_hidden=True, return_aux=True)
+        s = adaptability_scores(model, aux.kv, batch, CompactConfig(mi_budget=12), rng_key=(5,))
+    assert s[0, 0] == s[0, 1] and s[1, 0] == s[1, 1] and s[0, 0] != s[1, 0]
 
 
 # --- an independent reference: plain forward passes, branch by branch, no cache, no probe ---
