@@ -36,8 +36,8 @@ class CompactConfig:
     student, 16 keys each): budgets 48 / 56 / 64 gave mean Kendall tau 0.85 / 0.87 / 0.89 against
     exact Eq. 3 and relative error 11 / 10 / 9% (all branches), for 40 / 45 / 50 probes per branch
     (exact: |R| + 1, ~240 on average); the previous estimator (no control variate, a sample per
-    branch) gave tau 0.76 and 12% at 64. Replayed offline on a second student's exact I_t, 48 gave
-    tau 0.81 and 15%. 48 is the smallest budget meeting tau 0.8 and 15% on both; each probe is a
+    branch) gave tau 0.76 and 12% at 64. A second student from the same seed (README) gave 0.84 and
+    14% at 48. 48 is the smallest budget measured that meets tau 0.8 and 15% on both; each probe is a
     block of len(cue ⊕ y) − 1 tokens, so the budget is most of COMPACT's extra cost (README, Speed).
     """
     weighting: str = "compact"  # "compact" (Eq. 7) or "uniform" (w_k = 1/K_valid, "Direct Avg.")
@@ -244,7 +244,7 @@ def probe_plan(rationale_mask, think_mask, cfg, u_think=None, u_run=None):
     rat = rationale_mask
     think = think_mask & rat
     N, T = rat.shape
-    tw, ow = cfg.think_weight, cfg.other_weight
+    tw, ow, idx = cfg.think_weight, cfg.other_weight, torch.arange(T, device=rat.device)
     m = torch.where(think, tw, ow) * rat  # (N, T): m_t on R, else 0
     n_rat = rat.sum(-1)
     exact = n_rat + 1 <= cfg.mi_budget if cfg.mi_budget > 0 else torch.ones_like(n_rat, dtype=torch.bool)
@@ -270,16 +270,13 @@ def probe_plan(rationale_mask, think_mask, cfg, u_think=None, u_run=None):
         sampled = ~exact[:, None]
         lin = torch.where(sampled, pick_t * (tw - ow) / 2 * s_t, lin)
         half_abs = torch.where(sampled, pick_t * tw / 2 * s_t + pick_c * ow / 2 * s_c, half_abs)
-        idx = torch.arange(T, device=rat.device)
-        first = torch.where(rat, idx, T).min(-1).values - 1  # I_0: the last token before the rationale
-        last = torch.where(rat, idx, -1).max(-1).values  # I_|R|
-        at_first, at_last = idx == first[:, None], idx == last[:, None]
+        at_first = idx == torch.where(rat, idx, T).min(-1, keepdim=True).values - 1  # I_0: before the rationale
+        at_last = idx == torch.where(rat, idx, -1).max(-1, keepdim=True).values  # I_|R|
         level = torch.where(sampled, (at_last.float() - at_first.float()) * ow / 2, level)
         ends = sampled & (at_first | at_last)
         counted = torch.where(sampled, pick_t | pick_c, counted)
     probed = counted | F.pad(counted[:, 1:], (0, 1)) | ends  # t and t − 1 of every counted token
     Q = int(probed.sum(-1).max())
-    idx = torch.arange(T, device=rat.device)
     pos = torch.where(probed, idx, T + idx).sort(-1).values[:, :Q]  # probed positions first, in order
     valid = pos < T
     pos = torch.where(valid, pos, 0)
