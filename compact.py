@@ -36,8 +36,9 @@ class CompactConfig:
     student, 16 keys each): budgets 48 / 56 / 64 gave mean Kendall tau 0.85 / 0.87 / 0.89 against
     exact Eq. 3 and relative error 11 / 10 / 9% (all branches), for 40 / 45 / 50 probes per branch
     (exact: |R| + 1, ~240 on average); the previous estimator (no control variate, a sample per
-    branch) gave tau 0.76 and 12% at 64. A second student from the same seed (README) gave 0.84 and
-    14% at 48. 48 is the smallest budget measured that meets tau 0.8 and 15% on both; each probe is a
+    branch) gave tau 0.76 and 12% at 64. Three more students (README) gave 0.84, 0.86, 0.81 and
+    14, 10, 10% at 48, and 40 fell short (0.78, 17%). 48 is the smallest budget measured that meets
+    tau 0.8 and 15% on all four; each probe is a
     block of len(cue ⊕ y) − 1 tokens, so the budget is most of COMPACT's extra cost (README, Speed).
     """
     weighting: str = "compact"  # "compact" (Eq. 7) or "uniform" (w_k = 1/K_valid, "Direct Avg.")
