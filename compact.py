@@ -203,7 +203,7 @@ def hash_uniform(rng_key, salt, b, j):
     on other instances, and a resumed run draws the same sample (like dropout seeded by step).
     Decision: no branch index. An instance's branches share their keys by position (common random
     numbers: the prompt is the same, so position j is the same rationale index in every branch), so
-    branches that share text are sampled at the same places and their estimates err alike; the
+    branches that begin alike are sampled at the same places and their estimates err alike; the
     ranking that the weights read is kept better than with independent samples (bench.py)."""
     seed = 0
     for v in (*rng_key, salt):
