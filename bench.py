@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from compact import (MI_RUN, CompactConfig, adaptability_scores, hash_uniform, probe_log_likelihood, probe_plan,
+from compact import (CompactConfig, adaptability_scores, probe_keys, probe_log_likelihood, probe_plan,
                      token_nll)
 from data import ANSWER, CLOSE, CUE, EOT, PROMPT, RATIONALE, EncodedInstance, Instance, add_config_args, collate, \
     config_from_args
@@ -425,8 +425,7 @@ def mi_agreement(c: BenchConfig) -> dict:
             probe_log_likelihood(model, aux.kv, flat["attention_mask"], old_pos, valid, *probe)
             secs["old"] += time.perf_counter() - t0
             for key in range(c.mi_keys):  # the default's probe count, one plan per key
-                b = torch.zeros(K, 1, dtype=torch.long)
-                u = hash_uniform((key,), 0, b, torch.arange(T)), hash_uniform((key,), 1, b, torch.arange(-(-T // MI_RUN)))
+                u = probe_keys((key,), torch.zeros(K, 1, dtype=torch.long), T)
                 _, v, _ = probe_plan(flat["rationale_mask"], flat["think_mask"], default, *u)
                 probes["default"] += v.sum(-1).tolist()
     r = {"mi_source": source, "mi_instances": len(batches), "mi_long_rationale_tokens": statistics.mean(long_tokens) if long_tokens else None,

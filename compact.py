@@ -214,6 +214,13 @@ def hash_uniform(rng_key, salt, b, j):
     return _shr(x, 11).double() / 2.0**53
 
 
+def probe_keys(rng_key, b, T):
+    """probe_plan's sampling keys for rows of instance index b [N, 1]: u_think [N, T] (per position)
+    and u_run [N, ⌈T/MI_RUN⌉] (per run of the other stratum), two strata drawn apart by salt."""
+    j = lambda n: torch.arange(n, device=b.device)
+    return hash_uniform(rng_key, 0, b, j(T)), hash_uniform(rng_key, 1, b, j(-(-T // MI_RUN)))
+
+
 def sample_without_replacement(u, eligible, n):
     """Bool [N, M]: the n[i] eligible entries of row i with the smallest keys u (all when n >= count)."""
     order = torch.where(eligible, u, 2.0).argsort(-1)
@@ -242,7 +249,7 @@ def probe_plan(rationale_mask, think_mask, cfg, u_think=None, u_run=None):
     left for one run), scaled by N_T / n_T; the other tokens in runs of MI_RUN rationale tokens
     (the rationale cut at multiples of MI_RUN), n_C runs from the rest of the budget (MI_RUN + 1
     probes each), scaled by N_C / n_C, N_C = runs holding a non-thinking token. u_think [N, T], u_run
-    [N, ⌈T/MI_RUN⌉]: the sampling keys (hash_uniform), needed only when some branch is sampled.
+    [N, ⌈T/MI_RUN⌉]: the sampling keys (probe_keys), needed only when some branch is sampled.
     """
     rat = rationale_mask
     think = think_mask & rat
@@ -372,9 +379,7 @@ def adaptability_scores(raw, kv, batch, cfg, rng_key=()):
     flat = {k: batch[k].reshape(B * K, T) for k in ("attention_mask", "rationale_mask", "think_mask")}
     dev = batch["input_ids"].device
     b = torch.arange(B, device=dev).repeat_interleave(K)[:, None]  # (BK, 1): one sample per instance
-    u_think = hash_uniform(rng_key, 0, b, torch.arange(T, device=dev))  # (BK, T)
-    u_run = hash_uniform(rng_key, 1, b, torch.arange(-(-T // MI_RUN), device=dev))  # (BK, runs)
-    pos, valid, coef = probe_plan(flat["rationale_mask"], flat["think_mask"], cfg, u_think, u_run)
+    pos, valid, coef = probe_plan(flat["rationale_mask"], flat["think_mask"], cfg, *probe_keys(rng_key, b, T))
     if not bool(valid.any()):  # no rationale anywhere: nothing to probe
         return torch.zeros(B, K, device=dev)
     probe = batch["probe_ids"].repeat_interleave(K, 0), batch["probe_answer_mask"].repeat_interleave(K, 0)

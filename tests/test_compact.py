@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from compact import (MI_RUN, CompactConfig, adaptability_scores, answer_logprobs, compact_loss, consensus_scores,
-                     difficulty_scores, fuse_weights, hash_uniform, mcon_loss, mi_estimate, probe_log_likelihood, probe_plan,
+from compact import (CompactConfig, adaptability_scores, answer_logprobs, compact_loss, consensus_scores,
+                     difficulty_scores, fuse_weights, hash_uniform, mcon_loss, mi_estimate, probe_keys, probe_log_likelihood, probe_plan,
                      token_nll)
 from model import ModelArgs, Transformer, rope_cos_sin
 
@@ -308,7 +308,7 @@ def test_estimate_from_plan_is_unbiased_and_exact_in_full():
     pos, _, coef = probe_plan(rat, think, CompactConfig(mi_budget=0))
     assert_close(mi_estimate(info[pos], coef), want[None], atol=1e-5, rtol=1e-6)
     b = torch.arange(n)[:, None]
-    u = hash_uniform((0,), 0, b, torch.arange(T)), hash_uniform((0,), 1, b, torch.arange(T // MI_RUN))
+    u = probe_keys((0,), b, T)
     pos, valid, coef = probe_plan(rat.expand(n, T), think.expand(n, T), cfg, *u)
     assert valid.sum(-1).max() <= 24  # the budget holds
     est = mi_estimate(info[pos], coef)
