@@ -9,7 +9,7 @@ linear weights) and random ids laid out by data.collate (SPEC §9): a 32-token p
 (branch 0 fills T, the others are up to 10% shorter) with a thinking mark on ~1 token in 32, then
 cue (4) ⊕ y (4) ⊕ close ⊕ eot. LoRA r=16, alpha=32, dropout 0 on all 7 projections; AdamW. A step
 is train.train_step (forward, backward, clipping, AdamW, stats sync) at compact.py's default
-CompactConfig (--mi-stride overrides its stride); "sft" is uniform weights without L_MCon, the
+CompactConfig (--mi-budget overrides its budget); "sft" is uniform weights without L_MCon, the
 plain LoRA SFT step set against transformers + PEFT (same weights, batch, dtype, optimizer and
 clipping; its loss shifts labels over full logits). --compile adds torch.compile'd blocks of both
 (model.compile_blocks; the layers of the PEFT model likewise) and reports the first two calls' time less two warm calls (compile, then a recompile: the first
@@ -42,8 +42,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from compact import (CompactConfig, adaptability_scores, probe_keys, probe_log_likelihood, probe_plan,
-                     token_nll)
+from compact import CompactConfig, adaptability_scores, probe_log_likelihood, probe_plan, rationale_view, token_nll
 from data import ANSWER, CLOSE, CUE, EOT, PROMPT, RATIONALE, EncodedInstance, Instance, add_config_args, collate, \
     config_from_args
 from lora import TARGETS, apply_lora
@@ -249,7 +248,9 @@ def probe_fns(model, batch):
     prefix, one at a time (logits only where y is read, so the loop is not charged the full vocab)."""
     one = {k: batch[k][0, :1] for k in ("input_ids", "attention_mask", "rationale_mask", "think_mask", "sft_mask")}
     probe_ids, probe_mask = batch["probe_ids"][:1], batch["probe_answer_mask"][:1]
-    pos, valid, _ = probe_plan(one["rationale_mask"], one["think_mask"], CompactConfig(mi_budget=0))
+    n_rat, think, start = rationale_view(one["rationale_mask"], one["think_mask"])
+    plan = probe_plan(n_rat, think, CompactConfig(mi_budget=0))
+    pos, valid = start[:, None] - 1 + plan.prefix, plan.valid
     scored = probe_mask[0].nonzero().flatten()  # probe index j of each y token, read at j − 1
     with torch.no_grad():
         _, kv_aux = model(one["input_ids"], return_hidden=True, return_aux=True)
@@ -346,22 +347,6 @@ def train_student(model, batches, steps, lr=3e-3):
     return model.eval()
 
 
-def old_plan_estimate(info, rat_think, cfg, stride=16, cap=64):
-    """The first default, for comparison only: every stride-th rationale position, t−1 and t of each
-    thinking token and the last, capped at `cap` evenly spaced keeping the last; the gain between
-    consecutive probed prefixes credited with think_weight when the interval holds a thinking token.
-    info [1 + |R|] (I_0..I_|R|, exact), rat_think [|R|] bool -> (estimate, probed r, I_0 not listed)."""
-    n = len(rat_think)
-    cand = [r for r in range(1, n + 1) if r % stride == 0 or rat_think[r - 1] or (r < n and rat_think[r]) or r == n]
-    keep = [x for i, x in enumerate(cand) if (i + 1) * cap // len(cand) > i * cap // len(cand)]
-    s, prev = 0.0, 0
-    for r in keep:
-        m = cfg.think_weight if any(rat_think[prev:r]) else cfg.other_weight
-        s += m * max(float(info[r] - info[prev]), 0.0)
-        prev = r
-    return s / max(n, 1), keep
-
-
 def kendall_tau(a, b):
     pairs = [(i, j) for i in range(len(a)) for j in range(i + 1, len(a))]
     return sum(math.copysign(1, (a[i] - a[j]) * (b[i] - b[j])) if (a[i] - a[j]) * (b[i] - b[j]) else 0
@@ -369,9 +354,9 @@ def kendall_tau(a, b):
 
 
 def mi_agreement(c: BenchConfig) -> dict:
-    """Default S_MI vs exact Eq. 3 (and the old plan) on mi_instances with a briefly trained student:
-    mean Kendall tau over each instance's branches, mean relative error (all branches; the long one,
-    the last), top-1 agreement, mean probes per branch, probe-pass seconds summed over instances."""
+    """Default S_MI vs exact Eq. 3 on mi_instances with a briefly trained student: mean Kendall tau over each
+    instance's branches, mean relative error (all branches; the long one, the last), top-1 agreement, mean
+    probes per branch, probe-pass seconds summed over instances (the default's averaged over its keys)."""
     from data import encode_dataset
     from tokenizer import Tokenizer, write_tokenizer
     instances, source = mi_instances(c)
@@ -384,60 +369,34 @@ def mi_agreement(c: BenchConfig) -> dict:
     torch.manual_seed(c.seed)
     model = train_student(Transformer(ModelArgs.from_hf_config(cfg), cfg), batches, c.mi_train_steps)
     default, exact_cfg = CompactConfig(mi_budget=c.mi_budget), CompactConfig(mi_budget=0)
-    rows = {"default": [], "old": []}
-    probes = {"default": [], "exact": [], "old": []}
-    secs = {"default": 0.0, "exact": 0.0, "old": 0.0}
-    long_tokens, think_density = [], []
+    pairs, probes, secs, long_tokens, think_density = [], {"default": [], "exact": []}, {"default": 0.0, "exact": 0.0}, [], []
     with torch.no_grad():
         for batch in batches:
             B, K, T = batch["input_ids"].shape
-            flat = {k: batch[k].view(K, T) for k in ("input_ids", "attention_mask", "rationale_mask", "think_mask")}
+            flat = {k: batch[k].view(K, T) for k in ("input_ids", "rationale_mask", "think_mask")}
             _, aux = model(flat["input_ids"], return_hidden=True, return_aux=True)
             t0 = time.perf_counter()
             exact = adaptability_scores(model, aux.kv, batch, exact_cfg)[0].tolist()
             secs["exact"] += time.perf_counter() - t0
-            probes["exact"] += (flat["rationale_mask"].sum(-1) + 1).tolist()
+            n_rat, think, _ = rationale_view(flat["rationale_mask"], flat["think_mask"])
+            probes["exact"] += (n_rat + 1).tolist()
             for key in range(c.mi_keys):
                 t0 = time.perf_counter()
-                est = adaptability_scores(model, aux.kv, batch, default, rng_key=(key,))[0].tolist()
+                pairs.append((exact, adaptability_scores(model, aux.kv, batch, default, rng_key=(key,))[0].tolist()))
                 secs["default"] += (time.perf_counter() - t0) / c.mi_keys
-                rows["default"].append((exact, est))
-            pos, valid, _ = probe_plan(flat["rationale_mask"], flat["think_mask"], exact_cfg)
-            probe = batch["probe_ids"].expand(K, -1), batch["probe_answer_mask"].expand(K, -1)
-            info = probe_log_likelihood(model, aux.kv, flat["attention_mask"], pos, valid, *probe)  # (K, 1 + |R|)
-            old, old_pos = [], []
-            for k in range(K):
-                rat = flat["rationale_mask"][k]
-                th = flat["think_mask"][k][rat].tolist()
-                s, keep = old_plan_estimate(info[k, :len(th) + 1], th, default)
-                start = int(rat.int().argmax())  # position of rationale index r is start + r − 1
-                old.append(s)
-                old_pos.append([start - 1] + [start + r - 1 for r in keep])
-                probes["old"].append(len(old_pos[-1]))
-                if len(th) >= 2 * c.mi_budget:
-                    long_tokens.append(len(th))
-                    think_density.append(sum(th) / len(th))
-            rows["old"].append((exact, old))
-            Q = max(map(len, old_pos))
-            valid = torch.tensor([[q < len(p) for q in range(Q)] for p in old_pos])
-            old_pos = torch.tensor([p + [0] * (Q - len(p)) for p in old_pos])
-            t0 = time.perf_counter()  # the old plan's probe pass: its positions through the same probe
-            probe_log_likelihood(model, aux.kv, flat["attention_mask"], old_pos, valid, *probe)
-            secs["old"] += time.perf_counter() - t0
-            for key in range(c.mi_keys):  # the default's probe count, one plan per key
-                u = probe_keys((key,), torch.zeros(K, 1, dtype=torch.long), T)
-                _, v, _ = probe_plan(flat["rationale_mask"], flat["think_mask"], default, *u)
-                probes["default"] += v.sum(-1).tolist()
+                probes["default"] += probe_plan(n_rat, think, default, (key,), [0] * K).valid.sum(-1).tolist()
+            for n, th in zip(n_rat.tolist(), think.tolist()):
+                if n >= 2 * c.mi_budget:
+                    long_tokens.append(n)
+                    think_density.append(sum(th[:n]) / n)
     r = {"mi_source": source, "mi_instances": len(batches), "mi_long_rationale_tokens": statistics.mean(long_tokens) if long_tokens else None,
-         "mi_long_think_density": statistics.mean(think_density) if think_density else None}
-    for name, pairs in rows.items():
-        r[f"mi_tau_{name}"] = statistics.mean(kendall_tau(e, s) for e, s in pairs)
-        r[f"mi_rel_err_{name}"] = statistics.mean(abs(s_ - e_) / e_ for e, s in pairs for e_, s_ in zip(e, s) if e_ > 0)
-        r[f"mi_rel_err_long_{name}"] = statistics.mean(abs(s[-1] - e[-1]) / e[-1] for e, s in pairs if e[-1] > 0)
-        r[f"mi_top1_{name}"] = statistics.mean(max(range(len(e)), key=e.__getitem__) == max(range(len(s)), key=s.__getitem__)
-                                               for e, s in pairs)
-    for name, n in probes.items():
-        r[f"mi_probes_{name}"] = statistics.mean(n)
+         "mi_long_think_density": statistics.mean(think_density) if think_density else None,
+         "mi_tau_default": statistics.mean(kendall_tau(e, s) for e, s in pairs),
+         "mi_rel_err_default": statistics.mean(abs(s_ - e_) / e_ for e, s in pairs for e_, s_ in zip(e, s) if e_ > 0),
+         "mi_rel_err_long_default": statistics.mean(abs(s[-1] - e[-1]) / e[-1] for e, s in pairs if e[-1] > 0),
+         "mi_top1_default": statistics.mean(max(range(len(e)), key=e.__getitem__) == max(range(len(s)), key=s.__getitem__)
+                                            for e, s in pairs)}
+    r.update({f"mi_probes_{name}": statistics.mean(n) for name, n in probes.items()})
     r.update({f"mi_probe_s_{k}": v for k, v in secs.items()})
     return r
 

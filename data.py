@@ -15,6 +15,7 @@ normalisation, numbers numerically), multi-turn training data, tool-calling temp
 beyond what the checkpoint's own template renders, and generation itself (model.py).
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -76,6 +77,22 @@ def write_jsonl(path, rows):
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def derive_seed(*parts):
+    """A 63-bit seed as a pure function of its parts (ints, strings): every random stream of a run is seeded
+    so (dropout by seed, step, rank; data order by seed, epoch; S_MI's sample; a rationale sample)."""
+    return int.from_bytes(hashlib.sha256("\0".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+@contextmanager
+def user_errors(prog):
+    """Bad input (files, flags, data) ends the program with one line `PROG: error: ...` and exit 2, no traceback."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, RecursionError) as e:  # DataError is a ValueError
+        print(f"{prog}: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def add_config_args(parser, cls):
     """One flag per field of the dataclass cls (`max_len` -> `--max-len`; a bool is a switch),
     default = the field's default; returns the field names."""
@@ -97,6 +114,17 @@ def _read_text(path):
             return f.read()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_json(path):
+    """A JSON object file (a config, a summary); unreadable or malformed, DataError names the file."""
+    try:
+        obj = json.loads(_read_text(path))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: not a JSON object")
+    return obj
 
 
 def _jsonl(path, torn_tail=False):
@@ -562,7 +590,7 @@ def shard_indices(n, epoch, seed, rank, world_size, batch_size=1):
     so every rank gets the same number of items and steps."""
     if n == 0:
         return []
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch))
     perm = torch.randperm(n, generator=g).tolist()
     total = -(-n // (world_size * batch_size)) * world_size * batch_size
     return [perm[i % n] for i in range(total)][rank::world_size]
@@ -597,7 +625,7 @@ def _benchmark_row(task, i, row):
         key = row.get("Record ID") or f"gpqa-{i}"
         options = [row["Correct Answer"]] + [row[f"Incorrect Answer {j}"] for j in (1, 2, 3)]
         order = list(range(4))
-        random.Random(f"gpqa:{key}").shuffle(order)  # fixed per item: runs stay comparable
+        random.Random(derive_seed("gpqa", key)).shuffle(order)  # fixed per item: runs stay comparable
         letters = "ABCD"
         labelled = [(letters[j], options[o].strip()) for j, o in enumerate(order)]
         return key, _choices(row["Question"], labelled), letters[order.index(0)]
@@ -809,7 +837,7 @@ def main(argv=None):
     c.add_argument("--model", help="a model/tokenizer directory, for token lengths")
     c.add_argument("--skip-bad", action="store_true", help="drop bad lines (counted) instead of stopping")
     args = p.parse_args(argv)
-    try:
+    with user_errors("data.py " + args.command):
         if args.command == "build":
             teachers = []
             for spec in args.teacher:
@@ -827,9 +855,6 @@ def main(argv=None):
                   f"({report['instances']['dropped']} with under {args.min_teachers} rationales dropped)")
         else:
             print("\n".join(check(args.file, args.model, args.skip_bad)))
-    except (ValueError, OSError) as e:  # DataError, a missing file, a tokenizer without template
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from tokenizers import decoders, models
 
 from compact import CompactConfig
 from data import write_json, write_jsonl
-from eval import accuracy_sem, evaluate, plot, teacher_dynamics
-from lora import load_student
+from analysis import plot, teacher_dynamics
+from eval import accuracy_sem, evaluate, load_student
 from model import ModelArgs, Transformer
 from tokenizer import BUILTIN_TEMPLATES
 from train import TrainConfig, print0, run_job, train
@@ -314,7 +314,7 @@ def main(argv=None):
     # One thread: a 0.4M-parameter model gains nothing from a second one, and a second thread per
     # process oversubscribes the cores (under torchrun, or next to other jobs) and runs ~5x slower.
     torch.set_num_threads(1)
-    run_job(demo, a)
+    run_job(demo, a, prog="demo.py")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """LoRA for the student: wrap, save and load PEFT adapters, merge, and MoT averaging.
 
-apply_lora wraps the attention and MLP projections in place. The base keeps its Hugging
-Face parameter names and LoRA adds PEFT's (`...q_proj.lora_A.weight`), so an adapter
-directory written here is a PEFT directory, and one that PEFT writes loads here.
+apply_lora wraps the attention and MLP projections in place. The base keeps its Hugging Face
+parameter names and LoRA adds PEFT's (`...q_proj.lora_A.weight`), so an adapter directory
+written here is a PEFT directory, and one that PEFT writes loads here.
 
     apply_lora(model, rank=16, alpha=32)            # freezes the base, returns wrapped names
     save_adapter(model, "out/adapter", base_model="Qwen/Qwen2.5-1.5B-Instruct")
@@ -18,18 +18,15 @@ The LoRA branch of one wrapped projection (x [.., in] -> y [.., out]):
                                kaiming    alpha/r    zeros
                                           (rsLoRA: alpha/√r)
 
-B starts at zero, so a fresh adapter is the identity. A and B stay fp32 under a bf16
-base; the sum is taken in fp32 and cast back once, as PEFT does. Under autocast x is not
-cast to fp32: the matmuls run in the autocast dtype whatever their inputs, so that copy
-would be thrown away. The scale multiplies the r-wide A·x, not the out-wide result (a
-[.., out] pass less, forward and backward: 14% of the LoRA projections' time on 2 CPU cores).
+B starts at zero, so a fresh adapter is the identity. A and B stay fp32 under a bf16 base; the
+sum is taken in fp32 and cast back once, as PEFT does. Under autocast x is not cast to fp32 (the
+matmuls run in the autocast dtype anyway), and the scale multiplies the r-wide A·x.
 
-Left out: LoRA on lm_head and the embeddings (tied in Qwen2.5-1.5B and SmolLM2, a merge
-would change both), DoRA, per-module rank/alpha patterns, LoRA biases, modules_to_save,
-regex target_modules. Adapter configs that use any of them raise.
+Left out: LoRA on lm_head and the embeddings (tied in Qwen2.5-1.5B and SmolLM2, a merge would
+change both), DoRA, per-module rank/alpha patterns, LoRA biases, modules_to_save, regex
+target_modules. Adapter configs that use any of them raise.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -39,19 +36,21 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from data import atomic_path, write_json
+from data import atomic_path, read_json, user_errors, write_json
 from model import Transformer
-from tokenizer import Tokenizer, copy_tokenizer
+from tokenizer import copy_tokenizer
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFIX = "base_model.model."  # PEFT's saved key = PREFIX + our state-dict key
 DTYPES = ("bfloat16", "float16", "float32")
+UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern",
+               "layers_to_transform")
 
 
 class LoRALinear(nn.Module):
     """y = x W^T + b + scale · B(A(dropout(x))), keeping the base `weight` / `bias` names.
 
-    A and B are created fp32 whatever the base dtype; cast the base before apply_lora (model.to(dtype) casts them too).
+    A and B are fp32 whatever the base dtype; cast the base before apply_lora (model.to(dtype) casts them too).
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
@@ -60,10 +59,9 @@ class LoRALinear(nn.Module):
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
         self.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-        dev = base.weight.device
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=dev, dtype=torch.float32)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=dev, dtype=torch.float32)
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init
         nn.init.zeros_(self.lora_B.weight)
 
@@ -71,11 +69,12 @@ class LoRALinear(nn.Module):
         y = nn.functional.linear(x, self.weight, self.bias)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)
-        delta = self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scale)
-        return (y + delta).to(y.dtype)
+        return (y + self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scale)).to(y.dtype)
 
-    def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
+
+def is_lora_key(name):
+    """A LoRA parameter's state-dict (or PEFT) key: `...q_proj.lora_A.weight`, `...lora_B.weight`."""
+    return ".lora_A." in name or ".lora_B." in name
 
 
 def lora_modules(model):
@@ -83,28 +82,22 @@ def lora_modules(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def _replace(model, name, new):
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, new)
-
-
 def apply_lora(model, rank=16, alpha=32, dropout=0.05, targets=TARGETS, use_rslora=False):
     """Wrap every nn.Linear whose name ends in one of `targets`, freeze all else; return the names."""
     if lora_modules(model):
         raise ValueError("the model already has LoRA applied")
-    targets = list(targets)
-    known = {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)} & set(TARGETS)
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    known, targets = {n.rpartition(".")[2] for n in linear} & set(TARGETS), list(targets)
     if not targets or not set(targets) <= known:
         raise ValueError(f"unknown LoRA target modules {sorted(set(targets) - known) or targets} "
                          f"(supported: {', '.join(t for t in TARGETS if t in known)})")
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] in targets]
-    for name in names:
-        # A new module starts in train mode; follow the model's, or an eval() model would run dropout.
-        _replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, use_rslora).train(model.training))
+    names = [n for n in linear if n.rpartition(".")[2] in targets]
+    for name in names:  # a new module starts in train mode: follow the model's, or eval() would run dropout
+        lora = LoRALinear(model.get_submodule(name), rank, alpha, dropout, use_rslora)
+        model.set_submodule(name, lora.train(model.training))
     for name, p in model.named_parameters():
-        p.requires_grad = ".lora_A." in name or ".lora_B." in name
-    model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,
-                         "use_rslora": use_rslora}
+        p.requires_grad = is_lora_key(name)
+    model.lora_config = dict(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, use_rslora=use_rslora)
     return names
 
 
@@ -112,11 +105,10 @@ def merge_lora(model):
     """Fold scale · B A into each base weight (in fp32, cast once to the base dtype); unwrap."""
     with torch.no_grad():
         for name, m in lora_modules(model):
-            delta = m.scale * (m.lora_B.weight.float() @ m.lora_A.weight.float())  # (out, in)
-            m.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))
+            m.weight.copy_((m.weight.float() + m.scale * m.lora_B.weight.float() @ m.lora_A.weight.float()).to(m.weight.dtype))
             plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
             plain.weight, plain.bias = m.weight, m.bias
-            _replace(model, name, plain)
+            model.set_submodule(name, plain)
     model.__dict__.pop("lora_config", None)
     return model
 
@@ -124,56 +116,46 @@ def merge_lora(model):
 # --- adapter directories (PEFT format) ---
 
 def save_adapter(model, path, base_model=""):
-    """Write adapter_config.json + adapter_model.safetensors with PEFT's key names."""
+    """Write adapter_config.json + adapter_model.safetensors into `path` with PEFT's key names. Callers
+    that replace a directory whole wrap this in data.atomic_path (train.py's checkpoints do)."""
     if not lora_modules(model):
         raise ValueError("the model has no LoRA to save (call apply_lora first)")
-    tensors = {PREFIX + k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    tensors = {PREFIX + k: v for k, v in model.state_dict().items() if is_lora_key(k)}
     _write_adapter(path, {**model.lora_config, "base_model_name_or_path": base_model}, tensors)
 
 
 def _write_adapter(path, settings, tensors):
-    """adapter_config.json + adapter_model.safetensors, written beside `path` and renamed in whole."""
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "bias": "none", "fan_in_fan_out": False,
-              "modules_to_save": None, "use_dora": False, "inference_mode": True, **settings}
-    with atomic_path(path) as tmp:
-        os.makedirs(tmp)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                  os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
-        write_json(os.path.join(tmp, "adapter_config.json"), config)
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+              os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_json(os.path.join(path, "adapter_config.json"), {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "bias": "none", "fan_in_fan_out": False,
+        "modules_to_save": None, "use_dora": False, "inference_mode": True, **settings})
 
 
 def read_adapter(path):
     """(config, tensors keyed by our state-dict names) of a PEFT LoRA directory, checked."""
-    config_file, weights_file = os.path.join(path, "adapter_config.json"), os.path.join(path, "adapter_model.safetensors")
-    for file in (config_file, weights_file):
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{path}: not an adapter directory ({os.path.basename(file)} is missing; "
-                                    "weights load only from safetensors)")
-    try:
-        with open(config_file) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{config_file}: not a JSON object")
-    for key in ("r", "lora_alpha"):
-        value = cfg.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (key == "r" and value != int(value)):
-            raise ValueError(f"{config_file}: {key} must be a positive {'integer' if key == 'r' else 'number'}, got {value!r}")
-    bad = [f"{k}={cfg.get(k)!r}" for k in ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "rank_pattern",
-                                           "alpha_pattern", "layers_to_transform") if cfg.get(k)]
+    config_file, weights_file = (os.path.join(path, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
+    if lost := [os.path.basename(f) for f in (config_file, weights_file) if not os.path.isfile(f)]:
+        raise FileNotFoundError(f"{path}: not an adapter directory ({lost[0]} is missing; weights load only from "
+                                "safetensors)")
+    cfg = read_json(config_file)
+    r, alpha, targets = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("target_modules")  # PEFT saves a list
+    positive = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+    bad = [f"{k}={cfg.get(k)!r}" for k in UNSUPPORTED if cfg.get(k)]
     bad += [f"{k}={cfg.get(k)!r}" for k, ok in (("peft_type", "LORA"), ("bias", "none")) if cfg.get(k, ok) != ok]
-    if bad:
-        raise ValueError(f"{config_file}: unsupported setting {', '.join(bad)} (only plain LoRA: peft_type LORA, bias none)")
-    targets = cfg.get("target_modules")  # PEFT saves a list even for "all-linear"
-    if not isinstance(targets, list) or not set(targets) <= set(TARGETS) or not targets:
-        raise ValueError(f"{config_file}: unknown target_modules {targets!r} (supported: {', '.join(TARGETS)})")
+    for problem, message in ((not positive(r) or r != int(r), f"r must be a positive integer, got {r!r}"),
+                             (not positive(alpha), f"lora_alpha must be a positive number, got {alpha!r}"),
+                             (bad, f"unsupported setting {', '.join(bad)} (only plain LoRA: peft_type LORA, bias none)"),
+                             (not isinstance(targets, list) or not targets or not set(targets) <= set(TARGETS),
+                              f"unknown target_modules {targets!r} (supported: {', '.join(TARGETS)})")):
+        if problem:
+            raise ValueError(f"{config_file}: {message}")
     try:
         tensors = load_file(weights_file)
     except SafetensorError as e:
         raise ValueError(f"{weights_file}: not a readable safetensors file ({e})") from None
-    foreign = [k for k in tensors if not k.startswith(PREFIX)]
-    if foreign:
+    if foreign := [k for k in tensors if not k.startswith(PREFIX)]:
         raise ValueError(f"{weights_file}: tensor {foreign[0]!r} lacks PEFT's {PREFIX!r} prefix")
     return cfg, {k[len(PREFIX):]: v for k, v in tensors.items()}
 
@@ -188,15 +170,14 @@ def load_adapter(model, path):
                    "target_modules": sorted(c["target_modules"])} for c in (cfg, model.lora_config))
     if want != have:
         raise ValueError(f"{path}: adapter settings {want} differ from the model's LoRA {have}")
-    expected = {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    expected = {k: v for k, v in model.state_dict().items() if is_lora_key(k)}
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
         raise ValueError(f"{path}: adapter does not fit this model: {len(missing)} tensors missing (e.g. {missing[:2]}), "
                          f"{len(extra)} unexpected (e.g. {extra[:2]})")
-    for k, v in tensors.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(f"{path}: {PREFIX}{k} has shape {tuple(v.shape)} but the model expects "
-                             f"{tuple(expected[k].shape)} (an adapter for another base model?)")
+    if k := next((k for k in tensors if tensors[k].shape != expected[k].shape), None):
+        raise ValueError(f"{path}: {PREFIX}{k} has shape {tuple(tensors[k].shape)} but the model expects "
+                         f"{tuple(expected[k].shape)} (an adapter for another base model?)")
     with torch.no_grad():
         for k, v in tensors.items():
             expected[k].copy_(v)
@@ -204,74 +185,44 @@ def load_adapter(model, path):
 
 
 def average_adapters(dirs, out_dir, weights=None):
-    """MoT: write the exact weighted mean of K adapters as one adapter of rank Σ r_k.
+    """MoT: the exact weighted mean of K adapters as one adapter of rank Σ r_k, replacing out_dir whole.
 
-    scale_out · B_cat A_cat = Σ_k w_k scale_k B_k A_k with A_cat = [A_1; ..; A_K] (rank dim) and
-    B_cat = [c_1 B_1, .., c_K B_K], c_k = w_k scale_k / scale_out. Decision: the output has
-    lora_alpha = r_out and no rsLoRA, so scale_out = 1 and c_k = w_k scale_k: exact for any mix of
-    ranks, alphas and rsLoRA, with an integer alpha. Weights are normalised to sum to 1.
+    scale_out · B_cat A_cat = Σ_k w_k scale_k B_k A_k with A_cat = [A_1; ..; A_K] and B_cat = [c_1 B_1, ..],
+    c_k = w_k scale_k / scale_out. Decision: lora_alpha = r_out, no rsLoRA, so scale_out = 1: exact for any
+    mix of ranks, alphas and rsLoRA, with an integer alpha. Weights are normalised to sum to 1.
     """
-    if len(dirs) < 1:
-        raise ValueError("average needs at least one adapter directory")
     weights = [1.0] * len(dirs) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(dirs) or not all(math.isfinite(w) for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights {weights} must be {len(dirs)} finite numbers with a positive sum")
-    weights = [w / sum(weights) for w in weights]
+    if not dirs or len(weights) != len(dirs) or not all(map(math.isfinite, weights)) or sum(weights) <= 0:
+        raise ValueError(f"weights {weights} must be {len(dirs)} finite numbers with a positive sum (one per adapter)")
     adapters = [read_adapter(d) for d in dirs]
     cfg0, t0 = adapters[0]
     for d, (cfg, t) in zip(dirs[1:], adapters[1:]):
-        if set(cfg["target_modules"]) != set(cfg0["target_modules"]) or set(t) != set(t0):
-            raise ValueError(f"{d}: targets or layers differ from {dirs[0]} "
-                             f"({sorted(cfg['target_modules'])} vs {sorted(cfg0['target_modules'])})")
+        if set(t) != set(t0):
+            raise ValueError(f"{d}: targets or layers differ from {dirs[0]} ({sorted(cfg['target_modules'])} vs "
+                             f"{sorted(cfg0['target_modules'])})")
         for k in t:  # A's input dim and B's output dim are the base's shape; the rank may differ
-            dim = 1 if ".lora_A." in k else 0
-            if t[k].shape[dim] != t0[k].shape[dim]:
+            if t[k].shape[".lora_A." in k] != t0[k].shape[".lora_A." in k]:
                 raise ValueError(f"{d}: {PREFIX}{k} has shape {tuple(t[k].shape)}, {dirs[0]} has "
                                  f"{tuple(t0[k].shape)}: adapters of different base models")
-    scales = [c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"]) for c, _ in adapters]
-    out = {PREFIX + k: torch.cat([t[k].float() for _, t in adapters], dim=0)  # A_cat (Σr, in)
-           if ".lora_A." in k else
-           torch.cat([w * s * t[k].float() for w, s, (_, t) in zip(weights, scales, adapters)], dim=1)  # B_cat (out, Σr)
-           for k in t0}
+    scales = [w / sum(weights) * c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"])
+              for w, (c, _) in zip(weights, adapters)]
+    out = {PREFIX + k: torch.cat([t[k].float() for _, t in adapters]) if ".lora_A." in k else  # A_cat (Σr, in)
+           torch.cat([s * t[k].float() for s, (_, t) in zip(scales, adapters)], dim=1) for k in t0}  # B_cat (out, Σr)
     r_out = sum(c["r"] for c, _ in adapters)
-    _write_adapter(out_dir, {"r": r_out, "lora_alpha": r_out, "lora_dropout": cfg0.get("lora_dropout", 0.0),
+    with atomic_path(out_dir) as tmp:
+        _write_adapter(tmp, {"r": r_out, "lora_alpha": r_out, "lora_dropout": cfg0.get("lora_dropout", 0.0),
                              "target_modules": cfg0["target_modules"], "use_rslora": False,
                              "base_model_name_or_path": cfg0.get("base_model_name_or_path", "")}, out)
 
 
-# --- loading a student ---
-
-def load_student(model_dir, adapter=None, dtype="float32", device="cpu"):
-    """Transformer (+ LoRA adapter) in eval mode, and the tokenizer of the model directory."""
-    tok = Tokenizer.from_pretrained(model_dir)
-    model = Transformer.from_pretrained(model_dir, dtype=getattr(torch, dtype), device=device)
-    if model.args.vocab_size < tok.vocab_size:
-        raise ValueError(f"{model_dir}: tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
-    if adapter:
-        load_adapter(model, adapter)
-    return model.eval(), tok
-
-
-# --- CLI ---
-
-def _check_out(out, marker, overwrite):
-    """--out must be new or empty; with --overwrite, also a directory of the same kind (holding `marker`)."""
-    if not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
-        return
-    if not os.path.isdir(out) or not os.path.isfile(os.path.join(out, marker)):
-        raise ValueError(f"--out {out} exists and is not an empty directory or one with {marker}; refusing to touch it")
-    if not overwrite:
-        raise ValueError(f"--out {out} already holds {marker}; pass --overwrite to replace it")
-
-
 def merge_to_dir(model_dir, adapter_dir, out, dtype=None):
-    """Base + adapter -> a plain Hugging Face model directory, written beside `out` then renamed in."""
+    """Base + adapter -> a plain Hugging Face model directory, replacing `out` whole (no stale shard survives)."""
     model = Transformer.from_pretrained(model_dir, dtype=torch.float32)  # fp32 whole: 4 bytes a parameter
     dtype = dtype or model.config.get("dtype") or model.config.get("torch_dtype") or "float32"
     if dtype not in DTYPES:
         raise ValueError(f"{model_dir}/config.json: dtype {dtype!r} is not one of {DTYPES}; pass --dtype")
     merge_lora(load_adapter(model, adapter_dir)).to(getattr(torch, dtype))
-    with atomic_path(out) as tmp:  # swapped whole, so no stale shard of an old model survives
+    with atomic_path(out) as tmp:
         model.save_pretrained(tmp)
         copy_tokenizer(model_dir, tmp)
 
@@ -282,28 +233,27 @@ def main(argv=None):
     m = sub.add_parser("merge", help="write base + adapter as a plain Hugging Face model directory")
     m.add_argument("--model", required=True, help="base model directory")
     m.add_argument("--adapter", required=True, help="PEFT adapter directory")
-    m.add_argument("--out", required=True, help="output model directory (new or empty)")
     m.add_argument("--dtype", choices=DTYPES, help="default: the base checkpoint's")
     a = sub.add_parser("average", help="exact weighted mean of adapters as one adapter of summed rank")
     a.add_argument("adapters", nargs="+", help="PEFT adapter directories")
-    a.add_argument("--out", required=True, help="output adapter directory (new or empty)")
-    a.add_argument("--weights", help="comma-separated, one per adapter, normalised to sum 1 (default: equal)")
-    for sp in (m, a):
+    a.add_argument("--weights", type=lambda s: [float(w) for w in s.split(",")],
+                   help="comma-separated numbers, one per adapter, normalised to sum 1 (default: equal)")
+    for sp, marker in ((m, "config.json"), (a, "adapter_config.json")):
+        sp.add_argument("--out", required=True, help=f"output directory: new, empty, or with --overwrite one with {marker}")
         sp.add_argument("--overwrite", action="store_true", help="replace an existing --out of the same kind")
+        sp.set_defaults(marker=marker)
     args = p.parse_args(argv)
-    try:
+    with user_errors(f"lora.py {args.cmd}"):
+        if os.path.exists(args.out) and not (os.path.isdir(args.out) and not os.listdir(args.out)):
+            if not os.path.isfile(os.path.join(args.out, args.marker)):
+                raise ValueError(f"--out {args.out} exists and is not an empty directory or one with {args.marker}; "
+                                 "refusing to touch it")
+            if not args.overwrite:
+                raise ValueError(f"--out {args.out} already holds {args.marker}; pass --overwrite to replace it")
         if args.cmd == "merge":
-            _check_out(args.out, "config.json", args.overwrite)
             merge_to_dir(args.model, args.adapter, args.out, args.dtype)
         else:
-            try:
-                weights = [float(w) for w in args.weights.split(",")] if args.weights else None
-            except ValueError:
-                raise ValueError(f"--weights {args.weights!r}: expected comma-separated numbers") from None
-            _check_out(args.out, "adapter_config.json", args.overwrite)
-            average_adapters(args.adapters, args.out, weights)
-    except (OSError, ValueError, KeyError) as e:
-        p.exit(2, f"lora.py {args.cmd}: error: {e.args[0] if isinstance(e, KeyError) else e}\n")
+            average_adapters(args.adapters, args.out, args.weights)
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 
 from compact import TEACHER_STATS, CompactConfig, compact_loss, teacher_means, teacher_sums
-from data import (THINKING_WORDS, DataError, add_config_args, atomic_path, collate, config_from_args, encode_dataset,
-                  load_multi_teacher, read_jsonl, shard_indices, teacher_names, write_json, write_jsonl)
+from data import (THINKING_WORDS, DataError, add_config_args, atomic_path, collate, config_from_args, derive_seed,
+                  encode_dataset, load_multi_teacher, read_jsonl, shard_indices, teacher_names, user_errors, write_json,
+                  write_jsonl)
 from lora import apply_lora, average_adapters, load_adapter, merge_to_dir, read_adapter, save_adapter
 from model import Transformer, compile_blocks
 from tokenizer import Tokenizer, copy_tokenizer
@@ -138,7 +139,8 @@ def save_checkpoint(raw, optimizer, step, cfg, meta):
 
 
 def save_weights(raw, path, cfg):
-    """The trained weights: a PEFT adapter, or with --full-ft a complete model directory."""
+    """The trained weights into `path`: a PEFT adapter, or with --full-ft a complete model directory.
+    Callers replace the directory whole (atomic_path), once."""
     if cfg.full_ft:
         raw.save_pretrained(path)
         copy_tokenizer(cfg.model, path)
@@ -216,19 +218,19 @@ def build_model(cfg, device, resume_dir=None):
 
 # --- the run, in phases: data, resume, model, loop, finish ---
 
-def load_data(cfg):
-    """(tokenizer, encoded instances, data stats with the sorted teacher list)."""
-    tok = Tokenizer.from_pretrained(cfg.model)
-    instances = load_multi_teacher(cfg.data, skip_bad=cfg.skip_bad)
-    subset = [t.strip() for t in cfg.teachers.split(",") if t.strip()] or None
-    words = [w.strip() for w in cfg.thinking_words.split(",") if w.strip()] or THINKING_WORDS
-    encoded, stats = encode_dataset(instances, tok, teachers=subset, max_len=cfg.max_len, thinking_words=words)
+def load_data(model, data, max_len, teachers="", thinking_words="", skip_bad=False, limit=None):
+    """(tokenizer, encoded instances, data stats with the sorted teacher list) of a multi-teacher file, for
+    --model's tokenizer; what was dropped for --max-len is reported on stderr (train.py, analysis.py score)."""
+    tok = Tokenizer.from_pretrained(model)
+    instances = load_multi_teacher(data, skip_bad=skip_bad)[:limit]
+    subset = [t.strip() for t in teachers.split(",") if t.strip()] or None
+    words = [w.strip() for w in thinking_words.split(",") if w.strip()] or THINKING_WORDS
+    encoded, stats = encode_dataset(instances, tok, teachers=subset, max_len=max_len, thinking_words=words)
     if not encoded:
-        raise DataError(f"{cfg.data}: no instance has a branch that fits --max-len {cfg.max_len}")
+        raise DataError(f"{data}: no instance has a branch that fits --max-len {max_len}")
     print0(f"data: {len(encoded)} instances, {stats.get('branches', 0)} branches, teachers {', '.join(stats['teachers'])}"
-           f" | dropped {stats.get('dropped_branches', 0)} branches and"
-           f" {stats.get('dropped_instances', 0)} instances longer than --max-len {cfg.max_len}"
-           f" (per teacher: {stats.get('dropped_per_teacher', {})})")
+           f" | dropped {stats.get('dropped_branches', 0)} branches and {stats.get('dropped_instances', 0)} instances"
+           f" longer than --max-len {max_len} (per teacher: {stats.get('dropped_per_teacher', {})})", file=sys.stderr)
     return tok, encoded, stats
 
 
@@ -263,7 +265,7 @@ def step_record(step, s, dt, t_start, lr, teachers, steps_per_epoch, n_step):
 def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.device("cpu")):
     """Run one training job in an already set-up process group; rank 0 writes every file."""
     t_start = time.time()
-    tok, encoded, data_stats = load_data(cfg)
+    tok, encoded, data_stats = load_data(cfg.model, cfg.data, cfg.max_len, cfg.teachers, cfg.thinking_words, cfg.skip_bad)
     teachers = data_stats["teachers"]
     per_rank_step = cfg.batch_size * cfg.grad_accum
     n_step = per_rank_step * world  # instances per optimizer step, all ranks together
@@ -303,7 +305,7 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
         mine = order[pos * per_rank_step:(pos + 1) * per_rank_step]
         micro = [collate([encoded[j] for j in mine[m * cfg.batch_size:(m + 1) * cfg.batch_size]], tok.pad_id)
                  for m in range(cfg.grad_accum)]
-        torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)  # dropout: a function of (step, rank)
+        torch.manual_seed(derive_seed(cfg.seed, step, rank))  # dropout: a function of (seed, step, rank)
         t0, lr = time.time(), lr_at(step, total, cfg)
         s = train_step(model, optimizer, micro, lr, n_step, len(teachers), cfg, ccfg, device, autocast,
                        rng_key=(cfg.seed, step, rank))  # S_MI's sample, like dropout: a function of (step, rank)
@@ -436,17 +438,15 @@ def main(argv=None):
     run_job(mot if cfg.mot_rounds else train, cfg, ccfg)
 
 
-def run_job(job, *args):
-    """job(*args, rank, world, device) in torchrun's process group (or a plain process): bad input
-    (files, flags, data) exits 2 with its message and no traceback, a non-finite stop exits 1."""
+def run_job(job, *args, prog="train.py"):
+    """job(*args, rank, world, device) in torchrun's process group (or a plain process): bad input (files,
+    flags, data) exits 2 with its message and no traceback (data.user_errors), a non-finite stop exits 1."""
     rank, world, device = setup_dist()
     try:
-        return job(*args, rank, world, device)
-    except (FileNotFoundError, KeyError, ValueError) as e:  # DataError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        with user_errors(prog):
+            return job(*args, rank, world, device)
     except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
         cleanup_dist()

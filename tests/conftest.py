@@ -1,5 +1,6 @@
 """Shared fixtures: tiny seeded models, nothing downloaded."""
 import os
+import shutil
 import sys
 
 import pytest
@@ -68,3 +69,15 @@ def tiny_tokenizer_dir(tmp_path_factory):
              "Tom has 5 apples. How many apples does he have now? Please reason step by step.",
              "The answer is $\\boxed{\\frac{1}{2}}$. Since x = 4, hence y = 8; thus z = 9."] * 4
     return tokenizer.write_tokenizer(str(tmp_path_factory.mktemp("tiny_tokenizer")), texts, vocab_size=400)
+
+
+@pytest.fixture
+def student_dir(tmp_path, tiny_tokenizer_dir):
+    """A random tiny Qwen2 student whose vocabulary covers the tiny tokenizer, with its tokenizer files."""
+    import tokenizer
+    vocab = tokenizer.Tokenizer.from_pretrained(tiny_tokenizer_dir).vocab_size
+    path = str(tmp_path / "student")
+    random_model(tiny_config(vocab_size=vocab)).save_pretrained(path)
+    for name in os.listdir(tiny_tokenizer_dir):
+        shutil.copy(os.path.join(tiny_tokenizer_dir, name), path)
+    return path

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from compact import (CompactConfig, adaptability_scores, answer_logprobs, compact_loss, consensus_scores,
-                     difficulty_scores, fuse_weights, hash_uniform, mcon_loss, mi_estimate, probe_keys, probe_log_likelihood, probe_plan,
-                     token_nll)
+                     difficulty_scores, fuse_weights, mcon_loss, mi_estimate, probe_log_likelihood, probe_plan,
+                     rationale_view, sample_keys, sampled_plan, token_nll)
 from model import ModelArgs, Transformer, rope_cos_sin
 
 V = 128
@@ -256,40 +256,46 @@ def test_mcon_loss_reference_and_detach():
 
 # --- the probe ---
 
+def as_columns(plan):
+    return torch.stack([plan.lin[0], plan.half_abs[0], plan.level[0]], -1)
+
+
 def test_probe_plan_exact_and_sampled():
-    # prompt of 3 tokens, rationale at positions 3..22 (20 tokens), thinking tokens at rationale index 6 and 13
-    T = 30
-    rat = torch.zeros(1, T, dtype=torch.bool)
-    rat[0, 3:23] = True
-    think = torch.zeros(1, T, dtype=torch.bool)
-    think[0, [3 + 6, 3 + 13, 25]] = True  # the one at 25 is outside the rationale: ignored
-    m = torch.where(think[0, 3:23], 1.0, 0.1)
-    for cfg in (CompactConfig(mi_budget=0), CompactConfig(mi_budget=21)):  # exact: every pair (t−1, t)
-        pos, valid, coef = probe_plan(rat, think, cfg)
-        assert pos.tolist() == [list(range(2, 23))] and valid.all()
+    # a rationale of 20 tokens with thinking tokens at rationale index 6 and 13 (tokens t = 7 and 14)
+    n_rat, think = torch.tensor([20]), torch.zeros(1, 20, dtype=torch.bool)
+    think[0, [6, 13]] = True
+    m = torch.where(think[0], 1.0, 0.1)
+    for cfg in (CompactConfig(mi_budget=0), CompactConfig(mi_budget=21)):  # exact: every prefix 0..20
+        plan = probe_plan(n_rat, think, cfg)
+        assert plan.prefix.tolist() == [list(range(21))] and plan.valid.all()
         half = torch.cat([torch.zeros(1), m / 2])  # max(d, 0) = d/2 + |d|/2
-        assert_close(coef[0], torch.stack([half, half, torch.zeros(21)], -1))
-    # Budget 12: I_0 and I_20 (positions 2, 22; o/2 = 0.05 on each, − and +), both thinking pairs
-    # (4 probes, scale 2/2: (θ − o)/2 = 0.45 on d, θ/2 = 0.5 on |d|) and one run of 4 others (5
-    # probes) out of the 5 runs, scaled 5/1 (o/2 · 5 = 0.25 on |d|). The keys pick run 2 (rationale
-    # 8..11, positions 11..14).
-    u_think, u_run = torch.rand(1, T), torch.ones(1, 8)
+        assert_close(as_columns(plan), torch.stack([half, half, torch.zeros(21)], -1))
+    # Budget 12: I_0 and I_20 (o/2 = 0.05 on each, − and +), both thinking pairs (4 probes, scale 2/2:
+    # (θ − o)/2 = 0.45 on d, θ/2 = 0.5 on |d|) and one run of 4 others (5 probes) out of the 5 runs,
+    # scaled 5/1 (o/2 · 5 = 0.25 on |d|). The keys pick run 2 (tokens 9..12, prefixes 8..12).
+    u_think, u_run = torch.rand(1, 20), torch.ones(1, 5)
     u_run[0, 2] = 0.0
-    pos, valid, coef = probe_plan(rat, think, CompactConfig(mi_budget=12), u_think, u_run)
-    assert pos.tolist() == [[2, 8, 9, 10, 11, 12, 13, 14, 15, 16, 22]] and valid.all()
+    cfg = CompactConfig(mi_budget=12)
+    plan = probe_plan(n_rat, think, cfg)  # exact_plan's rows are replaced by sampled_plan's where over budget
+    dense = sampled_plan(n_rat, think, cfg, u_think, u_run)
+    t = torch.arange(21)
+    probed = dense[0][0]
+    assert t[probed].tolist() == [0, 6, 7, 8, 9, 10, 11, 12, 13, 14, 20]
     lin = [0, 0, 0.45, 0, 0, 0, 0, 0, 0, 0.45, 0]
     half_abs = [0, 0, 0.5, 0, 0.25, 0.25, 0.25, 0.25, 0, 0.5, 0]
     level = [-0.05] + [0] * 9 + [0.05]
-    assert_close(coef[0], torch.tensor([lin, half_abs, level]).T)
+    assert_close(torch.stack([x[0][probed] for x in dense[1:]], -1), torch.tensor([lin, half_abs, level]).T)
+    assert plan.valid.sum() <= 12 and plan.prefix[0, 0] == 0 and plan.prefix[0, plan.valid[0]].max() == 20
     # Thinking share 0.3 of 12: 3 probes, so one of the two thinking pairs, scaled 2/1; then one run.
-    u_think[0, 16] = -1.0
-    pos, valid, coef = probe_plan(rat, think, CompactConfig(mi_budget=12, mi_think_share=0.3), u_think, u_run)
-    assert pos.tolist() == [[2, 10, 11, 12, 13, 14, 15, 16, 22]]
-    assert_close(coef[0, :, 0], torch.tensor([0, 0, 0, 0, 0, 0, 0, 0.9, 0]))
-    assert_close(coef[0, :, 1], torch.tensor([0, 0, 0.25, 0.25, 0.25, 0.25, 0, 1.0, 0]))
+    u_think[0, 13] = -1.0
+    dense = sampled_plan(n_rat, think, CompactConfig(mi_budget=12, mi_think_share=0.3), u_think, u_run)
+    probed = dense[0][0]
+    assert t[probed].tolist() == [0, 8, 9, 10, 11, 12, 13, 14, 20]
+    assert_close(dense[1][0][probed], torch.tensor([0, 0, 0, 0, 0, 0, 0, 0.9, 0]))
+    assert_close(dense[2][0][probed], torch.tensor([0, 0, 0.25, 0.25, 0.25, 0.25, 0, 1.0, 0]))
     # Budget 10 leaves room for one pair and one run, whatever the share: no stratum goes unsampled.
-    _, _, coef = probe_plan(rat, think, CompactConfig(mi_budget=10, mi_think_share=1.0), u_think, u_run)
-    assert (coef[0, :, 0] > 0).sum() == 1 and (coef[0, :, 1] == 0.25).sum() == 4
+    dense = sampled_plan(n_rat, think, CompactConfig(mi_budget=10, mi_think_share=1.0), u_think, u_run)
+    assert (dense[1][0] > 0).sum() == 1 and (dense[2][0] == 0.25).sum() == 4
 
 
 def test_estimate_from_plan_is_unbiased_and_exact_in_full():
@@ -297,33 +303,30 @@ def test_estimate_from_plan_is_unbiased_and_exact_in_full():
     directly, for heavy-tailed I with both strata sampled (pure tensors: the plan and the estimate
     alone); and the exact plan gives that sum to rounding."""
     g = torch.Generator().manual_seed(3)
-    T, n = 80, 4000
-    rat = torch.zeros(1, T, dtype=torch.bool)
-    rat[0, 5:75] = True
-    think = (torch.rand(1, T, generator=g) < 0.2) & rat
-    info = (torch.randn(T, generator=g) * torch.rand(T, generator=g) ** 3 * 4).cumsum(0)  # I after each position
-    dI = info[5:75] - info[4:74]
-    want = (torch.where(think[0, 5:75], 1.0, 0.1) * dI.clamp(min=0)).sum()
-    cfg = CompactConfig(mi_budget=24)
-    pos, _, coef = probe_plan(rat, think, CompactConfig(mi_budget=0))
-    assert_close(mi_estimate(info[pos], coef), want[None], atol=1e-5, rtol=1e-6)
-    b = torch.arange(n)[:, None]
-    u = probe_keys((0,), b, T)
-    pos, valid, coef = probe_plan(rat.expand(n, T), think.expand(n, T), cfg, *u)
-    assert valid.sum(-1).max() <= 24  # the budget holds
-    est = mi_estimate(info[pos], coef)
+    R, n = 70, 4000
+    think = torch.rand(1, R, generator=g) < 0.2
+    info = (torch.randn(R + 1, generator=g) * torch.rand(R + 1, generator=g) ** 3 * 4).cumsum(0)  # I_0..I_R
+    want = (torch.where(think[0], 1.0, 0.1) * (info[1:] - info[:-1]).clamp(min=0)).sum()
+    plan = probe_plan(torch.tensor([R]), think, CompactConfig(mi_budget=0))
+    assert_close(mi_estimate(info[plan.prefix], plan), want[None], atol=1e-5, rtol=1e-6)
+    plan = probe_plan(torch.full((n,), R), think.expand(n, R), CompactConfig(mi_budget=24), (0,), list(range(n)))
+    assert plan.valid.sum(-1).max() <= 24  # the budget holds
+    est = mi_estimate(info[plan.prefix], plan)
     assert est.std() > 0.05 * want  # really sampled
     assert abs(est.mean() - want) < 4 * est.std() / math.sqrt(n), (est.mean().item(), want.item())
 
 
 def test_sample_is_a_function_of_the_key_and_the_instance():
-    b, j = torch.tensor([[0], [1]]), torch.arange(50)
-    u = hash_uniform((7, 3, 0), 0, b, j)
-    assert u.shape == (2, 50) and 0 <= u.min() and u.max() < 1 and u.dtype == torch.float64
-    assert torch.equal(u, hash_uniform((7, 3, 0), 0, b, j))  # resume: the same sample
-    assert torch.equal(u[1], hash_uniform((7, 3, 0), 0, b[1:], j)[0])  # no dependence on other rows
-    assert not torch.equal(u, hash_uniform((7, 4, 0), 0, b, j)) and not torch.equal(u[0], u[1])
-    assert not torch.equal(u, hash_uniform((7, 3, 0), 1, b, j))  # the two strata draw apart
+    n_rat, think = torch.tensor([50, 30, 50]), torch.zeros(3, 50, dtype=torch.bool)
+    u, runs = sample_keys((7, 3, 0), [0, 0, 1], n_rat, think)
+    assert u.shape == (3, 50) and runs.shape == (3, 13) and 0 <= u.min() and u.max() <= 1
+    assert torch.equal(u, sample_keys((7, 3, 0), [0, 0, 1], n_rat, think)[0])  # resume: the same sample
+    assert torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])  # shared by an instance's branches
+    alone = sample_keys((7, 3, 0), [1], n_rat[2:], think[2:, :50])[0]  # no dependence on other instances
+    wider = sample_keys((7, 3, 0), [1], n_rat[2:], torch.zeros(1, 90, dtype=torch.bool))[0]  # nor on padding
+    assert torch.equal(alone[0], u[2]) and torch.equal(wider[0, :50], u[2])
+    assert not torch.equal(u, sample_keys((7, 4, 0), [0, 0, 1], n_rat, think)[0])
+    assert not torch.equal(u[0, :13], runs[0])  # the two strata draw apart
 
 
 @pytest.mark.parametrize("budget", [0, 10])
@@ -333,8 +336,9 @@ def test_probe_equals_naive_per_prefix_loop(budget):
     flat = lambda key: batch[key].view(B * K, T)
     with torch.no_grad():
         _, aux = model(flat("input_ids"), return_hidden=True, return_aux=True)
-        u = torch.rand(B * K, T), torch.rand(B * K, T)
-        pos, valid, _ = probe_plan(flat("rationale_mask"), flat("think_mask"), CompactConfig(mi_budget=budget), *u)
+        n_rat, think, start = rationale_view(flat("rationale_mask"), flat("think_mask"))
+        plan = probe_plan(n_rat, think, CompactConfig(mi_budget=budget), (0,))
+        pos, valid = start[:, None] - 1 + plan.prefix, plan.valid
         probe = batch["probe_ids"].repeat_interleave(K, 0), batch["probe_answer_mask"].repeat_interleave(K, 0)
         info = probe_log_likelihood(model, aux.kv, flat("attention_mask"), pos, valid, *probe)
         ref = torch.zeros_like(info)
@@ -387,9 +391,8 @@ def test_sampled_s_mi_is_unbiased():
     assert est.std() > 0.02 * exact  # really sampled
     se = est.std() / math.sqrt(len(est))
     assert abs(est.mean() - exact) < 4 * se, (est.mean().item(), exact.item(), se.item())
-    pos, valid, _ = probe_plan(batch["rationale_mask"][:, 0], batch["think_mask"][:, 0], cfg,
-                               torch.rand(B, T), torch.rand(B, T))
-    assert valid.sum(-1).max() <= 24  # the budget holds
+    plan = probe_plan(*rationale_view(batch["rationale_mask"][:, 0], batch["think_mask"][:, 0])[:2], cfg, (0,))
+    assert plan.valid.sum(-1).max() <= 24  # the budget holds
 
 
 def test_branches_of_an_instance_share_the_sample():
@@ -641,41 +644,3 @@ def test_ddp_style_wrapper_trains_through_the_wrapper():
     loss, _ = compact_loss(wrapped, batch, CompactConfig(mi_budget=10))
     assert wrapped.calls == 1
     assert_close(loss, compact_loss(model, batch, CompactConfig(mi_budget=10))[0])
-
-
-# --- the CLI ---
-
-def test_score_cli(tmp_path, tiny_tokenizer_dir, capsys):
-    import json
-    import os
-    import shutil
-
-    import compact
-    import tokenizer
-    import demo
-    from conftest import random_model, tiny_config
-
-    model_dir = str(tmp_path / "student")
-    random_model(tiny_config(vocab_size=tokenizer.Tokenizer.from_pretrained(tiny_tokenizer_dir).vocab_size)).save_pretrained(model_dir)
-    for name in os.listdir(tiny_tokenizer_dir):
-        shutil.copy(os.path.join(tiny_tokenizer_dir, name), model_dir)
-    demo.synth_pool(str(tmp_path / "pool"), n_train=3, n_test=1)
-    out = str(tmp_path / "scores.jsonl")
-    compact.main(["score", "--model", model_dir, "--data", str(tmp_path / "pool" / "train.jsonl"), "--out", out,
-                  "--batch-size", "2", "--mi-budget", "10"])
-    rows = [json.loads(line) for line in open(out)]
-    teachers = sorted({r["teacher"] for r in rows})
-    assert len(rows) == 3 * len(teachers) and set(rows[0]) == {"id", "teacher", "s_mi", "s_g", "s_d", "weight"}
-    for i in {r["id"] for r in rows}:
-        assert abs(sum(r["weight"] for r in rows if r["id"] == i) - 1) < 1e-5
-    table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["teacher", "n", "weight", "s_mi", "s_g", "s_d", "top", "dropped"]
-    assert [line.split()[0] for line in table[1:]] == teachers
-    assert sum(int(line.split()[-2]) for line in table[1:]) == 3  # one top teacher per instance
-
-    with pytest.raises(SystemExit) as e:  # bad input: a message and exit 2, no traceback
-        compact.main(["score", "--model", str(tmp_path / "nowhere"), "--data", out, "--out", out])
-    assert e.value.code == 2 and "error:" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        compact.main(["score", "--model", model_dir, "--data", str(tmp_path / "missing.jsonl"), "--out", out])
-    assert e.value.code == 2

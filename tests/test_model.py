@@ -320,6 +320,7 @@ def fake_hub(monkeypatch, tmp_path, tiny_tokenizer_dir):
 
 
 def test_hub_id_is_fetched_once_with_only_the_files_we_read(fake_hub, tmp_path, monkeypatch):
+    import eval as ev
     import lora
     import tokenizer
     repo, calls = fake_hub
@@ -332,7 +333,7 @@ def test_hub_id_is_fetched_once_with_only_the_files_we_read(fake_hub, tmp_path, 
     assert tok.encode("So 12") == tokenizer.Tokenizer.from_pretrained(repo).encode("So 12")
     cache = tokenizer.resolve_model_dir("org/tiny")
     assert calls == ["org/tiny"] and not {"pytorch_model.bin", "README.md"} & set(os.listdir(cache))
-    model, _ = lora.load_student("org/tiny")
+    model, _ = ev.load_student("org/tiny")
     lora.apply_lora(model, rank=2, alpha=4)
     lora.save_adapter(model, "adapter", base_model="org/tiny")
     lora.main(["merge", "--model", "org/tiny", "--adapter", "adapter", "--out", "merged"])  # tokenizer files copied too

@@ -310,7 +310,7 @@ def test_on_the_synthetic_pool_the_teacher_the_student_learned_from_is_the_easie
 # --- starting from an adapter; MoT rounds; teacher rationales to a trained student ---
 
 def student_logits(model_dir, adapter=None, ids=torch.arange(3, 40)[None]):
-    from lora import load_student
+    from eval import load_student
     model, _ = load_student(model_dir, adapter)
     with torch.no_grad():
         return model(ids)
