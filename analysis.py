@@ -21,10 +21,10 @@ from dataclasses import asdict, replace
 
 import torch
 
-from compact import (TEACHER_STATS, CompactConfig, compact_loss, mi_estimate, probe_log_likelihood, probe_plan,
-                     rationale_view, teacher_means, teacher_sums)
+from compact import (TEACHER_STATS, CompactConfig, compact_loss, mi_estimate, packed_forward, probe_information,
+                     probe_plan, rationale_view, teacher_means, teacher_sums)
 from data import (DataError, TASKS, add_config_args, collate, config_from_args, encode_instance, load_benchmark,
-                  load_multi_teacher, read_json, read_jsonl, user_errors, write_json, write_jsonl, write_text)
+                  load_multi_teacher, read_json, read_jsonl, to_device, user_errors, write_json, write_jsonl, write_text)
 from eval import TASK_ALIASES, chat_prompt, load_student, student_flags, task_name
 from lora import load_adapter
 from train import load_data
@@ -228,23 +228,17 @@ def run_pca_shift(a):
 # --- information-gain trace (SPEC §6, the paper's App. C) ---
 
 @torch.no_grad()
-def information_trace(model, tok, inst, teacher, chunk=256):
+def information_trace(model, tok, inst, teacher):
     """I_0..I_|R| = log p(y | x, r_≤t) along one rationale, exact (compact.py's probe at every prefix, Eq. 2).
 
     Returns (info [|R|+1], think [|R|] bool, token texts, S_MI by compact.mi_estimate); ΔI_t = info[t] − info[t−1].
-    The probe blocks see only the main pass and themselves, so `chunk` of them at a time is exact and bounds
-    the attention matrix of a long rationale.
     """
     enc = encode_instance(inst, tok, [teacher], max_len=10**9)
-    device = model.lm_head.weight.device
-    batch = {k: (v[:, 0] if v.dim() == 3 else v).to(device) for k, v in collate([enc], tok.pad_id).items()}  # (1, T)
-    n_rat, think, start = rationale_view(batch["rationale_mask"], batch["think_mask"])
+    batch = to_device(collate([enc]), model.lm_head.weight.device)
+    n_rat, think = rationale_view(batch)
     plan = probe_plan(n_rat, think, CompactConfig(mi_budget=0))
-    pos = start[:, None] - 1 + plan.prefix
-    _, aux = model(batch["input_ids"], return_hidden=True, return_aux=True)
-    info = torch.cat([probe_log_likelihood(model, aux.kv, batch["attention_mask"], pos[:, i:i + chunk],
-                                           plan.valid[:, i:i + chunk], batch["probe_ids"], batch["probe_answer_mask"])
-                      for i in range(0, pos.shape[1], chunk)], 1)  # (1, 1 + |R|)
+    _, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)
+    info = probe_information(model, aux.kv, batch, plan)  # (1, 1 + |R|)
     text = dict(inst.rationales)[teacher].strip()
     _, offsets = tok.encode_with_offsets(text)  # encode_instance tokenizes the stripped text the same way
     s_mi = float(mi_estimate(info, plan)[0] / n_rat[0].clamp(min=1))
@@ -350,7 +344,7 @@ def score(a, cfg):
     sums, top = torch.zeros(len(teachers), len(TEACHER_STATS) + 1), [0] * len(teachers)
     with torch.no_grad():
         for i in range(0, len(encoded), a.batch_size):
-            batch = {k: v.to(device) for k, v in collate(encoded[i:i + a.batch_size], tok.pad_id).items()}
+            batch = to_device(collate(encoded[i:i + a.batch_size]), device)
             _, st = compact_loss(model, batch, cfg, rng_key=(i,))  # S_MI's sample: fixed per batch
             sums += teacher_sums(st, batch["teacher"], batch["branch_mask"], len(teachers)).cpu()
             st = {k: st[k].float().cpu().tolist() for k in TEACHER_STATS}

@@ -1,29 +1,24 @@
-"""Speed of compact-ref: a COMPACT training step, the one-pass S_MI probe, transformers + PEFT.
+"""Speed of compact-ref on the shapes users have: a COMPACT training step, the one-pass S_MI probe and its
+agreement with exact Eq. 3, against transformers + PEFT on the same instances.
 
-    python bench.py [--json] [--threads 2] [--compile]   # default CPU shape: a table (or one JSON line)
-    python bench.py --device cuda --shape qwen2.5-1.5b --no-naive --no-hf
+    python bench.py [--json] [--threads 2] [--compile] [--mix long,equal] [--mi-model DIR] [--mi-sweep]
+    python bench.py --device cuda --shape qwen2.5-1.5b --mix long --no-naive --no-mi
 
-All synthetic: a Qwen2-shaped model with random weights (default "small": hidden 512, 8 layers, 8/2
-heads, intermediate 1408, vocab 32000, tied, 40M: issue 15's shape, where lm_head is 42% of the
-linear weights) and random ids laid out by data.collate (SPEC §9): a 32-token prompt, K rationales
-(branch 0 fills T, the others are up to 10% shorter) with a thinking mark on ~1 token in 32, then
-cue (4) ⊕ y (4) ⊕ close ⊕ eot. LoRA r=16, alpha=32, dropout 0 on all 7 projections; AdamW. A step
-is train.train_step (forward, backward, clipping, AdamW, stats sync) at compact.py's default
-CompactConfig (--mi-budget overrides its budget); "sft" is uniform weights without L_MCon, the
-plain LoRA SFT step set against transformers + PEFT (same weights, batch, dtype, optimizer and
-clipping; its loss shifts labels over full logits). --compile adds torch.compile'd blocks of both
-(model.compile_blocks; the layers of the PEFT model likewise) and reports the first two calls' time less two warm calls (compile, then a recompile: the first
-block's input needs no grad, the others' do).
-Timing: a warmup call of each configuration, then --repeats rounds running each --steps times in
-turn (load from other processes falls on all alike); the median round, and ratios as the median
-[min, max] of per-round ratios; cuda.synchronize around each. Peak memory per configuration: the
-most tensor memory one call holds above what was allocated before it (CUDA: the allocator's peak;
-CPU: the running sum of the profiler's allocation events, one extra untimed call). CUDA differs
-only in synchronize, the bf16 base and bf16 autocast (as train.py).
-MFU = model FLOPs of the LoRA training pass / step time / peak dense bf16 (989e12 H100/H200, 312e12
-A100), per real token 4·N_frozen + 6·N_lora (no weight gradients for the frozen base) + 12·L·T·C
-(attention, PaLM's term); N = linear weights incl. lm_head. The probe pass is not counted.
-Left out: multi-GPU, data loading and tokenisation, generation.
+Synthetic ids on a random Qwen2-shaped model ("small": hidden 512, 8 layers, 8/2 heads, intermediate 1408,
+vocab 32000, tied, 40M), LoRA r=16, alpha 32, dropout 0 on all 7 projections, AdamW. An instance is a 32-token
+prompt and K rationales with thinking marks, then cue (4) ⊕ y (4) ⊕ close ⊕ eot. Mixes (MIXES): "long", the
+long-CoT mix of four teachers, two instruct-style (about 40 and 80 tokens) and two long traces (about 400 and
+700), each ±25% per question, B = 4; "equal", K = 4 branches of --seq tokens (the others up to 10% shorter), B = 1.
+Per mix: supervised tokens/s of a COMPACT step (train.train_step: forward, backward, clipping, AdamW, stats sync),
+the tokens of the padded [B, K, T] layout and of the packed row, step peak memory with and without gradient
+checkpointing, COMPACT/uniform and the probe's share (alpha = 0 skips only the probe), and transformers + PEFT
+(the same weights, the batch padded to [B·K, T] as its users run it) over our plain LoRA SFT step.
+Timing: a warmup call, then --repeats rounds running each configuration --steps times in turn (load from other
+processes falls on all alike); the median round, ratios as the median [min, max] of per-round ratios. Peak memory:
+the most tensor memory a call holds above what was live before it (CUDA: the allocator; CPU: the profiler's
+allocation events). MFU = model FLOPs of the LoRA training pass / step time / peak dense bf16, per real token
+4·N_frozen + 6·N_lora + 12·L·T·C (N: linear weights incl. lm_head), probe not counted. S_MI agreement: see
+mi_agreement. Left out: multi-GPU, data loading and tokenisation, generation.
 """
 import argparse
 import contextlib
@@ -38,23 +33,26 @@ import resource
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from compact import CompactConfig, adaptability_scores, probe_log_likelihood, probe_plan, rationale_view, token_nll
+from compact import CompactConfig, mi_estimate, packed_forward, probe_information, probe_plan, rationale_view, token_nll
 from data import ANSWER, CLOSE, CUE, EOT, PROMPT, RATIONALE, EncodedInstance, Instance, add_config_args, collate, \
-    config_from_args
+    config_from_args, encode_dataset, to_device
 from lora import TARGETS, apply_lora
 from model import ModelArgs, Transformer, compile_blocks
 from train import TrainConfig, train_step
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
 SIZE_FIELDS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")  # Qwen2, tied embeddings
 SHAPES = {"small": (512, 8, 8, 2, 1408, 32000), "qwen2.5-1.5b": (1536, 28, 12, 2, 8960, 151936)}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, FLOP/s
 PROMPT_LEN, CUE_LEN, ANSWER_LEN = 32, 4, 4
+MIXES = {"long": ((40, 80, 400, 700), 0.25, 4), "equal": (None, 0.1, 1)}  # rationale lengths, spread, B
+LAWS = {"fixed 48": dict(mi_budget=48, mi_budget_frac=0.0, mi_budget_cap=0), "fixed 24": dict(
+    mi_budget=24, mi_budget_frac=0.0, mi_budget_cap=0), "16 + |R|/8, cap 96": dict(
+    mi_budget=16, mi_budget_frac=0.125, mi_budget_cap=96)}  # --mi-sweep: budget laws next to the default
 
 
 @dataclass
@@ -68,20 +66,19 @@ class BenchConfig:
     kv_heads: int = 0
     intermediate: int = 0
     vocab: int = 0
-    batch: int = 1  # instances per step (B)
-    branches: int = 4  # teacher rationales per instance (K)
-    seq: int = 256  # tokens of the longest branch (T)
+    mix: str = "long,equal"  # comma-separated MIXES to measure
+    seq: int = 256  # tokens of the longest branch of the "equal" mix
     steps: int = 1  # calls per configuration per round
     repeats: int = 3  # timed rounds after one warmup; the median is reported
     lora_rank: int = 16  # alpha = 2 * rank
-    mi_budget: int = CompactConfig.mi_budget  # COMPACT's S_MI probes per branch, in the step and in mi_agreement
     mi_questions: int = 8  # mi_agreement: instances (GSM8K questions), 4 rationales each
     mi_long_words: int = 380  # words of each long thinking-dense rationale (600+ tokens)
-    mi_keys: int = 16  # sampled estimates per instance (rng keys); 4 read tau 0.73 where 16 read 0.78
-    mi_train_steps: int = 200  # plain LM steps for the agreement student (60 left ΔI_t at noise level, std 0.025)
+    mi_keys: int = 16  # sampled estimates per instance (rng keys)
+    mi_train_steps: int = 200  # plain LM steps for the agreement student (60 left ΔI_t at noise level)
     mi_vocab: int = 1024  # its BPE tokenizer, trained on the bench's own texts
+    mi_model: str = ""  # also a real student (a Hugging Face directory) for mi_agreement, with its own tokenizer
+    mi_sweep: bool = False  # mi_agreement and the long mix's COMPACT/uniform for every law in LAWS too
     no_mi: bool = False  # skip mi_agreement
-    grad_checkpointing: bool = False  # recompute each layer in backward (ours and HF's)
     compile: bool = False  # also time torch.compile'd blocks (ours and HF's) against each other
     no_naive: bool = False  # skip the per-prefix probe loop (big shapes)
     no_hf: bool = False  # skip transformers + PEFT
@@ -95,8 +92,10 @@ class BenchConfig:
         self.dtype = self.dtype or ("bfloat16" if self.device == "cuda" else "float32")
         for name, value in zip(SIZE_FIELDS, SHAPES[self.shape]):
             setattr(self, name, getattr(self, name) or value)
-        if min(self.batch, self.branches, self.steps, self.repeats, self.lora_rank, self.mi_questions, self.mi_keys) < 1:
-            raise ValueError("--batch, --branches, --steps, --repeats, --lora-rank, --mi-questions, --mi-keys must be >= 1")
+        if not set(self.mix.split(",")) <= set(MIXES):
+            raise ValueError(f"--mix: comma-separated, from {', '.join(MIXES)}")
+        if min(self.steps, self.repeats, self.lora_rank, self.mi_questions, self.mi_keys) < 1:
+            raise ValueError("--steps, --repeats, --lora-rank, --mi-questions, --mi-keys must be >= 1")
         if self.seq < PROMPT_LEN + CUE_LEN + ANSWER_LEN + 12:
             raise ValueError(f"--seq must be >= {PROMPT_LEN + CUE_LEN + ANSWER_LEN + 12} (prompt, rationale, answer block)")
 
@@ -109,24 +108,36 @@ def hf_config(c: BenchConfig) -> dict:
             "use_sliding_window": False, "sliding_window": None, "torch_dtype": c.dtype}
 
 
-def synth_batch(c: BenchConfig, seed=0) -> dict:
-    """A SPEC §9 batch of random ids through data.collate: B instances × K branches, longest = T."""
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda n: torch.randint(0, c.vocab - 1, (n,), generator=g).tolist()
-    instances = []
-    for b in range(c.batch):
+def synth_instances(c: BenchConfig, mix, seed=0):
+    """EncodedInstances of random ids in a MIXES shape; thinking marks on 1 token in 32, 1 in 8 in long traces."""
+    g = random.Random(seed)
+    lengths, spread, B = MIXES[mix]
+    tail_len = PROMPT_LEN + CUE_LEN + ANSWER_LEN + 2
+    rand = lambda n: [g.randrange(c.vocab - 1) for _ in range(n)]
+    out = []
+    for b in range(B):
         prompt, cue, y = rand(PROMPT_LEN), rand(CUE_LEN), rand(ANSWER_LEN)
-        tail = [(cue, CUE), (y, ANSWER), (rand(1), CLOSE), ([c.vocab - 1], EOT)]
+        ns = [round(m * g.uniform(1 - spread, 1 + spread)) for m in lengths] if lengths else \
+            [c.seq - tail_len - (g.randint(0, c.seq // 10) if k else 0) for k in range(4)]
         branches = []
-        for k in range(c.branches):
-            n = c.seq - PROMPT_LEN - CUE_LEN - ANSWER_LEN - 2
-            n -= int(torch.randint(0, c.seq // 10 + 1, (1,), generator=g)) if k else 0
-            segments = [(prompt, PROMPT), (rand(n), RATIONALE)] + tail
-            think = [False] * PROMPT_LEN + (torch.rand(n, generator=g) < 1 / 32).tolist() + [False] * (CUE_LEN + ANSWER_LEN + 2)
-            branches.append(([i for ids, _ in segments for i in ids], [s for ids, s in segments for _ in ids], think))
-        instances.append(EncodedInstance(f"bench-{b}", branches, list(range(c.branches)), cue + y,
-                                         [False] * CUE_LEN + [True] * ANSWER_LEN))
-    return collate(instances, pad_id=0)
+        for n in ns:
+            ids = prompt + rand(n) + cue + y + rand(1) + [c.vocab - 1]
+            codes = [PROMPT] * PROMPT_LEN + [RATIONALE] * n + [CUE] * CUE_LEN + [ANSWER] * ANSWER_LEN + [CLOSE, EOT]
+            think = [False] * PROMPT_LEN + [g.random() < (1 / 8 if n > 200 else 1 / 32) for _ in range(n)]
+            branches.append((ids, codes, think + [False] * (CUE_LEN + ANSWER_LEN + 2)))
+        out.append(EncodedInstance(f"bench-{b}", branches, list(range(len(ns))), cue + y,
+                                   [False] * CUE_LEN + [True] * ANSWER_LEN))
+    return out
+
+
+def padded(encoded):
+    """[B·K, T] ids, attention mask and labels (−100 off the supervised tokens): the layout before packing."""
+    rows = [(ids, codes) for e in encoded for ids, codes, _ in e.branches]
+    T = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([i + [0] * (T - len(i)) for i, _ in rows])
+    attn = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i, _ in rows])
+    labels = torch.tensor([[t if c > PROMPT else -100 for t, c in zip(i, cs)] + [-100] * (T - len(i)) for i, cs in rows])
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 
 def build_model(c: BenchConfig, device, save_dir=None):
@@ -138,7 +149,6 @@ def build_model(c: BenchConfig, device, save_dir=None):
     if save_dir:
         model.save_pretrained(save_dir)
     apply_lora(model, rank=c.lora_rank, alpha=2 * c.lora_rank, dropout=0.0)
-    model.gradient_checkpointing = c.grad_checkpointing
     return model.to(device).train()
 
 
@@ -149,8 +159,6 @@ def build_hf_peft(c: BenchConfig, path, device):
     from transformers.utils import logging
     logging.disable_progress_bar()  # stderr noise around the table
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, c.dtype), attn_implementation="sdpa").to(device)
-    if c.grad_checkpointing:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=c.lora_rank, lora_alpha=2 * c.lora_rank, target_modules=list(TARGETS), lora_dropout=0.0,
                       task_type="CAUSAL_LM")
     return get_peft_model(hf, lora).train()  # adapters fp32 (PEFT's autocast_adapter_dtype), like ours
@@ -161,22 +169,17 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def interleaved(fns, c: BenchConfig, device, peaks=None):
-    """Median seconds per call of each fn (see the file docstring), and the per-round times under
-    the key "rounds"; peaks: name -> CUDA peak bytes."""
+def interleaved(fns, c: BenchConfig, device):
+    """Median seconds per call of each fn, and the per-round times under the key "rounds"."""
     times = {name: [] for name in fns}
     for r in range(c.repeats + 1):  # round 0 is the warmup
         for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
             sync(device)
             t0 = time.perf_counter()
             for _ in range(c.steps if r else 1):
                 fn()
             sync(device)
             times[name] += [(time.perf_counter() - t0) / c.steps] if r else []
-            if peaks is not None and device.type == "cuda":
-                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(device))
     return {**{name: statistics.median(t) for name, t in times.items()}, "rounds": times}
 
 
@@ -186,42 +189,38 @@ def ratio(rounds, a, b):
     return statistics.median(r), [min(r), max(r)]
 
 
-def step_peak_bytes(fn, device):
-    """The most tensor memory one call of fn holds above what was allocated before it."""
+def step_peak_mb(fn, device):
+    """The most tensor memory one call of fn holds above what was allocated before it, MB."""
     sync(device)
     if device.type == "cuda":
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         sync(device)
-        return torch.cuda.max_memory_allocated(device) - base
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
-    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
+    return max(itertools.accumulate((e.nbytes() for e in events), initial=0)) / 2**20
 
 
 def our_step(model, batch, ccfg, device, autocast):
     """One train.train_step (one micro-batch) under CompactConfig ccfg."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    tcfg = TrainConfig(model="random", data="synthetic", max_grad_norm=1.0)
-    B, K, _ = batch["input_ids"].shape
-    return lambda: train_step(model, opt, [batch], 1e-4, B, K, tcfg, ccfg, device, autocast)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    B, K = batch["branch_mask"].shape
+    return lambda: train_step(model, opt, [batch], 1e-4, B, K, TrainConfig(model="random", data="synthetic"), ccfg,
+                              device, autocast)
 
 
-def hf_step(hf, batch, autocast, loss0=True):
-    """(step, loss before training or None): plain SFT cross-entropy over the [B·K, T] tokens, labels
-    masked as our sft_mask, the same optimizer and clipping as train_step."""
-    B, K, T = batch["input_ids"].shape
-    ids, attn = batch["input_ids"].view(B * K, T), batch["attention_mask"].view(B * K, T)
-    labels = torch.where((batch["sft_mask"] & batch["branch_mask"][..., None]).view(B * K, T), ids, -100)
+def hf_step(hf, pad, autocast, loss0=True):
+    """(step, loss before training or None): plain SFT cross-entropy over the padded [B·K, T] batch, the same
+    optimizer and clipping as train_step."""
     params = [p for p in hf.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     def step():
         with autocast():
-            loss = hf(input_ids=ids, attention_mask=attn, labels=labels).loss
+            loss = hf(**pad).loss
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -230,83 +229,174 @@ def hf_step(hf, batch, autocast, loss0=True):
     if not loss0:  # a compiled model would compile its no-grad graphs too
         return step, None
     with torch.no_grad(), autocast():
-        return step, hf(input_ids=ids, attention_mask=attn, labels=labels).loss.item()
+        return step, hf(**pad).loss.item()
 
 
 def token_mean_nll(model, batch):
     """Our mean NLL over the supervised tokens (the number transformers' loss reports); no grad."""
-    B, K, T = batch["input_ids"].shape
-    ids = batch["input_ids"].view(B * K, T)
-    sel = (batch["sft_mask"] & batch["branch_mask"][..., None]).view(B * K, T)[:, 1:]
-    h = model(ids, return_hidden=True)
-    return token_nll(model.lm_head, h[:, :-1][sel], ids[:, 1:][sel]).mean().item()
+    h, sel = packed_forward(model, batch, return_hidden=True), batch["sft_mask"]
+    return token_nll(model.lm_head, h[batch["prev"][sel]], batch["input_ids"][sel]).mean().item()
 
 
-def probe_fns(model, batch):
-    """The exact (stride 1) I_t of branch 0 three ways: one pass with its own main forward, the probe
-    pass alone from given K/V, and the obvious loop: one forward of prompt ⊕ r_≤t ⊕ cue ⊕ y per
-    prefix, one at a time (logits only where y is read, so the loop is not charged the full vocab)."""
-    one = {k: batch[k][0, :1] for k in ("input_ids", "attention_mask", "rationale_mask", "think_mask", "sft_mask")}
-    probe_ids, probe_mask = batch["probe_ids"][:1], batch["probe_answer_mask"][:1]
-    n_rat, think, start = rationale_view(one["rationale_mask"], one["think_mask"])
-    plan = probe_plan(n_rat, think, CompactConfig(mi_budget=0))
-    pos, valid = start[:, None] - 1 + plan.prefix, plan.valid
-    scored = probe_mask[0].nonzero().flatten()  # probe index j of each y token, read at j − 1
-    with torch.no_grad():
-        _, kv_aux = model(one["input_ids"], return_hidden=True, return_aux=True)
-    def probe_only(kv=kv_aux.kv):
-        return probe_log_likelihood(model, kv, one["attention_mask"], pos, valid, probe_ids, probe_mask)[0]
-    def one_pass():
-        _, aux = model(one["input_ids"], return_hidden=True, return_aux=True)
-        return probe_only(aux.kv)
-    def naive():
-        out = []
-        for p in pos[0].tolist():
-            seq = torch.cat([one["input_ids"][0, :p + 1], probe_ids[0]])  # (p + 1 + P,)
-            h = model(seq[None], return_hidden=True)[0]  # (p + 1 + P, C)
-            out.append(-token_nll(model.lm_head, h[p + scored], probe_ids[0, scored]).sum())
-        return torch.stack(out)
-    return {"one_pass_probe": one_pass, "probe_given_kv": probe_only, "naive_probe": naive}
+def bench_mix(c, mix, model, hf, hf_dir, device, autocast):
+    """Every step measurement of one mix, as a dict (see the file docstring); the models train as it runs."""
+    encoded, batch, pad = mix_data(c, mix, device)
+    B, K = batch["branch_mask"].shape
+    real = sum(len(ids) for e in encoded for ids, _, _ in e.branches)
+    r = {"instances": B, "branches": K, "longest": pad["input_ids"].shape[1], "supervised": int(batch["sft_mask"].sum()),
+         "tokens_padded": pad["input_ids"].numel(), "tokens_real": real, "tokens_packed": len(batch["input_ids"])}
+    r["padding_before"] = 1 - real / r["tokens_padded"]
+    laws = {"default": {}, **(LAWS if c.mi_sweep and mix == "long" else {})}
+    configs = {"uniform": CompactConfig(weighting="uniform"), "compact_no_mi": CompactConfig(alpha=0.0),
+               "sft": CompactConfig(weighting="uniform", mcon_lambda=0.0)}
+    configs.update({f"compact {law}" if law != "default" else "compact": CompactConfig(**kw) for law, kw in laws.items()})
+    fns = {name: our_step(model, batch, cc, device, autocast) for name, cc in configs.items()}
+    if hf is not None:
+        fns["hf_peft"], _ = hf_step(hf, pad, autocast, loss0=False)
+    if c.compile:
+        fns["sft_compiled"] = our_step(compile_blocks(build_model(c, device)), batch, configs["sft"], device, autocast)
+        if hf is not None:
+            fns["hf_peft_compiled"], _ = hf_step(hf_compiled(c, hf_dir, device), pad, autocast, loss0=False)
+        r["compile_s"] = {}
+        for name in [k for k in fns if k.endswith("compiled")]:  # compiles, then recompiles (no-grad input)
+            sync(device)
+            t0 = time.perf_counter()
+            fns[name](), fns[name]()
+            r["compile_s"][name] = time.perf_counter() - t0
+    times = interleaved(fns, c, device)
+    rounds = times.pop("rounds")
+    r.update(times_s=times, tokens_per_s=r["supervised"] / times["compact"], probe_share=1 - times["compact_no_mi"] / times["compact"])
+    for name in [k for k in times if k.startswith("compact") and k != "compact_no_mi"]:
+        r[name.replace("compact", "compact_over_uniform")], r[name.replace("compact", "compact_over_uniform") + "_range"] = \
+            ratio(rounds, name, "uniform")
+    if hf is not None:
+        r["vs_hf_peft"], r["vs_hf_peft_range"] = ratio(rounds, "hf_peft", "sft")
+    if c.compile:
+        r["compile_s"] = {k: t - 2 * times[k] for k, t in r["compile_s"].items()}  # two first calls less two warm
+        if hf is not None:
+            r["vs_hf_peft_compiled"], _ = ratio(rounds, "hf_peft_compiled", "sft_compiled")
+    r["step_peak_mb"] = {}
+    for gc in (False, True):
+        model.gradient_checkpointing = gc
+        r["step_peak_mb"]["compact" + "_gc" * gc] = step_peak_mb(fns["compact"], device)
+        r["step_peak_mb"]["sft" + "_gc" * gc] = step_peak_mb(fns["sft"], device)
+        if hf is not None:
+            hf.gradient_checkpointing_enable({"use_reentrant": False}) if gc else hf.gradient_checkpointing_disable()
+            r["step_peak_mb"]["hf_peft" + "_gc" * gc] = step_peak_mb(fns["hf_peft"], device)
+    model.gradient_checkpointing = False
+    if device.type == "cuda" and c.dtype == "bfloat16":
+        peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name(device)), None)
+        r["mfu"] = flops_per_step(model, encoded, c) / times["compact"] / peak if peak else None
+    return r
 
 
-def flops_per_step(model, batch, c: BenchConfig):
-    """Model FLOPs of one LoRA training pass (file docstring): real tokens × per-token FLOPs."""
+def mix_data(c, mix, device):
+    """(EncodedInstances, our packed row, the padded [B·K, T] batch) of a mix, on device."""
+    encoded = synth_instances(c, mix, c.seed)
+    return encoded, to_device(collate(encoded), device), {k: v.to(device) for k, v in padded(encoded).items()}
+
+
+def hf_compiled(c, path, device):
+    hf = build_hf_peft(c, path, device)
+    # Its layers' wrapper recompiles per layer instance: let all compile rather than run eager past dynamo's limit.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * c.layers)
+    for layer in hf.get_base_model().model.layers:
+        layer.compile()
+    return hf
+
+
+def flops_per_step(model, encoded, c: BenchConfig):
+    """Model FLOPs of one LoRA training pass over the packed row: per token 4·N_frozen + 6·N_lora, plus 12·L·C
+    per (query, key) pair that attention computes."""
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad and p.dim() == 2)  # tied: once
     if not model.args.tie_word_embeddings:  # an untied embedding is a lookup, not a matmul
         n_frozen -= model.model.embed_tokens.weight.numel()
-    T = batch["input_ids"].shape[-1]
-    per_token = 4 * n_frozen + 6 * n_lora + 12 * c.layers * T * c.heads * model.args.head_dim
-    return int(batch["attention_mask"].sum()) * per_token
+    tokens = sum(e.branches[0][1].count(PROMPT) + sum(len(ids) - e.branches[0][1].count(PROMPT) for ids, _, _ in e.branches)
+                 for e in encoded)
+    pairs = sum(len(ids) * (len(ids) + 1) / 2 for e in encoded for ids, _, _ in e.branches)
+    return tokens * (4 * n_frozen + 6 * n_lora) + 12 * c.layers * c.heads * model.args.head_dim * pairs
 
 
-def hf_layers(hf):
-    return hf.get_base_model().model.layers
+def probe_fns(model, c, device):
+    """The exact I_t of one long branch two ways: the one-pass probe over its K/V, and the obvious loop (one forward
+    of prompt ⊕ r_≤t ⊕ cue ⊕ y per prefix; logits only where y is read)."""
+    e = synth_instances(c, "long", c.seed)[0]
+    ids, codes, think = e.branches[2]
+    batch = to_device(collate([EncodedInstance(e.id, [(ids, codes, think)], [0], e.probe_ids, e.probe_answer_mask)]), device)
+    plan = probe_plan(*rationale_view(batch), CompactConfig(mi_budget=0))
+    L, y = codes.count(PROMPT), torch.tensor(e.probe_ids, device=device)
+    def one_pass():
+        _, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)
+        return probe_information(model, aux.kv, batch, plan)[0]
+    def naive():
+        out = []
+        for t in plan.prefix[0].tolist():
+            h = model(torch.cat([batch["input_ids"][:L + t], y])[None], return_hidden=True)[0]
+            out.append(-token_nll(model.lm_head, h[L + t + CUE_LEN - 1:-1], y[CUE_LEN:]).sum())
+        return torch.stack(out)
+    return one_pass, naive
 
 
-# --- S_MI agreement: the default estimate against exact Eq. 3 on long thinking-dense rationales ---
+def run_bench(c: BenchConfig) -> dict:
+    """Every measurement as one dict (the --json line): per mix, the probe, S_MI agreement."""
+    device = torch.device(c.device)
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    cuda_bf16 = device.type == "cuda" and c.dtype == "bfloat16"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda_bf16 else contextlib.nullcontext
+    hf_ok = not c.no_hf and all(importlib.util.find_spec(m) for m in ("transformers", "peft"))
+    r = {"config": asdict(c), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
+        model = build_model(c, device, tmp if hf_ok else None)
+        hf = build_hf_peft(c, tmp, device) if hf_ok else None
+        with torch.no_grad(), autocast():  # before any step (LoRA B = 0): the same weights give the same loss
+            loss_diff = {mix: abs(hf(**pad).loss.item() - token_mean_nll(model, batch)) if hf else None
+                         for mix in c.mix.split(",") for _, batch, pad in [mix_data(c, mix, device)]}
+        r.update({mix: {**bench_mix(c, mix, model, hf, tmp, device, autocast), "hf_loss_abs_diff": loss_diff[mix]}
+                  for mix in c.mix.split(",")})
+    if not c.no_naive:
+        one_pass, naive = probe_fns(model, c, device)
+        with torch.no_grad(), autocast():
+            times = interleaved({"one_pass": one_pass}, replace(c, repeats=1), device)
+            t0 = time.perf_counter()
+            want = naive()
+            r.update(probe_speedup=(time.perf_counter() - t0) / times["one_pass"], probe_prefixes=len(want),
+                     probe_max_abs_diff=(one_pass() - want).abs().max().item())
+    r.update(params_m=sum(p.numel() for p in model.parameters()) / 1e6,  # tied lm_head counted once
+             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, loadavg=_loadavg())
+    if device.type == "cuda":
+        r["device_name"] = torch.cuda.get_device_name(device)
+    if not c.no_mi:
+        r["mi"] = mi_agreement(c)
+    return r
+
+
+def _loadavg():
+    """The 1-minute load average at the end (Linux/macOS), so a reader knows how busy the machine was."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+# --- S_MI agreement: the default law against exact Eq. 3 on long thinking-dense rationales ---
 
 BENCHMARKS = os.path.join(ROOT, "..", "shared", "benchmarks")
 MUSING_WORDS = ("Wait", "Hmm", "So", "But", "Let", "Maybe", "Okay", "Now", "Then", "Alternatively")
 
 
-def _gsm8k_solution(text):
-    """A GSM8K solution without its <<calculator>> notes and the '#### answer' line; (text, answer)."""
-    body, _, answer = text.partition("####")
-    return re.sub(r"<<[^>]*>>", "", body).strip(), answer.strip().replace(",", "")
-
-
 def mi_instances(c: BenchConfig):
-    """(instances, source): per question 3 short rationales (the GSM8K solution as written, with a
-    check, with a restatement) and one long thinking-dense one of about c.mi_long_words words (600+
-    tokens), the shape of the issue's measurement: the solution's sentences spread among musings, a
-    thinking word and 2-4 prose words of MATH500 solutions each (about one thinking word in seven
-    tokens). Without the benchmark files: synthesised text, and the source says so."""
+    """(instances, source): per question 3 short rationales (the GSM8K solution as written, with a check, with
+    a restatement) and one long thinking-dense one of about c.mi_long_words words: the solution's sentences
+    spread among musings, each a thinking word and 2-4 prose words of MATH500 solutions (about one thinking word
+    in seven tokens). Without the benchmark files: synthesised text, and the source says so."""
     gsm, mth = os.path.join(BENCHMARKS, "gsm8k_test.jsonl"), os.path.join(BENCHMARKS, "math500_test.jsonl")
     rng = random.Random(c.seed)
     if os.path.exists(gsm) and os.path.exists(mth):
         rows = [json.loads(line) for line in open(gsm, encoding="utf-8")][:c.mi_questions]
-        qa = [(r["question"], *_gsm8k_solution(r["answer"])) for r in rows]
+        qa = [(r["question"], re.sub(r"<<[^>]*>>", "", r["answer"].partition("####")[0]).strip(),
+               r["answer"].partition("####")[2].strip().replace(",", "")) for r in rows]
         filler = [w for line in open(mth, encoding="utf-8") for w in json.loads(line)["solution"].split()
                   if re.fullmatch(r"[A-Za-z]+[,.]?", w)]  # its prose words: LaTeX would dilute the thinking words
         source = "GSM8K test solutions + MATH500 solution text"
@@ -317,31 +407,28 @@ def mi_instances(c: BenchConfig):
         source = "synthesised text (no benchmark files found)"
     instances = []
     for i, (q, sol, ans) in enumerate(qa):
-        sentences = re.split(r"(?<=[.\n])\s+", sol)
-        def long_trace():  # the solution's sentences in order, spread among musings
-            musings = []
-            while sum(len(x.split()) for x in musings) + len(sol.split()) < c.mi_long_words:
-                j = rng.randrange(len(filler) - 8)
-                musings.append(f"{rng.choice(MUSING_WORDS)}, {' '.join(filler[j:j + rng.randint(2, 4)]).rstrip(',.')}.")
-            every = max(1, len(musings) // len(sentences))
-            return " ".join(m for i, x in enumerate(musings) for m in ([sentences[i // every]] if i % every == 0
-                            and i // every < len(sentences) else []) + [x]) + " " + sentences[-1]
-        rationales = [("short", sol), ("short-check", f"{sol} Check: that gives {ans}."),
-                      ("short-restated", f"We need the total asked for. {sol}"), ("long", long_trace())]
-        instances.append(Instance(f"mi-{i}", q, ans, "gsm8k", rationales))
+        sentences, musings = re.split(r"(?<=[.\n])\s+", sol), []
+        while sum(len(x.split()) for x in musings) + len(sol.split()) < c.mi_long_words:
+            j = rng.randrange(len(filler) - 8)
+            musings.append(f"{rng.choice(MUSING_WORDS)}, {' '.join(filler[j:j + rng.randint(2, 4)]).rstrip(',.')}.")
+        every = max(1, len(musings) // len(sentences))  # the solution's sentences in order, spread among musings
+        long = " ".join(m for i, x in enumerate(musings) for m in ([sentences[i // every]] if i % every == 0 and
+                        i // every < len(sentences) else []) + [x]) + " " + sentences[-1]
+        instances.append(Instance(f"mi-{i}", q, ans, "gsm8k", [
+            ("short", sol), ("short-check", f"{sol} Check: that gives {ans}."),
+            ("short-restated", f"We need the total asked for. {sol}"), ("long", long)]))
     return instances, source
 
 
 def train_student(model, batches, steps, lr=3e-3):
-    """A few AdamW steps of plain next-token loss on the bench's own branches, so that I_t responds to
-    the rationale (a random student's I_t is nearly flat and its gains are noise)."""
+    """A few AdamW steps of plain next-token loss on the bench's own rows, so that I_t responds to the rationale
+    (a random student's I_t is nearly flat and its gains are noise)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for s in range(steps):
         b = batches[s % len(batches)]
-        ids, sel = b["input_ids"][0], (b["sft_mask"] & b["branch_mask"][..., None])[0][:, 1:]
-        h = model(ids, return_hidden=True)
-        token_nll(model.lm_head, h[:, :-1][sel], ids[:, 1:][sel]).mean().backward()
+        h, sel = packed_forward(model, b, return_hidden=True), b["sft_mask"]
+        token_nll(model.lm_head, h[b["prev"][sel]], b["input_ids"][sel]).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return model.eval()
@@ -354,165 +441,76 @@ def kendall_tau(a, b):
 
 
 def mi_agreement(c: BenchConfig) -> dict:
-    """Default S_MI vs exact Eq. 3 on mi_instances with a briefly trained student: mean Kendall tau over each
-    instance's branches, mean relative error (all branches; the long one, the last), top-1 agreement, mean
-    probes per branch, probe-pass seconds summed over instances (the default's averaged over its keys)."""
-    from data import encode_dataset
+    """S_MI's default law (and with --mi-sweep every law in LAWS) against exact Eq. 3 on mi_instances, per student
+    (a tiny one trained on the texts; --mi-model, a real one): mean Kendall tau over each instance's branches,
+    mean relative error (all branches; the long one), top-1 agreement, mean probes per short and long branch.
+    Exact I_t comes from one probe pass per instance; each law's estimates read it at their planned prefixes
+    (c.mi_keys keys per instance), which is what the probe pass would return there."""
+    from eval import load_student
     from tokenizer import Tokenizer, write_tokenizer
     instances, source = mi_instances(c)
+    students = {}
     with tempfile.TemporaryDirectory(prefix="bench-tok-") as tmp:
         texts = [i.question for i in instances] + [t for i in instances for _, t in i.rationales]
         tok = Tokenizer.from_pretrained(write_tokenizer(tmp, texts, vocab_size=c.mi_vocab))
-    encoded, _ = encode_dataset(instances, tok, max_len=10**6)
-    batches = [collate([e], tok.pad_id) for e in encoded]
+    batches = [collate([e]) for e in encode_dataset(instances, tok, max_len=10**6)[0]]
     cfg = hf_config(BenchConfig(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab=tok.vocab_size))
     torch.manual_seed(c.seed)
-    model = train_student(Transformer(ModelArgs.from_hf_config(cfg), cfg), batches, c.mi_train_steps)
-    default, exact_cfg = CompactConfig(mi_budget=c.mi_budget), CompactConfig(mi_budget=0)
-    pairs, probes, secs, long_tokens, think_density = [], {"default": [], "exact": []}, {"default": 0.0, "exact": 0.0}, [], []
-    with torch.no_grad():
-        for batch in batches:
-            B, K, T = batch["input_ids"].shape
-            flat = {k: batch[k].view(K, T) for k in ("input_ids", "rationale_mask", "think_mask")}
-            _, aux = model(flat["input_ids"], return_hidden=True, return_aux=True)
-            t0 = time.perf_counter()
-            exact = adaptability_scores(model, aux.kv, batch, exact_cfg)[0].tolist()
-            secs["exact"] += time.perf_counter() - t0
-            n_rat, think, _ = rationale_view(flat["rationale_mask"], flat["think_mask"])
-            probes["exact"] += (n_rat + 1).tolist()
-            for key in range(c.mi_keys):
-                t0 = time.perf_counter()
-                pairs.append((exact, adaptability_scores(model, aux.kv, batch, default, rng_key=(key,))[0].tolist()))
-                secs["default"] += (time.perf_counter() - t0) / c.mi_keys
-                probes["default"] += probe_plan(n_rat, think, default, (key,), [0] * K).valid.sum(-1).tolist()
-            for n, th in zip(n_rat.tolist(), think.tolist()):
-                if n >= 2 * c.mi_budget:
-                    long_tokens.append(n)
-                    think_density.append(sum(th[:n]) / n)
-    r = {"mi_source": source, "mi_instances": len(batches), "mi_long_rationale_tokens": statistics.mean(long_tokens) if long_tokens else None,
-         "mi_long_think_density": statistics.mean(think_density) if think_density else None,
-         "mi_tau_default": statistics.mean(kendall_tau(e, s) for e, s in pairs),
-         "mi_rel_err_default": statistics.mean(abs(s_ - e_) / e_ for e, s in pairs for e_, s_ in zip(e, s) if e_ > 0),
-         "mi_rel_err_long_default": statistics.mean(abs(s[-1] - e[-1]) / e[-1] for e, s in pairs if e[-1] > 0),
-         "mi_top1_default": statistics.mean(max(range(len(e)), key=e.__getitem__) == max(range(len(s)), key=s.__getitem__)
-                                            for e, s in pairs)}
-    r.update({f"mi_probes_{name}": statistics.mean(n) for name, n in probes.items()})
-    r.update({f"mi_probe_s_{k}": v for k, v in secs.items()})
-    return r
-
-
-def run_bench(c: BenchConfig) -> dict:
-    """Every measurement as one dict (the --json line); times in seconds per call."""
-    device = torch.device(c.device)
-    if c.threads:
-        torch.set_num_threads(c.threads)
-    cuda_bf16 = device.type == "cuda" and c.dtype == "bfloat16"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda_bf16 else contextlib.nullcontext
-    hf_ok = not c.no_hf and all(importlib.util.find_spec(m) for m in ("transformers", "peft"))
-    with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
-        model = build_model(c, device, tmp if hf_ok else None)
-        batch = {k: v.to(device) for k, v in synth_batch(c, c.seed).items()}
-        with torch.no_grad(), autocast():
-            our_loss0 = token_mean_nll(model, batch)  # LoRA B = 0: the base model's loss
-        stride = {"mi_budget": c.mi_budget}
-        configs = {"compact": CompactConfig(**stride), "compact_no_mi": CompactConfig(**stride, alpha=0.0),
-                   "uniform": CompactConfig(weighting="uniform"), "sft": CompactConfig(weighting="uniform", mcon_lambda=0.0)}
-        peaks = {}
-        times = interleaved({n: our_step(model, batch, cc, device, autocast) for n, cc in configs.items()}, c, device, peaks)
-        rounds = times.pop("rounds")
-        sup_tokens = int((batch["sft_mask"] & batch["branch_mask"][..., None]).sum())
-        cu, cu_range = ratio(rounds, "compact", "uniform")
-        r = {"tokens_per_s": sup_tokens / times["compact"], "compact_over_uniform": cu, "compact_over_uniform_range": cu_range,
-             "probe_share": 1 - times["compact_no_mi"] / times["compact"],  # alpha = 0 skips only the probe pass
-             "probe_speedup": None, "probe_max_abs_diff": None, "vs_hf_peft": None, "vs_hf_peft_range": None,
-             "vs_hf_peft_compiled": None, "vs_hf_peft_compiled_range": None, "compile_s": None, "hf_loss_abs_diff": None,
-             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux; before HF
-             "peak_mem_mb": peaks["compact"] / 2**20 if peaks else None, "mfu": None, "step_peak_mb": {}}
-        if not c.no_naive:
-            fns = probe_fns(model, batch)
-            with torch.no_grad(), autocast():
-                times.update(interleaved({k: fns[k] for k in ("one_pass_probe", "probe_given_kv")}, c, device))
-                times.pop("rounds")
-                sync(device)  # the loop is timed once: it is itself 1 + |R| forwards
-                t0 = time.perf_counter()
-                naive = fns["naive_probe"]()
-                sync(device)
-                times["naive_probe"] = time.perf_counter() - t0
-                r["probe_max_abs_diff"] = (fns["one_pass_probe"]() - naive).abs().max().item()
-            r.update(probe_speedup=times["naive_probe"] / times["one_pass_probe"], probe_prefixes=len(naive))
-        pair = {"sft_vs_hf": our_step(model, batch, configs["sft"], device, autocast)}
-        if c.compile:
-            compiled = compile_blocks(build_model(c, device))  # the same seed: the same weights
-            pair["sft_compiled"] = our_step(compiled, batch, configs["sft"], device, autocast)
-        if hf_ok:
-            hf = build_hf_peft(c, tmp, device)
-            pair["hf_peft"], loss0 = hf_step(hf, batch, autocast)
-            r["hf_loss_abs_diff"] = abs(loss0 - our_loss0)
-            if c.compile:
-                hf_c = build_hf_peft(c, tmp, device)
-                # Its layers' wrapper (GradientCheckpointingLayer) recompiles per layer instance: let
-                # all of them compile rather than run eager past dynamo's default limit of 8.
-                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * c.layers)
-                for layer in hf_layers(hf_c):
-                    layer.compile()
-                pair["hf_peft_compiled"], _ = hf_step(hf_c, batch, autocast, loss0=False)
-        first = {}
-        for name in [k for k in pair if k.endswith("compiled")]:  # compiles, then recompiles for the first
-            sync(device)                                            # block's input (no grad) vs the others'
-            t0 = time.perf_counter()
-            pair[name]()
-            pair[name]()
-            sync(device)
-            first[name] = time.perf_counter() - t0
-        times.update(interleaved(pair, c, device))
-        rounds = times.pop("rounds")
-        if hf_ok:
-            r["vs_hf_peft"], r["vs_hf_peft_range"] = ratio(rounds, "hf_peft", "sft_vs_hf")
-        if c.compile:
-            r["compile_s"] = {k: t - 2 * times[k] for k, t in first.items()}  # two first calls less two warm ones
-            if hf_ok:
-                r["vs_hf_peft_compiled"], r["vs_hf_peft_compiled_range"] = ratio(rounds, "hf_peft_compiled", "sft_compiled")
-        for name, fn in pair.items():
-            r["step_peak_mb"][name] = step_peak_bytes(fn, device) / 2**20
-        r["step_peak_mb"]["compact"] = step_peak_bytes(our_step(model, batch, configs["compact"], device, autocast), device) / 2**20
-        del pair
-    if device.type == "cuda":
-        r["device_name"] = name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-        if cuda_bf16 and peak:
-            r["mfu"] = flops_per_step(model, batch, c) / times["compact"] / peak
-            r["mfu_sft"] = flops_per_step(model, batch, c) / times["sft_vs_hf"] / peak
-    n_params = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
-    if not c.no_mi:
-        r.update(mi_agreement(c))
-    r.update(times_s=times, supervised_tokens=sup_tokens, params_m=n_params / 1e6, config=asdict(c),
-             torch=torch.__version__, threads=torch.get_num_threads(), loadavg=_loadavg())
-    return r
-
-
-def _loadavg():
-    """The 1-minute load average at the end (Linux/macOS), so a reader knows how busy the machine was."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
+    students["tiny"] = train_student(Transformer(ModelArgs.from_hf_config(cfg), cfg), batches, c.mi_train_steps), batches
+    if c.mi_model:
+        model, tok = load_student(c.mi_model)
+        students["real"] = model, [collate([e]) for e in encode_dataset(instances, tok, max_len=10**6)[0]]
+    out = {"source": source}
+    for name, (model, batches) in students.items():
+        traces = []
+        with torch.no_grad():
+            for batch in batches:
+                _, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)
+                n_rat, think = rationale_view(batch)
+                plan = probe_plan(n_rat, think, CompactConfig(mi_budget=0))
+                info = probe_information(model, aux.kv, batch, plan)
+                traces.append((n_rat, think, info, (mi_estimate(info, plan) / n_rat).tolist()))
+        out[name] = {"long_tokens": statistics.mean(int(t[0][-1]) for t in traces)}
+        for law, kw in {"default": {}, **(LAWS if c.mi_sweep else {})}.items():
+            pairs, probes = [], []
+            for n_rat, think, info, exact in traces:
+                for key in range(c.mi_keys):
+                    plan = probe_plan(n_rat, think, CompactConfig(**kw), (key,), [0] * len(n_rat))
+                    pairs.append((exact, (mi_estimate(info.gather(1, plan.prefix), plan) / n_rat).tolist()))
+                    probes.append(plan.valid.sum(-1).tolist())
+            out[name][law] = {
+                "tau": statistics.mean(kendall_tau(e, s) for e, s in pairs),
+                "rel_err": statistics.mean(abs(s_ - e_) / e_ for e, s in pairs for e_, s_ in zip(e, s) if e_ > 0),
+                "rel_err_long": statistics.mean(abs(s[-1] - e[-1]) / e[-1] for e, s in pairs if e[-1] > 0),
+                "top1": statistics.mean(max(range(len(e)), key=e.__getitem__) == max(range(len(s)), key=s.__getitem__)
+                                        for e, s in pairs),
+                "probes_short": statistics.mean(p for ps in probes for p in ps[:-1]),
+                "probes_long": statistics.mean(ps[-1] for ps in probes)}
+    return out
 
 
 def print_table(r: dict):
     c = r["config"]
-    print(f"{c['shape']} ({c['hidden']}x{c['layers']}, vocab {c['vocab']}, {r['params_m']:.1f}M) on {c['device']} {c['dtype']}, "
-          f"B={c['batch']} K={c['branches']} T={c['seq']}, {r['supervised_tokens']} supervised tokens, {r['threads']} threads"
-          + (f", load average {r['loadavg']:.1f}" if r["loadavg"] is not None else ""))
-    fmt = lambda v: "null" if v is None else f"{v:,.4g}"
-    span = lambda k: f"  [{r[k + '_range'][0]:.3f}, {r[k + '_range'][1]:.3f}]" if r.get(k + "_range") else ""
-    rows = [(f"{name} (s/call)", f"{t:.4f}") for name, t in r["times_s"].items()]
-    rows += [(k, fmt(r[k]) + span(k)) for k in ("tokens_per_s", "compact_over_uniform", "probe_share", "probe_speedup",
-             "probe_max_abs_diff", "vs_hf_peft", "vs_hf_peft_compiled", "hf_loss_abs_diff", "peak_rss_mb", "peak_mem_mb", "mfu")]
-    rows += [(f"compile {k} (s)", f"{v:.1f}") for k, v in (r["compile_s"] or {}).items()]
-    rows += [(f"step peak {k} (MB)", f"{v:,.0f}") for k, v in r["step_peak_mb"].items()]
-    rows += [(k, v if isinstance(v, str) else fmt(v)) for k, v in r.items() if k.startswith("mi_") and v is not None]
-    for k, v in rows:
-        print(f"{k:<28} {v:>10}")
+    print(f"{c['shape']} ({c['hidden']}x{c['layers']}, vocab {c['vocab']}, {r['params_m']:.1f}M) on {c['device']} "
+          f"{c['dtype']}, {r['threads']} threads" + (f", load average {r['loadavg']:.1f}" if r["loadavg"] is not None else ""))
+    fmt = lambda v: "null" if v is None else f"{v:,.4g}" if isinstance(v, (int, float)) else str(v)
+    for mix in c["mix"].split(","):
+        m = r[mix]
+        print(f"\n{mix} mix: B={m['instances']} K={m['branches']}, longest {m['longest']}, {m['supervised']} supervised")
+        rows = [(f"{name} (s/call)", f"{t:.4f}") for name, t in m["times_s"].items()]
+        rows += [(k, fmt(v) + (f"  [{m[k + '_range'][0]:.3f}, {m[k + '_range'][1]:.3f}]" if k + "_range" in m else ""))
+                 for k, v in m.items() if not isinstance(v, (dict, list)) and not k.endswith("_range")]
+        rows += [(f"step peak {k} (MB)", f"{v:,.0f}") for k, v in m["step_peak_mb"].items()]
+        rows += [(f"compile {k} (s)", f"{v:.1f}") for k, v in m.get("compile_s", {}).items()]
+        for k, v in rows:
+            print(f"  {k:<40} {v:>10}")
+    print("\n" + " | ".join(f"{k} {fmt(r[k])}" for k in ("probe_speedup", "probe_prefixes", "probe_max_abs_diff",
+                                                          "peak_rss_mb") if k in r))
+    for student, laws in (r.get("mi") or {}).items():
+        if isinstance(laws, dict):
+            print(f"\nS_MI agreement, {student} student (long branch {laws['long_tokens']:.0f} tokens; {r['mi']['source']})")
+            for law, a in [(k, v) for k, v in laws.items() if isinstance(v, dict)]:
+                print(f"  {law:<22} " + "  ".join(f"{k} {v:.3f}" for k, v in a.items()))
 
 
 def main(argv=None):

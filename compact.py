@@ -4,7 +4,7 @@ SPEC.md §2-§4 top to bottom: three scores of each teacher's rationale read fro
 itself (adaptability S_MI, consensus S_G, difficulty S_D), fused into per-instance weights, and
 the weighted loss Σ_k w_k (L_SFT,k + λ L_MCon,k), whose one backward is Σ_k w_k τ_k (Eq. 1 = 11).
 
-    loss, stats = compact_loss(model, batch, CompactConfig())   # batch: data.collate (SPEC §9)
+    loss, stats = compact_loss(model, batch, CompactConfig())   # batch: data.collate's packed row
 
 One training forward serves S_D, S_G, L_SFT and L_MCon; S_MI costs one no-grad pass of short
 probe blocks over the training pass's K/V. After the method come its two approximations: S_MI
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from data import derive_seed
-from model import KVCache
+from model import KVCache, Segment
 
 
 @dataclass
@@ -36,7 +36,9 @@ class CompactConfig:
     temperature: float = 1.0  # T of the softmax in Eq. 7
     mcon_lambda: float = 0.1  # λ of Eq. 10; 0 drops the consistency loss and its logits
     mcon_detach: bool = False  # BKL treats the other branch as a fixed target
-    mi_budget: int = 48  # S_MI probes per branch (sampled_plan); 0 = exact Eq. 3 (every rationale position)
+    mi_budget: int = 48  # S_MI probes per branch at least (probe_budget); 0 = exact Eq. 3 (every rationale position)
+    mi_budget_frac: float = 0.0  # and mi_budget_frac · |R| probes for a longer rationale (the budget follows |R|)
+    mi_budget_cap: int = 0  # but at most this many (0 = no cap)
     mi_think_share: float = 0.5  # at most this share of mi_budget goes to thinking-token pairs
     z_floor: float = 0.01  # Z's std is floored at z_floor · mean|s| (SPEC §3.4); 0 = the plain z-score
     think_weight: float = 1.0  # m_t for a token that starts a thinking word
@@ -49,27 +51,29 @@ class CompactConfig:
             raise ValueError("alpha, beta, gamma, mcon_lambda, think_weight and other_weight must be >= 0")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.mi_budget < 0 or self.z_floor < 0 or not 0 <= self.mi_think_share <= 1:
-            raise ValueError("mi_budget and z_floor must be >= 0, mi_think_share in [0, 1]")
+        if min(self.mi_budget, self.mi_budget_frac, self.z_floor) < 0 or not 0 <= self.mi_think_share <= 1:
+            raise ValueError("mi_budget, mi_budget_frac and z_floor must be >= 0, mi_think_share in [0, 1]")
+        if self.mi_budget_cap and self.mi_budget_cap < self.mi_budget:
+            raise ValueError(f"mi_budget_cap {self.mi_budget_cap} is below mi_budget {self.mi_budget}")
         if 0 < self.mi_budget < MIN_BUDGET:
             raise ValueError(f"mi_budget must be 0 (exact) or >= {MIN_BUDGET}")
 
 
-# --- the three scores (SPEC §3), each [B, K], computed under no_grad ---
+# --- the three scores (SPEC §3), computed under no_grad ---
 
-def difficulty_scores(nll, rationale_mask):
-    """S_D (SPEC §3.3, Eq. 6): mean NLL of the rationale tokens, [B, K, T] -> [B, K].
+def difficulty_scores(nll, rationale_rows):
+    """S_D (SPEC §3.3, Eq. 6): mean NLL of each branch's rationale tokens, [S] and rows [N, R] (−1 = none) -> [N].
 
-    nll[..., t] is token t's loss from the training pass (read at t−1), detached. An empty rationale scores 0.
+    nll[s] is token s's loss from the training pass (read at its prev row), detached. An empty rationale scores 0.
     """
-    m = rationale_mask.float()
-    return (nll * m).sum(-1) / m.sum(-1).clamp(min=1)
+    m = (rationale_rows >= 0).float()
+    return (nll[rationale_rows.clamp(min=0)] * m).sum(-1) / m.sum(-1).clamp(min=1)
 
 
 def consensus_scores(e, branch_mask, q_proj, k_proj, head_dim):
-    """S_G (SPEC §3.2, Eq. 4-5): incoming attention of each branch in the graph of branches.
+    """S_G (SPEC §3.2, Eq. 4-5): incoming attention of each branch in the graph of branches, [B, K].
 
-    e [B, K, C]: the final layer's attention input at each branch's last real token (its eot).
+    e [B, K, C]: the final layer's attention input at each branch's last token (its eot).
     q = W_Q e + b, κ = W_K e + b, KV heads repeated for GQA, no RoPE. Per head A_ij = softmax_j(q_i·κ_j/√D)
     over valid j ≠ i (Decision: no self-loops), A = mean over heads, S_G,k = Σ_{i≠k} A_ik.
     """
@@ -87,22 +91,18 @@ def consensus_scores(e, branch_mask, q_proj, k_proj, head_dim):
 
 
 def adaptability_scores(raw, kv, batch, cfg, rng_key=()):
-    """S_MI (SPEC §3.1, Eq. 2-3): (1/|R_k|) Σ_t m_t max(I_t − I_{t−1}, 0), [B, K].
+    """S_MI (SPEC §3.1, Eq. 2-3): (1/|R_k|) Σ_t m_t max(I_t − I_{t−1}, 0) per branch, [N].
 
-    probe_plan says which prefixes I_t to read and what each counts for: all of them, or past the
-    budget an unbiased sample drawn per instance from rng_key (train.py: seed, step, rank,
-    micro-batch) and shared by its branches. kv: the training pass's per-layer K/V, detached.
+    probe_plan says which prefixes I_t to read and what each counts for: all of them, or past the budget an
+    unbiased sample drawn per instance from rng_key (train.py: seed, step, rank, micro-batch) and shared by its
+    branches. kv: the training pass's per-layer K/V, detached.
     """
-    B, K, T = batch["input_ids"].shape
-    flat = {k: batch[k].reshape(B * K, T) for k in ("attention_mask", "rationale_mask", "think_mask")}
-    n_rat, think, start = rationale_view(flat["rationale_mask"], flat["think_mask"])
-    plan = probe_plan(n_rat, think, cfg, rng_key, instance=[n // K for n in range(B * K)])
+    n_rat, think = rationale_view(batch)
+    K = batch["branch_mask"].shape[1]
+    plan = probe_plan(n_rat, think, cfg, rng_key, instance=(batch["slot"] // K).tolist())
     if not bool(plan.valid.any()):  # no rationale anywhere: nothing to probe
-        return torch.zeros(B, K, device=n_rat.device)
-    pos = start[:, None] - 1 + plan.prefix  # the probe block of prefix t sits after main token start + t − 1
-    probe = batch["probe_ids"].repeat_interleave(K, 0), batch["probe_answer_mask"].repeat_interleave(K, 0)
-    info = probe_log_likelihood(raw, kv, flat["attention_mask"], pos, plan.valid, *probe)  # (N, Q)
-    return (mi_estimate(info, plan) / n_rat.clamp(min=1)).view(B, K)
+        return torch.zeros(len(n_rat), device=n_rat.device)
+    return mi_estimate(probe_information(raw, kv, batch, plan), plan) / n_rat.clamp(min=1)
 
 
 # --- the exact S_MI probe: every prefix, one pass ---
@@ -116,14 +116,10 @@ class Plan(NamedTuple):
     level: torch.Tensor  # coefficient of I_q itself
 
 
-def rationale_view(rationale_mask, think_mask):
-    """Masks [N, T] -> |R| [N], think flags in rationale order [N, max |R|], first rationale position [N]."""
-    N, T = rationale_mask.shape
-    idx = torch.arange(T, device=rationale_mask.device)
-    n_rat = rationale_mask.sum(-1)
-    pos = torch.where(rationale_mask, idx, T + idx).sort(-1).values[:, :int(n_rat.max())]
-    think = think_mask.gather(1, pos.clamp(max=T - 1)) & (pos < T)
-    return n_rat, think, pos[:, 0] if pos.shape[1] else torch.full((N,), T, device=idx.device)
+def rationale_view(batch):
+    """|R| [N] and the think flags of each branch's rationale tokens in order [N, max |R|]."""
+    rows = batch["rationale_rows"]
+    return (rows >= 0).sum(-1), batch["think_mask"][rows.clamp(min=0)] & (rows >= 0)
 
 
 def exact_plan(n_rat, think, cfg):
@@ -137,7 +133,7 @@ def probe_plan(n_rat, think, cfg, rng_key=(), instance=None):
     """Plan for branches with n_rat [N] rationale tokens and their think flags [N, R] (SPEC §3.1):
     exact_plan where |R| + 1 <= mi_budget (or mi_budget = 0), sampled_plan's estimate elsewhere."""
     plan = exact_plan(n_rat, think, cfg)
-    over = n_rat + 1 > cfg.mi_budget if cfg.mi_budget else torch.zeros_like(n_rat, dtype=torch.bool)
+    over = n_rat + 1 > probe_budget(n_rat, cfg) if cfg.mi_budget else torch.zeros_like(n_rat, dtype=torch.bool)
     if bool(over.any()):
         sampled = sampled_plan(n_rat, think, cfg, *sample_keys(rng_key, instance or range(len(n_rat)), n_rat, think))
         plan = tuple(torch.where(over[:, None], s, e) for s, e in zip(sampled, plan))
@@ -159,69 +155,65 @@ def mi_estimate(info, plan):
     return (plan.lin[:, 1:] * d + plan.half_abs[:, 1:] * d.abs()).sum(-1) + (plan.level * info).sum(-1)
 
 
-#   The probe pass: one block of cue ⊕ y per probed position, up to PROBE_ROW blocks to a row.
-#   Block b sees the cached main tokens <= pos_b (real ones only) and its own earlier tokens;
-#   its position ids continue from pos_b + 1. Here pos = (2, 4), probe = c1 c2 y1 (y1 is the last
-#   probe token: its output predicts nothing, so it is never fed):
+#   The probe pass: one block of cue ⊕ y after each planned prefix t, every branch's blocks packed into one
+#   row after the training row's cached K/V. A segment of blocks of one branch sees its prompt p, its
+#   branch's first t tokens and, block-causally, itself; position ids continue from the prefix. Here
+#   p = 2 tokens, branch r1 r2 r3, prefixes t = 0 and 2, blocks c1 c2 (the last probe token, y_last,
+#   predicts nothing, so it is never fed):
 #
-#                    main tokens (cache)  block 0  block 1
-#                    0  1  2  3  4  5  6 | c1 c2  | c1 c2
-#   block 0   c1@3   x  x  x  .  .  .  . | x  .   | .  .
-#   pos=2     c2@4   x  x  x  .  .  .  . | x  x   | .  .
-#   block 1   c1@5   x  x  x  x  x  .  . | .  .   | x  .
-#   pos=4     c2@6   x  x  x  x  x  .  . | .  .   | x  x
+#                       cache: p  p  r1 r2 r3 | block 0 | block 1
+#                                             | c1 c2   | c1 c2
+#   block 0, t=0   c1@2        x  x  .  .  .  | x  .    | .  .
+#                  c2@3        x  x  .  .  .  | x  x    | .  .
+#   block 1, t=2   c1@4        x  x  x  x  .  | .  .    | x  .
+#                  c2@5        x  x  x  x  .  | .  .    | x  x
 #
 #   c2's output predicts y1, so I = Σ log p(y_j) is read one token early, as everywhere.
 
-PROBE_ROW = 4  # blocks per row: short rows pad less and each query scans T + 4·P keys, not T + Q·P
+PROBE_QUERIES = 1024  # probe tokens per segment at most: bounds the mask of an exact trace of a long rationale
 
 
-def probe_block_mask(pos, valid, attention_mask, P):
-    """Bool [R, n·P, T + n·P]: who each probe token may see, R rows of n blocks (the diagram above).
-
-    pos, valid [R, n]; attention_mask [R, T]. Main part: key s <= the block's pos, if s is a real
-    token and the block valid. Probe part: same block, key j' <= query j (block-causal)."""
-    R, n = pos.shape
-    T = attention_mask.shape[1]
-    see_main = (torch.arange(T, device=pos.device) <= pos[:, :, None]) & attention_mask[:, None] & valid[:, :, None]
-    see_main = see_main[:, :, None].expand(R, n, P, T).reshape(R, n * P, T)  # (R, nP, T)
-    i = torch.arange(n * P, device=pos.device)
-    blk, j = i // P, i % P
-    see_probe = (blk[:, None] == blk[None, :]) & (j[None, :] <= j[:, None])  # (nP, nP)
-    return torch.cat([see_main, see_probe.expand(R, -1, -1)], dim=-1)  # (R, nP, T + nP)
+def probe_block_mask(prefixes, L, M, P, device):
+    """Bool [n·P, L + M + n·P] of the diagram: block i (prefix t_i) sees the prompt (L), the branch's first t_i
+    of its M tokens, and its own earlier tokens; n blocks of P tokens."""
+    t = torch.tensor(prefixes, device=device)
+    see_main = (torch.arange(L + M, device=device) < L + t[:, None]).repeat_interleave(P, 0)  # (nP, L + M)
+    i = torch.arange(len(prefixes) * P, device=device)
+    see_own = (i[:, None] // P == i[None] // P) & (i[None] % P <= i[:, None] % P)  # (nP, nP)
+    return torch.cat([see_main, see_own], 1)
 
 
-def probe_log_likelihood(raw, kv, attention_mask, pos, valid, probe_ids, probe_answer_mask):
-    """I [N, Q] = log p(y | x, r_<=pos) for every probed position, in one no-grad pass (Eq. 2).
+def probe_information(raw, kv, batch, plan):
+    """I [N, Q] = log p(y | x, r_≤t) for every planned prefix, in one no-grad pass over the cached K/V (Eq. 2).
 
-    kv: the training pass's per-layer (k, v) [N, G, T, D]; probe_ids, probe_answer_mask [N, P] (cue ⊕ y,
-    then padding). Blocks go PROBE_ROW to a row, rows with no valid block are skipped, invalid blocks score
-    0. The LM head runs in fp32 under bf16 autocast: max(ΔI, 0) would turn rounding noise into gain.
+    kv: the training row's per-layer (k, v) [1, G, S, D]. Blocks never planned score 0. The LM head runs in
+    fp32 under bf16 autocast: max(ΔI, 0) would turn rounding noise into gain.
     """
-    N, T = attention_mask.shape
-    Q, P = pos.shape[1], probe_ids.shape[1] - 1  # the last probe token predicts nothing: not fed
-    if bool(probe_answer_mask[:, 0].any()):
-        raise ValueError("the probe's first token must be the cue, not an answer token")
-    dev = pos.device
-    per_row = min(PROBE_ROW, Q)
-    n_rows = -(-Q // per_row)
-    pos_r = F.pad(pos, (0, n_rows * per_row - Q)).view(N * n_rows, per_row)  # (N·rows, per_row)
-    valid_r = F.pad(valid, (0, n_rows * per_row - Q)).view(N * n_rows, per_row)
-    keep = valid_r.any(-1)
-    src = torch.arange(N, device=dev).repeat_interleave(n_rows)[keep]  # (R,): each row's branch
-    pos_r, valid_r = pos_r[keep], valid_r[keep]
-    R = src.numel()
-    ids = probe_ids[src, None, :-1].expand(R, per_row, P).reshape(R, per_row * P)
-    position_ids = (pos_r[:, :, None] + 1 + torch.arange(P, device=dev)).reshape(R, per_row * P)
-    mask = probe_block_mask(pos_r, valid_r, attention_mask[src], P)
-    cache = [KVCache.from_kv(k[src], v[src], per_row * P) for k, v in kv]
-    h = raw(ids, position_ids=position_ids, mask=mask, cache=cache, return_hidden=True).view(R, per_row, P, -1)
-    scored = probe_answer_mask[src, None, 1:] & valid_r[:, :, None]  # (R, per_row, P): token j predicts j+1
-    targets = probe_ids[src, None, 1:].expand(R, per_row, P)
-    logp = -token_nll(raw.lm_head, h[scored], targets[scored], fp32=True)
-    info = torch.zeros(N * n_rows, per_row, device=dev)
-    info[keep] = torch.zeros(scored.shape, device=dev).masked_scatter(scored, logp).sum(-1)
-    return info.view(N, n_rows * per_row)[:, :Q]
+    lay, dev, S = batch["layout"], plan.prefix.device, len(batch["input_ids"])
+    K = batch["branch_mask"].shape[1]
+    ids, pos, segments, rows, targets, where = [], [], [], [], [], []
+    for n, (prefixes, (c0, c1), slot) in enumerate(zip(plan.prefix.tolist(), lay["branches"], batch["slot"].tolist())):
+        (p0, p1), (probe, scored) = lay["prompts"][slot // K], lay["probes"][slot // K]
+        if scored[0]:
+            raise ValueError("the probe's first token must be the cue, not an answer token")
+        P, ts = len(probe) - 1, prefixes[:int(plan.valid[n].sum())]
+        per = max(1, min(PROBE_QUERIES, (p1 - p0) + (c1 - c0)) // P)  # own keys <= main keys: little waste
+        for i in range(0, len(ts), per):
+            chunk, s0 = ts[i:i + per], len(ids)
+            for q, t in enumerate(chunk, i):
+                rows += [len(ids) + j for j in range(P) if scored[j + 1]]  # token j predicts probe token j + 1
+                targets += [probe[j + 1] for j in range(P) if scored[j + 1]]
+                where += [(n, q)] * sum(scored[1:])
+                ids += probe[:P]
+                pos += range(p1 - p0 + t, p1 - p0 + t + P)
+            mask = probe_block_mask(chunk, p1 - p0, c1 - c0, P, dev)
+            segments.append(Segment(((s0, len(ids)),), ((p0, p1), (c0, c1), (S + s0, S + len(ids))), mask, len(ids) - s0))
+    cache = [KVCache.from_kv(k, v, len(ids)) for k, v in kv]
+    tensor = lambda x: torch.tensor(x, device=dev)
+    h = raw(tensor(ids)[None], position_ids=tensor(pos)[None], cache=cache, segments=segments, return_hidden=True)[0]
+    logp = -token_nll(raw.lm_head, h[tensor(rows)], tensor(targets), fp32=True)
+    n_q = tensor(where).view(-1, 2)
+    return torch.zeros(plan.prefix.shape, device=dev).index_put_((n_q[:, 0], n_q[:, 1]), logp, accumulate=True)
 
 
 # --- fusion (SPEC §3.4) and the consistency loss (SPEC §4) ---
@@ -269,23 +261,24 @@ def mcon_loss(logp, answer_valid, branch_mask, detach=False):
     return torch.where(edge, bkl, 0.0).sum(-1) / edge.sum(-1).clamp(min=1)
 
 
-def answer_logprobs(lm_head, hidden, answer_mask):
-    """log P_k^j [N, J, V] and its validity [N, J]: the answer tokens in order, each read at the
-    position that predicts it (one before the token), so answers align by index j across branches."""
-    N, T, C = hidden.shape
-    J = int(answer_mask.sum(-1).max())
-    idx = torch.arange(T, device=hidden.device)
-    pos = torch.where(answer_mask, idx, T + idx).sort(-1).values[:, :J]  # (N, J) answer positions
-    valid = pos < T
-    before = torch.where(valid, pos - 1, 0).clamp(min=0)
-    h = hidden.gather(1, before[:, :, None].expand(N, J, C))  # (N, J, C)
-    return torch.log_softmax(lm_head(h).float(), dim=-1), valid
+def answer_logprobs(lm_head, hidden, prev, answer_rows):
+    """log P^j [N, J, V] and its validity [N, J]: each branch's answer tokens in order (answer_rows, −1 = none),
+    read at the row that predicts each (its prev), so answers align by index j across branches."""
+    valid = answer_rows >= 0
+    return torch.log_softmax(lm_head(hidden[prev[answer_rows.clamp(min=0)]]).float(), dim=-1), valid
 
 
 # --- the objective (SPEC §2, §4) ---
 
+def packed_forward(model, batch, **kw):
+    """The model over a collate row (model.py's packed layout): [S, C] hidden states with return_hidden."""
+    out = model(batch["input_ids"][None], position_ids=batch["position_ids"][None],
+                segments=batch["layout"]["segments"], **kw)
+    return (out[0][0], out[1]) if kw.get("return_aux") else out[0]
+
+
 def compact_loss(model, batch, cfg, n_instances=None, rng_key=()):
-    """(loss, stats) for one batch (SPEC §9 dict): loss = Σ_b Σ_k w_bk L_bk / n_instances (Eq. 8-11).
+    """(loss, stats) for one collate row: loss = Σ_b Σ_k w_bk L_bk / n_instances (Eq. 8-11).
 
     L_k = L_SFT,k + λ L_MCon,k; w from the scores under no_grad, detached, so one backward gives Σ_k w_k ∇L_k.
     n_instances: instances of the whole optimizer step, all micro-batches and ranks (default B). stats:
@@ -293,39 +286,37 @@ def compact_loss(model, batch, cfg, n_instances=None, rng_key=()):
     scores are read in the model's current mode (LoRA dropout on while training, as in the K/V the probe reuses).
     """
     raw = getattr(model, "module", model)  # DDP: train through the wrapper, score with the module
-    ids, bm = batch["input_ids"], batch["branch_mask"]
-    B, K, T = ids.shape
+    bm, ids, slot = batch["branch_mask"], batch["input_ids"], batch["slot"]
+    (B, K), N = bm.shape, len(slot)
     n_instances = B if n_instances is None else n_instances
-    flat = lambda x: x.reshape(B * K, *x.shape[2:])
-    # Right padding + the default causal mask: real tokens never see padding.
-    hidden, aux = model(flat(ids), return_hidden=True, return_aux=True)  # (BK, T, C)
+    table = lambda x: torch.zeros(B * K, *x.shape[1:], device=x.device, dtype=x.dtype).index_copy(0, slot, x).view(
+        B, K, *x.shape[1:])  # per branch [N, ...] -> [B, K, ...], 0 where no branch
+    hidden, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)  # (S, C)
 
-    sft = flat(batch["sft_mask"]) & flat(bm[:, :, None].expand(B, K, T))
-    sel = sft[:, 1:]  # token t is read from the logits at t−1
-    nll = token_nll(raw.lm_head, hidden[:, :-1][sel], flat(ids)[:, 1:][sel])
-    nll = F.pad(torch.zeros(sel.shape, device=ids.device).masked_scatter(sel, nll), (1, 0)).view(B, K, T)
-    l_sft = nll.sum(-1) / sft.view(B, K, T).sum(-1).clamp(min=1)
+    sel = batch["sft_mask"]  # token s is read from the logits at prev[s]
+    nll = torch.zeros(len(ids), device=ids.device).masked_scatter(sel, token_nll(raw.lm_head, hidden[batch["prev"][sel]],
+                                                                                 ids[sel]))
+    per_branch = lambda x: torch.zeros(N, device=ids.device).index_add(0, batch["branch"][sel], x[sel])
+    l_sft = table(per_branch(nll) / per_branch(torch.ones_like(nll)).clamp(min=1))
     l_mcon = torch.zeros(B, K, device=ids.device)
     if cfg.mcon_lambda > 0:  # no answer tokens: J = 0 and the loss is 0
-        logp, valid = answer_logprobs(raw.lm_head, hidden, flat(batch["answer_mask"]))
-        l_mcon = mcon_loss(logp.view(B, K, *logp.shape[1:]), valid.view(B, K, -1), bm, cfg.mcon_detach)
+        logp, valid = answer_logprobs(raw.lm_head, hidden, batch["prev"], batch["answer_rows"])
+        l_mcon = mcon_loss(table(logp), table(valid), bm, cfg.mcon_detach)
 
     with torch.no_grad():
-        s_d = difficulty_scores(nll.detach(), batch["rationale_mask"])
-        last = (flat(batch["attention_mask"]).sum(-1) - 1).clamp(min=0)  # the eot of each branch
-        e = aux.final_attn_input.detach()[torch.arange(B * K, device=ids.device), last].view(B, K, -1)
+        s_d = table(difficulty_scores(nll.detach(), batch["rationale_rows"]))
+        e = table(aux.final_attn_input.detach()[0, batch["last_rows"]])  # (B, K, C): at each branch's eot
         attn = raw.model.layers[-1].self_attn
         s_g = consensus_scores(e, bm, attn.q_proj, attn.k_proj, raw.args.head_dim)
         s_mi = torch.zeros(B, K, device=ids.device)
         if cfg.weighting == "compact" and cfg.alpha > 0:  # the only score that costs a pass
-            s_mi = adaptability_scores(raw, [(k.detach(), v.detach()) for k, v in aux.kv], batch, cfg, rng_key)
+            s_mi = table(adaptability_scores(raw, [(k.detach(), v.detach()) for k, v in aux.kv], batch, cfg, rng_key))
         w = fuse_weights(s_mi, s_g, s_d, bm, cfg)
 
-    per_branch = l_sft + cfg.mcon_lambda * l_mcon
-    loss = (w * per_branch).sum() / n_instances
+    loss = (w * (l_sft + cfg.mcon_lambda * l_mcon)).sum() / n_instances
     stats = dict(s_mi=s_mi, s_g=s_g, s_d=s_d, weight=w, l_sft=l_sft.detach(), l_mcon=l_mcon.detach(),
                  loss=loss.detach(), sft=(w * l_sft).sum().detach() / n_instances,
-                 mcon=(w * l_mcon).sum().detach() / n_instances, tokens=sft.sum(),
+                 mcon=(w * l_mcon).sum().detach() / n_instances, tokens=sel.sum(),
                  weight_entropy=-torch.special.xlogy(w, w).sum() / n_instances)
     return loss, stats
 
@@ -353,6 +344,12 @@ MI_RUN = 4  # other-stratum runs: MI_RUN consecutive rationale tokens, MI_RUN + 
 MIN_BUDGET = MI_RUN + 6  # I_0, I_|R|, one thinking pair and one run
 
 
+def probe_budget(n_rat, cfg):
+    """Probes per branch [N] for rationales of n_rat tokens: max(mi_budget, ⌈mi_budget_frac · |R|⌉), capped."""
+    budget = torch.maximum(torch.full_like(n_rat, cfg.mi_budget), (cfg.mi_budget_frac * n_rat).ceil().long())
+    return budget.clamp(max=cfg.mi_budget_cap) if cfg.mi_budget_cap else budget
+
+
 def sampled_plan(n_rat, think, cfg, u_think, u_run):
     """Per-prefix (probed, lin, half_abs, level) [N, 1 + R] of an unbiased estimate of Eq. 3's sum. With
     θ = think_weight, o = other_weight and Σ_t ΔI_t = I_|R| − I_0 (a control variate from two probes):
@@ -370,7 +367,7 @@ def sampled_plan(n_rat, think, cfg, u_think, u_run):
     other = rat & ~think
     run = torch.arange(R, device=think.device) // MI_RUN  # (R,): each token's run
     has_other = torch.zeros(N, u_run.shape[1], device=think.device).index_add_(1, run, other.float()) > 0
-    budget = torch.full_like(n_rat, cfg.mi_budget)
+    budget = probe_budget(n_rat, cfg)
     cap_t = torch.minimum(((cfg.mi_think_share * budget.double()).long() // 2).clamp(min=1),
                           (budget - 3 - MI_RUN) // 2)  # room left for I_0, I_|R| and one run
     N_T, N_C = think.sum(-1), has_other.sum(-1)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from model import packed_segments
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------
@@ -558,30 +559,53 @@ def encode_dataset(instances, tok, teachers=None, max_len=2048, thinking_words=T
     return encoded, dict(stats, dropped_per_teacher=dict(sorted(drops.items())), teachers=teachers)
 
 
-def collate(batch, pad_id):
-    """EncodedInstances to the SPEC §9 dict: [B,K,T] ids and masks, right-padded; [B,K]
-    branch_mask and teacher (−1 for padding); [B,P] probe_ids and probe_answer_mask."""
+def collate(batch, pad_id=0):
+    """EncodedInstances -> one packed row (SPEC §9 as revised: no padding, each prompt once; model.py's diagram).
+
+    [S] per token: input_ids, position_ids (within its branch's own sequence), prev (the row whose logits predict
+    it; a branch's first token: its prompt's last), branch (0..N−1; −1: prompt), sft/rationale/answer/think masks.
+    [N] per branch: slot (b·K + k in [B, K] tables), last_rows (its eot); rationale_rows [N, R] and answer_rows
+    [N, J] in order, −1 = none. [B, K]: branch_mask, teacher. layout (host lists): prompts and branches as
+    (start, end) rows, probes (cue ⊕ y ids, answer mask) per instance, the model.Segments. pad_id is not needed.
+    """
     B, K = len(batch), max(len(e.branches) for e in batch)
-    T = max(len(ids) for e in batch for ids, _, _ in e.branches)
-    P = max(len(e.probe_ids) for e in batch)
-    input_ids = torch.full((B, K, T), pad_id, dtype=torch.long)
-    segment = torch.full((B, K, T), -1, dtype=torch.long)  # -1 = padding
-    think = torch.zeros(B, K, T, dtype=torch.bool)
+    ids, pos, prev, branch, codes, think = ([] for _ in range(6))
+    prompts, spans, slot, rationale, answer = [], [], [], [], []
     teacher = torch.full((B, K), -1, dtype=torch.long)
-    probe_ids = torch.full((B, P), pad_id, dtype=torch.long)
-    probe_answer_mask = torch.zeros(B, P, dtype=torch.bool)
+
+    def put(seq_ids, seq_codes, seq_think, first_pos, first_prev, n):
+        start = len(ids)
+        ids.extend(seq_ids), codes.extend(seq_codes), think.extend(seq_think), branch.extend([n] * len(seq_ids))
+        pos.extend(range(first_pos, first_pos + len(seq_ids)))
+        prev.extend([first_prev] + list(range(start, start + len(seq_ids) - 1)))
+        return start, len(ids)
+
     for b, e in enumerate(batch):
-        for k, (ids, codes, marks) in enumerate(e.branches):
-            input_ids[b, k, :len(ids)] = torch.tensor(ids)
-            segment[b, k, :len(ids)] = torch.tensor(codes)
-            think[b, k, :len(ids)] = torch.tensor(marks)
+        L = e.branches[0][1].count(PROMPT)
+        prompts.append(put(e.branches[0][0][:L], [PROMPT] * L, [False] * L, 0, len(ids), -1))
+        spans.append([])
+        for k, (b_ids, b_codes, b_think) in enumerate(e.branches):  # every branch: the same prompt, then its own
+            c0, c1 = put(b_ids[L:], b_codes[L:], b_think[L:], L, prompts[-1][1] - 1, len(slot))
+            spans[-1].append((c0, c1))
+            slot.append(b * K + k)
             teacher[b, k] = e.teacher[k]
-        probe_ids[b, :len(e.probe_ids)] = torch.tensor(e.probe_ids)
-        probe_answer_mask[b, :len(e.probe_ids)] = torch.tensor(e.probe_answer_mask)
-    return {"input_ids": input_ids, "attention_mask": segment >= 0, "sft_mask": segment > PROMPT,
-            "rationale_mask": segment == RATIONALE, "answer_mask": segment == ANSWER,
-            "think_mask": think, "branch_mask": teacher >= 0, "teacher": teacher,
-            "probe_ids": probe_ids, "probe_answer_mask": probe_answer_mask}
+            rationale.append([c0 + i for i, c in enumerate(b_codes[L:]) if c == RATIONALE])
+            answer.append([c0 + i for i, c in enumerate(b_codes[L:]) if c == ANSWER])
+    codes = torch.tensor(codes)
+    table = lambda rows: torch.tensor([r + [-1] * (max(map(len, rows)) - len(r)) for r in rows], dtype=torch.long)
+    return {"input_ids": torch.tensor(ids), "position_ids": torch.tensor(pos), "prev": torch.tensor(prev),
+            "branch": torch.tensor(branch), "sft_mask": codes > PROMPT, "rationale_mask": codes == RATIONALE,
+            "answer_mask": codes == ANSWER, "think_mask": torch.tensor(think, dtype=torch.bool),
+            "slot": torch.tensor(slot), "last_rows": torch.tensor([c1 - 1 for s in spans for _, c1 in s]),
+            "rationale_rows": table(rationale), "answer_rows": table(answer), "branch_mask": teacher >= 0,
+            "teacher": teacher, "layout": {"prompts": prompts, "branches": [s for x in spans for s in x],
+                                           "probes": [(e.probe_ids, e.probe_answer_mask) for e in batch],
+                                           "segments": packed_segments(prompts, spans)}}
+
+
+def to_device(batch, device):
+    """A collate row's tensors on `device` (the layout's host lists stay)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def shard_indices(n, epoch, seed, rank, world_size, batch_size=1):

@@ -1,16 +1,16 @@
 """The student: a Llama-3.x / Qwen2.x / SmolLM2 decoder in plain PyTorch.
 
-Loads the Hugging Face checkpoints users download (config.json + safetensors, sharded or
-not) with no key translation: module names are the Hugging Face ones. One forward serves
-three callers: causal LM over a right-padded batch (training), a continuation over a KV
-cache (generation), and an explicit boolean mask with explicit position ids (the one-pass
-MI probe of SPEC.md §3.1).
+Loads the Hugging Face checkpoints users download (config.json + safetensors, sharded or not) with
+no key translation: module names are the Hugging Face ones. One forward serves four callers: a
+packed row of branches (training: each instance's prompt once, no padding), a continuation over a
+KV cache (generation), an explicit boolean mask with explicit position ids (prefill), and packed
+probe blocks over a cache (the one-pass MI probe of SPEC.md §3.1).
 
     model = Transformer.from_pretrained("Qwen2.5-1.5B-Instruct", dtype=torch.bfloat16)
     new_ids = generate(model, [prompt_ids], max_new_tokens=256, eos_ids=[151645])
 
-Left out: sliding-window attention, rope types other than default and llama3, MoE,
-tensor parallelism, quantisation. Unsupported config values raise instead of being ignored.
+Left out: sliding-window attention, rope types other than default and llama3, MoE, tensor
+parallelism, quantisation. Unsupported config values raise instead of being ignored.
 """
 import json
 import math
@@ -47,8 +47,7 @@ class ModelArgs:
     initializer_range: float = 0.02
 
     def __post_init__(self):
-        if self.head_dim == 0:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 
@@ -72,26 +71,17 @@ class ModelArgs:
             raise ValueError("partial_rotary_factor != 1 is not supported")
         if rope_type == "llama3" and (lost := [k for k in LLAMA3_ROPE_KEYS if k not in rope]):
             raise ValueError(f"llama3 rope scaling needs {', '.join(lost)}")
-        qwen = model_type == "qwen2"
-        attention_bias = bool(cfg.get("attention_bias", False))
-        return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=cfg["num_attention_heads"],
-            num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            head_dim=cfg.get("head_dim") or 0,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            rope_scaling=rope if rope_type == "llama3" else None,
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=True if qwen else attention_bias,
-            o_bias=False if qwen else attention_bias,
-            mlp_bias=False if qwen else bool(cfg.get("mlp_bias", False)),
-            initializer_range=cfg.get("initializer_range", 0.02),
-        )
+        qwen, bias = model_type == "qwen2", bool(cfg.get("attention_bias", False))
+        return cls(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+                   intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+                   num_attention_heads=cfg["num_attention_heads"],
+                   num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                   head_dim=cfg.get("head_dim") or 0, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                   rope_theta=float(theta), rope_scaling=rope if rope_type == "llama3" else None,
+                   max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=qwen or bias,
+                   o_bias=not qwen and bias, mlp_bias=not qwen and bool(cfg.get("mlp_bias", False)),
+                   initializer_range=cfg.get("initializer_range", 0.02))
 
 
 # --- RoPE: pure functions, rotate-half layout (as Hugging Face checkpoints expect) ---
@@ -104,8 +94,7 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     if s is None:
         return inv_freq
     # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
+    factor, low, high, old_len = (s[k] for k in LLAMA3_ROPE_KEYS)
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     smooth = (old_len / wavelen - low) / (high - low)
@@ -152,10 +141,56 @@ class KVCache:
     def update(self, k: torch.Tensor, v: torch.Tensor):
         """Append k, v [N, G, T, D]; return everything held so far [N, G, len, D]."""
         end = self.len + k.size(2)
-        self.k[:, :, self.len:end] = k
-        self.v[:, :, self.len:end] = v
+        self.k[:, :, self.len:end], self.v[:, :, self.len:end] = k, v
         self.len = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+
+# --- packed rows: each prompt once, then its branches, no padding ---
+#
+#   Training packs a micro-batch into one row: per instance its prompt p, then every branch's
+#   continuation (rationale, answer statement, eot). A branch sees its prompt and itself, causally:
+#   one SDPA call per branch (a Segment) over p ⊕ the branch, causal. Each call recomputes only the
+#   prompt's attention rows, and only the first branch's call keeps them. p = 3 tokens, branches a, b:
+#
+#        keys   p p p a a b b b
+#        p      x                  segment 0: q = kv = p ⊕ a, causal,
+#        p      x x                           keeps its 5 rows (p and a)
+#        p      x x x
+#        a      x x x x
+#        a      x x x x x
+#        b      x x x . . x        segment 1: q = kv = p ⊕ b, causal,
+#        b      x x x . . x x                 keeps its last 3 rows (b)
+#        b      x x x . . x x x
+#
+#   Position ids restart with each prompt and run on through each branch (p 0-2, a 3-4, b 3-5), so a
+#   branch computes exactly what it would alone. The probe (compact.py) passes its own segments, with
+#   keys from the cache and an explicit mask.
+
+class Segment(NamedTuple):
+    """One attention call of a packed row: query spans and key spans, (start, end) each (keys index the
+    cache, then this call's tokens after it); mask bool [queries, keys], or None: causal (queries = keys);
+    the call keeps its last `keep` outputs, and the kept rows of all segments tile the row in order."""
+    q: tuple
+    kv: tuple
+    mask: torch.Tensor | None
+    keep: int
+
+
+def packed_segments(prompts, branches):
+    """Segments of the training layout above: prompts [(start, end)] per instance, branches [[(start, end)]]."""
+    return [Segment((p, b), (p, b), None, b[1] - b[0] + (p[1] - p[0]) * (k == 0))
+            for p, bs in zip(prompts, branches) for k, b in enumerate(bs)]
+
+
+@torch.compiler.disable  # the spans change every batch: compiled blocks call this eagerly
+def segment_attention(q, k, v, segments, gqa):
+    """SDPA per segment: q [1, H, T, D], k, v [1, G, S, D] -> [1, H, T, D]."""
+    take = lambda x, spans: torch.cat([x[:, :, a:b] for a, b in spans], 2) if len(spans) > 1 else \
+        x[:, :, spans[0][0]:spans[0][1]]
+    return torch.cat([F.scaled_dot_product_attention(take(q, s.q), take(k, s.kv), take(v, s.kv), attn_mask=s.mask,
+                                                     is_causal=s.mask is None, enable_gqa=gqa)[:, :, -s.keep:]
+                      for s in segments], 2)
 
 
 # --- the network ---
@@ -169,8 +204,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # Normalise in fp32, scale in the input dtype: the Hugging Face order, so bf16 matches too.
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -182,7 +216,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(a.hidden_size, self.G * self.D, bias=a.qkv_bias)
         self.o_proj = nn.Linear(self.H * self.D, a.hidden_size, bias=a.o_bias)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, segments=None):
         N, T, _ = x.shape
         q = self.q_proj(x).view(N, T, self.H, self.D).transpose(1, 2)  # (N, H, T, D)
         k = self.k_proj(x).view(N, T, self.G, self.D).transpose(1, 2)  # (N, G, T, D)
@@ -191,13 +225,12 @@ class Attention(nn.Module):
         new_kv = (k, v)
         if cache is not None:
             k, v = cache.update(k, v)  # (N, G, S, D)
-        # is_causal only without past keys: with a cache SDPA would align the triangle top-left.
-        causal = mask is None
-        if mask is not None:
-            mask = mask[:, None]  # (N, 1, T, S), broadcast over heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.G != self.H)
-        y = y.transpose(1, 2).reshape(N, T, self.H * self.D)  # (N, T, H*D)
-        return self.o_proj(y), new_kv
+        if segments is not None:
+            y = segment_attention(q, k, v, segments, self.G != self.H)
+        else:  # is_causal only without past keys: with a cache SDPA would align the triangle top-left
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
+                                               is_causal=mask is None, enable_gqa=self.G != self.H)
+        return self.o_proj(y.transpose(1, 2).reshape(N, T, self.H * self.D)), new_kv  # (N, T, C)
 
 
 class MLP(nn.Module):
@@ -219,11 +252,10 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask=None, cache=None, segments=None):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, segments)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, kv
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 class Aux(NamedTuple):
@@ -266,40 +298,33 @@ class Transformer(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, position_ids=None, mask=None, cache=None, *, return_hidden=False, return_aux=False):
+    def forward(self, input_ids, position_ids=None, mask=None, cache=None, segments=None, *, return_hidden=False,
+                return_aux=False):
         """Logits [N, T, V] for input_ids [N, T].
 
-        position_ids [N, T]: default continues from what the cache holds.
-        mask [N, T, S] bool (True = may attend; S = cached + T): default causal.
-        cache: one KVCache per layer; this call's keys/values are appended to it.
-        return_hidden: the final-normed hidden states [N, T, C] instead of logits, so a
-            caller computes logits only where it reads them (the vocabulary can be 152k).
-        return_aux: also return Aux (each layer's K/V, the final layer's attention input).
+        position_ids [N, T]: default continues from what the cache holds. mask [N, T, S] bool (True = may
+        attend; S = cached + T): default causal. cache: one KVCache per layer, this call's K/V appended.
+        segments: a packed row (N = 1), attention per Segment. return_hidden: the final-normed hidden states
+        [N, T, C] instead of logits. return_aux: also Aux (each layer's K/V, the final attention input).
         """
         N, T = input_ids.shape
         past = cache[0].len if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(N, T)
-        if mask is None and past > 0:  # new token i sees every cached token and new tokens <= i
+        if mask is None and past > 0 and segments is None:  # new token i sees the cache and new tokens <= i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=input_ids.device).tril(past).expand(N, T, past + T)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids)
-        x = self.model.embed_tokens(input_ids)  # (N, T, C)
-        kvs = []
+        x, kvs = self.model.embed_tokens(input_ids), []  # (N, T, C)
         for i, layer in enumerate(self.model.layers):
-            if i == len(self.model.layers) - 1:
-                x_last = x
-            c = cache[i] if cache is not None else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, kv = checkpoint(layer, x, cos, sin, mask, c, use_reentrant=False)
-            else:
-                x, kv = layer(x, cos, sin, mask, c)
+            x_last = x
+            args = (x, cos, sin, mask, cache[i] if cache is not None else None, segments)
+            x, kv = checkpoint(layer, *args, use_reentrant=False) if self.gradient_checkpointing and self.training \
+                and torch.is_grad_enabled() else layer(*args)
             kvs.append(kv)
         x = self.model.norm(x)
         out = x if return_hidden else self.lm_head(x)
-        if not return_aux:
-            return out
         # Recomputing one RMSNorm is cheaper than threading it out of the checkpointed block.
-        return out, Aux(kvs, self.model.layers[-1].input_layernorm(x_last))
+        return (out, Aux(kvs, self.model.layers[-1].input_layernorm(x_last))) if return_aux else out
 
     # --- checkpoints ---
 
@@ -314,16 +339,16 @@ class Transformer(nn.Module):
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
         try:
-            with open(config_file) as f:
+            with open(config_file, encoding="utf-8") as f:
                 config = json.load(f)
             if not isinstance(config, dict):
                 raise ValueError("not a JSON object")
             args = ModelArgs.from_hf_config(config)
-        except (ValueError, KeyError) as e:  # JSONDecodeError is a ValueError
+        except (ValueError, KeyError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ValueError(f"{config_file}: {e if not isinstance(e, KeyError) else f'missing {e}'}") from None
         with torch.device("meta"):
             model = cls(args, config)
-        expected = {k: v for k, v in model.state_dict().items()}
+        expected = model.state_dict()
         if args.tie_word_embeddings:
             expected.pop("lm_head.weight")
         state = {}
@@ -338,13 +363,10 @@ class Transformer(nn.Module):
                         continue  # some tied checkpoints store the copy too
                     if key not in expected:
                         raise KeyError(f"{file}: unexpected tensor {key!r} (not in a {config['model_type']} model of this config)")
-                    t = f.get_slice(key)
-                    shape = tuple(t.get_shape())
-                    if shape != tuple(expected[key].shape):
+                    if (shape := tuple(f.get_slice(key).get_shape())) != tuple(expected[key].shape):
                         raise ValueError(f"{file}: {key} has shape {shape}, the config implies {tuple(expected[key].shape)}")
                     state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
-        missing = sorted(set(expected) - set(state))
-        if missing:
+        if missing := sorted(set(expected) - set(state)):
             raise KeyError(f"{path}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[:3]}")
         if args.tie_word_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -363,28 +385,22 @@ class Transformer(nn.Module):
             state.pop("lm_head.weight")
         shards, size = [{}], 0
         for k, v in state.items():
-            nbytes = v.numel() * v.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][k] = v
-            size += nbytes
+            if shards[-1] and size + v.nbytes > max_shard_bytes:
+                shards, size = shards + [{}], 0
+            shards[-1][k], size = v, size + v.nbytes
         config = dict(self.config)
         dtype_key = "dtype" if "dtype" in config else "torch_dtype"  # keep the checkpoint's spelling
         config[dtype_key] = str(next(iter(state.values())).dtype).removeprefix("torch.")
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-            return
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        names = ["model.safetensors"] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
             save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(v.numel() * v.element_size() for v in state.values())
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        if len(shards) > 1:
+            with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": sum(v.nbytes for v in state.values())},
+                           "weight_map": {k: n for n, s in zip(names, shards) for k in s}}, f, indent=2)
 
 
 def compile_blocks(model):
@@ -401,14 +417,11 @@ def _weight_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        files = [os.path.join(path, n) for n in names]
-        for file in files:
-            if not os.path.isfile(file):
-                raise FileNotFoundError(f"{index} names {os.path.basename(file)}, which is missing")
+            files = [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+        if lost := [f for f in files if not os.path.isfile(f)]:
+            raise FileNotFoundError(f"{index} names {os.path.basename(lost[0])}, which is missing")
         return files
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
+    if os.path.isfile(single := os.path.join(path, "model.safetensors")):
         return [single]
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (weights load only from safetensors)")
 
@@ -423,8 +436,7 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     if top_p < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set whose mass reaches top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -450,43 +462,36 @@ def decode_one_token(model, nxt, pos, valid, cache):
 def generate(model, prompts, max_new_tokens=256, eos_ids=(), temperature=0.0, top_p=1.0, seed=None):
     """Continue token-id prompts of different lengths together, with a KV cache.
 
-    Prompts are left-padded so every row's next token sits in the same column; pad keys
-    are masked and position ids count only real tokens, so each row computes what it
-    would alone. Returns the new ids per prompt (the stop token included when produced).
+    Prompts are left-padded so every row's next token sits in the same column; pad keys are masked and
+    position ids count only real tokens, so each row computes what it would alone. seed: one int for the
+    batch, or one per prompt (each row draws from its own stream, whatever shares its batch). Returns the
+    new ids per prompt (the stop token included when produced).
     """
     if not prompts or not all(len(p) for p in prompts):
         raise ValueError("generate needs at least one prompt, and no empty prompt")
-    eos_ids = list(eos_ids or ())
-    device = model.lm_head.weight.device
+    eos_ids, device, a = list(eos_ids or ()), model.lm_head.weight.device, model.args
     N, L = len(prompts), max(len(p) for p in prompts)
     ids = torch.zeros(N, L, dtype=torch.long, device=device)
     valid = torch.zeros(N, L + max_new_tokens, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
-        valid[i, L - len(p):L] = True
-    a = model.args
+        ids[i, L - len(p):], valid[i, L - len(p):L] = torch.tensor(p, dtype=torch.long), True
     cache = [KVCache.empty(N, a.num_key_value_heads, L + max_new_tokens, a.head_dim,
                            model.model.embed_tokens.weight.dtype, device) for _ in range(a.num_hidden_layers)]
-    # seed: one int for the batch, or one per prompt: each row then draws from its own stream, so what a
-    # row samples does not depend on which prompts share its batch (resumable sampling, eval.py rationales).
     rows = [torch.Generator(device).manual_seed(s) for s in seed] if isinstance(seed, (list, tuple)) else None
     generator = torch.Generator(device).manual_seed(seed) if seed is not None and rows is None else None
     if rows is not None and len(rows) != N:
         raise ValueError(f"{len(rows)} seeds for {N} prompts")
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-
     logits, pos = prefill(model, ids, valid, cache)
     out, done = [], torch.zeros(N, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         nxt = torch.cat([sample(logits[i:i + 1].float(), temperature, top_p, g) for i, g in enumerate(rows)]) \
             if rows else sample(logits.float(), temperature, top_p, generator)  # (N,)
-        nxt = torch.where(done, 0, nxt)
-        out.append(nxt)
+        out.append(nxt := torch.where(done, 0, nxt))
         done = done | torch.isin(nxt, eos)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        valid[:, L + step] = True
-        pos = pos + 1
+        valid[:, L + step], pos = True, pos + 1
         logits = decode_one_token(model, nxt, pos, valid[:, :L + step + 1], cache)
     results = []
     for row in torch.stack(out, 1).tolist():

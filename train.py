@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 from compact import TEACHER_STATS, CompactConfig, compact_loss, teacher_means, teacher_sums
 from data import (THINKING_WORDS, DataError, add_config_args, atomic_path, collate, config_from_args, derive_seed,
-                  encode_dataset, load_multi_teacher, read_jsonl, shard_indices, teacher_names, user_errors, write_json,
-                  write_jsonl)
+                  encode_dataset, load_multi_teacher, read_jsonl, shard_indices, teacher_names, to_device, user_errors,
+                  write_json, write_jsonl)
 from lora import apply_lora, average_adapters, load_adapter, merge_to_dir, read_adapter, save_adapter
 from model import Transformer, compile_blocks
 from tokenizer import Tokenizer, copy_tokenizer
@@ -173,7 +173,7 @@ def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg
     totals = torch.zeros(5, device=device)  # loss, sft, mcon, supervised tokens, weight entropy
     teachers = torch.zeros(n_teachers, len(TEACHER_STATS) + 1, device=device)
     for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, device)
         sync = not ddp or i == len(micro_batches) - 1
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
             loss, stats = compact_loss(model, batch, ccfg, n_instances=n_instances, rng_key=(*rng_key, i))

@@ -12,7 +12,7 @@ import analysis
 import data
 import demo
 import eval as ev
-from compact import CompactConfig, adaptability_scores
+from compact import CompactConfig, adaptability_scores, packed_forward
 from conftest import tiny_config
 from lora import apply_lora, save_adapter
 from model import Transformer
@@ -78,23 +78,27 @@ def per_prefix_information(model, tok, inst, teacher):
     return torch.stack(info)
 
 
-def test_mi_trace_equals_per_prefix_loop_and_the_scorer(tmp_path, student_dir):
+def test_mi_trace_equals_per_prefix_loop_and_the_scorer(tmp_path, student_dir, monkeypatch):
+    import compact
     path = tmp_path / "multi.jsonl"
     path.write_text(json.dumps(MULTI) + "\n")
     inst = data.load_multi_teacher(str(path))[0]
     model, tok = ev.load_student(student_dir)
-    info, think, tokens, s_trace = analysis.information_trace(model, tok, inst, "verbose", chunk=5)  # chunks change nothing
+    info, think, tokens, s_trace = analysis.information_trace(model, tok, inst, "verbose")
     torch.testing.assert_close(info, per_prefix_information(model, tok, inst, "verbose"), atol=1e-5, rtol=1e-5)
     assert "".join(tokens) == dict(inst.rationales)["verbose"] and think[0] and think.sum() >= 4
+    monkeypatch.setattr(compact, "PROBE_QUERIES", 12)  # the blocks split over many segments: the same I
+    torch.testing.assert_close(analysis.information_trace(model, tok, inst, "verbose")[0], info, atol=1e-6, rtol=0)
+    monkeypatch.undo()
 
     # compact.py's scorer at stride 1 is (1/|R|) Σ m_t max(ΔI_t, 0) over these very gains.
     cfg = CompactConfig(mi_budget=0)
     teachers = data.teacher_names([inst])
-    batch = data.collate([data.encode_instance(inst, tok, teachers, 10**9)], tok.pad_id)
-    B, K, T = batch["input_ids"].shape
+    batch = data.collate([data.encode_instance(inst, tok, teachers, 10**9)])
     with torch.no_grad():
-        _, aux = model(batch["input_ids"].view(B * K, T), return_hidden=True, return_aux=True)
-        s_mi = adaptability_scores(model, aux.kv, batch, cfg)[batch["teacher"] == teachers.index("verbose")][0]
+        _, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)
+        verbose = batch["teacher"].flatten()[batch["slot"]] == teachers.index("verbose")
+        s_mi = adaptability_scores(model, aux.kv, batch, cfg)[verbose][0]
     m = torch.where(think, cfg.think_weight, cfg.other_weight)
     torch.testing.assert_close(s_mi, (m * (info[1:] - info[:-1]).clamp(min=0)).mean(), atol=1e-6, rtol=1e-5)
     assert s_trace == pytest.approx(float(s_mi), abs=1e-6)  # the trace's summary is compact's own estimate

@@ -1,4 +1,5 @@
-"""compact.py against slow, obvious references on tiny seeded models (SPEC.md §2-§4)."""
+"""compact.py against slow, obvious references on tiny seeded models (SPEC.md §2-§4): every reference runs
+each branch alone as one plain sequence (prompt ⊕ rationale ⊕ cue ⊕ y ⊕ close ⊕ eot), no packing, no probe."""
 import math
 
 import pytest
@@ -8,8 +9,9 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from compact import (CompactConfig, adaptability_scores, answer_logprobs, compact_loss, consensus_scores,
-                     difficulty_scores, fuse_weights, mcon_loss, mi_estimate, probe_log_likelihood, probe_plan,
-                     rationale_view, sample_keys, sampled_plan, token_nll)
+                     difficulty_scores, fuse_weights, mcon_loss, mi_estimate, packed_forward, probe_information,
+                     probe_plan, rationale_view, sample_keys, sampled_plan, token_nll)
+from data import ANSWER, CLOSE as CLOSE_CODE, CUE as CUE_CODE, EOT as EOT_CODE, PROMPT, RATIONALE, EncodedInstance, collate
 from model import ModelArgs, Transformer, rope_cos_sin
 
 V = 128
@@ -20,96 +22,121 @@ def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
     kw = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, qkv_bias=True, initializer_range=0.15) | kw
-    args = ModelArgs(**kw)
-    return Transformer(args).float().eval()
+    return Transformer(ModelArgs(**kw)).float().eval()
 
 
-def make_batch(instances, pad_to_k=None, extra_t=0):
-    """SPEC §9 dict by hand. instances: list of (prompt, answer, [(rationale, think_idx), ...])."""
-    K = pad_to_k or max(len(br) for _, _, br in instances)
-    rows = []
-    for prompt, answer, branches in instances:
-        rows.append([])
+def branch_seq(prompt, answer, rat):
+    return prompt + rat + CUE + answer + CLOSE + [EOT]
+
+
+def make_batch(instances):
+    """data.collate's packed row from instances: list of (prompt, answer, [(rationale, think_idx), ...])."""
+    encoded = []
+    for i, (prompt, answer, branches) in enumerate(instances):
+        rows = []
         for rat, think in branches:
-            seq = prompt + rat + CUE + answer + CLOSE + [EOT]
-            kinds = ["p"] * len(prompt) + ["r"] * len(rat) + ["c"] * len(CUE) + ["a"] * len(answer) + ["c"] * 2
-            th = [False] * len(seq)
-            for i in think:
-                th[len(prompt) + i] = True
-            rows[-1].append((seq, kinds, th))
-    T = max(len(s) for r in rows for s, _, _ in r) + extra_t
-    B, P = len(instances), len(CUE) + max(len(a) for _, a, _ in instances)
-    z = lambda dt: torch.zeros(B, K, T, dtype=dt)
-    batch = dict(input_ids=z(torch.long), attention_mask=z(torch.bool), sft_mask=z(torch.bool),
-                 rationale_mask=z(torch.bool), answer_mask=z(torch.bool), think_mask=z(torch.bool),
-                 branch_mask=torch.zeros(B, K, dtype=torch.bool), teacher=torch.full((B, K), -1),
-                 probe_ids=torch.zeros(B, P, dtype=torch.long), probe_answer_mask=torch.zeros(B, P, dtype=torch.bool))
-    for b, (row, (_, answer, _)) in enumerate(zip(rows, instances)):
-        batch["probe_ids"][b, :len(CUE) + len(answer)] = torch.tensor(CUE + answer)
-        batch["probe_answer_mask"][b, len(CUE):len(CUE) + len(answer)] = True
-        for k, (seq, kinds, th) in enumerate(row):
-            n = len(seq)
-            batch["input_ids"][b, k, :n] = torch.tensor(seq)
-            batch["attention_mask"][b, k, :n] = True
-            batch["sft_mask"][b, k, :n] = torch.tensor([c != "p" for c in kinds])
-            batch["rationale_mask"][b, k, :n] = torch.tensor([c == "r" for c in kinds])
-            batch["answer_mask"][b, k, :n] = torch.tensor([c == "a" for c in kinds])
-            batch["think_mask"][b, k, :n] = torch.tensor(th)
-            batch["branch_mask"][b, k] = True
-            batch["teacher"][b, k] = k
-    return batch
+            codes = [PROMPT] * len(prompt) + [RATIONALE] * len(rat) + [CUE_CODE] * len(CUE) + [ANSWER] * len(answer)
+            codes += [CLOSE_CODE, EOT_CODE]
+            marks = [False] * len(codes)
+            for j in think:
+                marks[len(prompt) + j] = True
+            rows.append((branch_seq(prompt, answer, rat), codes, marks))
+        encoded.append(EncodedInstance(f"i{i}", rows, list(range(len(rows))), CUE + answer,
+                                       [False] * len(CUE) + [True] * len(answer)))
+    return collate(encoded)
 
 
 def rand_ids(g, n):
     return torch.randint(10, V, (n,), generator=g).tolist()
 
 
-def standard_batch(seed=0):
-    """Three instances: 3 branches; 2 branches + padding; 1 branch (one with an empty rationale)."""
+def standard_instances(seed=0):
+    """Three instances: 3 branches; 2 branches; 1 branch (one rationale empty)."""
     g = torch.Generator().manual_seed(seed)
     r = lambda n: rand_ids(g, n)
-    return make_batch([
-        (r(4), r(3), [(r(9), [2, 5]), (r(12), [0]), (r(7), [])]),
-        (r(5), r(2), [(r(10), [3]), (r(6), [])]),
-        (r(3), r(2), [(r(8), [7])]),
-    ])
+    return [(r(4), r(3), [(r(9), [2, 5]), (r(12), [0]), (r(7), [])]),
+            (r(5), r(2), [(r(10), [3]), (r(6), [])]),
+            (r(3), r(2), [(r(8), [7])])]
 
 
-# --- naive references ---
+def long_and_short(seed=0):
+    """Branches of very different lengths (a long trace beside terse ones), as real teacher mixes are."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda n: rand_ids(g, n)
+    think = lambda n: sorted(torch.randperm(n, generator=g)[:n // 6].tolist())
+    return [(r(6), r(3), [(r(3), [0]), (r(90), think(90)), (r(11), think(11)), (r(40), think(40))]),
+            (r(9), r(1), [(r(60), think(60)), (r(2), [])])]
 
-def naive_info(model, batch, n, pos):
-    """log p(y | prompt ⊕ r_<=pos) by one full forward of prompt ⊕ r_<=pos ⊕ cue ⊕ y."""
-    B, K, T = batch["input_ids"].shape
-    b = n // K
-    probe = batch["probe_ids"][b][batch["probe_answer_mask"][b] | (torch.arange(batch["probe_ids"].shape[1], device=batch["probe_ids"].device) < len(CUE))]
-    seq = torch.cat([batch["input_ids"].view(B * K, T)[n, :pos + 1], probe])
+
+# --- naive references: each branch alone, one plain forward per sequence ---
+
+def naive_info(model, prompt, answer, rat, t):
+    """I_t = log p(y | prompt ⊕ r_<=t) from one full forward of prompt ⊕ r[:t] ⊕ cue ⊕ y."""
+    seq = torch.tensor(prompt + rat[:t] + CUE + answer)
     logp = torch.log_softmax(model(seq[None])[0].float(), -1)
-    start = pos + 1 + len(CUE)  # first answer token
-    return sum(logp[t - 1, seq[t]] for t in range(start, len(seq)))
+    start = len(prompt) + t + len(CUE)  # first answer token
+    return sum(logp[s - 1, seq[s]] for s in range(start, len(seq)))
 
 
-def slow_branch_losses(model, batch):
+def naive_s_mi(model, instances, cfg):
+    """Exact Eq. 3 from one full forward per prefix, [B, K]."""
+    ref = torch.zeros(len(instances), max(len(br) for *_, br in instances))
+    for b, (prompt, answer, branches) in enumerate(instances):
+        for k, (rat, think) in enumerate(branches):
+            info = [naive_info(model, prompt, answer, rat, t) for t in range(len(rat) + 1)]
+            for t in range(1, len(rat) + 1):
+                m = cfg.think_weight if t - 1 in think else cfg.other_weight
+                ref[b, k] += m * max(info[t] - info[t - 1], 0) / len(rat)
+    return ref
+
+
+def slow_branch_losses(model, instances):
     """L_SFT,k and L_MCon,k from full logits, branch by branch: [B, K] each, with grad."""
-    B, K, T = batch["input_ids"].shape
-    logp = torch.log_softmax(model(batch["input_ids"].view(B * K, T)).float(), -1).view(B, K, T, V)
+    B, K = len(instances), max(len(br) for *_, br in instances)
     l_sft, l_mcon = torch.zeros(B, K), torch.zeros(B, K)
-    for b in range(B):
-        valid = [k for k in range(K) if batch["branch_mask"][b, k]]
+    for b, (prompt, answer, branches) in enumerate(instances):
         dist = {}
-        for k in valid:
-            ids = batch["input_ids"][b, k]
-            sft = batch["sft_mask"][b, k].nonzero().flatten().tolist()
-            l_sft[b, k] = -sum(logp[b, k, t - 1, ids[t]] for t in sft) / len(sft)
-            answer = batch["answer_mask"][b, k].nonzero().flatten()
-            dist[k] = logp[b, k, answer - 1]  # (J, V): the positions predicting the answer
-        for k in valid:
-            bkl = []
-            for i in valid:
-                if i != k:
-                    kl = lambda p, q: (p.exp() * (p - q)).sum(-1)
-                    bkl.append((0.5 * (kl(dist[k], dist[i]) + kl(dist[i], dist[k]))).mean())
+        for k, (rat, _) in enumerate(branches):
+            seq = branch_seq(prompt, answer, rat)
+            logp = torch.log_softmax(model(torch.tensor(seq)[None])[0].float(), -1)
+            sft = range(len(prompt), len(seq))
+            l_sft[b, k] = -sum(logp[t - 1, seq[t]] for t in sft) / len(sft)
+            start = len(prompt) + len(rat) + len(CUE)
+            dist[k] = logp[start - 1:start - 1 + len(answer)]  # (J, V): the positions predicting the answer
+        kl = lambda p, q: (p.exp() * (p - q)).sum(-1)
+        for k in dist:
+            bkl = [(0.5 * (kl(dist[k], dist[i]) + kl(dist[i], dist[k]))).mean() for i in dist if i != k]
             l_mcon[b, k] = sum(bkl) / len(bkl) if bkl else 0.0
     return l_sft, l_mcon
+
+
+def reference_scores(model, instances):
+    """S_D and S_G of every branch from plain calls on the branch alone: S_D from full logits, S_G from the
+    blocks run one by one up to the last layer's input norm at the eot."""
+    B, K = len(instances), max(len(br) for *_, br in instances)
+    s_d, s_g = torch.zeros(B, K), torch.zeros(B, K)
+    attn, D = model.model.layers[-1].self_attn, model.args.head_dim
+    H, G = attn.q_proj.out_features // D, attn.k_proj.out_features // D
+    for b, (prompt, answer, branches) in enumerate(instances):
+        e = {}
+        for k, (rat, _) in enumerate(branches):
+            ids = torch.tensor(branch_seq(prompt, answer, rat))[None]
+            logp = torch.log_softmax(model(ids)[0], -1)
+            r = torch.arange(len(prompt), len(prompt) + len(rat))
+            s_d[b, k] = -logp[r - 1, ids[0, r]].mean() if len(rat) else 0.0
+            cos, sin = rope_cos_sin(model.inv_freq, torch.arange(ids.shape[1])[None])
+            x = model.model.embed_tokens(ids)
+            for layer in model.model.layers[:-1]:
+                x = layer(x, cos, sin)[0]
+            e[k] = model.model.layers[-1].input_layernorm(x)[0, -1]  # the eot
+        for i in e if len(e) > 1 else []:  # one branch: S_G = 0
+            others = [j for j in e if j != i]
+            for h in range(H):
+                q = attn.q_proj(e[i]).view(H, D)[h]
+                logits = torch.stack([q @ attn.k_proj(e[j]).view(G, D)[h // (H // G)] for j in others]) / math.sqrt(D)
+                for j, a in zip(others, torch.softmax(logits, 0)):
+                    s_g[b, j] += a / H
+    return s_d, s_g
 
 
 # --- config, fusion, pure scorers ---
@@ -174,9 +201,9 @@ def test_fuse_weights_directions():
 
 
 def test_difficulty_scores_hand():
-    nll = torch.arange(12.0).view(1, 2, 6)
-    rat = torch.tensor([[[0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]]], dtype=torch.bool)
-    assert_close(difficulty_scores(nll, rat), torch.tensor([[1.5, 0.0]]))
+    nll = torch.arange(12.0)
+    rows = torch.tensor([[1, 2, -1], [7, 9, 10], [-1, -1, -1]])  # two, three and no rationale tokens
+    assert_close(difficulty_scores(nll, rows), torch.tensor([1.5, 26 / 3, 0.0]))
 
 
 def test_consensus_scores_reference():
@@ -331,22 +358,20 @@ def test_sample_is_a_function_of_the_key_and_the_instance():
 
 @pytest.mark.parametrize("budget", [0, 10])
 def test_probe_equals_naive_per_prefix_loop(budget):
-    model, batch = tiny_model(), standard_batch()
-    B, K, T = batch["input_ids"].shape
-    flat = lambda key: batch[key].view(B * K, T)
+    """Every planned I_t of every branch, read in one packed pass over the cached K/V, equals its own forward."""
+    model, instances = tiny_model(), standard_instances()
+    batch = make_batch(instances)
+    branches = [(p, a, rat) for p, a, br in instances for rat, _ in br]
     with torch.no_grad():
-        _, aux = model(flat("input_ids"), return_hidden=True, return_aux=True)
-        n_rat, think, start = rationale_view(flat("rationale_mask"), flat("think_mask"))
-        plan = probe_plan(n_rat, think, CompactConfig(mi_budget=budget), (0,))
-        pos, valid = start[:, None] - 1 + plan.prefix, plan.valid
-        probe = batch["probe_ids"].repeat_interleave(K, 0), batch["probe_answer_mask"].repeat_interleave(K, 0)
-        info = probe_log_likelihood(model, aux.kv, flat("attention_mask"), pos, valid, *probe)
+        _, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)
+        plan = probe_plan(*rationale_view(batch), CompactConfig(mi_budget=budget), (0,))
+        info = probe_information(model, aux.kv, batch, plan)
         ref = torch.zeros_like(info)
-        for n, q in valid.nonzero().tolist():
-            ref[n, q] = naive_info(model, batch, n, pos[n, q].item())
-    assert valid.sum() > 10
+        for n, q in plan.valid.nonzero().tolist():
+            ref[n, q] = naive_info(model, *branches[n], plan.prefix[n, q].item())
+    assert plan.valid.sum() > 10 and (budget == 0 or (plan.valid.sum(-1) < rationale_view(batch)[0] + 1).any())
     assert_close(info, ref, atol=1e-5, rtol=0)
-    assert (info[~valid] == 0).all()
+    assert (info[~plan.valid] == 0).all()
 
 
 def test_probe_log_likelihood_is_fp32_under_bf16_autocast():
@@ -362,14 +387,15 @@ def test_probe_log_likelihood_is_fp32_under_bf16_autocast():
 
 def test_adaptability_scores_exact_eq3():
     """mi_budget=0: S_MI = (1/|R|) Σ_t m_t max(I_t − I_{t−1}, 0), every I_t from its own forward."""
-    model, batch = tiny_model(1), standard_batch(1)
+    model, instances = tiny_model(1), standard_instances(1)
+    batch = make_batch(instances)
     cfg = CompactConfig(mi_budget=0, think_weight=1.0, other_weight=0.3)
-    B, K, T = batch["input_ids"].shape
     with torch.no_grad():
-        _, aux = model(batch["input_ids"].view(B * K, T), return_hidden=True, return_aux=True)
+        _, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)
         s = adaptability_scores(model, aux.kv, batch, cfg)
-    assert_close(s, naive_s_mi(model, batch, cfg), atol=1e-6, rtol=1e-5)
-    assert (s[batch["branch_mask"]] [:-1] > 0).all()
+    want = naive_s_mi(model, instances, cfg).flatten()[batch["slot"]]
+    assert_close(s, want, atol=1e-6, rtol=1e-5)
+    assert (s[:-1] > 0).all()
 
 
 def test_sampled_s_mi_is_unbiased():
@@ -379,19 +405,17 @@ def test_sampled_s_mi_is_unbiased():
     g = torch.Generator().manual_seed(10)
     prompt, answer, rat = rand_ids(g, 4), rand_ids(g, 2), rand_ids(g, 60)
     branch = (rat, list(range(2, 60, 5)))
-    copies = 60
-    batch = make_batch([(prompt, answer, [branch])] * copies)
+    batch = make_batch([(prompt, answer, [branch])] * 60)
     cfg = CompactConfig(mi_budget=24, think_weight=1.0, other_weight=0.3)
-    B, K, T = batch["input_ids"].shape
     with torch.no_grad():
-        _, aux = model(batch["input_ids"].view(B * K, T), return_hidden=True, return_aux=True)
-        one = {k: v[:1] for k, v in batch.items()}
-        exact = adaptability_scores(model, [(k[:1], v[:1]) for k, v in aux.kv], one, CompactConfig(mi_budget=0, other_weight=0.3))[0, 0]
-        est = torch.cat([adaptability_scores(model, aux.kv, batch, cfg, rng_key=(key,))[:, 0] for key in range(5)])
-    assert est.std() > 0.02 * exact  # really sampled
+        _, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)
+        exact = adaptability_scores(model, aux.kv, batch, CompactConfig(mi_budget=0, other_weight=0.3))
+        est = torch.cat([adaptability_scores(model, aux.kv, batch, cfg, rng_key=(key,)) for key in range(5)])
+    assert_close(exact, exact[:1].expand(60))  # the same branch 60 times: one exact value
+    assert est.std() > 0.02 * exact[0]  # really sampled
     se = est.std() / math.sqrt(len(est))
-    assert abs(est.mean() - exact) < 4 * se, (est.mean().item(), exact.item(), se.item())
-    plan = probe_plan(*rationale_view(batch["rationale_mask"][:, 0], batch["think_mask"][:, 0])[:2], cfg, (0,))
+    assert abs(est.mean() - exact[0]) < 4 * se, (est.mean().item(), exact[0].item(), se.item())
+    plan = probe_plan(*rationale_view(batch), cfg, (0,))
     assert plan.valid.sum(-1).max() <= 24  # the budget holds
 
 
@@ -403,77 +427,46 @@ def test_branches_of_an_instance_share_the_sample():
     prompt, answer, rat = rand_ids(g, 4), rand_ids(g, 2), rand_ids(g, 40)
     branch = (rat, list(range(1, 40, 6)))
     batch = make_batch([(prompt, answer, [branch, branch])] * 2)
-    B, K, T = batch["input_ids"].shape
     with torch.no_grad():
-        _, aux = model(batch["input_ids"].view(B * K, T), return_hidden=True, return_aux=True)
+        _, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)
         s = adaptability_scores(model, aux.kv, batch, CompactConfig(mi_budget=12), rng_key=(5,))
-    assert s[0, 0] == s[0, 1] and s[1, 0] == s[1, 1] and s[0, 0] != s[1, 0]
+    assert s[0] == s[1] and s[2] == s[3] and s[0] != s[2]
 
 
-# --- an independent reference: plain forward passes, branch by branch, no cache, no probe ---
-
-def naive_s_mi(model, batch, cfg):
-    """Exact Eq. 3 from one full forward per prefix (naive_info)."""
-    B, K, T = batch["input_ids"].shape
-    ref = torch.zeros(B, K)
-    for b, k in batch["branch_mask"].nonzero().tolist():
-        rat = batch["rationale_mask"][b, k].nonzero().flatten().tolist()
-        if not rat:
-            continue
-        prev = naive_info(model, batch, b * K + k, rat[0] - 1)
-        for t in rat:
-            cur = naive_info(model, batch, b * K + k, t)
-            m = cfg.think_weight if batch["think_mask"][b, k, t] else cfg.other_weight
-            ref[b, k] += m * max(cur - prev, 0) / len(rat)
-            prev = cur
-    return ref
-
-
-def reference_scores(model, batch):
-    """S_D and S_G of every branch from plain calls on the unpadded branch alone: S_D from full
-    logits, S_G from the blocks run one by one up to the last layer's input norm at the eot."""
-    B, K, T = batch["input_ids"].shape
-    s_d, s_g = torch.zeros(B, K), torch.zeros(B, K)
-    attn, D = model.model.layers[-1].self_attn, model.args.head_dim
-    for b in range(B):
-        ks = batch["branch_mask"][b].nonzero().flatten().tolist()
-        e = {}
-        for k in ks:
-            ids = batch["input_ids"][b, k, :int(batch["attention_mask"][b, k].sum())][None]
-            logp = torch.log_softmax(model(ids)[0], -1)
-            rat = batch["rationale_mask"][b, k].nonzero().flatten()
-            s_d[b, k] = -logp[rat - 1, ids[0, rat]].mean() if len(rat) else 0.0
-            cos, sin = rope_cos_sin(model.inv_freq, torch.arange(ids.shape[1])[None])
-            x = model.model.embed_tokens(ids)
-            for layer in model.model.layers[:-1]:
-                x = layer(x, cos, sin)[0]
-            e[k] = model.model.layers[-1].input_layernorm(x)[0, -1]  # the eot
-        H = attn.q_proj.out_features // D
-        G = attn.k_proj.out_features // D
-        for i in ks if len(ks) > 1 else []:  # one branch: S_G = 0
-            others = [j for j in ks if j != i]
-            for h in range(H):
-                q = attn.q_proj(e[i]).view(H, D)[h]
-                logits = torch.stack([q @ attn.k_proj(e[j]).view(G, D)[h // (H // G)] for j in others]) / math.sqrt(D)
-                for j, a in zip(others, torch.softmax(logits, 0)):
-                    s_g[b, j] += a / H
-    return s_d, s_g
-
-
-def test_compact_loss_scores_match_an_independent_reference():
-    """The wiring: compact_loss's S_D, S_G and exact S_MI equal the reference's, branch by branch."""
-    model = tiny_model(11, num_hidden_layers=3)
-    batch = standard_batch(11)
-    cfg = CompactConfig(mi_budget=0)
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_packed_row_equals_each_branch_alone(family):
+    """The packed step (each prompt once, no padding, per-branch attention) against each branch alone as one
+    plain sequence, on branches of very different lengths: loss, gradients, S_D, S_G, exact and sampled S_MI,
+    L_SFT, L_MCon, to fp32 rounding. Llama: no biases, MHA on the KV side too; Qwen2: q/k/v biases, GQA."""
+    kw = dict(qkv_bias=False, num_key_value_heads=4, num_hidden_layers=3) if family == "llama" else {}
+    model, instances = tiny_model(12, **kw), long_and_short(12)
+    batch = make_batch(instances)
+    assert len(batch["input_ids"]) == sum(len(p) + sum(len(r) + len(CUE + a) + 2 for r, _ in br) for p, a, br in instances)
+    cfg = CompactConfig(mi_budget=0, mcon_lambda=0.5)
+    params = list(model.parameters())
+    loss, st = compact_loss(model, batch, cfg)
+    grads = torch.autograd.grad(loss, params)
     with torch.no_grad():
-        _, st = compact_loss(model, batch, cfg)
-        s_d, s_g = reference_scores(model, batch)
-        s_mi = naive_s_mi(model, batch, cfg)
+        s_d, s_g = reference_scores(model, instances)
+        s_mi = naive_s_mi(model, instances, cfg)
     assert_close(st["s_d"], s_d)
     assert_close(st["s_g"], s_g)
     assert_close(st["s_mi"], s_mi, atol=1e-6, rtol=1e-5)
-    w = st["weight"]
-    assert_close(st["weight_entropy"], -(w[w > 0] * w[w > 0].log()).sum() / 3)
+    l_sft, l_mcon = slow_branch_losses(model, instances)
+    assert_close(st["l_sft"], l_sft.detach())
+    assert_close(st["l_mcon"], l_mcon.detach())
+    w = fuse_weights(s_mi, s_g, s_d, batch["branch_mask"], cfg)
+    assert_close(st["weight"], w)
+    want = (w * (l_sft + 0.5 * l_mcon)).sum() / len(instances)
+    assert_close(loss, want)
+    for g, r in zip(grads, torch.autograd.grad(want, params)):
+        assert_close(g, r, atol=1e-6, rtol=1e-4)
+    assert_close(st["weight_entropy"], -(w[w > 0] * w[w > 0].log()).sum() / len(instances))
+    sampled = CompactConfig(mi_budget=12)  # the sample is a function of the key and the instance alone:
+    with torch.no_grad():
+        _, st_row = compact_loss(model, batch, sampled, rng_key=(3,))
+        alone = [compact_loss(model, make_batch([inst]), sampled, rng_key=(3,))[1]["s_mi"][0] for inst in instances[:1]]
+    assert_close(st_row["s_mi"][0], alone[0])
 
 
 # --- the objective ---
@@ -520,65 +513,57 @@ def test_token_nll_under_bf16_autocast(trainable):
 
 def test_gradient_is_weighted_sum_of_task_vectors():
     """Eq. 1 = Eq. 11: ∇(Σ_k w_k L_k) = Σ_k w_k ∇L_k, each L_k from full logits, branch by branch."""
-    model, batch = tiny_model(2), standard_batch(2)
+    model, instances = tiny_model(2), standard_instances(2)
     cfg = CompactConfig(mi_budget=10, mcon_lambda=0.5)
     params = [p for p in model.parameters()]
-    loss, st = compact_loss(model, batch, cfg)
+    loss, st = compact_loss(model, make_batch(instances), cfg)
     grads = torch.autograd.grad(loss, params)
-    l_sft, l_mcon = slow_branch_losses(model, batch)
+    l_sft, l_mcon = slow_branch_losses(model, instances)
     assert_close(st["l_sft"], l_sft.detach())
     assert_close(st["l_mcon"], l_mcon.detach())
     assert_close(st["loss"], st["sft"] + 0.5 * st["mcon"])
-    B = batch["input_ids"].shape[0]
     ref = [torch.zeros_like(p) for p in params]
-    for b, k in batch["branch_mask"].nonzero().tolist():
+    for b, k in make_batch(instances)["branch_mask"].nonzero().tolist():
         g_k = torch.autograd.grad(l_sft[b, k] + 0.5 * l_mcon[b, k], params, retain_graph=True, allow_unused=True)
         for r, g in zip(ref, g_k):
             if g is not None:
-                r += st["weight"][b, k] * g / B
+                r += st["weight"][b, k] * g / len(instances)
     for g, r in zip(grads, ref):
         assert_close(g, r, atol=1e-6, rtol=1e-4)
 
 
 def test_mcon_reads_the_predicting_positions():
-    """log P^j comes from the logits one before answer token j; the answer's own index differs."""
-    model, batch = tiny_model(3), standard_batch(3)
-    B, K, T = batch["input_ids"].shape
-    am = batch["answer_mask"].view(B * K, T)
+    """log P^j comes from the logits at the row before answer token j (its prev); the answer's own row differs."""
+    model, instances = tiny_model(3), standard_instances(3)
+    batch = make_batch(instances)
     with torch.no_grad():
-        h = model(batch["input_ids"].view(B * K, T), return_hidden=True)
-        logp, valid = answer_logprobs(model.lm_head, h, am)
+        h = packed_forward(model, batch, return_hidden=True)
+        logp, valid = answer_logprobs(model.lm_head, h, batch["prev"], batch["answer_rows"])
         full = torch.log_softmax(model.lm_head(h), -1)
-        for n in range(B * K):
-            at = am[n].nonzero().flatten()
-            assert_close(logp[n, :len(at)], full[n, at - 1])
-            assert valid[n].sum() == len(at)
-            if len(at):
-                assert not torch.allclose(logp[n, :len(at)], full[n, at])
+    for n, rows in enumerate(batch["answer_rows"].tolist()):
+        at = torch.tensor([r for r in rows if r >= 0])
+        assert_close(logp[n, :len(at)], full[at - 1])
+        assert valid[n].sum() == len(at)
+        assert not torch.allclose(logp[n, :len(at)], full[at])
 
 
-def test_padding_branches_change_nothing():
-    model, batch = tiny_model(4), standard_batch(4)
-    cfg = CompactConfig(mi_budget=10)
-    loss, st = compact_loss(model, batch, cfg)
-    g = torch.Generator().manual_seed(9)
-    padded = {k: v.clone() for k, v in batch.items()}
-    for key in ("input_ids", "attention_mask", "sft_mask", "rationale_mask", "answer_mask", "think_mask"):
-        extra = torch.zeros_like(padded[key][:, :1])
-        if key == "input_ids":
-            extra = torch.randint(0, V, extra.shape, generator=g)  # junk behind branch_mask = False
-        padded[key] = torch.cat([padded[key], extra], 1)
-    padded["branch_mask"] = torch.cat([batch["branch_mask"], torch.zeros(3, 1, dtype=torch.bool)], 1)
-    padded["teacher"] = torch.cat([batch["teacher"], torch.full((3, 1), -1)], 1)
-    loss2, st2 = compact_loss(model, padded, cfg)
-    assert_close(loss2, loss)
-    for key in ("weight", "s_mi", "s_g", "s_d", "l_sft", "l_mcon"):
-        assert_close(st2[key][:, :-1], st[key])
-        assert (st2[key][:, -1] == 0).all()
+def test_packing_instances_together_changes_nothing():
+    """A packed row of three instances gives each instance what it gets alone: no attention across
+    instances or branches (per-branch losses, scores, weights; loss adds up with n_instances)."""
+    model, instances = tiny_model(4), standard_instances(4)
+    cfg = CompactConfig(mi_budget=0)
+    loss, st = compact_loss(model, make_batch(instances), cfg)
+    parts = [compact_loss(model, make_batch([inst]), cfg, n_instances=3) for inst in instances]
+    assert_close(sum(p[0] for p in parts), loss)
+    for b, (_, s) in enumerate(parts):
+        for key in ("weight", "s_mi", "s_g", "s_d", "l_sft", "l_mcon"):
+            k = s[key].shape[1]
+            assert_close(st[key][b, :k], s[key][0])
+            assert (st[key][b, k:] == 0).all()
 
 
 def test_degenerate_batches_stay_finite():
-    """One-branch instances, empty rationales, identical branches, an all-padding instance."""
+    """One-branch instances, empty rationales, identical branches (zero std)."""
     model = tiny_model(5)
     g = torch.Generator().manual_seed(5)
     r = lambda n: rand_ids(g, n)
@@ -587,10 +572,7 @@ def test_degenerate_batches_stay_finite():
         (r(3), r(2), [([], [])]),  # one branch, empty rationale
         (r(3), r(1), [(same, [0]), (same, [0]), ([], [])]),  # identical branches: zero std
         (r(4), r(2), [(r(5), [])]),
-    ], pad_to_k=3, extra_t=2)
-    for key in batch:  # instance 3: every branch is padding
-        extra = torch.full_like(batch[key][:1], -1) if key == "teacher" else torch.zeros_like(batch[key][:1])
-        batch[key] = torch.cat([batch[key], batch[key][:1] if key.startswith("probe") else extra])
+    ])
     for cfg in (CompactConfig(mi_budget=0), CompactConfig(mi_budget=10), CompactConfig(weighting="uniform")):
         model.zero_grad()
         loss, st = compact_loss(model, batch, cfg)
@@ -598,9 +580,9 @@ def test_degenerate_batches_stay_finite():
         assert torch.isfinite(loss)
         assert all(torch.isfinite(v).all() for v in st.values())
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-        assert_close(st["weight"].sum(-1), torch.tensor([1.0, 1, 1, 0]))
+        assert_close(st["weight"].sum(-1), torch.tensor([1.0, 1, 1]))
         assert st["weight"][0, 0] == 1 and st["weight"][2, 0] == 1
-        assert (st["l_mcon"][[0, 2, 3]] == 0).all() and (st["s_mi"][0] == 0).all()
+        assert (st["l_mcon"][[0, 2]] == 0).all() and (st["s_mi"][0] == 0).all()
         assert_close(st["l_mcon"][1, 0], st["l_mcon"][1, 1])
 
 
@@ -620,13 +602,12 @@ def test_easier_rationale_is_less_difficult():
 
 def test_instances_count_once_across_micro_batches():
     """Two halves with n_instances = B add up to the whole batch (the trainer's normalisation)."""
-    model, batch = tiny_model(7), standard_batch(7)
+    model, instances = tiny_model(7), standard_instances(7)
     cfg = CompactConfig(mi_budget=10)
-    whole, st = compact_loss(model, batch, cfg)
-    halves = [{k: v[s] for k, v in batch.items()} for s in (slice(0, 1), slice(1, 3))]
-    parts = [compact_loss(model, h, cfg, n_instances=3)[0] for h in halves]
+    whole, st = compact_loss(model, make_batch(instances), cfg)
+    parts = [compact_loss(model, make_batch(instances[s]), cfg, n_instances=3)[0] for s in (slice(0, 1), slice(1, 3))]
     assert_close(parts[0] + parts[1], whole)
-    assert_close(st["tokens"], batch["sft_mask"].sum())
+    assert_close(st["tokens"], make_batch(instances)["sft_mask"].sum())
 
 
 def test_ddp_style_wrapper_trains_through_the_wrapper():
@@ -639,7 +620,7 @@ def test_ddp_style_wrapper_trains_through_the_wrapper():
             self.calls += 1
             return self.module(*args, **kwargs)
 
-    model, batch = tiny_model(8), standard_batch(8)
+    model, batch = tiny_model(8), make_batch(standard_instances(8))
     wrapped = Wrapper(model)
     loss, _ = compact_loss(wrapped, batch, CompactConfig(mi_budget=10))
     assert wrapped.calls == 1

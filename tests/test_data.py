@@ -92,36 +92,45 @@ def test_branches_match_spec_by_hand(tok):
     assert enc.teacher == [1, 0] and enc.probe_ids == cue + y
     assert enc.probe_answer_mask == [False] * len(cue) + [True] * len(y)
     one = Instance("y", "What is 1 + 1?", "2", "gsm8k", [("t1", "1 + 1 = 2.")])
-    batch = data.collate([enc, data.encode_instance(one, tok, ["t1", "t2"], 512)], tok.pad_id)
-    B, K, T = batch["input_ids"].shape
-    assert (B, K) == (2, 2) and batch["teacher"].tolist()[1] == [0, -1]
-    assert batch["branch_mask"].tolist() == [[True, True], [True, False]]
+    enc_one = data.encode_instance(one, tok, ["t1", "t2"], 512)
+    batch = data.collate([enc, enc_one])
+    assert batch["teacher"].tolist() == [[1, 0], [0, -1]] and batch["branch_mask"].tolist() == [[True, True], [True, False]]
+    p, lay = len(prompt), batch["layout"]
+    # the packed row: instance 0's prompt once, then each of its branches; then instance 1's prompt and branch
+    tails = [tok.encode(text) + cue + y + close + [tok.eot_id] for _, text in inst.rationales]
+    prompt1 = tok.encode_chat([{"role": "user", "content": data.user_prompt(one.question, "gsm8k")}])
+    tail1 = tok.encode("1 + 1 = 2.") + cue + tok.encode("2") + close + [tok.eot_id]
+    assert batch["input_ids"].tolist() == prompt + tails[0] + tails[1] + prompt1 + tail1
+    starts = [p, p + len(tails[0]), p + len(tails[0]) + len(tails[1]) + len(prompt1)]
+    assert lay["prompts"] == [(0, p), (starts[1] + len(tails[1]), starts[2])]
+    assert lay["branches"] == [(starts[0], starts[1]), (starts[1], starts[1] + len(tails[1])), (starts[2], starts[2] + len(tail1))]
+    assert batch["slot"].tolist() == [0, 1, 2] and batch["last_rows"].tolist() == [e - 1 for _, e in lay["branches"]]
+    assert lay["probes"] == [(cue + y, enc.probe_answer_mask), (enc_one.probe_ids, enc_one.probe_answer_mask)]
     for k, (_, text) in enumerate(inst.rationales):
-        r = tok.encode(text)
-        segments = [prompt, r, cue, y, close, [tok.eot_id]]
-        ids = [i for s in segments for i in s]
-        n, p = len(ids), len(prompt)
-        want = {"attention_mask": [1] * n, "sft_mask": [0] * p + [1] * (n - p),
-                "rationale_mask": [0] * p + [1] * len(r) + [0] * (n - p - len(r)),
-                "answer_mask": [0] * (p + len(r) + len(cue)) + [1] * len(y) + [0] * (len(close) + 1)}
-        assert batch["input_ids"][0, k, :n].tolist() == ids
-        assert batch["input_ids"][0, k, n:].eq(tok.pad_id).all()
+        r, (c0, c1) = tok.encode(text), lay["branches"][k]
+        assert batch["position_ids"][c0:c1].tolist() == list(range(p, p + c1 - c0))  # as if right after the prompt
+        assert batch["prev"][c0:c1].tolist() == [p - 1] + list(range(c0, c1 - 1))  # the first reads the prompt's last
+        assert batch["branch"][c0:c1].eq(k).all()
+        want = {"sft_mask": [1] * (c1 - c0), "rationale_mask": [1] * len(r) + [0] * (c1 - c0 - len(r)),
+                "answer_mask": [0] * (len(r) + len(cue)) + [1] * len(y) + [0] * (len(close) + 1)}
         for key, mask in want.items():
-            assert batch[key][0, k].tolist() == [bool(v) for v in mask] + [False] * (T - n), key
+            assert batch[key][c0:c1].tolist() == [bool(v) for v in mask], key
+        assert batch["rationale_rows"][k, :len(r)].tolist() == list(range(c0, c0 + len(r)))
+        assert batch["answer_rows"][k].tolist() == list(range(c0 + len(r) + len(cue), c0 + len(r) + len(cue) + len(y)))
         marked = [tok.decode([i]).strip().lower() for i, m in
-                  zip(batch["input_ids"][0, k].tolist(), batch["think_mask"][0, k].tolist()) if m]
-        starts = [w for w in re.findall(r"[a-z]+", text.lower()) if w in data.THINKING_WORDS]
-        assert len(marked) == len(starts) and all(m.rstrip(",") and w.startswith(m.rstrip(","))
-                                                  for m, w in zip(marked, starts))
-        assert not (batch["think_mask"][0, k] & ~batch["rationale_mask"][0, k]).any()
+                  zip(batch["input_ids"][c0:c1].tolist(), batch["think_mask"][c0:c1].tolist()) if m]
+        starts_ = [w for w in re.findall(r"[a-z]+", text.lower()) if w in data.THINKING_WORDS]
+        assert len(marked) == len(starts_) and all(m.rstrip(",") and w.startswith(m.rstrip(","))
+                                                   for m, w in zip(marked, starts_))
+    assert not (batch["think_mask"] & ~batch["rationale_mask"]).any()
+    assert not batch["sft_mask"][:p].any() and batch["branch"][:p].eq(-1).all()
+    assert [s.keep for s in lay["segments"]] == [p + len(tails[0]), len(tails[1]), len(prompt1) + len(tail1)]
     # the answer ids are the same in every branch, and equal the probe's scored ids
-    answers = [batch["input_ids"][0, k][batch["answer_mask"][0, k]].tolist() for k in range(2)]
+    answers = [batch["input_ids"][batch["answer_rows"][k]].tolist() for k in range(2)]
     assert answers[0] == answers[1] == y
-    assert batch["probe_ids"][0][batch["probe_answer_mask"][0]].tolist() == y
-    assert not batch["attention_mask"][1, 1].any() and not batch["sft_mask"][1, 1].any()
-    dtypes = {k: v.dtype for k, v in batch.items()}
-    assert dtypes["input_ids"] == dtypes["teacher"] == dtypes["probe_ids"] == torch.long
-    assert all(dtypes[k] == torch.bool for k in batch if k.endswith("mask"))
+    dtypes = {k: v.dtype for k, v in batch.items() if torch.is_tensor(v)}
+    assert dtypes["input_ids"] == dtypes["teacher"] == dtypes["prev"] == torch.long
+    assert all(dtypes[k] == torch.bool for k in dtypes if k.endswith("mask"))
 
 
 def test_math_cue_and_special_strings_stay_text(tok):
