@@ -43,10 +43,17 @@ class CompactConfig:
     z_floor: float = 0.01  # Z's std is floored at z_floor · mean|s| (SPEC §3.4); 0 = the plain z-score
     think_weight: float = 1.0  # m_t for a token that starts a thinking word
     other_weight: float = 0.1  # m_t for every other rationale token
+    mi_norm: str = "length"  # S_MI divided by |R| (Eq. 3) or "none": the plain sum (a reading of Eq. 3)
+    sg_feature: str = "eot"  # S_G's e_k: the "eot" state, the "last" rationale token's, or the rationale's "mean"
+    sg_self_loops: bool = False  # S_G's graph keeps i -> i edges (SPEC §3.2's Decision removes them)
+    sg_heads: str = "mean"  # A = the "mean" of per-head attentions, or one "joint" attention over all heads
 
     def __post_init__(self):
-        if self.weighting not in ("compact", "uniform"):
-            raise ValueError(f"weighting must be 'compact' or 'uniform', got {self.weighting!r}")
+        for name, value, allowed in (("weighting", self.weighting, ("compact", "uniform")), ("mi_norm", self.mi_norm,
+                                     ("length", "none")), ("sg_feature", self.sg_feature, ("eot", "last", "mean")),
+                                     ("sg_heads", self.sg_heads, ("mean", "joint"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if min(self.alpha, self.beta, self.gamma, self.mcon_lambda, self.think_weight, self.other_weight) < 0:
             raise ValueError("alpha, beta, gamma, mcon_lambda, think_weight and other_weight must be >= 0")
         if not self.temperature > 0:
@@ -70,28 +77,43 @@ def difficulty_scores(nll, rationale_rows):
     return (nll[rationale_rows.clamp(min=0)] * m).sum(-1) / m.sum(-1).clamp(min=1)
 
 
-def consensus_scores(e, branch_mask, q_proj, k_proj, head_dim):
+def consensus_scores(e, branch_mask, q_proj, k_proj, head_dim, self_loops=False, heads="mean"):
     """S_G (SPEC §3.2, Eq. 4-5): incoming attention of each branch in the graph of branches, [B, K].
 
-    e [B, K, C]: the final layer's attention input at each branch's last token (its eot).
-    q = W_Q e + b, κ = W_K e + b, KV heads repeated for GQA, no RoPE. Per head A_ij = softmax_j(q_i·κ_j/√D)
-    over valid j ≠ i (Decision: no self-loops), A = mean over heads, S_G,k = Σ_{i≠k} A_ik.
+    e [B, K, C]: each branch's path vector (graph_features). q = W_Q e + b, κ = W_K e + b, KV heads repeated for
+    GQA, no RoPE. Per head A_ij = softmax_j(q_i·κ_j/√D) over valid j ≠ i (Decision: no self-loops; self_loops
+    lets j = i, and k's own vote counts), A = mean over heads (heads="joint": one softmax of Σ_h q_i·κ_j/√(HD)),
+    S_G,k = Σ_i A_ik.
     """
     B, K, _ = e.shape
     q = q_proj(e).float().view(B, K, -1, head_dim)  # (B, K, H, D)
     kappa = k_proj(e).float().view(B, K, -1, head_dim)  # (B, K, G, D)
     kappa = kappa.repeat_interleave(q.shape[2] // kappa.shape[2], dim=2)  # (B, K, H, D)
+    if heads == "joint":  # one head of dimension H·D
+        q, kappa = q.flatten(2)[:, :, None], kappa.flatten(2)[:, :, None]  # (B, K, 1, HD)
     with full_precision(e):
-        logits = torch.einsum("bihd,bjhd->bhij", q, kappa) / math.sqrt(head_dim)  # (B, H, K, K)
+        logits = torch.einsum("bihd,bjhd->bhij", q, kappa) / math.sqrt(q.shape[-1])  # (B, H, K, K)
     eye = torch.eye(K, dtype=torch.bool, device=e.device)
-    edge = branch_mask[:, :, None] & branch_mask[:, None, :] & ~eye  # (B, K, K): i may attend to j
+    edge = branch_mask[:, :, None] & branch_mask[:, None, :] & (~eye | self_loops)  # (B, K, K): i may attend to j
     attn = torch.softmax(logits.masked_fill(~edge[:, None], float("-inf")), dim=-1)
     attn = torch.where(edge[:, None], attn, 0.0).mean(1)  # (B, K, K); all-masked rows (NaN) -> 0
-    return attn.sum(1)  # column sums: the weight flowing into k
+    return attn.sum(1)  # column sums: the weight flowing into k (its own vote too, with self-loops)
+
+
+def graph_features(x, batch, feature="eot"):
+    """e_k [N, C] for S_G from the final attention input x [S, C]: at the branch's eot (SPEC §3.2), or (readings
+    of Eq. 4) at its last rationale token, or the mean over its rationale; an empty rationale uses the eot."""
+    rows, eot = batch["rationale_rows"], x[batch["last_rows"]]
+    n = (rows >= 0).sum(-1)
+    if feature == "eot" or rows.shape[1] == 0:
+        return eot
+    picked = x[rows.gather(1, (n - 1).clamp(min=0)[:, None])[:, 0]] if feature == "last" else \
+        (x[rows.clamp(min=0)] * (rows >= 0)[..., None]).sum(1) / n.clamp(min=1)[:, None]
+    return torch.where((n > 0)[:, None], picked, eot)
 
 
 def adaptability_scores(raw, kv, batch, cfg, rng_key=()):
-    """S_MI (SPEC §3.1, Eq. 2-3): (1/|R_k|) Σ_t m_t max(I_t − I_{t−1}, 0) per branch, [N].
+    """S_MI (SPEC §3.1, Eq. 2-3): (1/|R_k|) Σ_t m_t max(I_t − I_{t−1}, 0) per branch (mi_norm "none": the sum), [N].
 
     probe_plan says which prefixes I_t to read and what each counts for: all of them, or past the budget an
     unbiased sample drawn per instance from rng_key (train.py: seed, step, rank, micro-batch) and shared by its
@@ -102,7 +124,8 @@ def adaptability_scores(raw, kv, batch, cfg, rng_key=()):
     plan = probe_plan(n_rat, think, cfg, rng_key, instance=(batch["slot"] // K).tolist())
     if not bool(plan.valid.any()):  # no rationale anywhere: nothing to probe
         return torch.zeros(len(n_rat), device=n_rat.device)
-    return mi_estimate(probe_information(raw, kv, batch, plan), plan) / n_rat.clamp(min=1)
+    s = mi_estimate(probe_information(raw, kv, batch, plan), plan)
+    return s / n_rat.clamp(min=1) if cfg.mi_norm == "length" else s
 
 
 # --- the exact S_MI probe: every prefix, one pass ---
@@ -305,9 +328,9 @@ def compact_loss(model, batch, cfg, n_instances=None, rng_key=()):
 
     with torch.no_grad():
         s_d = table(difficulty_scores(nll.detach(), batch["rationale_rows"]))
-        e = table(aux.final_attn_input.detach()[0, batch["last_rows"]])  # (B, K, C): at each branch's eot
+        e = table(graph_features(aux.final_attn_input.detach()[0], batch, cfg.sg_feature))  # (B, K, C)
         attn = raw.model.layers[-1].self_attn
-        s_g = consensus_scores(e, bm, attn.q_proj, attn.k_proj, raw.args.head_dim)
+        s_g = consensus_scores(e, bm, attn.q_proj, attn.k_proj, raw.args.head_dim, cfg.sg_self_loops, cfg.sg_heads)
         s_mi = torch.zeros(B, K, device=ids.device)
         if cfg.weighting == "compact" and cfg.alpha > 0:  # the only score that costs a pass
             s_mi = table(adaptability_scores(raw, [(k.detach(), v.detach()) for k, v in aux.kv], batch, cfg, rng_key))

@@ -53,15 +53,15 @@ class LoRALinear(nn.Module):
     A and B are fp32 whatever the base dtype; cast the base before apply_lora (model.to(dtype) casts them too).
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout=0.0, use_rslora=False):
         super().__init__()
         self.in_features, self.out_features, self.r = base.in_features, base.out_features, rank
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
         self.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=torch.float32)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=torch.float32)
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_A, self.lora_B = nn.Linear(base.in_features, rank, **kw), nn.Linear(rank, base.out_features, **kw)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init
         nn.init.zeros_(self.lora_B.weight)
 
@@ -97,7 +97,8 @@ def apply_lora(model, rank=16, alpha=32, dropout=0.05, targets=TARGETS, use_rslo
         model.set_submodule(name, lora.train(model.training))
     for name, p in model.named_parameters():
         p.requires_grad = is_lora_key(name)
-    model.lora_config = dict(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, use_rslora=use_rslora)
+    model.lora_config = dict(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                             use_rslora=use_rslora)
     return names
 
 
@@ -105,7 +106,8 @@ def merge_lora(model):
     """Fold scale · B A into each base weight (in fp32, cast once to the base dtype); unwrap."""
     with torch.no_grad():
         for name, m in lora_modules(model):
-            m.weight.copy_((m.weight.float() + m.scale * m.lora_B.weight.float() @ m.lora_A.weight.float()).to(m.weight.dtype))
+            delta = m.scale * m.lora_B.weight.float() @ m.lora_A.weight.float()  # (out, in)
+            m.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))
             plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
             plain.weight, plain.bias = m.weight, m.bias
             model.set_submodule(name, plain)
@@ -137,16 +139,17 @@ def read_adapter(path):
     """(config, tensors keyed by our state-dict names) of a PEFT LoRA directory, checked."""
     config_file, weights_file = (os.path.join(path, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
     if lost := [os.path.basename(f) for f in (config_file, weights_file) if not os.path.isfile(f)]:
-        raise FileNotFoundError(f"{path}: not an adapter directory ({lost[0]} is missing; weights load only from "
-                                "safetensors)")
+        raise FileNotFoundError(f"{path}: not an adapter directory ({lost[0]} is missing; weights load only "
+                                "from safetensors)")
     cfg = read_json(config_file)
     r, alpha, targets = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("target_modules")  # PEFT saves a list
-    positive = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+    positive = isinstance(r, int) and r > 0, isinstance(alpha, (int, float)) and alpha > 0
     bad = [f"{k}={cfg.get(k)!r}" for k in UNSUPPORTED if cfg.get(k)]
     bad += [f"{k}={cfg.get(k)!r}" for k, ok in (("peft_type", "LORA"), ("bias", "none")) if cfg.get(k, ok) != ok]
-    for problem, message in ((not positive(r) or r != int(r), f"r must be a positive integer, got {r!r}"),
-                             (not positive(alpha), f"lora_alpha must be a positive number, got {alpha!r}"),
-                             (bad, f"unsupported setting {', '.join(bad)} (only plain LoRA: peft_type LORA, bias none)"),
+    for problem, message in ((not positive[0] or isinstance(r, bool), f"r must be a positive integer, got {r!r}"),
+                             (not positive[1] or isinstance(alpha, bool), f"lora_alpha must be a positive number, "
+                              f"got {alpha!r}"), (bad, f"unsupported setting {', '.join(bad)} (only plain LoRA: "
+                                                   "peft_type LORA, bias none)"),
                              (not isinstance(targets, list) or not targets or not set(targets) <= set(TARGETS),
                               f"unknown target_modules {targets!r} (supported: {', '.join(TARGETS)})")):
         if problem:
@@ -168,16 +171,17 @@ def load_adapter(model, path):
                    cfg.get("use_rslora", False))
     want, have = ({"r": c["r"], "lora_alpha": c["lora_alpha"], "use_rslora": c.get("use_rslora", False),
                    "target_modules": sorted(c["target_modules"])} for c in (cfg, model.lora_config))
-    if want != have:
-        raise ValueError(f"{path}: adapter settings {want} differ from the model's LoRA {have}")
     expected = {k: v for k, v in model.state_dict().items() if is_lora_key(k)}
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{path}: adapter does not fit this model: {len(missing)} tensors missing (e.g. {missing[:2]}), "
-                         f"{len(extra)} unexpected (e.g. {extra[:2]})")
-    if k := next((k for k in tensors if tensors[k].shape != expected[k].shape), None):
-        raise ValueError(f"{path}: {PREFIX}{k} has shape {tuple(tensors[k].shape)} but the model expects "
-                         f"{tuple(expected[k].shape)} (an adapter for another base model?)")
+    wrong = next((k for k in tensors if k in expected and tensors[k].shape != expected[k].shape), None)
+    for problem, message in ((want != have, f"adapter settings {want} differ from the model's LoRA {have}"),
+                             (missing or extra, f"adapter does not fit this model: {len(missing)} tensors missing "
+                              f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"),
+                             (wrong, f"{PREFIX}{wrong} has shape {tuple(tensors[wrong].shape) if wrong else ()} but "
+                              f"the model expects {tuple(expected[wrong].shape) if wrong else ()} (an adapter for "
+                              "another base model?)")):
+        if problem:
+            raise ValueError(f"{path}: {message}")
     with torch.no_grad():
         for k, v in tensors.items():
             expected[k].copy_(v)
@@ -193,21 +197,19 @@ def average_adapters(dirs, out_dir, weights=None):
     """
     weights = [1.0] * len(dirs) if weights is None else [float(w) for w in weights]
     if not dirs or len(weights) != len(dirs) or not all(map(math.isfinite, weights)) or sum(weights) <= 0:
-        raise ValueError(f"weights {weights} must be {len(dirs)} finite numbers with a positive sum (one per adapter)")
+        raise ValueError(f"weights {weights} must be {len(dirs)} finite numbers with a positive sum")
     adapters = [read_adapter(d) for d in dirs]
-    cfg0, t0 = adapters[0]
-    for d, (cfg, t) in zip(dirs[1:], adapters[1:]):
+    (cfg0, t0), names = adapters[0], sorted(adapters[0][0]["target_modules"])
+    for d, (cfg, t) in zip(dirs[1:], adapters[1:]):  # A's in and B's out dims are the base's; ranks may differ
         if set(t) != set(t0):
-            raise ValueError(f"{d}: targets or layers differ from {dirs[0]} ({sorted(cfg['target_modules'])} vs "
-                             f"{sorted(cfg0['target_modules'])})")
-        for k in t:  # A's input dim and B's output dim are the base's shape; the rank may differ
-            if t[k].shape[".lora_A." in k] != t0[k].shape[".lora_A." in k]:
-                raise ValueError(f"{d}: {PREFIX}{k} has shape {tuple(t[k].shape)}, {dirs[0]} has "
-                                 f"{tuple(t0[k].shape)}: adapters of different base models")
+            raise ValueError(f"{d}: targets or layers differ from {dirs[0]} ({sorted(cfg['target_modules'])} vs {names})")
+        if k := next((k for k in t if t[k].shape[".lora_A." in k] != t0[k].shape[".lora_A." in k]), None):
+            raise ValueError(f"{d}: {PREFIX}{k} has shape {tuple(t[k].shape)}, {dirs[0]} has {tuple(t0[k].shape)}: "
+                             "adapters of different base models")
     scales = [w / sum(weights) * c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"])
               for w, (c, _) in zip(weights, adapters)]
     out = {PREFIX + k: torch.cat([t[k].float() for _, t in adapters]) if ".lora_A." in k else  # A_cat (Σr, in)
-           torch.cat([s * t[k].float() for s, (_, t) in zip(scales, adapters)], dim=1) for k in t0}  # B_cat (out, Σr)
+           torch.cat([s * t[k].float() for s, (_, t) in zip(scales, adapters)], dim=1) for k in t0}  # (out, Σr)
     r_out = sum(c["r"] for c, _ in adapters)
     with atomic_path(out_dir) as tmp:
         _write_adapter(tmp, {"r": r_out, "lora_alpha": r_out, "lora_dropout": cfg0.get("lora_dropout", 0.0),
@@ -228,7 +230,8 @@ def merge_to_dir(model_dir, adapter_dir, out, dtype=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="lora.py", description="Merge a LoRA adapter into its base, or average adapters (MoT).")
+    p = argparse.ArgumentParser(prog="lora.py", description="Merge a LoRA adapter into its base, or average "
+                                "adapters (MoT).")
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="write base + adapter as a plain Hugging Face model directory")
     m.add_argument("--model", required=True, help="base model directory")
@@ -239,22 +242,23 @@ def main(argv=None):
     a.add_argument("--weights", type=lambda s: [float(w) for w in s.split(",")],
                    help="comma-separated numbers, one per adapter, normalised to sum 1 (default: equal)")
     for sp, marker in ((m, "config.json"), (a, "adapter_config.json")):
-        sp.add_argument("--out", required=True, help=f"output directory: new, empty, or with --overwrite one with {marker}")
-        sp.add_argument("--overwrite", action="store_true", help="replace an existing --out of the same kind")
+        sp.add_argument("--out", required=True, help=f"output directory: new, empty, or one with {marker}")
+        sp.add_argument("--overwrite", action="store_true", help="replace an --out of the same kind")
         sp.set_defaults(marker=marker)
     args = p.parse_args(argv)
+    out, marker = args.out, args.marker
     with user_errors(f"lora.py {args.cmd}"):
-        if os.path.exists(args.out) and not (os.path.isdir(args.out) and not os.listdir(args.out)):
-            if not os.path.isfile(os.path.join(args.out, args.marker)):
-                raise ValueError(f"--out {args.out} exists and is not an empty directory or one with {args.marker}; "
+        if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+            if not os.path.isfile(os.path.join(out, marker)):
+                raise ValueError(f"--out {out} exists and is not an empty directory or one with {marker}; "
                                  "refusing to touch it")
             if not args.overwrite:
-                raise ValueError(f"--out {args.out} already holds {args.marker}; pass --overwrite to replace it")
+                raise ValueError(f"--out {out} already holds {marker}; pass --overwrite to replace it")
         if args.cmd == "merge":
-            merge_to_dir(args.model, args.adapter, args.out, args.dtype)
+            merge_to_dir(args.model, args.adapter, out, args.dtype)
         else:
-            average_adapters(args.adapters, args.out, args.weights)
-    print(f"wrote {args.out}", file=sys.stderr)
+            average_adapters(args.adapters, out, args.weights)
+    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

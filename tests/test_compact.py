@@ -1,6 +1,7 @@
 """compact.py against slow, obvious references on tiny seeded models (SPEC.md §2-§4): every reference runs
 each branch alone as one plain sequence (prompt ⊕ rationale ⊕ cue ⊕ y ⊕ close ⊕ eot), no packing, no probe."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -110,9 +111,10 @@ def slow_branch_losses(model, instances):
     return l_sft, l_mcon
 
 
-def reference_scores(model, instances):
+def reference_scores(model, instances, feature="eot", self_loops=False, heads="mean"):
     """S_D and S_G of every branch from plain calls on the branch alone: S_D from full logits, S_G from the
-    blocks run one by one up to the last layer's input norm at the eot."""
+    blocks run one by one up to the last layer's input norm, at the eot (or the readings: the last rationale
+    token, the mean over the rationale; self-loops; one joint attention over all heads)."""
     B, K = len(instances), max(len(br) for *_, br in instances)
     s_d, s_g = torch.zeros(B, K), torch.zeros(B, K)
     attn, D = model.model.layers[-1].self_attn, model.args.head_dim
@@ -128,14 +130,18 @@ def reference_scores(model, instances):
             x = model.model.embed_tokens(ids)
             for layer in model.model.layers[:-1]:
                 x = layer(x, cos, sin)[0]
-            e[k] = model.model.layers[-1].input_layernorm(x)[0, -1]  # the eot
-        for i in e if len(e) > 1 else []:  # one branch: S_G = 0
-            others = [j for j in e if j != i]
-            for h in range(H):
-                q = attn.q_proj(e[i]).view(H, D)[h]
-                logits = torch.stack([q @ attn.k_proj(e[j]).view(G, D)[h // (H // G)] for j in others]) / math.sqrt(D)
+            x = model.model.layers[-1].input_layernorm(x)[0]
+            e[k] = x[-1] if feature == "eot" or not len(rat) else x[r[-1]] if feature == "last" else x[r].mean(0)
+        for i in e if len(e) > 1 or self_loops else []:  # one branch: S_G = 0 without self-loops
+            others = [j for j in e if j != i or self_loops]
+            q = attn.q_proj(e[i]).view(H, D)
+            kappa = {j: attn.k_proj(e[j]).view(G, D).repeat_interleave(H // G, 0) for j in others}  # (H, D)
+            if heads == "joint":  # one attention over the concatenated heads
+                q, kappa = q.flatten()[None], {j: v.flatten()[None] for j, v in kappa.items()}
+            for h in range(len(q)):
+                logits = torch.stack([q[h] @ kappa[j][h] for j in others]) / math.sqrt(q.shape[1])
                 for j, a in zip(others, torch.softmax(logits, 0)):
-                    s_g[b, j] += a / H
+                    s_g[b, j] += a / len(q)
     return s_d, s_g
 
 
@@ -509,6 +515,33 @@ def test_token_nll_under_bf16_autocast(trainable):
         assert got.dtype == ref.dtype
         assert_close(got, ref, atol=1e-2, rtol=2e-2)
 
+
+
+READINGS = {"mi_norm": ("none", "s_mi"), "sg_feature": ("last", "s_g"), "sg_self_loops": (True, "s_g"),
+            "sg_heads": ("joint", "s_g")}
+
+
+@pytest.mark.parametrize("flag", list(READINGS) + ["sg_feature=mean"])
+def test_each_reading_changes_its_score_and_only_that(flag):
+    """Every reading of SPEC's Decisions is a flag: it changes the score it names (as the plain per-branch
+    reference computes it) and leaves the others untouched."""
+    flag, value = flag.split("=") if "=" in flag else (flag, READINGS[flag][0])
+    score = READINGS[flag][1]
+    model, instances = tiny_model(13, num_hidden_layers=3), long_and_short(13)
+    batch, base = make_batch(instances), CompactConfig(mi_budget=0)
+    with torch.no_grad():
+        _, st = compact_loss(model, batch, base)
+        _, alt = compact_loss(model, batch, replace(base, **{flag: value}))
+    for key in ("s_mi", "s_g", "s_d", "l_sft", "l_mcon"):
+        assert torch.equal(st[key], alt[key]) != (key == score), key
+    if flag == "mi_norm":  # the plain sum: |R| times the per-token score
+        n = torch.tensor([[len(r) for r, _ in br] + [0] * (4 - len(br)) for *_, br in instances], dtype=torch.float)
+        assert_close(alt["s_mi"], st["s_mi"] * n)
+    else:
+        with torch.no_grad():
+            want = reference_scores(model, instances, **{"feature": value} if flag == "sg_feature" else
+                                    {"self_loops": True} if flag == "sg_self_loops" else {"heads": value})[1]
+        assert_close(alt["s_g"], want)
 
 
 def test_gradient_is_weighted_sum_of_task_vectors():
