@@ -25,9 +25,9 @@ from model import KVCache, Segment
 class CompactConfig:
     """The method's settings (SPEC §3-§4); train.py makes a flag of each field.
 
-    S_MI is exact Eq. 3 with mi_budget = 0, else an unbiased estimate from at most mi_budget probes per
-    branch (sampled_plan), exact whenever |R| + 1 <= mi_budget; 48 is the smallest budget that met Kendall
-    tau 0.8 and 15% error against exact Eq. 3 on bench.py's agreement students (README, S_MI).
+    S_MI is exact Eq. 3 with mi_budget = 0, else an unbiased estimate from probe_budget(|R|) =
+    min(mi_budget_cap, max(mi_budget, ⌈mi_budget_frac · |R|⌉)) probes per branch, exact when |R| + 1 fits
+    (the law and its agreement with exact Eq. 3: bench.py mi_agreement, README).
     """
     weighting: str = "compact"  # "compact" (Eq. 7) or "uniform" (w_k = 1/K_valid, "Direct Avg.")
     alpha: float = 1.0  # weight of Z(S_MI); 0 switches it off and skips the probe pass (--no-mi)
@@ -36,42 +36,40 @@ class CompactConfig:
     temperature: float = 1.0  # T of the softmax in Eq. 7
     mcon_lambda: float = 0.1  # λ of Eq. 10; 0 drops the consistency loss and its logits
     mcon_detach: bool = False  # BKL treats the other branch as a fixed target
-    mi_budget: int = 48  # S_MI probes per branch at least (probe_budget); 0 = exact Eq. 3 (every rationale position)
-    mi_budget_frac: float = 0.0  # and mi_budget_frac · |R| probes for a longer rationale (the budget follows |R|)
+    mi_budget: int = 48  # S_MI probes per branch at least (probe_budget); 0 = exact Eq. 3
+    mi_budget_frac: float = 0.0  # and mi_budget_frac · |R| for a longer rationale: the budget follows |R|
     mi_budget_cap: int = 0  # but at most this many (0 = no cap)
-    mi_think_share: float = 0.5  # at most this share of mi_budget goes to thinking-token pairs
+    mi_think_share: float = 0.5  # at most this share of the budget goes to thinking-token pairs
     z_floor: float = 0.01  # Z's std is floored at z_floor · mean|s| (SPEC §3.4); 0 = the plain z-score
     think_weight: float = 1.0  # m_t for a token that starts a thinking word
     other_weight: float = 0.1  # m_t for every other rationale token
-    mi_norm: str = "length"  # S_MI divided by |R| (Eq. 3) or "none": the plain sum (a reading of Eq. 3)
-    sg_feature: str = "eot"  # S_G's e_k: the "eot" state, the "last" rationale token's, or the rationale's "mean"
+    mi_norm: str = "length"  # S_MI divided by |R| (Eq. 3), or "none": the plain sum
+    sg_feature: str = "eot"  # S_G's e_k: the "eot" state, the "last" rationale token's, the rationale "mean"
     sg_self_loops: bool = False  # S_G's graph keeps i -> i edges (SPEC §3.2's Decision removes them)
     sg_heads: str = "mean"  # A = the "mean" of per-head attentions, or one "joint" attention over all heads
 
     def __post_init__(self):
-        for name, value, allowed in (("weighting", self.weighting, ("compact", "uniform")), ("mi_norm", self.mi_norm,
-                                     ("length", "none")), ("sg_feature", self.sg_feature, ("eot", "last", "mean")),
-                                     ("sg_heads", self.sg_heads, ("mean", "joint"))):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        for name, allowed in (("weighting", ("compact", "uniform")), ("mi_norm", ("length", "none")),
+                              ("sg_feature", ("eot", "last", "mean")), ("sg_heads", ("mean", "joint"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if min(self.alpha, self.beta, self.gamma, self.mcon_lambda, self.think_weight, self.other_weight) < 0:
             raise ValueError("alpha, beta, gamma, mcon_lambda, think_weight and other_weight must be >= 0")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if min(self.mi_budget, self.mi_budget_frac, self.z_floor) < 0 or not 0 <= self.mi_think_share <= 1:
             raise ValueError("mi_budget, mi_budget_frac and z_floor must be >= 0, mi_think_share in [0, 1]")
-        if self.mi_budget_cap and self.mi_budget_cap < self.mi_budget:
-            raise ValueError(f"mi_budget_cap {self.mi_budget_cap} is below mi_budget {self.mi_budget}")
-        if 0 < self.mi_budget < MIN_BUDGET:
-            raise ValueError(f"mi_budget must be 0 (exact) or >= {MIN_BUDGET}")
+        if 0 < self.mi_budget < MIN_BUDGET or 0 < self.mi_budget_cap < self.mi_budget:
+            raise ValueError(f"mi_budget must be 0 (exact) or >= {MIN_BUDGET}, and mi_budget_cap 0 or >= it")
 
 
 # --- the three scores (SPEC §3), computed under no_grad ---
 
 def difficulty_scores(nll, rationale_rows):
-    """S_D (SPEC §3.3, Eq. 6): mean NLL of each branch's rationale tokens, [S] and rows [N, R] (−1 = none) -> [N].
+    """S_D (SPEC §3.3, Eq. 6): mean NLL of each branch's rationale tokens -> [N].
 
-    nll[s] is token s's loss from the training pass (read at its prev row), detached. An empty rationale scores 0.
+    nll [S]: each token's loss from the training pass (read at its prev row), detached; rationale_rows
+    [N, R]: each branch's rationale tokens, −1 = none. An empty rationale scores 0.
     """
     m = (rationale_rows >= 0).float()
     return (nll[rationale_rows.clamp(min=0)] * m).sum(-1) / m.sum(-1).clamp(min=1)
@@ -80,44 +78,43 @@ def difficulty_scores(nll, rationale_rows):
 def consensus_scores(e, branch_mask, q_proj, k_proj, head_dim, self_loops=False, heads="mean"):
     """S_G (SPEC §3.2, Eq. 4-5): incoming attention of each branch in the graph of branches, [B, K].
 
-    e [B, K, C]: each branch's path vector (graph_features). q = W_Q e + b, κ = W_K e + b, KV heads repeated for
-    GQA, no RoPE. Per head A_ij = softmax_j(q_i·κ_j/√D) over valid j ≠ i (Decision: no self-loops; self_loops
-    lets j = i, and k's own vote counts), A = mean over heads (heads="joint": one softmax of Σ_h q_i·κ_j/√(HD)),
-    S_G,k = Σ_i A_ik.
+    e [B, K, C]: each branch's path vector (graph_features); q = W_Q e + b, κ = W_K e + b, KV heads repeated,
+    no RoPE. Per head A_ij = softmax_j(q_i·κ_j/√D) over valid j ≠ i (Decision: no self-loops; self_loops lets
+    j = i vote), A = mean over heads ("joint": one softmax of Σ_h q_i·κ_j/√(HD)), S_G,k = Σ_i A_ik.
     """
     B, K, _ = e.shape
     q = q_proj(e).float().view(B, K, -1, head_dim)  # (B, K, H, D)
     kappa = k_proj(e).float().view(B, K, -1, head_dim)  # (B, K, G, D)
     kappa = kappa.repeat_interleave(q.shape[2] // kappa.shape[2], dim=2)  # (B, K, H, D)
-    if heads == "joint":  # one head of dimension H·D
-        q, kappa = q.flatten(2)[:, :, None], kappa.flatten(2)[:, :, None]  # (B, K, 1, HD)
+    if heads == "joint":
+        q, kappa = q.flatten(2)[:, :, None], kappa.flatten(2)[:, :, None]  # (B, K, 1, HD): one head
     with full_precision(e):
         logits = torch.einsum("bihd,bjhd->bhij", q, kappa) / math.sqrt(q.shape[-1])  # (B, H, K, K)
     eye = torch.eye(K, dtype=torch.bool, device=e.device)
-    edge = branch_mask[:, :, None] & branch_mask[:, None, :] & (~eye | self_loops)  # (B, K, K): i may attend to j
+    edge = branch_mask[:, :, None] & branch_mask[:, None, :] & (~eye | self_loops)  # (B, K, K): i sees j
     attn = torch.softmax(logits.masked_fill(~edge[:, None], float("-inf")), dim=-1)
     attn = torch.where(edge[:, None], attn, 0.0).mean(1)  # (B, K, K); all-masked rows (NaN) -> 0
-    return attn.sum(1)  # column sums: the weight flowing into k (its own vote too, with self-loops)
+    return attn.sum(1)  # column sums: the weight flowing into k
 
 
 def graph_features(x, batch, feature="eot"):
-    """e_k [N, C] for S_G from the final attention input x [S, C]: at the branch's eot (SPEC §3.2), or (readings
-    of Eq. 4) at its last rationale token, or the mean over its rationale; an empty rationale uses the eot."""
+    """e_k [N, C] from the final attention input x [S, C]: at each branch's eot (SPEC §3.2), or (readings of
+    Eq. 4) at its last rationale token, or the mean over its rationale; an empty rationale uses the eot."""
     rows, eot = batch["rationale_rows"], x[batch["last_rows"]]
     n = (rows >= 0).sum(-1)
     if feature == "eot" or rows.shape[1] == 0:
         return eot
-    picked = x[rows.gather(1, (n - 1).clamp(min=0)[:, None])[:, 0]] if feature == "last" else \
-        (x[rows.clamp(min=0)] * (rows >= 0)[..., None]).sum(1) / n.clamp(min=1)[:, None]
-    return torch.where((n > 0)[:, None], picked, eot)
+    last = x[rows.gather(1, (n - 1).clamp(min=0)[:, None])[:, 0]]
+    mean = (x[rows.clamp(min=0)] * (rows >= 0)[..., None]).sum(1) / n.clamp(min=1)[:, None]
+    return torch.where((n > 0)[:, None], last if feature == "last" else mean, eot)
 
 
 def adaptability_scores(raw, kv, batch, cfg, rng_key=()):
-    """S_MI (SPEC §3.1, Eq. 2-3): (1/|R_k|) Σ_t m_t max(I_t − I_{t−1}, 0) per branch (mi_norm "none": the sum), [N].
+    """S_MI (SPEC §3.1, Eq. 2-3): (1/|R_k|) Σ_t m_t max(I_t − I_{t−1}, 0) per branch ("none": the sum).
 
-    probe_plan says which prefixes I_t to read and what each counts for: all of them, or past the budget an
-    unbiased sample drawn per instance from rng_key (train.py: seed, step, rank, micro-batch) and shared by its
-    branches. kv: the training pass's per-layer K/V, detached.
+    probe_plan says which prefixes I_t to read and what each counts for: all, or past the budget an unbiased
+    sample drawn per instance from rng_key (train.py: seed, step, rank, micro-batch), shared by its branches.
+    kv: the training pass's per-layer K/V, detached. -> [N]
     """
     n_rat, think = rationale_view(batch)
     K = batch["branch_mask"].shape[1]
@@ -140,46 +137,46 @@ class Plan(NamedTuple):
 
 
 def rationale_view(batch):
-    """|R| [N] and the think flags of each branch's rationale tokens in order [N, max |R|]."""
+    """|R| [N] and the think flags of each branch's rationale tokens, in order [N, max |R|]."""
     rows = batch["rationale_rows"]
     return (rows >= 0).sum(-1), batch["think_mask"][rows.clamp(min=0)] & (rows >= 0)
 
 
 def exact_plan(n_rat, think, cfg):
-    """Every prefix 0..|R|: Eq. 3 exactly, since max(d, 0) = (d + |d|)/2 gives lin = half_abs = m_t/2.
-    Per-prefix tensors [N, 1 + max |R|]: (probed, lin, half_abs, level); token t's terms sit at prefix t."""
+    """Every prefix 0..|R|: Eq. 3 exactly, as max(d, 0) = (d + |d|)/2 gives lin = half_abs = m_t/2.
+    Per-prefix tensors [N, 1 + R]: (probed, lin, half_abs, level); token t's terms sit at prefix t."""
     m = F.pad(torch.where(think, cfg.think_weight, cfg.other_weight), (1, 0)) / 2
     return torch.ones_like(m, dtype=torch.bool), m, m, torch.zeros_like(m)
 
 
 def probe_plan(n_rat, think, cfg, rng_key=(), instance=None):
-    """Plan for branches with n_rat [N] rationale tokens and their think flags [N, R] (SPEC §3.1):
-    exact_plan where |R| + 1 <= mi_budget (or mi_budget = 0), sampled_plan's estimate elsewhere."""
+    """Plan for branches of n_rat [N] rationale tokens with think flags [N, R] (SPEC §3.1): exact_plan where
+    |R| + 1 <= probe_budget (or mi_budget = 0), sampled_plan's estimate elsewhere."""
     plan = exact_plan(n_rat, think, cfg)
-    over = n_rat + 1 > probe_budget(n_rat, cfg) if cfg.mi_budget else torch.zeros_like(n_rat, dtype=torch.bool)
+    over = (n_rat + 1 > probe_budget(n_rat, cfg)) & (cfg.mi_budget > 0)
     if bool(over.any()):
-        sampled = sampled_plan(n_rat, think, cfg, *sample_keys(rng_key, instance or range(len(n_rat)), n_rat, think))
-        plan = tuple(torch.where(over[:, None], s, e) for s, e in zip(sampled, plan))
-    probed, lin, half_abs, level = plan
-    t = torch.arange(probed.shape[1], device=probed.device)
-    probed = probed & (t <= n_rat[:, None]) & (n_rat[:, None] > 0)
+        keys = sample_keys(rng_key, instance or range(len(n_rat)), n_rat, think)
+        sampled = sampled_plan(n_rat, think, cfg, *keys)
+        plan = [torch.where(over[:, None], s, e) for s, e in zip(sampled, plan)]
+    t = torch.arange(plan[0].shape[1], device=n_rat.device)
+    probed = plan[0] & (t <= n_rat[:, None]) & (n_rat[:, None] > 0)
     Q = int(probed.sum(-1).max())
     prefix = torch.where(probed, t, t.numel() + t).sort(-1).values[:, :Q]  # probed prefixes first, in order
     valid = prefix < t.numel()
     prefix = torch.where(valid, prefix, 0)
     pick = lambda x: torch.where(valid, x.gather(1, prefix), 0.0)
-    return Plan(prefix, valid, pick(lin), pick(half_abs), pick(level))
+    return Plan(prefix, valid, *map(pick, plan[1:]))
 
 
 def mi_estimate(info, plan):
-    """Σ_t m_t max(ΔI_t, 0), exact or estimated, from probed I [N, Q]: Σ_q lin_q d_q + half_abs_q |d_q|
-    + level_q I_q with d_q = I_q − I_{q−1} (q >= 1) -> [N]."""
+    """Σ_t m_t max(ΔI_t, 0), exact or estimated, from the probed I [N, Q]: Σ_q lin_q d_q + half_abs_q |d_q| +
+    level_q I_q, with d_q = I_q − I_{q−1} (q >= 1) -> [N]."""
     d = info[:, 1:] - info[:, :-1]
     return (plan.lin[:, 1:] * d + plan.half_abs[:, 1:] * d.abs()).sum(-1) + (plan.level * info).sum(-1)
 
 
-#   The probe pass: one block of cue ⊕ y after each planned prefix t, every branch's blocks packed into one
-#   row after the training row's cached K/V. A segment of blocks of one branch sees its prompt p, its
+#   The probe pass: a block of cue ⊕ y after each planned prefix t, every branch's blocks packed into one
+#   row after the training row's cached K/V. A segment of one branch's blocks sees its prompt p, the
 #   branch's first t tokens and, block-causally, itself; position ids continue from the prefix. Here
 #   p = 2 tokens, branch r1 r2 r3, prefixes t = 0 and 2, blocks c1 c2 (the last probe token, y_last,
 #   predicts nothing, so it is never fed):
@@ -193,12 +190,12 @@ def mi_estimate(info, plan):
 #
 #   c2's output predicts y1, so I = Σ log p(y_j) is read one token early, as everywhere.
 
-PROBE_QUERIES = 1024  # probe tokens per segment at most: bounds the mask of an exact trace of a long rationale
+PROBE_QUERIES = 1024  # probe tokens per segment at most: bounds the mask of an exact long trace
 
 
 def probe_block_mask(prefixes, L, M, P, device):
-    """Bool [n·P, L + M + n·P] of the diagram: block i (prefix t_i) sees the prompt (L), the branch's first t_i
-    of its M tokens, and its own earlier tokens; n blocks of P tokens."""
+    """Bool [n·P, L + M + n·P] of the diagram: block i (prefix t_i) sees the prompt (L tokens), the branch's
+    first t_i of its M tokens, and its own earlier tokens; n blocks of P tokens."""
     t = torch.tensor(prefixes, device=device)
     see_main = (torch.arange(L + M, device=device) < L + t[:, None]).repeat_interleave(P, 0)  # (nP, L + M)
     i = torch.arange(len(prefixes) * P, device=device)
@@ -207,36 +204,37 @@ def probe_block_mask(prefixes, L, M, P, device):
 
 
 def probe_information(raw, kv, batch, plan):
-    """I [N, Q] = log p(y | x, r_≤t) for every planned prefix, in one no-grad pass over the cached K/V (Eq. 2).
+    """I [N, Q] = log p(y | x, r_≤t) at every planned prefix, in one no-grad pass over the cached K/V (Eq. 2).
 
-    kv: the training row's per-layer (k, v) [1, G, S, D]. Blocks never planned score 0. The LM head runs in
-    fp32 under bf16 autocast: max(ΔI, 0) would turn rounding noise into gain.
+    kv: the training row's per-layer (k, v) [1, G, S, D]. Unplanned entries are 0. The LM head runs in fp32
+    under bf16 autocast: max(ΔI, 0) would turn rounding noise into gain.
     """
     lay, dev, S = batch["layout"], plan.prefix.device, len(batch["input_ids"])
-    K = batch["branch_mask"].shape[1]
+    instance = (batch["slot"] // batch["branch_mask"].shape[1]).tolist()
     ids, pos, segments, rows, targets, where = [], [], [], [], [], []
-    for n, (prefixes, (c0, c1), slot) in enumerate(zip(plan.prefix.tolist(), lay["branches"], batch["slot"].tolist())):
-        (p0, p1), (probe, scored) = lay["prompts"][slot // K], lay["probes"][slot // K]
+    for n, (prefixes, (c0, c1), b) in enumerate(zip(plan.prefix.tolist(), lay["branches"], instance)):
+        (p0, p1), (probe, scored) = lay["prompts"][b], lay["probes"][b]
         if scored[0]:
             raise ValueError("the probe's first token must be the cue, not an answer token")
-        P, ts = len(probe) - 1, prefixes[:int(plan.valid[n].sum())]
-        per = max(1, min(PROBE_QUERIES, (p1 - p0) + (c1 - c0)) // P)  # own keys <= main keys: little waste
+        P, ts, L = len(probe) - 1, prefixes[:int(plan.valid[n].sum())], p1 - p0
+        per = max(1, min(PROBE_QUERIES, L + c1 - c0) // P)  # own keys <= main keys: little masked waste
         for i in range(0, len(ts), per):
             chunk, s0 = ts[i:i + per], len(ids)
             for q, t in enumerate(chunk, i):
-                rows += [len(ids) + j for j in range(P) if scored[j + 1]]  # token j predicts probe token j + 1
+                rows += [len(ids) + j for j in range(P) if scored[j + 1]]  # token j predicts token j + 1
                 targets += [probe[j + 1] for j in range(P) if scored[j + 1]]
                 where += [(n, q)] * sum(scored[1:])
-                ids += probe[:P]
-                pos += range(p1 - p0 + t, p1 - p0 + t + P)
-            mask = probe_block_mask(chunk, p1 - p0, c1 - c0, P, dev)
-            segments.append(Segment(((s0, len(ids)),), ((p0, p1), (c0, c1), (S + s0, S + len(ids))), mask, len(ids) - s0))
+                ids, pos = ids + probe[:P], pos + list(range(L + t, L + t + P))
+            kv_spans = ((p0, p1), (c0, c1), (S + s0, S + len(ids)))  # prompt, branch (cached), these blocks
+            segments.append(Segment(((s0, len(ids)),), kv_spans, probe_block_mask(chunk, L, c1 - c0, P, dev),
+                                    len(ids) - s0))
     cache = [KVCache.from_kv(k, v, len(ids)) for k, v in kv]
     tensor = lambda x: torch.tensor(x, device=dev)
-    h = raw(tensor(ids)[None], position_ids=tensor(pos)[None], cache=cache, segments=segments, return_hidden=True)[0]
+    h = raw(tensor(ids)[None], position_ids=tensor(pos)[None], cache=cache, segments=segments,
+            return_hidden=True)[0]
     logp = -token_nll(raw.lm_head, h[tensor(rows)], tensor(targets), fp32=True)
-    n_q = tensor(where).view(-1, 2)
-    return torch.zeros(plan.prefix.shape, device=dev).index_put_((n_q[:, 0], n_q[:, 1]), logp, accumulate=True)
+    n, q = tensor(where).view(-1, 2).T
+    return torch.zeros(plan.prefix.shape, device=dev).index_put_((n, q), logp, accumulate=True)
 
 
 # --- fusion (SPEC §3.4) and the consistency loss (SPEC §4) ---
@@ -266,8 +264,8 @@ def mcon_loss(logp, answer_valid, branch_mask, detach=False):
     """L_MCon [B, K] (SPEC §4, Eq. 9): mean over valid i ≠ k of BKL(k, i), as in MCC-KD.
 
     logp [B, K, J, V]: log P_k^j at the position predicting answer token j; answer_valid [B, K, J].
-    BKL(k,i) = mean_j ½[KL(P_k‖P_i) + KL(P_i‖P_k)] = ½ Σ_v (P_k log P_k + P_i log P_i − P_k log P_i − P_i
-    log P_k): no [K, K, V] tensor. detach: the other side is a fixed target. 0 with no valid partner.
+    BKL(k,i) = mean_j ½[KL(P_k‖P_i) + KL(P_i‖P_k)], from Σ_v P log P and cross terms: no [K, K, V] tensor.
+    detach: the other side is a fixed target. 0 with no valid partner.
     """
     K = logp.shape[1]
     p = logp.exp()
@@ -279,22 +277,20 @@ def mcon_loss(logp, answer_valid, branch_mask, detach=False):
     bkl = 0.5 * (neg_ent[:, :, None] - cross_ki + neg_ent_o[:, None] - cross_ik)  # (B, K, K, J)
     both = answer_valid[:, :, None] & answer_valid[:, None]
     bkl = torch.where(both, bkl, 0.0).sum(-1) / both.sum(-1).clamp(min=1)  # (B, K, K)
-    eye = torch.eye(K, dtype=torch.bool, device=logp.device)
-    edge = branch_mask[:, :, None] & branch_mask[:, None] & ~eye
+    edge = branch_mask[:, :, None] & branch_mask[:, None] & ~torch.eye(K, dtype=torch.bool, device=logp.device)
     return torch.where(edge, bkl, 0.0).sum(-1) / edge.sum(-1).clamp(min=1)
 
 
 def answer_logprobs(lm_head, hidden, prev, answer_rows):
-    """log P^j [N, J, V] and its validity [N, J]: each branch's answer tokens in order (answer_rows, −1 = none),
-    read at the row that predicts each (its prev), so answers align by index j across branches."""
-    valid = answer_rows >= 0
-    return torch.log_softmax(lm_head(hidden[prev[answer_rows.clamp(min=0)]]).float(), dim=-1), valid
+    """log P^j [N, J, V] and its validity [N, J]: each branch's answer tokens in order (answer_rows; −1),
+    read at the row that predicts each (prev), so answers align by index j across branches."""
+    return torch.log_softmax(lm_head(hidden[prev[answer_rows.clamp(min=0)]]).float(), -1), answer_rows >= 0
 
 
 # --- the objective (SPEC §2, §4) ---
 
 def packed_forward(model, batch, **kw):
-    """The model over a collate row (model.py's packed layout): [S, C] hidden states with return_hidden."""
+    """The model over a collate row (model.py's packed layout): hidden [S, C] with return_hidden (and Aux)."""
     out = model(batch["input_ids"][None], position_ids=batch["position_ids"][None],
                 segments=batch["layout"]["segments"], **kw)
     return (out[0][0], out[1]) if kw.get("return_aux") else out[0]
@@ -304,24 +300,24 @@ def compact_loss(model, batch, cfg, n_instances=None, rng_key=()):
     """(loss, stats) for one collate row: loss = Σ_b Σ_k w_bk L_bk / n_instances (Eq. 8-11).
 
     L_k = L_SFT,k + λ L_MCon,k; w from the scores under no_grad, detached, so one backward gives Σ_k w_k ∇L_k.
-    n_instances: instances of the whole optimizer step, all micro-batches and ranks (default B). stats:
-    [B, K] s_mi s_g s_d weight l_sft l_mcon; scalars loss, sft, mcon, weight_entropy, tokens. Decision:
-    scores are read in the model's current mode (LoRA dropout on while training, as in the K/V the probe reuses).
+    n_instances: instances of the whole optimizer step, all micro-batches and ranks (default B). stats: [B, K]
+    s_mi s_g s_d weight l_sft l_mcon; scalars loss, sft, mcon, weight_entropy, tokens. Decision: scores are
+    read in the model's current mode (LoRA dropout on while training, as in the K/V the probe reuses).
     """
     raw = getattr(model, "module", model)  # DDP: train through the wrapper, score with the module
-    bm, ids, slot = batch["branch_mask"], batch["input_ids"], batch["slot"]
-    (B, K), N = bm.shape, len(slot)
+    bm, ids, slot, sel = batch["branch_mask"], batch["input_ids"], batch["slot"], batch["sft_mask"]
+    (B, K), N, dev = bm.shape, len(slot), ids.device
     n_instances = B if n_instances is None else n_instances
-    table = lambda x: torch.zeros(B * K, *x.shape[1:], device=x.device, dtype=x.dtype).index_copy(0, slot, x).view(
-        B, K, *x.shape[1:])  # per branch [N, ...] -> [B, K, ...], 0 where no branch
+    def table(x):  # per branch [N, ...] -> [B, K, ...], 0 where an instance has no k-th branch
+        out = torch.zeros(B * K, *x.shape[1:], device=dev, dtype=x.dtype).index_copy(0, slot, x)
+        return out.view(B, K, *x.shape[1:])
     hidden, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)  # (S, C)
 
-    sel = batch["sft_mask"]  # token s is read from the logits at prev[s]
-    nll = torch.zeros(len(ids), device=ids.device).masked_scatter(sel, token_nll(raw.lm_head, hidden[batch["prev"][sel]],
-                                                                                 ids[sel]))
-    per_branch = lambda x: torch.zeros(N, device=ids.device).index_add(0, batch["branch"][sel], x[sel])
-    l_sft = table(per_branch(nll) / per_branch(torch.ones_like(nll)).clamp(min=1))
-    l_mcon = torch.zeros(B, K, device=ids.device)
+    token = token_nll(raw.lm_head, hidden[batch["prev"][sel]], ids[sel])  # token s read at its prev row
+    nll = torch.zeros(len(ids), device=dev).masked_scatter(sel, token)
+    per_branch = lambda x: torch.zeros(N, device=dev).index_add(0, batch["branch"][sel], x)
+    l_sft = table(per_branch(token) / per_branch(torch.ones_like(token)).clamp(min=1))
+    l_mcon = torch.zeros(B, K, device=dev)
     if cfg.mcon_lambda > 0:  # no answer tokens: J = 0 and the loss is 0
         logp, valid = answer_logprobs(raw.lm_head, hidden, batch["prev"], batch["answer_rows"])
         l_mcon = mcon_loss(table(logp), table(valid), bm, cfg.mcon_detach)
@@ -330,10 +326,12 @@ def compact_loss(model, batch, cfg, n_instances=None, rng_key=()):
         s_d = table(difficulty_scores(nll.detach(), batch["rationale_rows"]))
         e = table(graph_features(aux.final_attn_input.detach()[0], batch, cfg.sg_feature))  # (B, K, C)
         attn = raw.model.layers[-1].self_attn
-        s_g = consensus_scores(e, bm, attn.q_proj, attn.k_proj, raw.args.head_dim, cfg.sg_self_loops, cfg.sg_heads)
-        s_mi = torch.zeros(B, K, device=ids.device)
+        s_g = consensus_scores(e, bm, attn.q_proj, attn.k_proj, raw.args.head_dim, cfg.sg_self_loops,
+                               cfg.sg_heads)
+        s_mi = torch.zeros(B, K, device=dev)
         if cfg.weighting == "compact" and cfg.alpha > 0:  # the only score that costs a pass
-            s_mi = table(adaptability_scores(raw, [(k.detach(), v.detach()) for k, v in aux.kv], batch, cfg, rng_key))
+            kv = [(k.detach(), v.detach()) for k, v in aux.kv]
+            s_mi = table(adaptability_scores(raw, kv, batch, cfg, rng_key))
         w = fuse_weights(s_mi, s_g, s_d, bm, cfg)
 
     loss = (w * (l_sft + cfg.mcon_lambda * l_mcon)).sum() / n_instances
@@ -348,16 +346,16 @@ TEACHER_STATS = ("weight", "s_mi", "s_g", "s_d")  # per-teacher summaries of com
 
 
 def teacher_sums(stats, teacher, branch_mask, n_teachers):
-    """[n_teachers, |TEACHER_STATS| + 1]: each teacher's sums of the [B, K] stats over its real
-    branches, then its branch count. Sums add across micro-batches and ranks; divide at the end."""
+    """[n_teachers, |TEACHER_STATS| + 1]: each teacher's sums of the [B, K] stats over its real branches,
+    then its branch count. Sums add across micro-batches and ranks; divide at the end."""
     t = teacher[branch_mask]
-    cols = [stats[key][branch_mask].float() for key in TEACHER_STATS] + [torch.ones_like(t, dtype=torch.float)]
+    cols = [stats[key][branch_mask].float() for key in TEACHER_STATS] + [torch.ones_like(t).float()]
     return torch.zeros(n_teachers, len(cols), device=t.device).index_add_(0, t, torch.stack(cols, 1))
 
 
 def teacher_means(sums, names):
     """{teacher: {stat: mean, "n": branches}} from teacher_sums' totals, teachers with branches only."""
-    return {name: {**{k: row[j].item() / row[-1].item() for j, k in enumerate(TEACHER_STATS)}, "n": int(row[-1])}
+    return {name: {**{k: (row[j] / row[-1]).item() for j, k in enumerate(TEACHER_STATS)}, "n": int(row[-1])}
             for name, row in zip(names, sums) if row[-1] > 0}
 
 
@@ -368,7 +366,7 @@ MIN_BUDGET = MI_RUN + 6  # I_0, I_|R|, one thinking pair and one run
 
 
 def probe_budget(n_rat, cfg):
-    """Probes per branch [N] for rationales of n_rat tokens: max(mi_budget, ⌈mi_budget_frac · |R|⌉), capped."""
+    """Probes per branch [N] for n_rat [N] rationale tokens: max(mi_budget, ⌈mi_budget_frac |R|⌉), capped."""
     budget = torch.maximum(torch.full_like(n_rat, cfg.mi_budget), (cfg.mi_budget_frac * n_rat).ceil().long())
     return budget.clamp(max=cfg.mi_budget_cap) if cfg.mi_budget_cap else budget
 
@@ -379,32 +377,32 @@ def sampled_plan(n_rat, think, cfg, u_think, u_run):
 
         Σ_t m_t max(ΔI_t, 0) = o/2 (I_|R| − I_0) + Σ_think [(θ − o)/2 ΔI_t + θ/2 |ΔI_t|] + Σ_other o/2 |ΔI_t|
 
-    Each stratum is Horvitz-Thompson scaled from its sample: n_T of the N_T thinking tokens (2 probes each;
-    at most mi_think_share of the budget, at least 1, room left for a run), and n_C of the N_C runs of
-    MI_RUN tokens that hold another token (MI_RUN + 1 probes each). u_think [N, R], u_run [N, ⌈R/MI_RUN⌉].
+    Each stratum is Horvitz-Thompson scaled from its sample: n_T of the N_T thinking tokens (2 probes each; at
+    most mi_think_share of the budget, at least 1, room left for a run) and n_C of the N_C runs of MI_RUN
+    tokens that hold another token (MI_RUN + 1 probes each). u_think [N, R], u_run [N, ⌈R/MI_RUN⌉]: the keys.
     """
     N, R = think.shape
-    theta, o = cfg.think_weight, cfg.other_weight
-    rat = torch.arange(R, device=think.device) < n_rat[:, None]  # (N, R): token r + 1 exists
+    theta, o, dev = cfg.think_weight, cfg.other_weight, think.device
+    rat = torch.arange(R, device=dev) < n_rat[:, None]  # (N, R): token r + 1 exists
     think = think & rat
     other = rat & ~think
-    run = torch.arange(R, device=think.device) // MI_RUN  # (R,): each token's run
-    has_other = torch.zeros(N, u_run.shape[1], device=think.device).index_add_(1, run, other.float()) > 0
+    run = torch.arange(R, device=dev) // MI_RUN  # (R,): each token's run
+    has_other = torch.zeros(N, u_run.shape[1], device=dev).index_add_(1, run, other.float()) > 0  # (N, runs)
     budget = probe_budget(n_rat, cfg)
-    cap_t = torch.minimum(((cfg.mi_think_share * budget.double()).long() // 2).clamp(min=1),
-                          (budget - 3 - MI_RUN) // 2)  # room left for I_0, I_|R| and one run
-    N_T, N_C = think.sum(-1), has_other.sum(-1)
-    n_t = torch.minimum(N_T, cap_t)
-    n_c = torch.minimum(N_C, (budget - 2 - 2 * n_t) // (MI_RUN + 1))
+    share = ((cfg.mi_think_share * budget.double()).long() // 2).clamp(min=1)
+    room = (budget - 3 - MI_RUN) // 2  # pairs that leave I_0, I_|R| and one run
+    n_t = torch.minimum(think.sum(-1), torch.minimum(share, room))
+    n_c = torch.minimum(has_other.sum(-1), (budget - 2 - 2 * n_t) // (MI_RUN + 1))
     pick_t = sample_without_replacement(u_think, think, n_t)
     pick_c = sample_without_replacement(u_run, has_other, n_c)[:, run] & other  # (N, R): picked runs' others
-    s_t, s_c = ((N_T / n_t.clamp(min=1))[:, None], (N_C / n_c.clamp(min=1))[:, None])
+    s_t, s_c = (think.sum(-1) / n_t.clamp(min=1))[:, None], (has_other.sum(-1) / n_c.clamp(min=1))[:, None]
     at = lambda x: F.pad(x.float(), (1, 0))  # token r + 1's terms sit at prefix r + 1
-    t = torch.arange(R + 1, device=think.device)
-    level = o / 2 * ((t == n_rat[:, None]).float() - (t == 0).float())
+    t = torch.arange(R + 1, device=dev)
     counted = at(pick_t | pick_c).bool()
     probed = counted | F.pad(counted[:, 1:], (0, 1)) | (t == 0) | (t == n_rat[:, None])  # t − 1 and t
-    return probed, at(pick_t) * (theta - o) / 2 * s_t, at(pick_t) * theta / 2 * s_t + at(pick_c) * o / 2 * s_c, level
+    lin = at(pick_t) * (theta - o) / 2 * s_t
+    half_abs = at(pick_t) * theta / 2 * s_t + at(pick_c) * o / 2 * s_c
+    return probed, lin, half_abs, o / 2 * ((t == n_rat[:, None]).float() - (t == 0).float())
 
 
 def sample_keys(rng_key, instance, n_rat, think):
@@ -412,20 +410,19 @@ def sample_keys(rng_key, instance, n_rat, think):
     (rng_key, instance), so a pure function of those and of the instance's longest rationale, whatever
     the padding, and shared by its branches by rationale index (common random numbers)."""
     N, R = think.shape
-    u_think, u_run = torch.ones(N, R), torch.ones(N, -(-R // MI_RUN))
-    lengths = n_rat.tolist()
+    u_think, u_run, lengths = torch.ones(N, R), torch.ones(N, -(-R // MI_RUN)), n_rat.tolist()
     for b in sorted(set(instance)):
         rows = [n for n, i in enumerate(instance) if i == b]
         L = max(lengths[n] for n in rows)
         g = torch.Generator().manual_seed(derive_seed(*rng_key, b))
-        u_think[rows, :L], u_run[rows, :-(-L // MI_RUN)] = torch.rand(L, generator=g), torch.rand(-(-L // MI_RUN), generator=g)
+        u_think[rows, :L] = torch.rand(L, generator=g)
+        u_run[rows, :-(-L // MI_RUN)] = torch.rand(-(-L // MI_RUN), generator=g)
     return u_think.to(think.device), u_run.to(think.device)
 
 
 def sample_without_replacement(u, eligible, n):
     """Bool [N, M]: the n[i] eligible entries of row i with the smallest keys u (all when n >= count)."""
-    order = torch.where(eligible, u, 2.0).argsort(-1)
-    rank = order.argsort(-1)  # rank of each entry's key in its row
+    rank = torch.where(eligible, u, 2.0).argsort(-1).argsort(-1)  # rank of each entry's key in its row
     return eligible & (rank < n[:, None])
 
 
@@ -448,8 +445,7 @@ class LinearNLL(torch.autograd.Function):
     def forward(ctx, h, weight, targets, rows, dtype):
         need_h, need_w = ctx.needs_input_grad[:2]
         w = weight.to(dtype)
-        nll = h.new_empty(h.shape[0], dtype=torch.float32)
-        lse_all = h.new_empty(h.shape[0], dtype=torch.float32)
+        nll, lse_all = h.new_empty(2, h.shape[0], dtype=torch.float32)
         grad_h = h.new_empty(h.shape, dtype=dtype) if need_h and not need_w else None
         for s in range(0, h.shape[0], rows):
             hc, y = h[s:s + rows].to(dtype), targets[s:s + rows]
@@ -470,8 +466,7 @@ class LinearNLL(torch.autograd.Function):
     def backward(ctx, g):
         if ctx.grad_h is not None:  # frozen W: d nll_i / d h_i is already there
             return (ctx.grad_h * g[:, None]).to(ctx.h_dtype), None, None, None, None
-        h, weight, targets, lse_all = ctx.saved_tensors
-        dtype, rows = ctx.dtype, ctx.rows
+        (h, weight, targets, lse_all), dtype, rows = ctx.saved_tensors, ctx.dtype, ctx.rows
         w = weight.to(dtype)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)

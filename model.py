@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+SUPPORTED = ("llama", "qwen2")  # model_type
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -55,12 +55,12 @@ class ModelArgs:
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
         """Read a Hugging Face config.json dict (both the hub and the newer spelling)."""
         model_type = cfg.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        if model_type not in SUPPORTED:
+            raise ValueError(f"model_type {model_type!r} is not supported (only {', '.join(SUPPORTED)})")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
         if cfg.get("use_sliding_window", False):
-            raise ValueError("use_sliding_window: true is not supported (sliding-window attention is not implemented)")
+            raise ValueError("use_sliding_window: true is not supported (no sliding-window attention here)")
         # Newer configs nest theta and scaling in rope_parameters; hub configs keep them top-level.
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
@@ -128,15 +128,14 @@ class KVCache:
 
     @classmethod
     def empty(cls, batch, n_kv_heads, max_len, head_dim, dtype, device):
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        k = torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        return cls(k, torch.zeros_like(k))
 
     @classmethod
     def from_kv(cls, k: torch.Tensor, v: torch.Tensor, extra: int):
         """A cache already holding k, v [N, G, S, D], with room for `extra` more tokens."""
-        cache = cls.empty(k.size(0), k.size(1), k.size(2) + extra, k.size(3), k.dtype, k.device)
-        cache.update(k, v)
-        return cache
+        grow = lambda x: torch.cat([x, x.new_zeros(*x.shape[:2], extra, x.shape[3])], 2)
+        return cls(grow(k), grow(v), k.size(2))
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
         """Append k, v [N, G, T, D]; return everything held so far [N, G, len, D]."""
@@ -178,7 +177,7 @@ class Segment(NamedTuple):
 
 
 def packed_segments(prompts, branches):
-    """Segments of the training layout above: prompts [(start, end)] per instance, branches [[(start, end)]]."""
+    """The training layout's segments: prompts [(start, end)] per instance, branches [[(start, end)]]."""
     return [Segment((p, b), (p, b), None, b[1] - b[0] + (p[1] - p[0]) * (k == 0))
             for p, bs in zip(prompts, branches) for k, b in enumerate(bs)]
 
@@ -188,9 +187,12 @@ def segment_attention(q, k, v, segments, gqa):
     """SDPA per segment: q [1, H, T, D], k, v [1, G, S, D] -> [1, H, T, D]."""
     take = lambda x, spans: torch.cat([x[:, :, a:b] for a, b in spans], 2) if len(spans) > 1 else \
         x[:, :, spans[0][0]:spans[0][1]]
-    return torch.cat([F.scaled_dot_product_attention(take(q, s.q), take(k, s.kv), take(v, s.kv), attn_mask=s.mask,
-                                                     is_causal=s.mask is None, enable_gqa=gqa)[:, :, -s.keep:]
-                      for s in segments], 2)
+    out = []
+    for s in segments:
+        y = F.scaled_dot_product_attention(take(q, s.q), take(k, s.kv), take(v, s.kv), attn_mask=s.mask,
+                                           is_causal=s.mask is None, enable_gqa=gqa)
+        out.append(y[:, :, -s.keep:])
+    return torch.cat(out, 2)
 
 
 # --- the network ---
@@ -298,8 +300,8 @@ class Transformer(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, position_ids=None, mask=None, cache=None, segments=None, *, return_hidden=False,
-                return_aux=False):
+    def forward(self, input_ids, position_ids=None, mask=None, cache=None, segments=None, *,
+                return_hidden=False, return_aux=False):
         """Logits [N, T, V] for input_ids [N, T].
 
         position_ids [N, T]: default continues from what the cache holds. mask [N, T, S] bool (True = may
@@ -312,14 +314,14 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(N, T)
         if mask is None and past > 0 and segments is None:  # new token i sees the cache and new tokens <= i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=input_ids.device).tril(past).expand(N, T, past + T)
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=input_ids.device).tril(past)[None]
         cos, sin = rope_cos_sin(self.inv_freq, position_ids)
         x, kvs = self.model.embed_tokens(input_ids), []  # (N, T, C)
         for i, layer in enumerate(self.model.layers):
             x_last = x
             args = (x, cos, sin, mask, cache[i] if cache is not None else None, segments)
-            x, kv = checkpoint(layer, *args, use_reentrant=False) if self.gradient_checkpointing and self.training \
-                and torch.is_grad_enabled() else layer(*args)
+            recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+            x, kv = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
             kvs.append(kv)
         x = self.model.norm(x)
         out = x if return_hidden else self.lm_head(x)
@@ -344,8 +346,8 @@ class Transformer(nn.Module):
             if not isinstance(config, dict):
                 raise ValueError("not a JSON object")
             args = ModelArgs.from_hf_config(config)
-        except (ValueError, KeyError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise ValueError(f"{config_file}: {e if not isinstance(e, KeyError) else f'missing {e}'}") from None
+        except (ValueError, KeyError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
+            raise ValueError(f"{config_file}: {f'missing {e}' if isinstance(e, KeyError) else e}") from None
         with torch.device("meta"):
             model = cls(args, config)
         expected = model.state_dict()
@@ -362,15 +364,14 @@ class Transformer(nn.Module):
                     if args.tie_word_embeddings and key == "lm_head.weight":
                         continue  # some tied checkpoints store the copy too
                     if key not in expected:
-                        raise KeyError(f"{file}: unexpected tensor {key!r} (not in a {config['model_type']} model of this config)")
-                    if (shape := tuple(f.get_slice(key).get_shape())) != tuple(expected[key].shape):
-                        raise ValueError(f"{file}: {key} has shape {shape}, the config implies {tuple(expected[key].shape)}")
+                        raise KeyError(f"{file}: unexpected tensor {key!r} (not in this config's model)")
+                    if (shape := tuple(f.get_slice(key).get_shape())) != (want := tuple(expected[key].shape)):
+                        raise ValueError(f"{file}: {key} has shape {shape}, the config implies {want}")
                     state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
         if missing := sorted(set(expected) - set(state)):
             raise KeyError(f"{path}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[:3]}")
-        if args.tie_word_embeddings:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        model.load_state_dict(state, strict=True, assign=True)
+        tied = {"lm_head.weight": state["model.embed_tokens.weight"]} if args.tie_word_embeddings else {}
+        model.load_state_dict(state | tied, strict=True, assign=True)
         model.tie_weights()
         model.inv_freq = rope_inv_freq(args).to(device)
         return model
@@ -423,7 +424,8 @@ def _weight_files(path):
         return files
     if os.path.isfile(single := os.path.join(path, "model.safetensors")):
         return [single]
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (weights load only from safetensors)")
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                            "(weights load only from safetensors)")
 
 
 # --- generation: prefill, decode_one_token, sample ---
@@ -485,16 +487,13 @@ def generate(model, prompts, max_new_tokens=256, eos_ids=(), temperature=0.0, to
     logits, pos = prefill(model, ids, valid, cache)
     out, done = [], torch.zeros(N, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        nxt = torch.cat([sample(logits[i:i + 1].float(), temperature, top_p, g) for i, g in enumerate(rows)]) \
-            if rows else sample(logits.float(), temperature, top_p, generator)  # (N,)
+        per_row = [sample(logits[i:i + 1], temperature, top_p, g) for i, g in enumerate(rows or ())]
+        nxt = torch.cat(per_row) if rows else sample(logits, temperature, top_p, generator)  # (N,)
         out.append(nxt := torch.where(done, 0, nxt))
         done = done | torch.isin(nxt, eos)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         valid[:, L + step], pos = True, pos + 1
         logits = decode_one_token(model, nxt, pos, valid[:, :L + step + 1], cache)
-    results = []
-    for row in torch.stack(out, 1).tolist():
-        stop = next((j for j, t in enumerate(row) if t in eos_ids), None)
-        results.append(row if stop is None else row[:stop + 1])
-    return results
+    stops = lambda row: next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))
+    return [row[:stops(row)] for row in torch.stack(out, 1).tolist()]
