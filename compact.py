@@ -277,7 +277,7 @@ def mcon_loss(logp, answer_valid, branch_mask, detach=False):
     bkl = 0.5 * (neg_ent[:, :, None] - cross_ki + neg_ent_o[:, None] - cross_ik)  # (B, K, K, J)
     both = answer_valid[:, :, None] & answer_valid[:, None]
     bkl = torch.where(both, bkl, 0.0).sum(-1) / both.sum(-1).clamp(min=1)  # (B, K, K)
-    edge = branch_mask[:, :, None] & branch_mask[:, None] & ~torch.eye(K, dtype=torch.bool, device=logp.device)
+    edge = branch_mask[:, :, None] & branch_mask[:, None] & ~torch.eye(K, dtype=torch.bool, device=p.device)
     return torch.where(edge, bkl, 0.0).sum(-1) / edge.sum(-1).clamp(min=1)
 
 
