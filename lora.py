@@ -143,17 +143,15 @@ def read_adapter(path):
                                 "from safetensors)")
     cfg = read_json(config_file)
     r, alpha, targets = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("target_modules")  # PEFT saves a list
-    positive = isinstance(r, int) and r > 0, isinstance(alpha, (int, float)) and alpha > 0
-    bad = [f"{k}={cfg.get(k)!r}" for k in UNSUPPORTED if cfg.get(k)]
-    bad += [f"{k}={cfg.get(k)!r}" for k, ok in (("peft_type", "LORA"), ("bias", "none")) if cfg.get(k, ok) != ok]
-    for problem, message in ((not positive[0] or isinstance(r, bool), f"r must be a positive integer, got {r!r}"),
-                             (not positive[1] or isinstance(alpha, bool), f"lora_alpha must be a positive number, "
-                              f"got {alpha!r}"), (bad, f"unsupported setting {', '.join(bad)} (only plain LoRA: "
-                                                   "peft_type LORA, bias none)"),
-                             (not isinstance(targets, list) or not targets or not set(targets) <= set(TARGETS),
-                              f"unknown target_modules {targets!r} (supported: {', '.join(TARGETS)})")):
-        if problem:
-            raise ValueError(f"{config_file}: {message}")
+    bad = [f"{k}={cfg[k]!r}" for k in UNSUPPORTED if cfg.get(k)]
+    bad += [f"{k}={cfg[k]!r}" for k, ok in (("peft_type", "LORA"), ("bias", "none")) if cfg.get(k, ok) != ok]
+    problems = [f"r must be a positive integer, got {r!r}"] * (type(r) is not int or r <= 0) + \
+        [f"lora_alpha must be a positive number, got {alpha!r}"] * (type(alpha) not in (int, float) or alpha <= 0) + \
+        [f"unsupported setting {', '.join(bad)} (only plain LoRA: peft_type LORA, bias none)"] * bool(bad) + \
+        [f"unknown target_modules {targets!r} (supported: {', '.join(TARGETS)})"] * (
+            not isinstance(targets, list) or not targets or not set(targets) <= set(TARGETS))
+    if problems:
+        raise ValueError(f"{config_file}: {problems[0]}")
     try:
         tensors = load_file(weights_file)
     except SafetensorError as e:
@@ -171,17 +169,16 @@ def load_adapter(model, path):
                    cfg.get("use_rslora", False))
     want, have = ({"r": c["r"], "lora_alpha": c["lora_alpha"], "use_rslora": c.get("use_rslora", False),
                    "target_modules": sorted(c["target_modules"])} for c in (cfg, model.lora_config))
+    if want != have:
+        raise ValueError(f"{path}: adapter settings {want} differ from the model's LoRA {have}")
     expected = {k: v for k, v in model.state_dict().items() if is_lora_key(k)}
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    wrong = next((k for k in tensors if k in expected and tensors[k].shape != expected[k].shape), None)
-    for problem, message in ((want != have, f"adapter settings {want} differ from the model's LoRA {have}"),
-                             (missing or extra, f"adapter does not fit this model: {len(missing)} tensors missing "
-                              f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"),
-                             (wrong, f"{PREFIX}{wrong} has shape {tuple(tensors[wrong].shape) if wrong else ()} but "
-                              f"the model expects {tuple(expected[wrong].shape) if wrong else ()} (an adapter for "
-                              "another base model?)")):
-        if problem:
-            raise ValueError(f"{path}: {message}")
+    if missing or extra:
+        raise ValueError(f"{path}: adapter does not fit this model: {len(missing)} tensors missing (e.g. "
+                         f"{missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")
+    if k := next((k for k in tensors if tensors[k].shape != expected[k].shape), None):
+        raise ValueError(f"{path}: {PREFIX}{k} has shape {tuple(tensors[k].shape)} but the model expects "
+                         f"{tuple(expected[k].shape)} (an adapter for another base model?)")
     with torch.no_grad():
         for k, v in tensors.items():
             expected[k].copy_(v)
