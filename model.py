@@ -319,7 +319,7 @@ class Transformer(nn.Module):
             if not isinstance(config, dict):
                 raise ValueError("not a JSON object")
             args = ModelArgs.from_hf_config(config)
-        except (ValueError, KeyError) as e:  # JSONDecodeError is a ValueError
+        except (ValueError, KeyError, RecursionError) as e:  # JSONDecodeError is a ValueError
             raise ValueError(f"{config_file}: {e if not isinstance(e, KeyError) else f'missing {e}'}") from None
         with torch.device("meta"):
             model = cls(args, config)
