@@ -537,25 +537,30 @@ def encode_instance(inst, tok, teachers, max_len, thinking_words=THINKING_WORDS,
     """Tokenize every branch of an instance, each segment on its own so y's ids are the same
     in every branch. Rationales of teachers not in `teachers` are left out; a branch longer
     than max_len is dropped whole (never cut) and counted in `drops` (a Counter by teacher name,
-    if given). None when no branch is left."""
-    prompt = tok.encode_chat([{"role": "user", "content": user_prompt(inst.question, inst.task)}])
+    if given). None when no branch is left. A text too long by tok.min_tokens' cheap bound is dropped
+    without being tokenized, so a 6 MB rationale costs no more memory than its characters."""
+    question = user_prompt(inst.question, inst.task)
+    fits = tok.min_tokens(question) <= max_len  # a huge question is not even tokenized
+    prompt = tok.encode_chat([{"role": "user", "content": question}]) if fits else None
     cue_text, close_text = answer_cue(inst.task)
     cue, y, close = tok.encode(cue_text), tok.encode(inst.answer), tok.encode(close_text)
     tail = [(cue, CUE), (y, ANSWER), (close, CLOSE), ([tok.eot_id], EOT)]
+    fixed = (max_len + 1 if prompt is None else len(prompt)) + sum(len(ids) for ids, _ in tail)
     branches, teacher, dropped = [], [], 0
     for name, text in inst.rationales:
         if name not in teachers:
             continue
         text = text.strip()
-        r, offsets = tok.encode_with_offsets(text)
-        segments = [(prompt, PROMPT), (r, RATIONALE)] + tail
-        if sum(len(ids) for ids, _ in segments) > max_len:
+        fits = fixed + tok.min_tokens(text) <= max_len
+        r, offsets = tok.encode_with_offsets(text) if fits else (None, None)
+        if not fits or fixed + len(r) > max_len:
             dropped += 1
             if drops is not None:
                 drops[name] += 1
             continue
+        segments = [(prompt, PROMPT), (r, RATIONALE)] + tail
         think = [False] * len(prompt) + think_starts(text, offsets, thinking_words)
-        think += [False] * sum(len(ids) for ids, _ in tail)
+        think += [False] * (fixed - len(prompt))  # the tail's
         branches.append(([i for ids, _ in segments for i in ids],
                          [code for ids, code in segments for _ in ids], think))
         teacher.append(teachers.index(name))
@@ -567,13 +572,18 @@ def encode_instance(inst, tok, teachers, max_len, thinking_words=THINKING_WORDS,
 
 def encode_dataset(instances, tok, teachers=None, max_len=2048, thinking_words=THINKING_WORDS):
     """Encode instances for training; returns (encoded, stats). `teachers` (a subset, e.g.
-    from --teachers) defaults to every teacher in the data; the list is sorted."""
+    from --teachers) defaults to every teacher in the data; the list is sorted. stats counts the
+    instances without a rationale of `teachers` apart from those dropped for max_len."""
     known = teacher_names(instances)
     teachers = sorted(teachers) if teachers else known
     if unknown := [t for t in teachers if t not in known]:
         raise DataError(f"unknown teacher(s) {', '.join(unknown)}; the data has {', '.join(known)}")
-    encoded, stats, drops = [], Counter(instances=len(instances)), Counter()
+    stats, drops = Counter(instances=len(instances), without_teacher=0, dropped_instances=0), Counter()
+    encoded = []
     for inst in instances:
+        if not any(name in teachers for name, _ in inst.rationales):  # no rationale of the chosen teachers
+            stats["without_teacher"] += 1
+            continue
         e = encode_instance(inst, tok, teachers, max_len, thinking_words, drops)
         stats["dropped_instances"] += e is None
         if e is not None:

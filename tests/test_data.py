@@ -213,6 +213,24 @@ def test_max_len_drops_branches_and_instances(tok):
         data.encode_dataset([inst], tok, teachers=["zed"])
 
 
+def test_an_instance_without_a_rationale_of_the_chosen_teachers_is_not_called_too_long(tok):
+    insts = [Instance("q0", "What is 1?", "1", "gsm8k", [("a", "So 1.")]), Instance("q1", "What?", "1", "gsm8k", [("b", "1.")])]
+    encoded, stats = data.encode_dataset(insts, tok, teachers=["a"], max_len=400)
+    assert [e.id for e in encoded] == ["q0"] and (stats["without_teacher"], stats["dropped_instances"]) == (1, 0)
+
+
+def test_a_huge_rationale_or_question_is_dropped_before_it_is_tokenized(tok, monkeypatch):
+    huge = "So we add one and one again. " * 250_000  # 7 MB
+    insts = [Instance("q0", "What is 1 + 1?", "2", "gsm8k", [("a", huge), ("b", "1 + 1 = 2.")]),
+             Instance("q1", huge, "2", "gsm8k", [("a", "1 + 1 = 2."), ("b", "So 2.")])]
+    real_encode, real_chat = tok.encode_with_offsets, tok.encode_chat
+    monkeypatch.setattr(tok, "encode_with_offsets", lambda t: real_encode(t) if len(t) < 10**5 else pytest.fail("tokenized"))
+    monkeypatch.setattr(tok, "encode_chat", lambda m: real_chat(m) if len(m[0]["content"]) < 10**5 else pytest.fail("chat"))
+    encoded, stats = data.encode_dataset(insts, tok, max_len=400)
+    assert [len(e.branches) for e in encoded] == [1] and stats["dropped_per_teacher"] == {"a": 2, "b": 1}
+    assert stats["dropped_instances"] == 1 and tok.min_tokens(huge) > 400
+
+
 def test_shard_indices():
     n, world, bs = 10, 3, 2
     shards = [data.shard_indices(n, epoch=1, seed=7, rank=r, world_size=world, batch_size=bs)
