@@ -53,6 +53,10 @@ def atomic_path(path):
         if os.path.isdir(path) and not os.path.islink(path):  # a directory cannot be renamed over
             os.rename(path, tmp + ".old")
         os.replace(tmp, path)
+    except OSError as e:  # a full disk: say what could not be written, and keep the old one
+        if os.path.lexists(tmp + ".old") and not os.path.lexists(path):
+            os.rename(tmp + ".old", path)
+        raise OSError(f"{path}: cannot write it ({e.strerror or e}); what was there before is intact") from e
     finally:
         _remove(tmp)
         _remove(tmp + ".old")
@@ -78,6 +82,25 @@ def write_jsonl(path, rows):
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def append_jsonl(path, rows):
+    """Append rows to a log (metrics, predictions), flushed: a kill tears at most the last line (read_jsonl's
+    torn_tail); a failed write (disk full) raises OSError naming the file."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    except OSError as e:
+        raise OSError(f"{path}: cannot append to it ({e.strerror or e})") from e
+
+
+def check_outputs(outputs, inputs):
+    """DataError when an output path is, or lies inside, an input path ([(flag, path)] each; empty paths
+    are skipped), compared resolved (realpath), so neither a symlink nor a relative path hides it."""
+    for flag, out in outputs:
+        for in_flag, src in [i for i in inputs if i[1]]:
+            if os.path.commonpath([os.path.realpath(out), os.path.realpath(src)]) == os.path.realpath(src):
+                raise DataError(f"{flag} {out} would overwrite {in_flag} {src}: write the outputs elsewhere")
+
+
 def derive_seed(*parts):
     """A 63-bit seed as a pure function of its parts (ints, strings): every random stream of a run is seeded
     so (dropout by seed, step, rank; data order by seed, epoch; S_MI's sample; a rationale sample)."""
@@ -96,12 +119,11 @@ def user_errors(prog):
 
 def add_config_args(parser, cls):
     """One flag per field of the dataclass cls (`max_len` -> `--max-len`; a bool is a switch),
-    default = the field's default; returns the field names."""
+    default = the field's default."""
     for f in fields(cls):
         kind = dict(action="store_true") if f.type in (bool, "bool") else \
             dict(type=f.type if isinstance(f.type, type) else type(f.default), default=f.default)
         parser.add_argument("--" + f.name.replace("_", "-"), **kind)
-    return [f.name for f in fields(cls)]
 
 
 def config_from_args(cls, args):
@@ -109,35 +131,45 @@ def config_from_args(cls, args):
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
-def _read_text(path):
+def _read(path, text=True):
+    """A file's text (UTF-8), or its bytes; DataError names the file, and the line of a non-UTF-8 byte."""
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
+        return raw.decode("utf-8") if text else raw
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
 
 
-def read_json(path):
-    """A JSON object file (a config, a summary); unreadable or malformed, DataError names the file."""
+def read_json(path, kind=dict):
+    """A JSON file holding a `kind` (an object: a config, a summary; a list: a benchmark); unreadable or
+    malformed, DataError names the file."""
     try:
-        obj = json.loads(_read_text(path))
+        obj = json.loads(_read(path))
     except (json.JSONDecodeError, RecursionError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{path}: not a JSON object")
+    if not isinstance(obj, kind):
+        raise DataError(f"{path}: not a JSON {'object' if kind is dict else kind.__name__}")
     return obj
 
 
 def _jsonl(path, torn_tail=False):
     """(line number, object or the JSON error's message) per non-blank line; with torn_tail the text
     after the last newline is left out (a writer was killed there, or is still writing)."""
-    lines = _read_text(path).split("\n")
-    for lineno, line in enumerate(lines[:-1] if torn_tail else lines, 1):
-        if line.strip():
-            try:
+    lines = _read(path, text=False).split(b"\n")
+    for lineno, raw in enumerate(lines[:-1] if torn_tail else lines, 1):
+        try:
+            if (line := raw.decode("utf-8")).strip():
                 yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield lineno, f"bad JSON ({e.msg}, column {e.colno})"
+        except UnicodeDecodeError as e:
+            yield lineno, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+        except json.JSONDecodeError as e:
+            yield lineno, f"bad JSON ({e.msg}, column {e.colno})"
+        except RecursionError:
+            yield lineno, "bad JSON (nested too deeply)"
 
 
 def read_jsonl(path, torn_tail=False):
@@ -182,50 +214,41 @@ def _parse_instance(obj):
     iid = obj.get("id")
     if isinstance(iid, int) and not isinstance(iid, bool):
         iid = str(iid)
-    if not isinstance(iid, str) or not iid:
-        raise ValueError("'id' must be a non-empty string")
     question, answer = obj.get("question"), _as_answer(obj.get("answer"))
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("'question' must be a non-empty string")
-    if not isinstance(answer, str) or not answer.strip():
-        raise ValueError("'answer' must be a non-empty string")
+    for key, value in (("id", iid), ("question", question), ("answer", answer)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"'{key}' must be a non-empty string")
     task = obj.get("task")
     if task is not None and task not in TASKS:
         raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
     rationales = obj.get("rationales", [])
     if not isinstance(rationales, list):
         raise ValueError("'rationales' must be a list")
-    seen, pairs, flaws = set(), [], {}
+    pairs, flaws = [], {}
     for k, r in enumerate(rationales):
         if not isinstance(r, dict) or not isinstance(r.get("teacher"), str) or not r["teacher"]:
             raise ValueError(f"rationales[{k}] needs a non-empty string 'teacher'")
         if not isinstance(r.get("text"), str) or not r["text"].strip():
             raise ValueError(f"rationales[{k}] ({r['teacher']}): 'text' must be a non-empty string")
-        if r["teacher"] in seen:
+        if r["teacher"] in dict(pairs):
             raise ValueError(f"teacher {r['teacher']!r} appears twice")
         if r.get("flaw") is not None and r["flaw"] not in FLAWS:
             raise ValueError(f"rationales[{k}] ({r['teacher']}): 'flaw' must be null or one of {', '.join(FLAWS)}")
-        seen.add(r["teacher"])
         pairs.append((r["teacher"], r["text"]))
         if r.get("flaw") is not None:
             flaws[r["teacher"]] = r["flaw"]
     return Instance(iid, question, answer.strip(), task, pairs, flaws)
 
 
-def _report(path, problems, limit=10):
-    head = "\n".join(problems[:limit])
-    more = f"\n... and {len(problems) - limit} more" if len(problems) > limit else ""
-    return f"{len(problems)} problem(s) in {path}:\n{head}{more}"
-
-
-def parse_multi_teacher(path):
-    """All good instances of a multi-teacher JSONL file and a `FILE:LINE: message` per bad line."""
+def parse_multi_teacher(path, parse=_parse_instance):
+    """All good instances of a multi-teacher JSONL file (or with `parse`, of another file of Instances, as
+    read_questions reads) and a `FILE:LINE: message` per bad line."""
     instances, problems, first_line = [], [], {}
     for lineno, obj in _jsonl(path):
         try:
             if isinstance(obj, str):
                 raise ValueError(obj)
-            inst = _parse_instance(obj)
+            inst = parse(obj)
             if inst.id in first_line:
                 raise ValueError(f"duplicate id {inst.id!r} (first on line {first_line[inst.id]})")
         except ValueError as e:
@@ -236,14 +259,17 @@ def parse_multi_teacher(path):
     return instances, problems
 
 
-def load_multi_teacher(path, skip_bad=False):
-    """Read and validate a multi-teacher file. Bad lines raise DataError, or with
-    skip_bad=True are dropped and counted on stderr."""
+def load_multi_teacher(path, skip_bad=False, stats=None):
+    """Read and validate a multi-teacher file. Bad lines raise DataError, or with skip_bad=True
+    are dropped and counted on stderr and in stats["skipped_lines"] (a dict, if given; also "sha256")."""
     instances, problems = parse_multi_teacher(path)
     if problems and not skip_bad:
-        raise DataError(_report(path, problems))
+        more = f"\n... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise DataError(f"{len(problems)} problem(s) in {path}:\n" + "\n".join(problems[:10]) + more)
     if problems:
         print(f"{path}: skipped {len(problems)} bad line(s), kept {len(instances)}", file=sys.stderr)
+    if stats is not None:  # and the file's sha256, which names its content (train.py's resume checks it)
+        stats.update(skipped_lines=len(problems), sha256=hashlib.sha256(_read(path, text=False)).hexdigest())
     return instances
 
 
@@ -518,25 +544,30 @@ def encode_instance(inst, tok, teachers, max_len, thinking_words=THINKING_WORDS,
     """Tokenize every branch of an instance, each segment on its own so y's ids are the same
     in every branch. Rationales of teachers not in `teachers` are left out; a branch longer
     than max_len is dropped whole (never cut) and counted in `drops` (a Counter by teacher name,
-    if given). None when no branch is left."""
-    prompt = tok.encode_chat([{"role": "user", "content": user_prompt(inst.question, inst.task)}])
+    if given). None when no branch is left. A text too long by tok.min_tokens' cheap bound is dropped
+    without being tokenized, so a 6 MB rationale costs no more memory than its characters."""
+    question = user_prompt(inst.question, inst.task)
+    fits = tok.min_tokens(question) <= max_len  # a huge question is not even tokenized
+    prompt = tok.encode_chat([{"role": "user", "content": question}]) if fits else None
     cue_text, close_text = answer_cue(inst.task)
     cue, y, close = tok.encode(cue_text), tok.encode(inst.answer), tok.encode(close_text)
     tail = [(cue, CUE), (y, ANSWER), (close, CLOSE), ([tok.eot_id], EOT)]
+    fixed = (max_len + 1 if prompt is None else len(prompt)) + sum(len(ids) for ids, _ in tail)
     branches, teacher, dropped = [], [], 0
     for name, text in inst.rationales:
         if name not in teachers:
             continue
         text = text.strip()
-        r, offsets = tok.encode_with_offsets(text)
-        segments = [(prompt, PROMPT), (r, RATIONALE)] + tail
-        if sum(len(ids) for ids, _ in segments) > max_len:
+        fits = fixed + tok.min_tokens(text) <= max_len
+        r, offsets = tok.encode_with_offsets(text) if fits else (None, None)
+        if not fits or fixed + len(r) > max_len:
             dropped += 1
             if drops is not None:
                 drops[name] += 1
             continue
+        segments = [(prompt, PROMPT), (r, RATIONALE)] + tail
         think = [False] * len(prompt) + think_starts(text, offsets, thinking_words)
-        think += [False] * sum(len(ids) for ids, _ in tail)
+        think += [False] * (fixed - len(prompt))  # the tail's
         branches.append(([i for ids, _ in segments for i in ids],
                          [code for ids, code in segments for _ in ids], think))
         teacher.append(teachers.index(name))
@@ -548,13 +579,18 @@ def encode_instance(inst, tok, teachers, max_len, thinking_words=THINKING_WORDS,
 
 def encode_dataset(instances, tok, teachers=None, max_len=2048, thinking_words=THINKING_WORDS):
     """Encode instances for training; returns (encoded, stats). `teachers` (a subset, e.g.
-    from --teachers) defaults to every teacher in the data; the list is sorted."""
+    from --teachers) defaults to every teacher in the data; the list is sorted. stats counts the
+    instances without a rationale of `teachers` apart from those dropped for max_len."""
     known = teacher_names(instances)
     teachers = sorted(teachers) if teachers else known
     if unknown := [t for t in teachers if t not in known]:
         raise DataError(f"unknown teacher(s) {', '.join(unknown)}; the data has {', '.join(known)}")
-    encoded, stats, drops = [], Counter(instances=len(instances)), Counter()
+    stats, drops = Counter(instances=len(instances), without_teacher=0, dropped_instances=0), Counter()
+    encoded = []
     for inst in instances:
+        if not any(name in teachers for name, _ in inst.rationales):  # no rationale of the chosen teachers
+            stats["without_teacher"] += 1
+            continue
         e = encode_instance(inst, tok, teachers, max_len, thinking_words, drops)
         stats["dropped_instances"] += e is None
         if e is not None:
@@ -659,7 +695,6 @@ def _benchmark_row(task, i, row):
         letters = "ABCD"
         labelled = [(letters[j], options[o].strip()) for j, o in enumerate(order)]
         return key, _choices(row["Question"], labelled), letters[order.index(0)]
-    raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
 
 
 def load_benchmark(task, path):
@@ -670,12 +705,9 @@ def load_benchmark(task, path):
     if task == "gpqa":
         import csv
         import io
-        rows = list(enumerate(csv.DictReader(io.StringIO(_read_text(path))), 2))  # 1: header
-    elif task == "strategyqa" and not path.endswith(".jsonl"):
-        try:  # a JSON list: the "line" reported is the item number
-            rows = list(enumerate(json.loads(_read_text(path)), 1))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: bad JSON ({e})") from None
+        rows = list(enumerate(csv.DictReader(io.StringIO(_read(path))), 2))  # 1: header
+    elif task == "strategyqa" and not path.endswith(".jsonl"):  # a JSON list: the "line" is the item number
+        rows = list(enumerate(read_json(path, list), 1))
     else:
         rows = read_jsonl(path)
     out = []
@@ -695,18 +727,15 @@ def load_benchmark(task, path):
 def read_questions(path, task=None):
     """A questions JSONL ({id, question, answer[, task]}) as Instances without rationales; `task` fills
     in a missing task. Bad lines raise DataError naming FILE:LINE."""
-    questions, first_line = [], {}
-    for lineno, row in read_jsonl(path):
-        try:
-            inst = _parse_instance({**row, "rationales": []} if isinstance(row, dict) else row)
-            if inst.id in first_line:
-                raise ValueError(f"duplicate id {inst.id!r} (first on line {first_line[inst.id]})")
-            if (inst.task or task) is None:
-                raise ValueError("no task: give --task")
-        except ValueError as e:
-            raise DataError(f"{path}:{lineno}: {e}") from None
-        inst.task, first_line[inst.id] = inst.task or task, lineno
-        questions.append(inst)
+    def question(row):
+        inst = _parse_instance({**row, "rationales": []} if isinstance(row, dict) else row)
+        inst.task = inst.task or task
+        if inst.task is None:
+            raise ValueError("no task: give --task")
+        return inst
+    questions, problems = parse_multi_teacher(path, question)
+    if problems:
+        raise DataError(problems[0])
     return questions
 
 
@@ -825,8 +854,7 @@ def build(questions_path, teachers, task, out_path, min_teachers=1, max_len=None
                         "another --task? nothing written)")
     kept = [q for q in questions if len(q.rationales) >= min_teachers]
     write_jsonl(out_path, [{"id": q.id, "question": q.question, "answer": q.answer, "task": q.task,
-                             "rationales": [{"teacher": t, "text": r} for t, r in q.rationales]}
-                            for q in kept])
+                             "rationales": [{"teacher": t, "text": r} for t, r in q.rationales]} for q in kept])
     report["instances"] = {"written": len(kept), "dropped": len(questions) - len(kept)}
     return report
 
@@ -869,18 +897,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     with user_errors("data.py " + args.command):
         if args.command == "build":
-            teachers = []
-            for spec in args.teacher:
-                name, eq, path = spec.partition("=")
-                if not eq or not name or not path:
-                    raise DataError(f"--teacher {spec!r}: expected NAME=FILE")
-                teachers.append((name, path))
+            teachers = [spec.split("=", 1) for spec in args.teacher]
+            if bad := next((s for s, t in zip(args.teacher, teachers) if len(t) < 2 or not all(t)), None):
+                raise DataError(f"--teacher {bad!r}: expected NAME=FILE")
             report = build(args.questions, teachers, args.task, args.out, args.min_teachers, args.max_len, args.model)
-            print(f"{'teacher':<24} {'kept':>6} {'wrong':>6} {'no answer':>10} {'too long':>9} {'missing':>8}")
+            columns = (("kept", 6), ("wrong", 6), ("no_answer", 10), ("too_long", 9), ("missing", 8))
+            print(f"{'teacher':<24} " + " ".join(f"{k.replace('_', ' '):>{w}}" for k, w in columns))
             for name, _ in teachers:
-                r = report[name]
-                print(f"{name:<24} {r['kept']:>6} {r['wrong']:>6} {r['no_answer']:>10} {r['too_long']:>9} "
-                      f"{r['missing']:>8}")
+                print(f"{name:<24} " + " ".join(f"{report[name][k]:>{w}}" for k, w in columns))
             print(f"wrote {report['instances']['written']} instances to {args.out} "
                   f"({report['instances']['dropped']} with under {args.min_teachers} rationales dropped)")
         else:

@@ -5,13 +5,16 @@
     torchrun --nproc_per_node=2 eval.py rationales --model TEACHER (--questions Q.jsonl | --task math --data BENCH) \
         --samples 4 --temperature 0.7 --out qwq.jsonl
 
-Both are resumable and sharded by run_sharded. accuracy: zero-shot CoT prompts in the checkpoint's own chat
+Both are resumable and sharded by run_sharded: a record is reused only for the same prompt text, gold
+answer and generation settings, and OUT.lock keeps a second run off the same --out. accuracy: zero-shot CoT prompts in the checkpoint's own chat
 template, greedy, answers checked by data.py, accuracy ± the binomial SEM. rationales: sample s of question q
 draws from its own stream, so it does not depend on its batch, rank or a resume; data.py build reads the output.
 `eval.py table|pca-shift|mi-trace|weights` run analysis.py's commands. Left out: pass@k, several GPUs per model.
 """
 import argparse
+import contextlib
 import glob
+import hashlib
 import json
 import math
 import os
@@ -21,8 +24,8 @@ import time
 
 import torch
 
-from data import (DataError, TASKS, derive_seed, extract_answer, is_equivalent, load_benchmark, read_json, read_jsonl,
-                  read_questions, user_errors, user_prompt, write_json, write_jsonl)
+from data import (DataError, TASKS, append_jsonl, check_outputs, derive_seed, extract_answer, is_equivalent,
+                  load_benchmark, read_json, read_jsonl, read_questions, user_errors, user_prompt, write_json, write_jsonl)
 from lora import load_adapter
 from model import Transformer, generate
 from tokenizer import Tokenizer
@@ -63,10 +66,11 @@ def accuracy_sem(correct):
     return n, p, math.sqrt(p * (1 - p) / n) if n else float("nan")
 
 
-def evaluate(model, tok, items, out, batch_size=8, max_new_tokens=512, rank=0, world=1, log=None):
+def evaluate(model, tok, items, out, batch_size=8, max_new_tokens=512, rank=0, world=1, log=None, settings=None):
     """Predict, extract and check every item not already in `out`; return all records, in items' order.
 
-    items: data.load_benchmark rows. Greedy decoding; resumable and sharded by run_sharded.
+    items: data.load_benchmark rows. Greedy decoding; resumable and sharded by run_sharded. settings: what
+    else made the predictions (model, adapter, dtype: generation_settings), stamped on each record.
     """
     def predict_and_check(jobs):
         outs = complete(model, tok, [j["ids"] for j in jobs], max_new_tokens)
@@ -76,10 +80,12 @@ def evaluate(model, tok, items, out, batch_size=8, max_new_tokens=512, rank=0, w
                  "stopped": stopped} for j, (text, n, stopped) in zip(jobs, outs)]
     jobs = [{"key": (it["id"], 0), "item": it, **dict(zip(("text", "ids"), chat_prompt(tok, it["prompt"])))}
             for it in items]
+    for j in jobs:
+        j["stamp"] = stamp(j["text"], j["item"]["answer"], {**(settings or {}), "max_new_tokens": max_new_tokens})
     return run_sharded(jobs, out, predict_and_check, batch_size, rank, world, log, items[0]["task"])
 
 
-def run_accuracy(a, rank=0, world=1, device="cpu"):
+def run_accuracy(a, rank=0, world=1, device="cpu", held=None):
     if len(a.task) != len(a.data):
         raise DataError(f"--task given {len(a.task)} times but --data {len(a.data)} times; they pair up in order")
     tasks = [task_name(t) for t in a.task]
@@ -91,15 +97,16 @@ def run_accuracy(a, rank=0, world=1, device="cpu"):
             raise DataError(f"--data {p}: no {t} items")
     stem, ext = os.path.splitext(a.out)
     outs = [a.out] if len(tasks) == 1 else [f"{stem}-{t}{ext or '.jsonl'}" for t in tasks]  # one file per task
-    model, tok = start_run(a, outs, ("model", "adapter", "max_new_tokens"), rank, world, device)
+    settings = generation_settings(a, ("model", "adapter", "dtype", "max_new_tokens"))
+    model, tok = start_run(a, outs, settings, rank, world, device, held)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else None
     table = []
     for task, items, out in zip(tasks, data, outs):
-        records = evaluate(model, tok, items, out, a.batch_size, a.max_new_tokens, rank, world, log)
+        records = evaluate(model, tok, items, out, a.batch_size, a.max_new_tokens, rank, world, log, settings)
         n, p, sem = accuracy_sem([r["correct"] for r in records])
         table.append({"task": task, "n": n, "accuracy": p, "sem": sem, "predictions": out})
     if rank == 0:
-        write_json(stem + ".summary.json", {"settings": vars(a), "results": table})
+        write_json(stem + ".summary.json", {"settings": vars(a), "generation": settings, "results": table})
         print(f"{'task':<12} {'n':>6} {'accuracy':>9} {'± SEM':>7}")
         for r in table:
             print(f"{r['task']:<12} {r['n']:>6} {r['accuracy']:>9.4f} {r['sem']:>7.4f}")
@@ -114,6 +121,18 @@ def task_name(task):
 
 
 # --- resumable sharded runs: the part-file protocol accuracy and rationales share ---
+
+def stamp(prompt, answer, settings):
+    """A record's stamp: what made it (the prompt's text, not its position; the gold answer; the generation
+    settings), as 16 hex digits of a sha256. run_sharded reuses a record only under the same stamp."""
+    return hashlib.sha256(json.dumps([prompt, answer, settings], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def generation_settings(a, keys):
+    """The flags `keys` of a run as its records are stamped with them: model and adapter paths resolved."""
+    real = lambda k, v: os.path.realpath(v) if k in ("model", "adapter") and v and os.path.exists(v) else v
+    return {k: real(k, getattr(a, k)) for k in keys}
+
 
 def read_records(path):
     """The complete records of an output file by key, (id, sample); accuracy's records have no sample."""
@@ -142,11 +161,12 @@ def _barrier(world):
 def run_sharded(jobs, out, work, batch_size, rank=0, world=1, log=None, label=""):
     """Do every job whose record `out` lacks; return all records, in jobs' order.
 
-    jobs: dicts with a unique "key" (id, sample) and "ids" (the prompt); work(batch of jobs) returns one
-    record per job, carrying its id (and sample). Each rank takes every world-th missing job, longest
-    prompts first (an out-of-memory shows in the first batch), and appends each batch's records to OUT
-    (one process) or OUT.partR, flushed, so a kill loses at most one batch (a torn last line is redone).
-    Rank 0 folds the parts into OUT, in jobs' order, at the start and the end.
+    jobs: dicts with a unique "key" (id, sample), "ids" (the prompt) and "stamp" (see stamp()); work(batch of
+    jobs) returns one record per job, carrying its id (and sample). A record in OUT is reused only under its
+    job's stamp (other ones, made for other data or settings, are redone). Each rank takes every world-th
+    missing job, longest prompts first (an out-of-memory shows in the first batch), and appends each batch's
+    records to OUT (one process) or OUT.partR, flushed, so a kill loses at most one batch (a torn last line
+    is redone). Rank 0 folds the parts into OUT, in jobs' order, at the start and the end.
     """
     keys = [j["key"] for j in jobs]
     if len(set(keys)) != len(keys):
@@ -155,17 +175,21 @@ def run_sharded(jobs, out, work, batch_size, rank=0, world=1, log=None, label=""
         merge_records(out, keys)
     _barrier(world)
     done = read_records(out)
-    mine = sorted([j for j in jobs if j["key"] not in done][rank::world], key=lambda j: -len(j["ids"]))
+    stale = sum(j["key"] in done and done[j["key"]].get("stamp") != j["stamp"] for j in jobs)
+    if log and stale:
+        log(f"{label}: {stale} record(s) in {out} were made for other items or settings: redoing them")
+    mine = [j for j in jobs if done.get(j["key"], {}).get("stamp") != j["stamp"]][rank::world]
+    mine.sort(key=lambda j: -len(j["ids"]))
     t0 = time.time()
-    with open(out if world == 1 else f"{out}.part{rank}", "a", encoding="utf-8") as f:
-        for start in range(0, len(mine), batch_size):
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in work(mine[start:start + batch_size]))
-            f.flush()
-            if log:
-                n, dt = min(start + batch_size, len(mine)), time.time() - t0
-                eta = int(dt / n * (len(mine) - n))
-                log(f"{label} {'rank 0: ' if world > 1 else ''}{n}/{len(mine)} | {n / dt:.2f} items/s"
-                    f" | eta {eta // 3600}h{eta // 60 % 60:02d}m{eta % 60:02d}s")
+    for start in range(0, len(mine), batch_size):
+        batch = mine[start:start + batch_size]
+        records = [{**r, "stamp": j["stamp"]} for j, r in zip(batch, work(batch))]
+        append_jsonl(out if world == 1 else f"{out}.part{rank}", records)
+        if log:
+            n, dt = min(start + batch_size, len(mine)), time.time() - t0
+            eta = int(dt / n * (len(mine) - n))
+            log(f"{label} {'rank 0: ' if world > 1 else ''}{n}/{len(mine)} | {n / dt:.2f} items/s"
+                f" | eta {eta // 3600}h{eta // 60 % 60:02d}m{eta % 60:02d}s")
     _barrier(world)
     if rank == 0:
         merge_records(out, keys)
@@ -174,19 +198,23 @@ def run_sharded(jobs, out, work, batch_size, rank=0, world=1, log=None, label=""
     return [records[k] for k in keys if k in records]
 
 
-def start_run(a, outs, keys, rank, world, device):
-    """Refuse to resume outputs made with other settings `keys`; load the model; rank 0 writes the settings
-    to OUT-STEM.summary.json first, so that a resumed run can be checked against them."""
+def start_run(a, outs, settings, rank, world, device, held=None):
+    """Refuse to add to outputs made with other generation settings (model, adapter, dtype, ...: old → new in
+    the message); load the model; take OUT.lock into the ExitStack `held` (train.hold_lock: one run per
+    output); rank 0 writes the settings to OUT-STEM.summary.json first, so that a resumed run can be
+    checked against them."""
     summary = os.path.splitext(a.out)[0] + ".summary.json"
     if os.path.exists(summary) and any(os.path.exists(o) for o in outs):
-        old = read_json(summary).get("settings", {})
-        if changed := [k for k in keys if old.get(k) != getattr(a, k)]:
-            raise DataError(f"--out {a.out}: holds outputs made with another {', '.join(changed)}; use a new --out")
+        old = read_json(summary).get("generation") or {}
+        if changed := [f"{k} {old[k]!r} → {v!r}" for k, v in settings.items() if k in old and old[k] != v]:
+            raise DataError(f"--out {a.out}: holds outputs made with another {'; '.join(changed)}; use a new --out")
     model, tok = load_student(a.model, a.adapter, a.dtype, device)
+    if held is not None:
+        from train import hold_lock
+        held.enter_context(hold_lock(a.out, rank, device, a.out + ".lock"))
     _barrier(world)  # every rank has read the old settings before rank 0 writes the new
     if rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        write_json(summary, {"settings": vars(a), "results": None})
+        write_json(summary, {"settings": vars(a), "generation": settings, "results": None})
     return model, tok
 
 
@@ -197,7 +225,7 @@ def sample_seed(seed, qid, sample):
     return derive_seed(seed, qid, sample)
 
 
-def run_rationales(a, rank=0, world=1, device="cpu"):
+def run_rationales(a, rank=0, world=1, device="cpu", held=None):
     """Sample --samples rationales per question at --temperature; records {id, sample, question, answer,
     task, text, extracted, correct, new_tokens, stopped}, which data.py build reads as they are."""
     if bool(a.questions) == bool(a.data) or (a.data and not a.task):
@@ -209,8 +237,8 @@ def run_rationales(a, rank=0, world=1, device="cpu"):
         [{k: it[k] for k in ("id", "question", "answer", "task")} for it in load_benchmark(task_name(a.task), a.data)]
     if not (questions := questions[:a.limit]):
         raise DataError(f"{a.questions or a.data}: no questions")
-    model, tok = start_run(a, [a.out], ("model", "adapter", "max_new_tokens", "temperature", "top_p", "seed"),
-                           rank, world, device)
+    settings = generation_settings(a, ("model", "adapter", "dtype", "max_new_tokens", "temperature", "top_p", "seed"))
+    model, tok = start_run(a, [a.out], settings, rank, world, device, held)
     stem = os.path.splitext(a.out)[0]
     if rank == 0:  # the questions as data.py build reads them
         write_jsonl(stem + ".questions.jsonl", questions)
@@ -221,15 +249,16 @@ def run_rationales(a, rank=0, world=1, device="cpu"):
         return [{"id": j["q"]["id"], "sample": j["key"][1], **j["q"], "text": text, "extracted": (pred := extract_answer(
                     text, j["q"]["task"])), "correct": is_equivalent(pred, j["q"]["answer"], j["q"]["task"]),
                  "new_tokens": n, "stopped": stopped} for j, (text, n, stopped) in zip(jobs, outs)]
-    prompts = {q["id"]: chat_prompt(tok, user_prompt(q["question"], q["task"]))[1] for q in questions}
-    jobs = [{"key": (q["id"], s), "q": q, "ids": prompts[q["id"]]} for q in questions for s in range(a.samples)]
+    prompts = {q["id"]: chat_prompt(tok, user_prompt(q["question"], q["task"])) for q in questions}
+    jobs = [{"key": (q["id"], s), "q": q, "ids": ids, "stamp": stamp(text, q["answer"], settings)}
+            for q in questions for text, ids in [prompts[q["id"]]] for s in range(a.samples)]
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else None
     records = run_sharded(jobs, a.out, sample, a.batch_size, rank, world, log, "rationales")
     solved = {r["id"] for r in records if r["correct"]}
     result = {"questions": len(questions), "samples": len(records), "correct": sum(r["correct"] for r in records),
               "cut_off": sum(not r["stopped"] for r in records), "questions_with_a_correct_sample": len(solved)}
     if rank == 0:
-        write_json(stem + ".summary.json", {"settings": vars(a), "results": result})
+        write_json(stem + ".summary.json", {"settings": vars(a), "generation": settings, "results": result})
         print(" | ".join(f"{k.replace('_', ' ')} {v}" for k, v in result.items()) + f" | wrote {a.out}")
     return records
 
@@ -289,9 +318,16 @@ def main(argv=None):
             a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
             if a.command == "rationales" and not 0 < a.top_p <= 1:
                 raise DataError(f"--top-p {a.top_p}: must be in (0, 1]")
+            stem, ext = os.path.splitext(a.out)
+            outs = [a.out, a.out + ".lock", stem + ".summary.json", stem + ".questions.jsonl"] + [
+                f"{stem}-{task_name(t)}{ext or '.jsonl'}" for t in (a.task if a.command == "accuracy" else [])]
+            inputs = [("--data", d) for d in (a.data if isinstance(a.data, list) else [a.data])]
+            check_outputs([("--out", o) for o in outs], inputs + [("--questions", getattr(a, "questions", None)),
+                                                                  ("--model", a.model), ("--adapter", a.adapter)])
             from train import setup_dist  # torchrun's process group, as training sets it up
             rank, world, device = setup_dist(a.device)
-            return (run_accuracy if a.command == "accuracy" else run_rationales)(a, rank, world, device)
+            with contextlib.ExitStack() as held:  # start_run takes OUT's lock into it, before the first write
+                return (run_accuracy if a.command == "accuracy" else run_rationales)(a, rank, world, device, held)
         finally:
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()

@@ -26,27 +26,26 @@ BUILTIN_TEMPLATES = {
     "chatml": "{% for message in messages %}"
               "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
-    "llama3": (
-        "{{ bos_token }}{% for message in messages %}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
-        " + message['content'] | trim + '<|eot_id|>' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
-        "{% endif %}"
-    ),
+    "llama3": "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+              "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+              "{% endif %}",
 }
 
 
-def _token_str(value):
-    """A special token from tokenizer_config.json: a string, or an AddedToken dict."""
-    return value.get("content") if isinstance(value, dict) else value
-
-
-def _read_json(path, default=None):
+def _read(path, as_json=False):
+    """The text of a tokenizer file, or the JSON object in it; None when there is no such file. A file
+    that does not read or parse raises ValueError naming it, never the parser's traceback."""
     if not os.path.exists(path):
-        return default
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f) if as_json else f.read()
+        if as_json and not isinstance(content, dict):
+            raise ValueError("not a JSON object")
+        return content
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError, not an object
+        raise ValueError(f"{path}: not a readable tokenizer file ({e})") from None
 
 
 def _raise_exception(message):
@@ -64,17 +63,16 @@ class Tokenizer:
     for text the chat template itself writes), `_plain` never does (every piece of data).
     """
 
-    def __init__(self, tokenizer_json, config=None, generation_config=None, chat_template=None,
-                 path=None):
-        self._control = tokenizers.Tokenizer.from_str(tokenizer_json)
+    def __init__(self, tokenizer_json, config=None, generation_config=None, chat_template=None, path=None):
+        try:
+            self._control = tokenizers.Tokenizer.from_str(tokenizer_json)
+        except Exception as e:  # the Rust parser's own error type
+            raise ValueError(f"{path or '.'}/tokenizer.json: not a tokenizer file ({e})") from None
         self._plain = tokenizers.Tokenizer.from_str(tokenizer_json)
         self._plain.encode_special_tokens = True  # "<|im_end|>" in data is seven text tokens
-        self.config, self.path = config or {}, path
-        self.chat_template = chat_template
-        self._compiled = None
-        self.special_ids = {i for i, t in self._control.get_added_tokens_decoder().items()
-                            if t.special}
-        self.tokens = {k: _token_str(self.config.get(k))
+        self.config, self.path, self.chat_template, self._compiled = config or {}, path, chat_template, None
+        self.special_ids = {i for i, t in self._control.get_added_tokens_decoder().items() if t.special}
+        self.tokens = {k: v.get("content") if isinstance(v := self.config.get(k), dict) else v  # AddedToken
                        for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         gen_eos = (generation_config or {}).get("eos_token_id")
         gen_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else gen_eos
@@ -93,24 +91,18 @@ class Tokenizer:
         template (chat_template.jinja, else tokenizer_config's, else chat_format's built-in;
         an explicit chat_format wins). A hub id `org/name` is fetched first (resolve_model_dir)."""
         path = resolve_model_dir(path)
-        tj = os.path.join(path, "tokenizer.json")
-        if not os.path.exists(tj):
+        if (tokenizer_json := _read(os.path.join(path, "tokenizer.json"))) is None:
             raise FileNotFoundError(f"{path}: no tokenizer.json (only fast tokenizers are read)")
-        with open(tj, encoding="utf-8") as f:
-            tokenizer_json = f.read()
-        config = _read_json(os.path.join(path, "tokenizer_config.json"), {})
+        config = _read(os.path.join(path, "tokenizer_config.json"), as_json=True) or {}
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             template = {t["name"]: t["template"] for t in template}.get("default")
-        jinja_file = os.path.join(path, "chat_template.jinja")
-        if os.path.exists(jinja_file):
-            with open(jinja_file, encoding="utf-8") as f:
-                template = f.read()
+        template = _read(os.path.join(path, "chat_template.jinja")) or template
         if chat_format is not None:
             if chat_format not in BUILTIN_TEMPLATES:
                 raise ValueError(f"chat_format {chat_format!r}: known are {list(BUILTIN_TEMPLATES)}")
             template = BUILTIN_TEMPLATES[chat_format]
-        gen = _read_json(os.path.join(path, "generation_config.json"), {})
+        gen = _read(os.path.join(path, "generation_config.json"), as_json=True) or {}
         return cls(tokenizer_json, config, gen, template, path)
 
     @property
@@ -129,6 +121,25 @@ class Tokenizer:
         enc = self._plain.encode(text, add_special_tokens=False)
         return enc.ids, enc.offsets
 
+    def min_tokens(self, text):
+        """A lower bound on len(encode(text)) that costs no tokenizing (0 where none is known). Byte-level BPE
+        (all 256 bytes in the vocabulary) puts every byte of the normalized text in one token, which covers at
+        most L characters (L: the longest entry, one character per byte), and NFC, NFKC or lowercasing leave
+        at least one character of every four (NFC composes at most 4 into 1, U+1F82): len(text) / (4 L)."""
+        return len(text) // self._chars_per_token if self._chars_per_token else 0
+
+    @functools.cached_property
+    def _chars_per_token(self):
+        """L (times 4 under a normalizer) where min_tokens' bound holds for this tokenizer, else 0."""
+        t, vocab = self._plain, self._plain.get_vocab(with_added_tokens=True)
+        pre, norm = (x.__getstate__().decode() if x else "" for x in (t.pre_tokenizer, t.normalizer))
+        kinds = set(re.findall(r'"type":"(\w+)"', norm)) - {"Sequence"}
+        bpe = isinstance(t.model, models.BPE) and '"ByteLevel"' in pre and '"Removed"' not in pre
+        if not (bpe and not t.model.fuse_unk and set(pre_tokenizers.ByteLevel.alphabet()) <= vocab.keys()
+                and kinds <= {"NFC", "NFD", "NFKC", "NFKD", "Lowercase"}):
+            return 0
+        return max(len(token) for token in vocab) * (4 if kinds else 1)
+
     def decode(self, ids, skip_special_tokens=False):
         return self._control.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -136,9 +147,8 @@ class Tokenizer:
         """The checkpoint's own chat template rendered as transformers' apply_chat_template
         renders it (sandboxed jinja2, trim_blocks, lstrip_blocks, strftime_now, tojson)."""
         if self.chat_template is None:
-            raise ValueError(f"{self.path or 'tokenizer'}: no chat template (no "
-                             "chat_template in tokenizer_config.json, no chat_template.jinja); "
-                             "pick a built-in one with chat_format='chatml' or 'llama3'")
+            raise ValueError(f"{self.path or 'tokenizer'}: no chat template (none in tokenizer_config.json, "
+                             "no chat_template.jinja); pick a built-in one: chat_format='chatml' or 'llama3'")
         if self._compiled is None:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=[loopcontrols])
@@ -255,11 +265,9 @@ def write_tokenizer(out_dir, texts, vocab_size=512, template="chatml", chat_temp
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(list(texts), trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    if bos is not None:  # like Llama 3: the post-processor adds BOS when asked to
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False) if bos is None else \
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",  # Llama 3 adds BOS
+                                      special_tokens=[(bos, tok.token_to_id(bos))])
     os.makedirs(out_dir, exist_ok=True)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,

@@ -7,27 +7,31 @@ One process per device (nccl on CUDA, gloo on CPU, or a plain single process). E
 reads its own share of a seeded per-epoch permutation; every instance of an optimizer step
 counts once, however the step is split over micro-batches and ranks. Rank 0 alone writes:
 OUT/config.json, OUT/metrics.jsonl (one line per step), OUT/checkpoints/step-N/ (atomic),
-OUT/adapter/ (the final PEFT adapter; OUT/model/ with --full-ft).
+OUT/adapter/ (the final PEFT adapter; OUT/model/ with --full-ft), holding OUT/train.lock meanwhile.
+SIGTERM or SIGINT stops the run after the step under way, with a checkpoint (exit 143 or 130).
 
 Left out: tensor/pipeline parallelism, FSDP, mixed-precision other than bf16 autocast.
 """
 import argparse
 import contextlib
-import json
+import fcntl
 import math
 import os
 import shutil
+import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from compact import TEACHER_STATS, CompactConfig, compact_loss, teacher_means, teacher_sums
-from data import (THINKING_WORDS, DataError, add_config_args, atomic_path, collate, config_from_args, derive_seed,
-                  encode_dataset, load_multi_teacher, read_jsonl, shard_indices, teacher_names, to_device, user_errors,
-                  write_json, write_jsonl)
+from data import (THINKING_WORDS, DataError, add_config_args, append_jsonl, atomic_path, check_outputs, collate,
+                  config_from_args, derive_seed, encode_dataset, load_multi_teacher, read_jsonl, shard_indices,
+                  teacher_names, to_device, user_errors, write_json, write_jsonl)
 from lora import apply_lora, average_adapters, load_adapter, merge_to_dir, read_adapter, save_adapter
 from model import Transformer, compile_blocks
 from tokenizer import Tokenizer, copy_tokenizer
@@ -73,13 +77,17 @@ class TrainConfig:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 0")
         if os.path.isfile(self.out):
             raise ValueError(f"--out {self.out} is a file, not a directory")
+        if link := next((d for d in ("adapter", "model") if os.path.islink(os.path.join(self.out, d))), None):
+            raise ValueError(f"--out {self.out}: {link}/ is a symlink, which the end of the run would replace")
+        check_outputs([("--out", self.out)], [("--model", self.model), ("--init-adapter", self.init_adapter),
+                                              ("--data", self.data)])
         if self.init_adapter and self.full_ft:
             raise ValueError("--init-adapter continues a LoRA adapter; --full-ft trains no adapter")
         if self.mot_rounds < 0 or (self.mot_rounds and (self.full_ft or self.init_adapter)):
             raise ValueError("--mot-rounds must be >= 0, and MoT trains fresh LoRA runs (no --full-ft, no --init-adapter)")
 
 
-# --- distributed plumbing ---
+# --- distributed plumbing, the output lock, signals ---
 
 def setup_dist(device_type=None):
     """(rank, world_size, device) from torchrun's environment; a plain process is rank 0 of 1.
@@ -89,11 +97,9 @@ def setup_dist(device_type=None):
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device_type)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if device_type == "cuda":
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+    device = torch.device("cuda", local) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
@@ -114,7 +120,52 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-# --- schedule, checkpoints ---
+@contextlib.contextmanager
+def hold_lock(out, rank, device, path=None):
+    """One run per output: rank 0 holds an exclusive lock on the file `path` (OUT/train.lock) for the job
+    (lock_file); when another process holds it, every rank raises DataError naming OUT and the holder's pid."""
+    with contextlib.ExitStack() as stack:
+        holder = lock_file(stack, path or os.path.join(out, "train.lock")) if rank == 0 else None
+        if all_sum(torch.tensor([float(holder is not None)], device=device)).item():
+            raise DataError(f"{out}: another run (pid {holder or '?'}) writes there; wait for it to end, or "
+                            "choose another --out")
+        yield
+
+
+def lock_file(stack, path):
+    """Take an exclusive flock on the file `path` for the ExitStack's life and write our pid in it: None,
+    or the pid in it when another process holds it. The kernel drops a flock when its process dies, so a
+    killed run leaves no stale lock."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    f = stack.enter_context(open(path, "a+", encoding="utf-8"))
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        return f.read().strip() or "?"
+    f.truncate(0)
+    print(os.getpid(), file=f, flush=True)
+    return None
+
+
+STOP = {}  # the first SIGTERM or SIGINT of a job (run_job): train() stops after the step it comes in
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGINT ask train() to stop after the optimizer step under way, with a checkpoint. A second
+    one is ignored (torchrun passes a terminal's Ctrl-C on to its workers once more); SIGKILL stops at once."""
+    note = lambda signum, frame: STOP.setdefault("signal", signum)
+    old = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        STOP.clear()
+
+
+# --- schedule, checkpoints, resume ---
 
 def lr_at(step, total, cfg):
     """Linear warmup to cfg.lr, then cosine decay to 0 (a function of the step alone)."""
@@ -124,28 +175,31 @@ def lr_at(step, total, cfg):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def save_checkpoint(raw, optimizer, step, cfg, meta):
-    """OUT/checkpoints/step-N/: weights + optimizer + data position, written beside and renamed in.
-
-    A kill at any moment leaves either the old or the new directory complete; trainer.pt is
-    written last and marks a checkpoint as complete. The learning rate and the RNG are
-    functions of the step (see train()), so they need no saved state.
+def save_checkpoint(raw, optimizer, step, cfg, run):
+    """OUT/checkpoints/step-N/: weights + optimizer + the run's settings (run_settings), written beside and
+    renamed in. A kill (or a full disk) at any moment leaves either the old or the new directory complete;
+    trainer.pt is written last and marks a checkpoint as complete. The learning rate, the RNG and the data
+    position are functions of the step (see train()), so they need no saved state.
     """
     with atomic_path(os.path.join(cfg.out, "checkpoints", f"step-{step}")) as tmp:
-        save_weights(raw, tmp, cfg)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), **meta}, os.path.join(tmp, "trainer.pt"))
+        save_weights(raw, tmp, cfg, {"step": step, "optimizer": optimizer.state_dict(), "run": run})
     for old in sorted(checkpoint_steps(cfg.out))[:-cfg.keep_checkpoints]:
         shutil.rmtree(os.path.join(cfg.out, "checkpoints", f"step-{old}"), ignore_errors=True)
 
 
-def save_weights(raw, path, cfg):
-    """The trained weights into `path`: a PEFT adapter, or with --full-ft a complete model directory.
-    Callers replace the directory whole (atomic_path), once."""
-    if cfg.full_ft:
-        raw.save_pretrained(path)
-        copy_tokenizer(cfg.model, path)
-    else:
-        save_adapter(raw, path, base_model=cfg.model)
+def save_weights(raw, path, cfg, trainer=None):
+    """The trained weights into `path`: a PEFT adapter, or with --full-ft a complete model directory; then a
+    checkpoint's `trainer` state as trainer.pt. Callers replace the directory whole (atomic_path), once."""
+    try:
+        if cfg.full_ft:
+            raw.save_pretrained(path)
+            copy_tokenizer(cfg.model, path)
+        else:
+            save_adapter(raw, path, base_model=cfg.model)
+        if trainer is not None:
+            torch.save(trainer, os.path.join(path, "trainer.pt"))
+    except (RuntimeError, SafetensorError) as e:  # how torch and safetensors say that a write failed (disk full)
+        raise OSError(f"{shutil.disk_usage(os.path.dirname(path)).free:,} bytes free there; {e}") from e
 
 
 def checkpoint_steps(out):
@@ -156,15 +210,66 @@ def checkpoint_steps(out):
             if d.startswith("step-") and d[5:].isdigit() and os.path.isfile(os.path.join(root, d, "trainer.pt"))]
 
 
+# What a resumed run may change: where and how often it writes, and how a step is computed, not what.
+RESUME_FREE = ("out", "resume", "save_every", "keep_checkpoints", "max_bad_steps", "skip_bad", "compile",
+               "grad_checkpointing", "epochs", "max_steps")
+
+
+def run_settings(cfg, ccfg, data_stats, total, world):
+    """What fixes a run's updates, as its checkpoints record it: every flag but RESUME_FREE, with paths
+    resolved, --data as the sha256 of its bytes, --teachers as used, --epochs/--max-steps as the step total,
+    and the number of ranks (dropout and S_MI's sample are drawn per rank and micro-batch)."""
+    real = lambda p: os.path.realpath(p) if p and os.path.exists(p) else p
+    return {**{k: v for k, v in {**asdict(cfg), **asdict(ccfg)}.items() if k not in RESUME_FREE},
+            "model": real(cfg.model), "init_adapter": real(cfg.init_adapter), "data": data_stats["sha256"],
+            "teachers": data_stats["teachers"], "total_steps": total, "world_size": world}
+
+
+def find_resume(cfg, run, device):
+    """(start step, checkpoint dir or None, its trainer state or None): the newest checkpoint whose files all
+    load (trainer.pt, then the adapter or model; a warning names each one that does not), if of this run."""
+    done = sorted(checkpoint_steps(cfg.out), reverse=True)
+    if done and not cfg.resume:
+        raise ValueError(f"--out {cfg.out} holds the checkpoints of another run: pass --resume to continue it, "
+                         "or choose another --out")
+    if cfg.resume and not done:
+        print0(f"--resume: no checkpoint in {cfg.out}/checkpoints, starting fresh")
+    for step in done:
+        path = os.path.join(cfg.out, "checkpoints", f"step-{step}")
+        try:
+            with warnings.catch_warnings():  # torch's words on the pickle (ours below never advise running it)
+                warnings.simplefilter("ignore")
+                state = torch.load(os.path.join(path, "trainer.pt"), map_location=device, weights_only=True)
+            old = state.get("run", {})
+            Transformer.from_pretrained(path, device="meta") if cfg.full_ft else read_adapter(path)  # reads all
+        except Exception as e:  # a torn, random or foreign file: EOFError, RuntimeError, UnpicklingError, ...
+            why = type(e).__name__ if "weights_only" in str(e) else str(e).partition("\n")[0]
+            print0(f"warning: {path} does not load ({why}); trying an earlier checkpoint", file=sys.stderr)
+            continue
+        if diff := [f"{k} {old.get(k, '-')!r} → {run.get(k, '-')!r}" for k in sorted(old.keys() | run.keys())
+                    if old.get(k) != run.get(k)]:
+            raise DataError(f"{path} was made with other settings: {'; '.join(diff[:6])}{' ...' * (len(diff) > 6)}."
+                            " --resume continues a run as it was; for other settings, start a new run on another"
+                            f" --out from this checkpoint: --init-adapter {path} (with --full-ft: --model {path})")
+        print0(f"resumed from {path}" + f" (steps after {step} are redone)" * (step != done[0]))
+        return step, path, state
+    if done:
+        raise DataError(f"--resume: no checkpoint in {cfg.out}/checkpoints loads (see above); move them away to "
+                        "start over, or start a new run from an earlier adapter with --init-adapter")
+    return 0, None, None
+
+
 # --- the step ---
 
-def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg, ccfg, device, autocast, rng_key=()):
+def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg, ccfg, device, autocast, rng_key=(),
+               stop=False):
     """One optimizer step over this rank's micro-batches; returns the step's stats summed over ranks.
 
     Each micro-batch loss is Σ w L / n_instances (all instances of the step, all ranks),
     times world_size because DDP averages gradients over ranks: so the update is the same
     however the step is split. Only the last micro-step all-reduces gradients.
-    Returns {finite, grad_norm, loss, sft, mcon, tokens, weight_entropy, teachers: [n_teachers, |TEACHER_STATS|+1]}.
+    Returns {finite, grad_norm, loss, sft, mcon, tokens, weight_entropy, teachers: [n_teachers, |TEACHER_STATS|+1],
+    stop: whether any rank passed stop=True}.
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -185,10 +290,11 @@ def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-    summed = all_sum(torch.cat([totals, teachers.flatten()]))  # the norm is already global: not summed
+    flag = torch.tensor([float(stop)], device=device)
+    summed = all_sum(torch.cat([totals, teachers.flatten(), flag]))  # the norm is already global: not summed
     summed = torch.cat([summed, grad_norm.float().view(1)]).cpu()  # the step's one host sync
     out = dict(zip(("loss", "sft", "mcon", "tokens", "weight_entropy"), summed[:5].tolist()),
-               teachers=summed[5:-1].view_as(teachers), grad_norm=summed[-1].item())
+               teachers=summed[5:-2].view_as(teachers), grad_norm=summed[-1].item(), stop=summed[-2].item() > 0)
     out["finite"] = math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])
     if out["finite"]:
         optimizer.step()
@@ -220,38 +326,25 @@ def build_model(cfg, device, resume_dir=None):
 
 def load_data(model, data, max_len, teachers="", thinking_words="", skip_bad=False, limit=None):
     """(tokenizer, encoded instances, data stats with the sorted teacher list) of a multi-teacher file, for
-    --model's tokenizer; what was dropped for --max-len is reported on stderr (train.py, analysis.py score)."""
-    tok = Tokenizer.from_pretrained(model)
-    instances = load_multi_teacher(data, skip_bad=skip_bad)[:limit]
-    subset = [t.strip() for t in teachers.split(",") if t.strip()] or None
-    words = [w.strip() for w in thinking_words.split(",") if w.strip()] or THINKING_WORDS
-    encoded, stats = encode_dataset(instances, tok, teachers=subset, max_len=max_len, thinking_words=words)
+    --model's tokenizer; what was dropped, and why, is reported on stderr (train.py, analysis.py score)."""
+    tok, stats = Tokenizer.from_pretrained(model), {}
+    instances = load_multi_teacher(data, skip_bad, stats)[:limit]
+    encoded, encoding = encode_dataset(instances, tok, teachers=names(teachers) or None, max_len=max_len,
+                                       thinking_words=names(thinking_words) or THINKING_WORDS)
+    stats.update(encoding)
+    dropped = (f"dropped {stats['without_teacher']} instances without a rationale of --teachers, "
+               f"{stats['dropped_instances']} instances and {stats['dropped_branches']} branches "
+               f"({stats['dropped_per_teacher']}) over --max-len {max_len}")
     if not encoded:
-        raise DataError(f"{data}: no instance has a branch that fits --max-len {max_len}")
-    print0(f"data: {len(encoded)} instances, {stats.get('branches', 0)} branches, teachers {', '.join(stats['teachers'])}"
-           f" | dropped {stats.get('dropped_branches', 0)} branches and {stats.get('dropped_instances', 0)} instances"
-           f" longer than --max-len {max_len} (per teacher: {stats.get('dropped_per_teacher', {})})", file=sys.stderr)
+        raise DataError(f"{data}: no instance is left: {dropped}")
+    print0(f"data: {len(encoded)} instances, {stats['branches']} branches, teachers {', '.join(stats['teachers'])}"
+           f" | {dropped}", file=sys.stderr)
     return tok, encoded, stats
 
 
-def find_resume(cfg, meta, device):
-    """(start step, checkpoint dir or None, its trainer state or None); refuses mismatched runs."""
-    done = checkpoint_steps(cfg.out)
-    if done and not cfg.resume:
-        raise ValueError(f"--out {cfg.out} holds the checkpoints of another run: pass --resume to continue it, "
-                         "or choose another --out")
-    if not done:
-        if cfg.resume:
-            print0(f"--resume: no checkpoint in {cfg.out}/checkpoints, starting fresh")
-        return 0, None, None
-    resume_dir = os.path.join(cfg.out, "checkpoints", f"step-{max(done)}")
-    state = torch.load(os.path.join(resume_dir, "trainer.pt"), map_location=device, weights_only=True)
-    for key in ("n_step", "n_data", "teachers", "total_steps"):
-        if state[key] != meta[key]:
-            raise ValueError(f"{resume_dir}: {key} was {state[key]}, now {meta[key]}: resume with the same data, "
-                             "teachers, batch layout (--batch-size × --grad-accum × ranks) and --max-steps/"
-                             "--epochs (the learning-rate schedule depends on them)")
-    return max(done), resume_dir, state
+def names(flag):
+    """The names in a comma-separated flag (--teachers a,b; --thinking-words so,wait)."""
+    return [n.strip() for n in flag.split(",") if n.strip()]
 
 
 def step_record(step, s, dt, t_start, lr, teachers, steps_per_epoch, n_step):
@@ -263,7 +356,9 @@ def step_record(step, s, dt, t_start, lr, teachers, steps_per_epoch, n_step):
 
 
 def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.device("cpu")):
-    """Run one training job in an already set-up process group; rank 0 writes every file."""
+    """Run one training job in an already set-up process group; rank 0 writes every file, holding OUT's lock
+    from the first write (hold_lock). SIGTERM or SIGINT (stop_on_signals) ends it after the step under way,
+    with a checkpoint, in SystemExit(128 + the signal)."""
     t_start = time.time()
     tok, encoded, data_stats = load_data(cfg.model, cfg.data, cfg.max_len, cfg.teachers, cfg.thinking_words, cfg.skip_bad)
     teachers = data_stats["teachers"]
@@ -271,85 +366,95 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
     n_step = per_rank_step * world  # instances per optimizer step, all ranks together
     steps_per_epoch = -(-len(encoded) // n_step)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
-    meta = {"n_step": n_step, "n_data": len(encoded), "teachers": teachers, "total_steps": total}
-
-    start, resume_dir, state = find_resume(cfg, meta, device)
+    run = run_settings(cfg, ccfg, data_stats, total, world)
+    start, resume_dir, state = find_resume(cfg, run, device)
 
     torch.manual_seed(cfg.seed)  # LoRA's A init: the same on every rank and every run of this seed
     raw = model = build_model(cfg, device, resume_dir)
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     if state:
         optimizer.load_state_dict(state["optimizer"])
-        print0(f"resumed from {resume_dir}")
     print0(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M parameters, "
            f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | {total} steps of {n_step} instances "
            f"({steps_per_epoch}/epoch) on {world} × {device.type}")
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    if rank == 0:
-        write_json(os.path.join(cfg.out, "config.json"), {
-            "train": asdict(cfg), "compact": asdict(ccfg), "teachers": teachers, "world_size": world,
-            "data_stats": {k: v for k, v in data_stats.items() if k != "teachers"}})
-        kept = read_jsonl(metrics_path, torn_tail=True) if start and os.path.isfile(metrics_path) else []
-        write_jsonl(metrics_path, [r for _, r in kept if r["step"] <= start])
-
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    model.train()
-    bad, t_loop, tokens_seen, last, order_epoch = 0, time.time(), 0, None, None
-    for step in range(start, total):
-        epoch, pos = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:  # this rank's share of the epoch's seeded permutation
-            order, order_epoch = shard_indices(len(encoded), epoch, cfg.seed, rank, world, per_rank_step), epoch
-        mine = order[pos * per_rank_step:(pos + 1) * per_rank_step]
-        micro = [collate([encoded[j] for j in mine[m * cfg.batch_size:(m + 1) * cfg.batch_size]], tok.pad_id)
-                 for m in range(cfg.grad_accum)]
-        torch.manual_seed(derive_seed(cfg.seed, step, rank))  # dropout: a function of (seed, step, rank)
-        t0, lr = time.time(), lr_at(step, total, cfg)
-        s = train_step(model, optimizer, micro, lr, n_step, len(teachers), cfg, ccfg, device, autocast,
-                       rng_key=(cfg.seed, step, rank))  # S_MI's sample, like dropout: a function of (step, rank)
-        if not s["finite"]:
-            bad += 1
-            print0(f"warning: step {step + 1}: non-finite loss or gradient, update skipped ({bad} in a row)", file=sys.stderr)
-            if bad >= cfg.max_bad_steps:
-                if rank == 0:
-                    save_checkpoint(raw, optimizer, step + 1, cfg, meta)
-                raise FloatingPointError(f"{bad} non-finite steps in a row; stopped with a checkpoint at step {step + 1}")
-            continue
-        bad, tokens_seen = 0, tokens_seen + s["tokens"]
-        last = step_record(step, s, time.time() - t0, t_start, lr, teachers, steps_per_epoch, n_step)
+    with hold_lock(cfg.out, rank, device):  # one run per --out, from its first write to its last
+        metrics_path, config_path = os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "config.json")
         if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
-            elapsed = time.time() - t_loop
-            eta = elapsed / (step + 1 - start) * (total - step - 1)
-            w = " ".join(f"{n} {v['weight']:.2f}" for n, v in last["teachers"].items())
-            print0(f"step {step + 1}/{total} | loss {s['loss']:.4f} | w {w} | {tokens_seen / elapsed:,.0f} tok/s"
-                   f" | eta {_duration(eta)} | mem {_memory_mb(device):,.0f}MB")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total and rank == 0:
-            save_checkpoint(raw, optimizer, step + 1, cfg, meta)
-        if dist.is_initialized() and cfg.save_every and (step + 1) % cfg.save_every == 0:
-            dist.barrier()  # nobody races ahead of a checkpoint it might be killed after
+            if not (start and os.path.isfile(config_path)):  # a resume keeps the first start's (the same updates)
+                stats = {k: v for k, v in data_stats.items() if k != "teachers"}
+                write_json(config_path, {"train": asdict(cfg), "compact": asdict(ccfg), "teachers": teachers,
+                                         "world_size": world, "data_stats": stats})
+            kept = read_jsonl(metrics_path, torn_tail=True) if start and os.path.isfile(metrics_path) else []
+            write_jsonl(metrics_path, [r for _, r in kept if r["step"] <= start])
 
-    if rank == 0:
-        finish(raw, optimizer, cfg, meta, start, last, t_start)
-    if dist.is_initialized():
-        dist.barrier()
+        cuda = device.type == "cuda"
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+        model.train()
+        bad, t_loop, tokens_seen, last, order_epoch = 0, time.time(), 0, None, None
+        for step in range(start, total):
+            epoch, pos = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:  # this rank's share of the epoch's seeded permutation
+                order, order_epoch = shard_indices(len(encoded), epoch, cfg.seed, rank, world, per_rank_step), epoch
+            mine = order[pos * per_rank_step:(pos + 1) * per_rank_step]
+            micro = [collate([encoded[j] for j in mine[m * cfg.batch_size:(m + 1) * cfg.batch_size]], tok.pad_id)
+                     for m in range(cfg.grad_accum)]
+            torch.manual_seed(derive_seed(cfg.seed, step, rank))  # dropout: a function of (seed, step, rank)
+            t0, lr = time.time(), lr_at(step, total, cfg)
+            # S_MI's sample, like dropout, is a function of (step, rank); a signal to any rank reaches all ranks
+            # in the step's own all-reduce.
+            s = train_step(model, optimizer, micro, lr, n_step, len(teachers), cfg, ccfg, device, autocast,
+                           rng_key=(cfg.seed, step, rank), stop="signal" in STOP)
+            bad = 0 if s["finite"] else bad + 1
+            if bad:
+                print0(f"warning: step {step + 1}: non-finite loss or gradient, update skipped ({bad} in a row)",
+                       file=sys.stderr)
+            else:
+                tokens_seen += s["tokens"]
+                last = step_record(step, s, time.time() - t0, t_start, lr, teachers, steps_per_epoch, n_step)
+            if rank == 0 and not bad:
+                append_jsonl(metrics_path, [last])
+                elapsed = time.time() - t_loop
+                eta = elapsed / (step + 1 - start) * (total - step - 1)
+                w = " ".join(f"{n} {v['weight']:.2f}" for n, v in last["teachers"].items())
+                print0(f"step {step + 1}/{total} | loss {s['loss']:.4f} | w {w} | {tokens_seen / elapsed:,.0f} tok/s"
+                       f" | eta {_duration(eta)} | mem {_memory_mb(device):,.0f}MB")
+            stop = s["stop"] and step + 1 < total  # at the last step, finish() writes everything anyway
+            periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
+            give_up = bad >= max(1, cfg.max_bad_steps)
+            if rank == 0 and (stop or give_up or periodic and step + 1 < total):
+                save_checkpoint(raw, optimizer, step + 1, cfg, run)  # the last step's is finish()'s
+            if dist.is_initialized() and (stop or periodic):
+                dist.barrier()  # nobody races ahead of a checkpoint it might be killed after
+            if give_up:
+                raise FloatingPointError(f"{bad} non-finite steps in a row; stopped with a checkpoint at step "
+                                         f"{step + 1}")
+            if stop:  # a rank told by another stops as if by SIGTERM
+                signum = STOP.get("signal", signal.SIGTERM)
+                print0(f"{signal.Signals(signum).name}: stopped after step {step + 1}/{total} with a checkpoint; "
+                       f"--resume continues it", file=sys.stderr)
+                raise SystemExit(128 + signum)
+
+        if rank == 0:
+            finish(raw, optimizer, cfg, run, start, last, t_start)
+        if dist.is_initialized():
+            dist.barrier()
     return {"steps": total, "last": last, "teachers": teachers, "model": raw}
 
 
-def finish(raw, optimizer, cfg, meta, start, last, t_start):
+def finish(raw, optimizer, cfg, run, start, last, t_start):
     """The final weights first, then the final checkpoint: a kill in between resumes from the last
     periodic checkpoint and writes both again."""
-    total = meta["total_steps"]
+    total = run["total_steps"]
     if total <= start:
         print0(f"{cfg.out}: the run already finished at step {total}; nothing to do")
         return
     final = os.path.join(cfg.out, "model" if cfg.full_ft else "adapter")
     with atomic_path(final) as tmp:
         save_weights(raw, tmp, cfg)
-    save_checkpoint(raw, optimizer, total, cfg, meta)
+    save_checkpoint(raw, optimizer, total, cfg, run)
     print0(f"done: {total} steps in {_duration(time.time() - t_start)} | final loss "
            f"{last['loss'] if last else float('nan'):.4f} | wrote {final}")
 
@@ -367,41 +472,41 @@ def mot(cfg, ccfg, rank=0, world=1, device=torch.device("cpu")):
     and resumes started runs; every other flag applies to each per-teacher run.
     """
     rounds = cfg.mot_rounds
-    teachers = [t.strip() for t in cfg.teachers.split(",") if t.strip()] or \
-        teacher_names(load_multi_teacher(cfg.data, skip_bad=cfg.skip_bad))
+    teachers = names(cfg.teachers) or teacher_names(load_multi_teacher(cfg.data, skip_bad=cfg.skip_bad))
     if bad := [t for t in teachers if os.sep in t or t.startswith(".")]:
         raise DataError(f"teacher name {bad[0]!r} cannot name a run directory")
     single = replace(ccfg, weighting="uniform", mcon_lambda=0.0)  # one branch per instance: plain SFT
     model = cfg.model
-    for r in range(1, rounds + 1):
-        root = os.path.join(cfg.out, f"round-{r}")
-        merged = os.path.join(root, "model")
-        if not os.path.isfile(os.path.join(merged, "config.json")):  # written last, atomically
-            for k in teachers:
-                out = os.path.join(root, k)
-                print0(f"MoT round {r}/{rounds}: teacher {k} from {model}")
-                train(replace(cfg, model=model, out=out, teachers=k, resume=bool(checkpoint_steps(out)), mot_rounds=0), single,
-                      rank, world, device)
-            if rank == 0:
-                average_adapters([os.path.join(root, k, "adapter") for k in teachers], os.path.join(root, "average"))
-                merge_to_dir(model, os.path.join(root, "average"), merged, dtype="float32")
-            if dist.is_initialized():
-                dist.barrier()
-        model = merged
+    with hold_lock(cfg.out, rank, device):  # the rounds' averages and merges too
+        for r in range(1, rounds + 1):
+            root = os.path.join(cfg.out, f"round-{r}")
+            merged = os.path.join(root, "model")
+            if not os.path.isfile(os.path.join(merged, "config.json")):  # written last, atomically
+                for k in teachers:
+                    out = os.path.join(root, k)
+                    print0(f"MoT round {r}/{rounds}: teacher {k} from {model}")
+                    train(replace(cfg, model=model, out=out, teachers=k, resume=bool(checkpoint_steps(out)),
+                                  mot_rounds=0), single, rank, world, device)
+                if rank == 0:
+                    average_adapters([os.path.join(root, k, "adapter") for k in teachers],
+                                     os.path.join(root, "average"))
+                    merge_to_dir(model, os.path.join(root, "average"), merged, dtype="float32")
+                if dist.is_initialized():
+                    dist.barrier()
+            model = merged
     print0(f"MoT: {rounds} round(s) over {', '.join(teachers)} | the student is {model}")
     return model
 
 
 def _duration(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    s = int(seconds)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def _memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --- command line ---
@@ -412,13 +517,10 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_args(p, TrainConfig)
     add_config_args(p, CompactConfig)
-    p.add_argument("--no-mi", action="store_true", help="ablation: alpha = 0")
-    p.add_argument("--no-consensus", action="store_true", help="ablation: beta = 0")
-    p.add_argument("--no-difficulty", action="store_true", help="ablation: gamma = 0")
+    for name, key in (("mi", "alpha"), ("consensus", "beta"), ("difficulty", "gamma")):
+        p.add_argument(f"--no-{name}", action="store_const", const=0.0, dest=key, default=argparse.SUPPRESS,
+                       help=f"ablation: {key} = 0")
     a = p.parse_args(argv)
-    for flag, key in (("no_mi", "alpha"), ("no_consensus", "beta"), ("no_difficulty", "gamma")):
-        if getattr(a, flag):
-            setattr(a, key, 0.0)
     if not (a.model and a.data):
         p.error("--model and --data are required (python demo.py runs the CPU demo)")
     try:
@@ -440,10 +542,11 @@ def main(argv=None):
 
 def run_job(job, *args, prog="train.py"):
     """job(*args, rank, world, device) in torchrun's process group (or a plain process): bad input (files,
-    flags, data) exits 2 with its message and no traceback (data.user_errors), a non-finite stop exits 1."""
+    flags, data) exits 2 with its message and no traceback (data.user_errors), a non-finite stop exits 1,
+    SIGTERM or SIGINT (stop_on_signals) 128 + its number (143, 130)."""
     rank, world, device = setup_dist()
     try:
-        with user_errors(prog):
+        with stop_on_signals(), user_errors(prog):
             return job(*args, rank, world, device)
     except FloatingPointError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -1,6 +1,8 @@
 """Multi-teacher format, branch batches (SPEC §9), sharding, benchmark loaders, the synthetic
 pool and the CLI."""
 import csv
+import errno
+import hashlib
 import json
 import os
 import re
@@ -65,6 +67,60 @@ def test_load_multi_teacher_reports_file_and_line(tmp_path, capsys):
     assert [i.id for i in kept] == ["q0"] and f"skipped {len(BAD)} bad line(s)" in capsys.readouterr().err
     with pytest.raises(DataError, match="cannot read"):
         data.load_multi_teacher(str(tmp_path / "missing.jsonl"))
+
+
+def test_a_bad_byte_or_a_deep_nesting_names_its_line_and_skip_bad_skips_that_line_alone(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(_row(0)).encode() + b"\n" + b'{"id": "q1", "question": "caf\xe9?"}\n'
+                     + b"[" * 100_000 + b"\n" + json.dumps(_row(3)).encode() + b"\n")
+    with pytest.raises(DataError) as err:
+        data.load_multi_teacher(str(path))
+    assert f"{path}:2: not UTF-8 text (byte 0xe9 at column 30)" in str(err.value)
+    assert f"{path}:3: bad JSON (nested too deeply)" in str(err.value)
+    stats = {}
+    assert [i.id for i in data.load_multi_teacher(str(path), skip_bad=True, stats=stats)] == ["q0", "q3"]
+    assert stats == {"skipped_lines": 2, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    bench = tmp_path / "b.json"  # whole-file readers name the line of a bad byte too
+    bench.write_bytes(b'[{"qid": "s1",\n "question": "\xff", "answer": true}]')
+    with pytest.raises(DataError, match=r"b.json:2: not UTF-8 text \(byte 0xff\)"):
+        data.load_benchmark("strategyqa", str(bench))
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    with pytest.raises(DataError, match="deep.json: not valid JSON"):
+        data.read_json(str(tmp_path / "deep.json"))
+    (tmp_path / "list.json").write_text("[1]")
+    with pytest.raises(DataError, match="list.json: not a JSON object"):
+        data.read_json(str(tmp_path / "list.json"))
+
+
+def test_a_failed_write_names_its_path_and_keeps_what_was_there(tmp_path, monkeypatch):
+    path = tmp_path / "x.json"
+    data.write_json(str(path), {"a": 1})
+    with pytest.raises(OSError, match=rf"{re.escape(str(path))}: cannot write it \(No space left on device\); what"):
+        with data.atomic_path(str(path)) as tmp:
+            open(tmp, "w").write("{")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert data.read_json(str(path)) == {"a": 1} and os.listdir(tmp_path) == ["x.json"]
+    ckpt = tmp_path / "ckpt"  # a directory: moved aside, then put back when the new one cannot be moved in
+    data.write_text(str(ckpt / "old.txt"), "old")
+    monkeypatch.setattr(data.os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="ckpt: cannot write it"):
+        with data.atomic_path(str(ckpt)) as tmp:
+            os.makedirs(tmp)
+    monkeypatch.undo()
+    assert os.listdir(ckpt) == ["old.txt"] and sorted(os.listdir(tmp_path)) == ["ckpt", "x.json"]
+    with pytest.raises(OSError, match=r"nowhere/m.jsonl: cannot append to it"):
+        data.append_jsonl(str(tmp_path / "nowhere" / "m.jsonl"), [{"step": 1}])
+
+
+def test_an_output_inside_an_input_is_refused_through_symlinks_and_relative_paths(tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    model.mkdir()
+    (tmp_path / "link").symlink_to(model)
+    monkeypatch.chdir(tmp_path)
+    for out in ("model", "model/sub", "link", "link/x", "./model/../model/", str(model)):
+        with pytest.raises(DataError, match=f"--out {re.escape(out)} would overwrite --model model"):
+            data.check_outputs([("--out", out)], [("--model", "model")])
+    data.check_outputs([("--out", "models"), ("--out", str(tmp_path))], [("--model", "model"), ("--adapter", None)])
 
 
 # ---- branches and batches ---------------------------------------------------------------
@@ -164,6 +220,24 @@ def test_max_len_drops_branches_and_instances(tok):
     assert encoded[0].teacher == [0] and stats["branches"] == 1
     with pytest.raises(DataError, match="unknown teacher"):
         data.encode_dataset([inst], tok, teachers=["zed"])
+
+
+def test_an_instance_without_a_rationale_of_the_chosen_teachers_is_not_called_too_long(tok):
+    insts = [Instance("q0", "What is 1?", "1", "gsm8k", [("a", "So 1.")]), Instance("q1", "What?", "1", "gsm8k", [("b", "1.")])]
+    encoded, stats = data.encode_dataset(insts, tok, teachers=["a"], max_len=400)
+    assert [e.id for e in encoded] == ["q0"] and (stats["without_teacher"], stats["dropped_instances"]) == (1, 0)
+
+
+def test_a_huge_rationale_or_question_is_dropped_before_it_is_tokenized(tok, monkeypatch):
+    huge = "So we add one and one again. " * 250_000  # 7 MB
+    insts = [Instance("q0", "What is 1 + 1?", "2", "gsm8k", [("a", huge), ("b", "1 + 1 = 2.")]),
+             Instance("q1", huge, "2", "gsm8k", [("a", "1 + 1 = 2."), ("b", "So 2.")])]
+    real_encode, real_chat = tok.encode_with_offsets, tok.encode_chat
+    monkeypatch.setattr(tok, "encode_with_offsets", lambda t: real_encode(t) if len(t) < 10**5 else pytest.fail("tokenized"))
+    monkeypatch.setattr(tok, "encode_chat", lambda m: real_chat(m) if len(m[0]["content"]) < 10**5 else pytest.fail("chat"))
+    encoded, stats = data.encode_dataset(insts, tok, max_len=400)
+    assert [len(e.branches) for e in encoded] == [1] and stats["dropped_per_teacher"] == {"a": 2, "b": 1}
+    assert stats["dropped_instances"] == 1 and tok.min_tokens(huge) > 400
 
 
 def test_shard_indices():

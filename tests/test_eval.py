@@ -226,3 +226,55 @@ def test_rationales_bad_input_exits_2(tmp_path, capsys, student_dir):
     assert not os.path.exists(tmp_path / "r.jsonl")
 
 
+
+
+# --- one run per output, no output over an input, predictions reused only where they belong ---
+
+def test_predictions_are_redone_for_other_items_and_other_settings_are_refused(tmp_path, monkeypatch, capsys,
+                                                                           student_dir):
+    model, tok = ev.load_student(student_dir)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"  # the same count of items, so the same positional ids
+    a.write_text("".join(json.dumps(r) + "\n" for r in GSM8K[:2]))
+    b.write_text("".join(json.dumps(r) + "\n" for r in GSM8K[2:]))
+    items = {p: data.load_benchmark("gsm8k", str(p)) for p in (a, b)}
+    assert [it["id"] for it in items[a]] == [it["id"] for it in items[b]]
+    fake = FakeGenerate(tok, {**scripted(tok, items[a], {0, 1}), **scripted(tok, items[b], {0, 1})})
+    monkeypatch.setattr(ev, "generate", lambda model, prompts, max_new_tokens, eos_ids: fake(model, prompts, max_new_tokens,
+                                                                                             eos_ids))
+    common = ["accuracy", "--model", student_dir, "--task", "gsm8k", "--device", "cpu", "--out", str(tmp_path / "p.jsonl")]
+    ev.main(common + ["--data", str(a)])
+    ev.main(common + ["--data", str(b)])  # other data under the same ids: every prediction is made again
+    assert len(fake.seen) == 4 and "2 record(s)" in capsys.readouterr().err
+    records = [json.loads(line) for line in open(tmp_path / "p.jsonl")]
+    assert [r["gold"] for r in records] == [it["answer"] for it in items[b]] and all(r["correct"] for r in records)
+    ev.main(common + ["--data", str(b)])
+    assert len(fake.seen) == 4  # the same data and settings: nothing redone
+    with pytest.raises(SystemExit) as e:
+        ev.main(common + ["--data", str(b), "--dtype", "bfloat16"])
+    assert e.value.code == 2 and "another dtype 'float32' → 'bfloat16'" in capsys.readouterr().err
+
+
+def test_an_out_over_an_input_or_held_by_another_run_exits_2_and_writes_nothing(tmp_path, capsys, student_dir):
+    import contextlib
+    import train
+    paths = write_benchmarks(str(tmp_path))
+    bench = open(paths["gsm8k"], "rb").read()
+    common = ["accuracy", "--model", student_dir, "--task", "gsm8k", "--data", paths["gsm8k"], "--device", "cpu"]
+    for out in (paths["gsm8k"], os.path.join(student_dir, "preds.jsonl")):
+        with pytest.raises(SystemExit) as e:
+            ev.main(common + ["--out", out])
+        assert e.value.code == 2 and "would overwrite" in capsys.readouterr().err
+    assert open(paths["gsm8k"], "rb").read() == bench and not os.path.exists(paths["gsm8k"] + ".lock")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"id": "q0", "question": "Q?", "answer": "1", "task": "gsm8k"}) + "\n")
+    with pytest.raises(SystemExit) as e:  # rationales' OUT-STEM.questions.jsonl would replace its --questions
+        ev.main(["rationales", "--model", student_dir, "--questions", str(questions), "--device", "cpu",
+                 "--out", str(tmp_path / "q.jsonl")])
+    assert e.value.code == 2 and "would overwrite --questions" in capsys.readouterr().err
+    out = tmp_path / "run" / "p.jsonl"
+    with contextlib.ExitStack() as held:
+        assert train.lock_file(held, str(out) + ".lock") is None
+        with pytest.raises(SystemExit) as e:
+            ev.main(common + ["--out", str(out)])
+    assert e.value.code == 2 and f"{out}: another run (pid {os.getpid()})" in capsys.readouterr().err
+    assert os.listdir(out.parent) == ["p.jsonl.lock"]

@@ -141,3 +141,49 @@ def test_tiny_tokenizer_fixture(tiny_tokenizer_dir):
     ids, offsets = tok.encode_with_offsets("So the answer is 12.")
     assert len(ids) == len(offsets) and tok.decode(ids) == "So the answer is 12."
     assert tok.vocab_size <= 400 and tok.eot_id in tok.eos_ids
+
+
+# --- a cheap lower bound on the token count; unreadable files ---
+
+def test_min_tokens_never_exceeds_the_real_count(tiny_tokenizer_dir, tmp_path):
+    """On texts mixing ASCII, multi-byte characters and NFC-composable sequences (4 characters into 1:
+    U+1F82), also under an NFKC + lowercase normalizer; 0 where no bound is known (a WordPiece model)."""
+    import random
+    import shutil
+    from tokenizers import Tokenizer as Raw, models, pre_tokenizers
+    normalized = str(tmp_path / "nfkc")
+    shutil.copytree(tiny_tokenizer_dir, normalized)
+    spec = json.load(open(os.path.join(normalized, "tokenizer.json")))
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]}
+    json.dump(spec, open(os.path.join(normalized, "tokenizer.json"), "w"))
+    rng = random.Random(0)
+    pieces = ["So ", "we add", " 12", ",", "\n", "é", "한", "\u1100\u1161\u11a8", "\u03b1\u0313\u0300\u0345", "𝐀", "Ａ"]
+    for path in (tiny_tokenizer_dir, normalized):
+        tok = tokenizer.Tokenizer.from_pretrained(path)
+        assert tok.min_tokens("x" * 10**6) > 0
+        for _ in range(300):
+            text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 400)))
+            assert tok.min_tokens(text) <= len(tok.encode(text)), text
+    composed = tokenizer.write_tokenizer(str(tmp_path / "composed"), ["\u1f82" * 64] * 8, vocab_size=300)
+    spec = json.load(open(os.path.join(composed, "tokenizer.json")))
+    spec["normalizer"] = {"type": "NFC"}  # 4 characters of text become one, in tokens of many U+1F82
+    json.dump(spec, open(os.path.join(composed, "tokenizer.json"), "w"))
+    tok, text = tokenizer.Tokenizer.from_pretrained(composed), "\u03b1\u0313\u0300\u0345" * 256
+    assert tok.min_tokens(text) <= len(tok.encode(text)) < len(text) // (tok._chars_per_token // 4)  # 4 is needed
+    wordpiece = Raw(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert tokenizer.Tokenizer(wordpiece.to_str()).min_tokens("a" * 10**6) == 0
+
+
+@pytest.mark.parametrize("name,content", [("tokenizer.json", b"{not json"), ("tokenizer.json", b"\xff\xfe\x00"),
+                                          ("tokenizer.json", b'{"model": 7}'), ("tokenizer_config.json", b"\xff"),
+                                          ("tokenizer_config.json", b"[1]"), ("tokenizer_config.json", b"[" * 10**5),
+                                          ("generation_config.json", b"{")])
+def test_a_garbage_tokenizer_file_is_a_value_error_naming_it(tiny_tokenizer_dir, tmp_path, name, content):
+    import shutil
+    path = str(tmp_path / "tok")
+    shutil.copytree(tiny_tokenizer_dir, path)
+    with open(os.path.join(path, name), "wb") as f:
+        f.write(content)
+    with pytest.raises(ValueError, match=f"{path}/{name}: not a"):
+        tokenizer.Tokenizer.from_pretrained(path)
