@@ -17,8 +17,8 @@ Timing: a warmup call, then --repeats rounds running each configuration --steps 
 processes falls on all alike); the median round, ratios as the median [min, max] of per-round ratios. Peak memory:
 the most tensor memory a call holds above what was live before it (CUDA: the allocator; CPU: the profiler's
 allocation events). MFU = model FLOPs of the LoRA training pass / step time / peak dense bf16, per real token
-4·N_frozen + 6·N_lora + 12·L·T·C (N: linear weights incl. lm_head), probe not counted. S_MI agreement: see
-mi_agreement. Left out: multi-GPU, data loading and tokenisation, generation.
+4·N_frozen + 6·N_lora (N: linear weights incl. lm_head) + 12·L·C per attended pair, probe not counted.
+Left out: multi-GPU, data loading and tokenisation, generation.
 """
 import argparse
 import contextlib
@@ -50,9 +50,9 @@ SHAPES = {"small": (512, 8, 8, 2, 1408, 32000), "qwen2.5-1.5b": (1536, 28, 12, 2
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, FLOP/s
 PROMPT_LEN, CUE_LEN, ANSWER_LEN = 32, 4, 4
 MIXES = {"long": ((40, 80, 400, 700), 0.25, 4), "equal": (None, 0.1, 1)}  # rationale lengths, spread, B
-LAWS = {"fixed 48": dict(mi_budget=48, mi_budget_frac=0.0, mi_budget_cap=0), "fixed 24": dict(
-    mi_budget=24, mi_budget_frac=0.0, mi_budget_cap=0), "16 + |R|/8, cap 96": dict(
-    mi_budget=16, mi_budget_frac=0.125, mi_budget_cap=96)}  # --mi-sweep: budget laws next to the default
+LAWS = {"fixed 48 (the previous default)": dict(mi_budget=48, mi_budget_frac=0.0, mi_budget_cap=0),
+        "fixed 96": dict(mi_budget=96, mi_budget_frac=0.0, mi_budget_cap=0),
+        "max(64, 0.3 |R|), cap 192": dict(mi_budget=64, mi_budget_frac=0.3, mi_budget_cap=192)}  # beside the default
 
 
 @dataclass
@@ -87,17 +87,17 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.device not in ("cpu", "cuda") or self.dtype not in ("", "float32", "bfloat16") or self.shape not in SHAPES:
-            raise ValueError(f"--device is cpu or cuda, --dtype float32 or bfloat16, --shape one of {', '.join(SHAPES)}")
+        if self.device not in ("cpu", "cuda") or self.dtype not in ("", "float32", "bfloat16") or \
+                self.shape not in SHAPES or not set(self.mix.split(",")) <= set(MIXES):
+            raise ValueError(f"--device is cpu or cuda, --dtype float32 or bfloat16, --shape one of "
+                             f"{', '.join(SHAPES)}, --mix from {', '.join(MIXES)}")
         self.dtype = self.dtype or ("bfloat16" if self.device == "cuda" else "float32")
         for name, value in zip(SIZE_FIELDS, SHAPES[self.shape]):
             setattr(self, name, getattr(self, name) or value)
-        if not set(self.mix.split(",")) <= set(MIXES):
-            raise ValueError(f"--mix: comma-separated, from {', '.join(MIXES)}")
         if min(self.steps, self.repeats, self.lora_rank, self.mi_questions, self.mi_keys) < 1:
             raise ValueError("--steps, --repeats, --lora-rank, --mi-questions, --mi-keys must be >= 1")
         if self.seq < PROMPT_LEN + CUE_LEN + ANSWER_LEN + 12:
-            raise ValueError(f"--seq must be >= {PROMPT_LEN + CUE_LEN + ANSWER_LEN + 12} (prompt, rationale, answer block)")
+            raise ValueError(f"--seq must be >= {PROMPT_LEN + CUE_LEN + ANSWER_LEN + 12}")
 
 
 def hf_config(c: BenchConfig) -> dict:
@@ -109,35 +109,33 @@ def hf_config(c: BenchConfig) -> dict:
 
 
 def synth_instances(c: BenchConfig, mix, seed=0):
-    """EncodedInstances of random ids in a MIXES shape; thinking marks on 1 token in 32, 1 in 8 in long traces."""
+    """EncodedInstances of random ids in a MIXES shape; thinking marks on 1 token in 32 (1 in 8 past 200)."""
     g = random.Random(seed)
     lengths, spread, B = MIXES[mix]
-    tail_len = PROMPT_LEN + CUE_LEN + ANSWER_LEN + 2
     rand = lambda n: [g.randrange(c.vocab - 1) for _ in range(n)]
+    tail = [CUE] * CUE_LEN + [ANSWER] * ANSWER_LEN + [CLOSE, EOT]
     out = []
     for b in range(B):
         prompt, cue, y = rand(PROMPT_LEN), rand(CUE_LEN), rand(ANSWER_LEN)
         ns = [round(m * g.uniform(1 - spread, 1 + spread)) for m in lengths] if lengths else \
-            [c.seq - tail_len - (g.randint(0, c.seq // 10) if k else 0) for k in range(4)]
-        branches = []
-        for n in ns:
-            ids = prompt + rand(n) + cue + y + rand(1) + [c.vocab - 1]
-            codes = [PROMPT] * PROMPT_LEN + [RATIONALE] * n + [CUE] * CUE_LEN + [ANSWER] * ANSWER_LEN + [CLOSE, EOT]
-            think = [False] * PROMPT_LEN + [g.random() < (1 / 8 if n > 200 else 1 / 32) for _ in range(n)]
-            branches.append((ids, codes, think + [False] * (CUE_LEN + ANSWER_LEN + 2)))
+            [c.seq - PROMPT_LEN - len(tail) - (g.randint(0, c.seq // 10) if k else 0) for k in range(4)]
+        branches = [(prompt + rand(n) + cue + y + rand(1) + [c.vocab - 1], [PROMPT] * PROMPT_LEN + [RATIONALE] * n + tail,
+                     [False] * PROMPT_LEN + [g.random() < (1 / 8 if n > 200 else 1 / 32) for _ in range(n)] +
+                     [False] * len(tail)) for n in ns]
         out.append(EncodedInstance(f"bench-{b}", branches, list(range(len(ns))), cue + y,
                                    [False] * CUE_LEN + [True] * ANSWER_LEN))
     return out
 
 
-def padded(encoded):
-    """[B·K, T] ids, attention mask and labels (−100 off the supervised tokens): the layout before packing."""
+def mix_data(c, mix, device):
+    """(EncodedInstances, our packed row, the [B·K, T] batch right-padded as transformers users pad it)."""
+    encoded = synth_instances(c, mix, c.seed)
     rows = [(ids, codes) for e in encoded for ids, codes, _ in e.branches]
     T = max(len(ids) for ids, _ in rows)
-    ids = torch.tensor([i + [0] * (T - len(i)) for i, _ in rows])
-    attn = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i, _ in rows])
-    labels = torch.tensor([[t if c > PROMPT else -100 for t, c in zip(i, cs)] + [-100] * (T - len(i)) for i, cs in rows])
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+    pad = lambda x, v: x + [v] * (T - len(x))
+    hf = {"input_ids": [pad(i, 0) for i, _ in rows], "attention_mask": [pad([1] * len(i), 0) for i, _ in rows],
+          "labels": [pad([t if s > PROMPT else -100 for t, s in zip(i, cs)], -100) for i, cs in rows]}
+    return encoded, to_device(collate(encoded), device), {k: torch.tensor(v, device=device) for k, v in hf.items()}
 
 
 def build_model(c: BenchConfig, device, save_dir=None):
@@ -152,16 +150,21 @@ def build_model(c: BenchConfig, device, save_dir=None):
     return model.to(device).train()
 
 
-def build_hf_peft(c: BenchConfig, path, device):
+def build_hf_peft(c: BenchConfig, path, device, compiled=False):
     """The same weights as transformers' Qwen2ForCausalLM + PEFT LoRA of the same settings."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
     logging.disable_progress_bar()  # stderr noise around the table
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, c.dtype), attn_implementation="sdpa").to(device)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, c.dtype), attn_implementation="sdpa")
     lora = LoraConfig(r=c.lora_rank, lora_alpha=2 * c.lora_rank, target_modules=list(TARGETS), lora_dropout=0.0,
                       task_type="CAUSAL_LM")
-    return get_peft_model(hf, lora).train()  # adapters fp32 (PEFT's autocast_adapter_dtype), like ours
+    hf = get_peft_model(hf.to(device), lora).train()  # adapters fp32 (PEFT's autocast_adapter_dtype), like ours
+    if compiled:  # its layers' wrapper recompiles per layer instance: let all compile, not run eager past the limit
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * c.layers)
+        for layer in hf.get_base_model().model.layers:
+            layer.compile()
+    return hf
 
 
 def sync(device):
@@ -201,7 +204,8 @@ def step_peak_mb(fn, device):
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
     return max(itertools.accumulate((e.nbytes() for e in events), initial=0)) / 2**20
 
 
@@ -209,13 +213,12 @@ def our_step(model, batch, ccfg, device, autocast):
     """One train.train_step (one micro-batch) under CompactConfig ccfg."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     B, K = batch["branch_mask"].shape
-    return lambda: train_step(model, opt, [batch], 1e-4, B, K, TrainConfig(model="random", data="synthetic"), ccfg,
-                              device, autocast)
+    cfg = TrainConfig(model="random", data="synthetic")
+    return lambda: train_step(model, opt, [batch], 1e-4, B, K, cfg, ccfg, device, autocast)
 
 
-def hf_step(hf, pad, autocast, loss0=True):
-    """(step, loss before training or None): plain SFT cross-entropy over the padded [B·K, T] batch, the same
-    optimizer and clipping as train_step."""
+def hf_step(hf, pad, autocast):
+    """Plain SFT cross-entropy over the padded [B·K, T] batch, the same optimizer and clipping as train_step."""
     params = [p for p in hf.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     def step():
@@ -226,37 +229,25 @@ def hf_step(hf, pad, autocast, loss0=True):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()  # the host sync train_step's stats make too
-    if not loss0:  # a compiled model would compile its no-grad graphs too
-        return step, None
-    with torch.no_grad(), autocast():
-        return step, hf(**pad).loss.item()
-
-
-def token_mean_nll(model, batch):
-    """Our mean NLL over the supervised tokens (the number transformers' loss reports); no grad."""
-    h, sel = packed_forward(model, batch, return_hidden=True), batch["sft_mask"]
-    return token_nll(model.lm_head, h[batch["prev"][sel]], batch["input_ids"][sel]).mean().item()
+    return step
 
 
 def bench_mix(c, mix, model, hf, hf_dir, device, autocast):
     """Every step measurement of one mix, as a dict (see the file docstring); the models train as it runs."""
     encoded, batch, pad = mix_data(c, mix, device)
-    B, K = batch["branch_mask"].shape
-    real = sum(len(ids) for e in encoded for ids, _, _ in e.branches)
+    (B, K), real = batch["branch_mask"].shape, sum(len(ids) for e in encoded for ids, _, _ in e.branches)
     r = {"instances": B, "branches": K, "longest": pad["input_ids"].shape[1], "supervised": int(batch["sft_mask"].sum()),
-         "tokens_padded": pad["input_ids"].numel(), "tokens_real": real, "tokens_packed": len(batch["input_ids"])}
-    r["padding_before"] = 1 - real / r["tokens_padded"]
-    laws = {"default": {}, **(LAWS if c.mi_sweep and mix == "long" else {})}
-    configs = {"uniform": CompactConfig(weighting="uniform"), "compact_no_mi": CompactConfig(alpha=0.0),
-               "sft": CompactConfig(weighting="uniform", mcon_lambda=0.0)}
-    configs.update({f"compact {law}" if law != "default" else "compact": CompactConfig(**kw) for law, kw in laws.items()})
-    fns = {name: our_step(model, batch, cc, device, autocast) for name, cc in configs.items()}
-    if hf is not None:
-        fns["hf_peft"], _ = hf_step(hf, pad, autocast, loss0=False)
+         "tokens_padded": pad["input_ids"].numel(), "tokens_real": real, "tokens_packed": len(batch["input_ids"]),
+         "padding_before": 1 - real / pad["input_ids"].numel()}
+    laws = {"compact": {}, **({f"compact {law}": kw for law, kw in LAWS.items()} if c.mi_sweep and mix == "long" else {})}
+    configs = {"uniform": dict(weighting="uniform"), "compact_no_mi": dict(alpha=0.0),
+               "sft": dict(weighting="uniform", mcon_lambda=0.0), **laws}
+    fns = {name: our_step(model, batch, CompactConfig(**kw), device, autocast) for name, kw in configs.items()}
+    fns.update({"hf_peft": hf_step(hf, pad, autocast)} if hf is not None else {})
     if c.compile:
-        fns["sft_compiled"] = our_step(compile_blocks(build_model(c, device)), batch, configs["sft"], device, autocast)
-        if hf is not None:
-            fns["hf_peft_compiled"], _ = hf_step(hf_compiled(c, hf_dir, device), pad, autocast, loss0=False)
+        fns["sft_compiled"] = our_step(compile_blocks(build_model(c, device)), batch, CompactConfig(**configs["sft"]),
+                                       device, autocast)
+        fns.update({"hf_peft_compiled": hf_step(build_hf_peft(c, hf_dir, device, True), pad, autocast)} if hf else {})
         r["compile_s"] = {}
         for name in [k for k in fns if k.endswith("compiled")]:  # compiles, then recompiles (no-grad input)
             sync(device)
@@ -265,21 +256,20 @@ def bench_mix(c, mix, model, hf, hf_dir, device, autocast):
             r["compile_s"][name] = time.perf_counter() - t0
     times = interleaved(fns, c, device)
     rounds = times.pop("rounds")
-    r.update(times_s=times, tokens_per_s=r["supervised"] / times["compact"], probe_share=1 - times["compact_no_mi"] / times["compact"])
-    for name in [k for k in times if k.startswith("compact") and k != "compact_no_mi"]:
-        r[name.replace("compact", "compact_over_uniform")], r[name.replace("compact", "compact_over_uniform") + "_range"] = \
-            ratio(rounds, name, "uniform")
-    if hf is not None:
-        r["vs_hf_peft"], r["vs_hf_peft_range"] = ratio(rounds, "hf_peft", "sft")
+    r.update(times_s=times, tokens_per_s=r["supervised"] / times["compact"],
+             probe_share=1 - times["compact_no_mi"] / times["compact"])
+    for name in laws:
+        key = name.replace("compact", "compact_over_uniform")
+        r[key], r[key + "_range"] = ratio(rounds, name, "uniform")
+    for mine, theirs in (("sft", "hf_peft"), ("sft_compiled", "hf_peft_compiled")):
+        if theirs in times:
+            r[f"vs_{theirs}"], r[f"vs_{theirs}_range"] = ratio(rounds, theirs, mine)
     if c.compile:
         r["compile_s"] = {k: t - 2 * times[k] for k, t in r["compile_s"].items()}  # two first calls less two warm
-        if hf is not None:
-            r["vs_hf_peft_compiled"], _ = ratio(rounds, "hf_peft_compiled", "sft_compiled")
     r["step_peak_mb"] = {}
     for gc in (False, True):
         model.gradient_checkpointing = gc
-        r["step_peak_mb"]["compact" + "_gc" * gc] = step_peak_mb(fns["compact"], device)
-        r["step_peak_mb"]["sft" + "_gc" * gc] = step_peak_mb(fns["sft"], device)
+        r["step_peak_mb"].update({name + "_gc" * gc: step_peak_mb(fns[name], device) for name in ("compact", "sft")})
         if hf is not None:
             hf.gradient_checkpointing_enable({"use_reentrant": False}) if gc else hf.gradient_checkpointing_disable()
             r["step_peak_mb"]["hf_peft" + "_gc" * gc] = step_peak_mb(fns["hf_peft"], device)
@@ -290,21 +280,6 @@ def bench_mix(c, mix, model, hf, hf_dir, device, autocast):
     return r
 
 
-def mix_data(c, mix, device):
-    """(EncodedInstances, our packed row, the padded [B·K, T] batch) of a mix, on device."""
-    encoded = synth_instances(c, mix, c.seed)
-    return encoded, to_device(collate(encoded), device), {k: v.to(device) for k, v in padded(encoded).items()}
-
-
-def hf_compiled(c, path, device):
-    hf = build_hf_peft(c, path, device)
-    # Its layers' wrapper recompiles per layer instance: let all compile rather than run eager past dynamo's limit.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * c.layers)
-    for layer in hf.get_base_model().model.layers:
-        layer.compile()
-    return hf
-
-
 def flops_per_step(model, encoded, c: BenchConfig):
     """Model FLOPs of one LoRA training pass over the packed row: per token 4·N_frozen + 6·N_lora, plus 12·L·C
     per (query, key) pair that attention computes."""
@@ -312,29 +287,28 @@ def flops_per_step(model, encoded, c: BenchConfig):
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad and p.dim() == 2)  # tied: once
     if not model.args.tie_word_embeddings:  # an untied embedding is a lookup, not a matmul
         n_frozen -= model.model.embed_tokens.weight.numel()
-    tokens = sum(e.branches[0][1].count(PROMPT) + sum(len(ids) - e.branches[0][1].count(PROMPT) for ids, _, _ in e.branches)
-                 for e in encoded)
+    L = [e.branches[0][1].count(PROMPT) for e in encoded]
+    tokens = sum(l + sum(len(ids) - l for ids, _, _ in e.branches) for l, e in zip(L, encoded))
     pairs = sum(len(ids) * (len(ids) + 1) / 2 for e in encoded for ids, _, _ in e.branches)
     return tokens * (4 * n_frozen + 6 * n_lora) + 12 * c.layers * c.heads * model.args.head_dim * pairs
 
 
 def probe_fns(model, c, device):
-    """The exact I_t of one long branch two ways: the one-pass probe over its K/V, and the obvious loop (one forward
-    of prompt ⊕ r_≤t ⊕ cue ⊕ y per prefix; logits only where y is read)."""
+    """The exact I_t of one long branch two ways: the one-pass probe over its K/V, and the obvious loop (one
+    forward of prompt ⊕ r_≤t ⊕ cue ⊕ y per prefix; logits only where y is read)."""
     e = synth_instances(c, "long", c.seed)[0]
     ids, codes, think = e.branches[2]
-    batch = to_device(collate([EncodedInstance(e.id, [(ids, codes, think)], [0], e.probe_ids, e.probe_answer_mask)]), device)
+    one = EncodedInstance(e.id, [(ids, codes, think)], [0], e.probe_ids, e.probe_answer_mask)
+    batch = to_device(collate([one]), device)
     plan = probe_plan(*rationale_view(batch), CompactConfig(mi_budget=0))
     L, y = codes.count(PROMPT), torch.tensor(e.probe_ids, device=device)
     def one_pass():
         _, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)
         return probe_information(model, aux.kv, batch, plan)[0]
     def naive():
-        out = []
-        for t in plan.prefix[0].tolist():
-            h = model(torch.cat([batch["input_ids"][:L + t], y])[None], return_hidden=True)[0]
-            out.append(-token_nll(model.lm_head, h[L + t + CUE_LEN - 1:-1], y[CUE_LEN:]).sum())
-        return torch.stack(out)
+        hs = [model(torch.cat([batch["input_ids"][:L + t], y])[None], return_hidden=True)[0]
+              for t in plan.prefix[0].tolist()]
+        return torch.stack([-token_nll(model.lm_head, h[-ANSWER_LEN - 1:-1], y[CUE_LEN:]).sum() for h in hs])
     return one_pass, naive
 
 
@@ -350,10 +324,14 @@ def run_bench(c: BenchConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
         model = build_model(c, device, tmp if hf_ok else None)
         hf = build_hf_peft(c, tmp, device) if hf_ok else None
-        with torch.no_grad(), autocast():  # before any step (LoRA B = 0): the same weights give the same loss
-            loss_diff = {mix: abs(hf(**pad).loss.item() - token_mean_nll(model, batch)) if hf else None
-                         for mix in c.mix.split(",") for _, batch, pad in [mix_data(c, mix, device)]}
-        r.update({mix: {**bench_mix(c, mix, model, hf, tmp, device, autocast), "hf_loss_abs_diff": loss_diff[mix]}
+        losses = {}  # before any step (LoRA B = 0) the same weights give the same loss, or the comparison is off
+        with torch.no_grad(), autocast():
+            for mix in c.mix.split(","):
+                _, batch, pad = mix_data(c, mix, device)
+                h, sel = packed_forward(model, batch, return_hidden=True), batch["sft_mask"]
+                ours = token_nll(model.lm_head, h[batch["prev"][sel]], batch["input_ids"][sel]).mean().item()
+                losses[mix] = abs(hf(**pad).loss.item() - ours) if hf else None
+        r.update({mix: {**bench_mix(c, mix, model, hf, tmp, device, autocast), "hf_loss_abs_diff": losses[mix]}
                   for mix in c.mix.split(",")})
     if not c.no_naive:
         one_pass, naive = probe_fns(model, c, device)
@@ -364,20 +342,11 @@ def run_bench(c: BenchConfig) -> dict:
             r.update(probe_speedup=(time.perf_counter() - t0) / times["one_pass"], probe_prefixes=len(want),
                      probe_max_abs_diff=(one_pass() - want).abs().max().item())
     r.update(params_m=sum(p.numel() for p in model.parameters()) / 1e6,  # tied lm_head counted once
-             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, loadavg=_loadavg())
-    if device.type == "cuda":
-        r["device_name"] = torch.cuda.get_device_name(device)
+             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, loadavg=os.getloadavg()[0],
+             device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     if not c.no_mi:
         r["mi"] = mi_agreement(c)
     return r
-
-
-def _loadavg():
-    """The 1-minute load average at the end (Linux/macOS), so a reader knows how busy the machine was."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
 
 
 # --- S_MI agreement: the default law against exact Eq. 3 on long thinking-dense rationales ---
@@ -444,22 +413,22 @@ def mi_agreement(c: BenchConfig) -> dict:
     """S_MI's default law (and with --mi-sweep every law in LAWS) against exact Eq. 3 on mi_instances, per student
     (a tiny one trained on the texts; --mi-model, a real one): mean Kendall tau over each instance's branches,
     mean relative error (all branches; the long one), top-1 agreement, mean probes per short and long branch.
-    Exact I_t comes from one probe pass per instance; each law's estimates read it at their planned prefixes
-    (c.mi_keys keys per instance), which is what the probe pass would return there."""
+    Exact I_t comes from one probe pass per instance; a law's estimate reads it at its planned prefixes (c.mi_keys
+    keys per instance), which is what its own probe pass would return there."""
     from eval import load_student
     from tokenizer import Tokenizer, write_tokenizer
     instances, source = mi_instances(c)
-    students = {}
     with tempfile.TemporaryDirectory(prefix="bench-tok-") as tmp:
         texts = [i.question for i in instances] + [t for i in instances for _, t in i.rationales]
         tok = Tokenizer.from_pretrained(write_tokenizer(tmp, texts, vocab_size=c.mi_vocab))
-    batches = [collate([e]) for e in encode_dataset(instances, tok, max_len=10**6)[0]]
+    rows = lambda tok: [collate([e]) for e in encode_dataset(instances, tok, max_len=10**6)[0]]
     cfg = hf_config(BenchConfig(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab=tok.vocab_size))
     torch.manual_seed(c.seed)
-    students["tiny"] = train_student(Transformer(ModelArgs.from_hf_config(cfg), cfg), batches, c.mi_train_steps), batches
+    students = {"tiny": (train_student(Transformer(ModelArgs.from_hf_config(cfg), cfg), rows(tok), c.mi_train_steps),
+                         rows(tok))}
     if c.mi_model:
         model, tok = load_student(c.mi_model)
-        students["real"] = model, [collate([e]) for e in encode_dataset(instances, tok, max_len=10**6)[0]]
+        students["real"] = model, rows(tok)
     out = {"source": source}
     for name, (model, batches) in students.items():
         traces = []
@@ -478,39 +447,35 @@ def mi_agreement(c: BenchConfig) -> dict:
                     plan = probe_plan(n_rat, think, CompactConfig(**kw), (key,), [0] * len(n_rat))
                     pairs.append((exact, (mi_estimate(info.gather(1, plan.prefix), plan) / n_rat).tolist()))
                     probes.append(plan.valid.sum(-1).tolist())
-            out[name][law] = {
-                "tau": statistics.mean(kendall_tau(e, s) for e, s in pairs),
-                "rel_err": statistics.mean(abs(s_ - e_) / e_ for e, s in pairs for e_, s_ in zip(e, s) if e_ > 0),
-                "rel_err_long": statistics.mean(abs(s[-1] - e[-1]) / e[-1] for e, s in pairs if e[-1] > 0),
-                "top1": statistics.mean(max(range(len(e)), key=e.__getitem__) == max(range(len(s)), key=s.__getitem__)
-                                        for e, s in pairs),
-                "probes_short": statistics.mean(p for ps in probes for p in ps[:-1]),
-                "probes_long": statistics.mean(ps[-1] for ps in probes)}
+            top = lambda x: max(range(len(x)), key=x.__getitem__)
+            out[name][law] = {"tau": statistics.mean(kendall_tau(e, s) for e, s in pairs),
+                              "rel_err": statistics.mean(abs(s_ - e_) / e_ for e, s in pairs for e_, s_ in zip(e, s)
+                                                         if e_ > 0),
+                              "rel_err_long": statistics.mean([abs(s[-1] - e[-1]) / e[-1] for e, s in pairs
+                                                               if e[-1] > 0] or [0.0]),
+                              "top1": statistics.mean(top(e) == top(s) for e, s in pairs),
+                              "probes_short": statistics.mean(p for ps in probes for p in ps[:-1]),
+                              "probes_long": statistics.mean(ps[-1] for ps in probes)}
     return out
 
 
 def print_table(r: dict):
     c = r["config"]
     print(f"{c['shape']} ({c['hidden']}x{c['layers']}, vocab {c['vocab']}, {r['params_m']:.1f}M) on {c['device']} "
-          f"{c['dtype']}, {r['threads']} threads" + (f", load average {r['loadavg']:.1f}" if r["loadavg"] is not None else ""))
-    fmt = lambda v: "null" if v is None else f"{v:,.4g}" if isinstance(v, (int, float)) else str(v)
+          f"{c['dtype']}, {r['threads']} threads, load average {r['loadavg']:.1f}")
+    fmt = lambda v: f"{v:,.4g}" if isinstance(v, (int, float)) else str(v)
     for mix in c["mix"].split(","):
-        m = r[mix]
-        print(f"\n{mix} mix: B={m['instances']} K={m['branches']}, longest {m['longest']}, {m['supervised']} supervised")
-        rows = [(f"{name} (s/call)", f"{t:.4f}") for name, t in m["times_s"].items()]
-        rows += [(k, fmt(v) + (f"  [{m[k + '_range'][0]:.3f}, {m[k + '_range'][1]:.3f}]" if k + "_range" in m else ""))
-                 for k, v in m.items() if not isinstance(v, (dict, list)) and not k.endswith("_range")]
-        rows += [(f"step peak {k} (MB)", f"{v:,.0f}") for k, v in m["step_peak_mb"].items()]
-        rows += [(f"compile {k} (s)", f"{v:.1f}") for k, v in m.get("compile_s", {}).items()]
-        for k, v in rows:
-            print(f"  {k:<40} {v:>10}")
+        print(f"\n{mix} mix")
+        for k, v in r[mix].items():
+            for key, x in (v.items() if isinstance(v, dict) else [(k, v)]):
+                print(f"  {k + ': ' + key if isinstance(v, dict) else key:<50} {fmt(x):>24}")
     print("\n" + " | ".join(f"{k} {fmt(r[k])}" for k in ("probe_speedup", "probe_prefixes", "probe_max_abs_diff",
                                                           "peak_rss_mb") if k in r))
     for student, laws in (r.get("mi") or {}).items():
         if isinstance(laws, dict):
-            print(f"\nS_MI agreement, {student} student (long branch {laws['long_tokens']:.0f} tokens; {r['mi']['source']})")
+            print(f"\nS_MI agreement, {student} student ({laws['long_tokens']:.0f}-token long branch; {r['mi']['source']})")
             for law, a in [(k, v) for k, v in laws.items() if isinstance(v, dict)]:
-                print(f"  {law:<22} " + "  ".join(f"{k} {v:.3f}" for k, v in a.items()))
+                print(f"  {law:<34} " + "  ".join(f"{k} {v:.3f}" for k, v in a.items()))
 
 
 def main(argv=None):
