@@ -15,19 +15,18 @@ import csv
 import glob
 import math
 import os
-import random
 import re
+import statistics
 import sys
 from dataclasses import asdict, replace
 
 import torch
 
-from compact import (TEACHER_STATS, CompactConfig, compact_loss, fuse_weights, mi_estimate, packed_forward,
-                     probe_information, probe_plan, rationale_view, teacher_means, teacher_sums)
-from data import (DataError, TASKS, Instance, add_config_args, collate, config_from_args, encode_dataset,
-                  encode_instance, load_benchmark, load_multi_teacher, read_json, read_jsonl, to_device, user_errors,
+from compact import (TEACHER_STATS, CompactConfig, mi_estimate, packed_forward, probe_information, probe_plan,
+                     rationale_view)
+from data import (DataError, TASKS, add_config_args, collate, config_from_args, encode_instance, load_benchmark, load_multi_teacher, read_json, read_jsonl, to_device, user_errors,
                   write_json, write_jsonl, write_text)
-from eval import TASK_ALIASES, chat_prompt, load_student, student_flags, task_name
+from eval import TASK_ALIASES, chat_prompt, load_student, rationale_scores, student_flags, task_name
 from lora import load_adapter
 from train import load_data
 
@@ -337,27 +336,22 @@ def run_weights(a):
 
 def score(a, cfg):
     """Write one JSON line per rationale with its scores and weight; return (per-teacher means, with how often
-    each teacher got an instance's top weight, and the data stats). The scores are compact_loss's under
-    no_grad, what training would weight with, less LoRA dropout (mcon_lambda 0: no consistency logits)."""
-    device = torch.device(a.device)
-    model, tok = load_student(a.model, a.adapter, a.dtype, device)
+    each teacher got an instance's top weight, and the data stats). The scores are what training would weight
+    with (eval.rationale_scores), less LoRA dropout."""
+    model, tok = load_student(a.model, a.adapter, a.dtype, a.device)
     _, encoded, info = load_data(a.model, a.data, a.max_len, limit=a.limit)
-    teachers, rows = info["teachers"], []
-    sums, top = torch.zeros(len(teachers), len(TEACHER_STATS) + 1), [0] * len(teachers)
-    with torch.no_grad():
-        for i in range(0, len(encoded), a.batch_size):
-            batch = to_device(collate(encoded[i:i + a.batch_size]), device)
-            _, st = compact_loss(model, batch, cfg, rng_key=(i,))  # S_MI's sample: fixed per batch
-            sums += teacher_sums(st, batch["teacher"], batch["branch_mask"], len(teachers)).cpu()
-            st = {k: st[k].float().cpu().tolist() for k in TEACHER_STATS}
-            for b, enc in enumerate(encoded[i:i + a.batch_size]):
-                top[enc.teacher[max(range(len(enc.teacher)), key=lambda k: st["weight"][b][k])]] += 1
-                rows += [{"id": enc.id, "teacher": teachers[t], **{key: st[key][b][k] for key in TEACHER_STATS}}
-                         for k, t in enumerate(enc.teacher)]
+    teachers, drops, rows, tops = info["teachers"], info.get("dropped_per_teacher", {}), [], []
+    for e, s in zip(encoded, rationale_scores(model, encoded, cfg, a.batch_size)):
+        rows += [{"id": e.id, "teacher": teachers[t], **{k: s[k][j] for k in TEACHER_STATS}} for j, t in enumerate(e.teacher)]
+        tops.append(teachers[e.teacher[s["weight"].index(max(s["weight"]))]])
     write_jsonl(a.out, rows)
-    means, drops = teacher_means(sums, teachers), info.get("dropped_per_teacher", {})
-    return {t: {**means.get(t, {"n": 0}), "top": top[j], "dropped": drops.get(t, 0)}  # every rationale dropped: n 0
-            for j, t in enumerate(teachers) if t in means or drops.get(t)}, info
+    summary = {}
+    for t in teachers:
+        mine = [r for r in rows if r["teacher"] == t]
+        if mine or drops.get(t):  # every rationale dropped: n 0
+            summary[t] = {**{k: statistics.mean(r[k] for r in mine) for k in TEACHER_STATS if mine}, "n": len(mine),
+                          "top": tops.count(t), "dropped": drops.get(t, 0)}
+    return summary, info
 
 
 def run_score(a):
@@ -371,108 +365,6 @@ def run_score(a):
         print(f"{t:<24} {r['n']:>6} {r.get('weight', nan):>7.3f} {r.get('s_mi', nan):>8.4f} {r.get('s_g', nan):>7.3f} "
               f"{r.get('s_d', nan):>7.3f} {r['top']:>6} {r['dropped']:>8}")
     return summary
-
-
-# --- what each score catches: within-instance AUROC against flaw labels, for every reading of SPEC's Decisions ---
-
-READINGS = {  # reading: CompactConfig fields; the paper leaves each of these open (SPEC's Decisions)
-    "default": {}, "S_G at the last rationale token": dict(sg_feature="last"),
-    "S_G at the rationale mean": dict(sg_feature="mean"), "S_G with self-loops": dict(sg_self_loops=True),
-    "S_G one attention over all heads": dict(sg_heads="joint"), "S_MI not divided by |R|": dict(mi_norm="none"),
-    "temperature 0.5": dict(temperature=0.5), "temperature 2": dict(temperature=2.0), "z-floor 0": dict(z_floor=0.0)}
-HIGHER_IS_CLEAN = {"s_mi": True, "s_g": True, "s_d": False, "weight": True}  # S_D: lower is better
-
-
-def within_auroc(groups, higher=True):
-    """Over every (clean, flawed) pair of rationales of one question, how often the clean one scores better
-    (ties count ½); groups: [(score, flawed)] per question. None without a pair."""
-    pairs = [(c, f) for g in groups for c, cf in g if not cf for f, ff in g if ff]
-    return sum(0.5 if c == f else float((c > f) == higher) for c, f in pairs) / len(pairs) if pairs else None
-
-
-def gsm8k_flaw_set(path, n, seed=0):
-    """GSM8K test questions as labelled multi-teacher instances: the human solution (clean), a copy with one
-    intermediate result changed and carried through the later steps, the final answer kept ("hallucination"),
-    and a terse answer-only copy ("filler"). Questions of one computation have no intermediate: skipped."""
-    rng, out = random.Random(seed), []
-    for _, row in read_jsonl(path):
-        calc = list(re.finditer(r"<<[^=>]*=([^>]*)>>([\d,.]*\d)", row["answer"]))
-        if len(calc) < 2 or len(out) == n:
-            continue
-        body, answer = row["answer"].split("####")[0], row["answer"].split("####")[-1].strip().replace(",", "")
-        j = rng.randrange(len(calc) - 1)  # not the last: that one states the final answer
-        shown, last = calc[j].group(2), calc[-1].start(2)
-        value = float(shown.replace(",", ""))
-        wrong = value + rng.choice((-2, -1, 1, 2)) * max(1, round(abs(value) * 0.1))
-        wrong = f"{wrong:,.0f}" if "," in shown else f"{wrong:.0f}" if wrong.is_integer() else f"{wrong:g}"
-        carried = body[:calc[j].start(2)] + re.sub(rf"(?<![\d.,]){re.escape(shown)}(?![\d]|,\d)", wrong,
-                                                    body[calc[j].start(2):last]) + body[last:]
-        clean = lambda text: re.sub(r"<<[^>]*>>", "", text).strip()
-        out.append(Instance(f"gsm8k-{len(out)}", row["question"], answer, "gsm8k", [
-            ("human", clean(body)), ("carried", clean(carried)), ("terse", f"So the answer is {answer}.")],
-            {"carried": "hallucination", "terse": "filler"}))
-    return out
-
-
-@torch.no_grad()
-def reading_aurocs(model, tok, instances, batch_size=4, readings=READINGS):
-    """{reading: {score or weight: AUROC, per flaw "score/flaw": AUROC}} of labelled instances under the student.
-    S_MI is exact Eq. 3 (mi_budget 0), so the readings are compared without the estimator's noise; one probe
-    pass per batch serves every reading (mi_norm "none" is |R| times the default's S_MI)."""
-    encoded, info = encode_dataset(instances, tok, max_len=10**6)
-    flaws = {i.id: i.flaws for i in instances}
-    device, scores = model.lm_head.weight.device, {name: [] for name in readings}
-    for i in range(0, len(encoded), batch_size):
-        part = encoded[i:i + batch_size]
-        batch = to_device(collate(part), device)
-        _, base = compact_loss(model, batch, CompactConfig(mi_budget=0, mcon_lambda=0.0))
-        n_rat = torch.zeros_like(base["s_mi"]).flatten().index_copy(0, batch["slot"], rationale_view(batch)[0].float())
-        for name, kw in readings.items():
-            cfg = CompactConfig(mi_budget=0, mcon_lambda=0.0, **kw)
-            if any(k.startswith("sg_") for k in kw):  # S_G's readings need its features again, not the probe
-                st = dict(base, s_g=compact_loss(model, batch, replace(cfg, alpha=0.0))[1]["s_g"])
-            else:
-                st = base
-            s_mi = st["s_mi"] * n_rat.view_as(st["s_mi"]) if cfg.mi_norm == "none" else st["s_mi"]
-            st = dict(st, s_mi=s_mi, weight=fuse_weights(s_mi, st["s_g"], st["s_d"], batch["branch_mask"], cfg))
-            for b, e in enumerate(part):
-                labels = [flaws[e.id].get(info["teachers"][t]) for t in e.teacher]
-                scores[name].append({k: [(st[k][b, j].item(), f) for j, f in enumerate(labels)] for k in HIGHER_IS_CLEAN})
-    table = {}
-    for name, rows in scores.items():
-        table[name] = {k: within_auroc([[(s, f is not None) for s, f in r[k]] for r in rows], up)
-                       for k, up in HIGHER_IS_CLEAN.items()}
-        for flaw in sorted({f for r in rows for _, f in r["weight"] if f}):  # clean against this flaw only
-            table[name].update({f"{k}/{flaw}": within_auroc([[(s, f == flaw) for s, f in r[k] if f in (None, flaw)]
-                                                              for r in rows], up) for k, up in HIGHER_IS_CLEAN.items()})
-    return table
-
-
-def run_readings(a):
-    """The AUROC table of every reading on each --set NAME=MODEL:DATA (DATA: a labelled multi-teacher file, or a
-    GSM8K benchmark file, made into gsm8k_flaw_set's --limit questions)."""
-    sets, lines = {}, []
-    for spec in a.set:
-        name, eq, rest = spec.partition("=")
-        model_dir, colon, path = rest.rpartition(":")
-        if not (eq and colon and name and model_dir and path):
-            raise DataError(f"--set {spec!r}: expected NAME=MODEL_DIR:DATA")
-        model, tok = load_student(model_dir, None, a.dtype, a.device)
-        first = read_jsonl(path)[0][1] if os.path.isfile(path) else {}
-        instances = gsm8k_flaw_set(path, a.limit or 100) if "rationales" not in first else load_multi_teacher(path)
-        sets[name] = reading_aurocs(model, tok, instances[:a.limit], a.batch_size)
-    keys = [k for k in HIGHER_IS_CLEAN]
-    lines.append("| reading | " + " | ".join(f"{s}: {k}" for s in sets for k in keys) + " |")
-    lines.append("| --- " * (1 + len(sets) * len(keys)) + "|")
-    fmt = lambda v: "—" if v is None else f"{v:.3f}"
-    for reading in READINGS:
-        lines.append(f"| {reading} | " + " | ".join(fmt(sets[s][reading][k]) for s in sets for k in keys) + " |")
-    text = "\n".join(lines) + "\n\nWithin-instance AUROC against the flaw labels (clean above flawed = 1; S_D: lower).\n"
-    os.makedirs(a.out, exist_ok=True)
-    write_text(os.path.join(a.out, "readings.md"), text)
-    write_json(os.path.join(a.out, "readings.json"), {"settings": vars(a), "sets": sets})
-    print(text, end="")
-    return sets
 
 
 # --- plots and the command line ---
@@ -531,21 +423,13 @@ def build_parser():
     s.add_argument("--out", required=True, help="scores JSONL, one line per rationale")
     s.add_argument("--max-len", type=int, default=2048, help="longer branches are left out")
     add_config_args(s, CompactConfig)
-    rd = sub.add_parser("readings", help="AUROC of each score and the weight against flaw labels, every reading")
-    rd.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on cuda, float32 on cpu")
-    rd.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    rd.add_argument("--batch-size", type=int, default=4)
-    rd.add_argument("--limit", type=int, help="the first N instances of each set (a GSM8K file: 100)")
-    rd.add_argument("--set", action="append", required=True, metavar="NAME=MODEL_DIR:DATA",
-                    help="a student and a labelled multi-teacher file (or a GSM8K benchmark file); repeat")
-    rd.add_argument("--out", required=True, help="directory for readings.md and readings.json")
     return p
 
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
     with user_errors(f"analysis.py {a.command}"):
-        if a.command in ("pca-shift", "mi-trace", "score", "readings"):
+        if a.command in ("pca-shift", "mi-trace", "score"):
             for flag in ("batch_size", "limit", "max_len"):
                 if getattr(a, flag, None) is not None and getattr(a, flag) < 1:
                     raise DataError(f"--{flag.replace('_', '-')} must be >= 1")
@@ -553,7 +437,7 @@ def main(argv=None):
                 raise DataError("--device cuda: no CUDA device here")
             a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
         return {"table": run_table, "pca-shift": run_pca_shift, "mi-trace": run_mi_trace, "weights": run_weights,
-                "score": run_score, "readings": run_readings}[a.command](a)
+                "score": run_score}[a.command](a)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@
     torchrun --nproc_per_node=8 eval.py accuracy --model DIR --task gsm8k --data A.jsonl --task svamp --data B.jsonl --out p.jsonl
     torchrun --nproc_per_node=2 eval.py rationales --model TEACHER (--questions Q.jsonl | --task math --data BENCH) \
         --samples 4 --temperature 0.7 --out qwq.jsonl
+    python eval.py readings --set demo=runs/demo/base:runs/demo/data/train.jsonl --set gsm8k=DIR:gsm8k_test.jsonl --out r/
 
 Both are resumable and sharded by run_sharded: a record is reused only for the same prompt text, gold
 answer and generation settings, and OUT.lock keeps a second run off the same --out. accuracy: zero-shot CoT prompts in the checkpoint's own chat
 template, greedy, answers checked by data.py, accuracy ± the binomial SEM. rationales: sample s of question q
 draws from its own stream, so it does not depend on its batch, rank or a resume; data.py build reads the output.
-`eval.py table|pca-shift|mi-trace|weights` run analysis.py's commands. Left out: pass@k, several GPUs per model.
+readings: what each COMPACT score catches, the within-instance AUROC against flaw labels for every reading of
+SPEC's Decisions. `eval.py table|pca-shift|mi-trace|weights` run analysis.py's. Left out: pass@k, multi-GPU models.
 """
 import argparse
 import contextlib
@@ -18,14 +20,19 @@ import hashlib
 import json
 import math
 import os
+import random
+import re
 import runpy
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
-from data import (DataError, TASKS, append_jsonl, check_outputs, derive_seed, extract_answer, is_equivalent,
-                  load_benchmark, read_json, read_jsonl, read_questions, user_errors, user_prompt, write_json, write_jsonl)
+from compact import CompactConfig, compact_loss, fuse_weights
+from data import (RATIONALE, DataError, Instance, TASKS, append_jsonl, check_outputs, collate, derive_seed,
+                  encode_dataset, extract_answer, is_equivalent, load_benchmark, load_multi_teacher, read_json,
+                  read_jsonl, read_questions, to_device, user_errors, user_prompt, write_json, write_jsonl, write_text)
 from lora import load_adapter
 from model import Transformer, generate
 from tokenizer import Tokenizer
@@ -264,6 +271,112 @@ def run_rationales(a, rank=0, world=1, device="cpu", held=None):
 
 
 
+# --- what each score catches: within-instance AUROC against flaw labels, every reading of SPEC's Decisions ---
+
+READINGS = {  # reading: CompactConfig fields; the paper leaves each of these open (SPEC's Decisions)
+    "default": {}, "S_G at the last rationale token": dict(sg_feature="last"),
+    "S_G at the rationale mean": dict(sg_feature="mean"), "S_G with self-loops": dict(sg_self_loops=True),
+    "S_G one attention over all heads": dict(sg_heads="joint"), "S_MI not divided by |R|": dict(mi_norm="none"),
+    "temperature 0.5": dict(temperature=0.5), "temperature 2": dict(temperature=2.0), "z-floor 0": dict(z_floor=0.0)}
+HIGHER_IS_CLEAN = {"s_mi": True, "s_g": True, "s_d": False, "weight": True}  # S_D: lower is better
+
+
+@torch.no_grad()
+def rationale_scores(model, encoded, cfg, batch_size=4):
+    """Per instance {s_mi, s_g, s_d, weight: [per branch]}: compact_loss's scores under cfg with no training
+    (the student's mode, eval: no LoRA dropout; no consistency logits; S_MI's sample fixed per batch)."""
+    out, device = [], model.lm_head.weight.device
+    for i in range(0, len(encoded), batch_size):
+        part = encoded[i:i + batch_size]
+        _, st = compact_loss(model, to_device(collate(part), device), replace(cfg, mcon_lambda=0.0), rng_key=(i,))
+        out += [{k: st[k][b, :len(e.teacher)].tolist() for k in HIGHER_IS_CLEAN} for b, e in enumerate(part)]
+    return out
+
+
+def within_auroc(groups, higher=True):
+    """Over every (clean, flawed) pair of rationales of one question, how often the clean one scores better
+    (ties count ½); groups: [(score, flawed)] per question. None without a pair."""
+    pairs = [(c, f) for g in groups for c, cf in g if not cf for f, ff in g if ff]
+    return sum(0.5 if c == f else float((c > f) == higher) for c, f in pairs) / len(pairs) if pairs else None
+
+
+def reading_aurocs(model, tok, instances, batch_size=4, readings=READINGS):
+    """{reading: {score: AUROC, "score/flaw": AUROC}} of labelled instances (Instance.flaws) under the student.
+    S_MI is exact Eq. 3, so readings are compared without the estimator's noise; one probe pass serves every
+    reading (S_G's readings rescore with alpha 0; mi_norm "none" is |R| times the default's S_MI)."""
+    encoded, info = encode_dataset(instances, tok, max_len=10**6)
+    flaws = {i.id: i.flaws for i in instances}
+    labels = [[flaws[e.id].get(info["teachers"][t]) for t in e.teacher] for e in encoded]
+    lengths = [[codes.count(RATIONALE) for _, codes, _ in e.branches] for e in encoded]
+    exact = CompactConfig(mi_budget=0)
+    base, table = rationale_scores(model, encoded, exact, batch_size), {}
+    for name, kw in readings.items():
+        cfg = replace(exact, **kw)
+        s_g = rationale_scores(model, encoded, replace(cfg, alpha=0.0), batch_size) if any(
+            k.startswith("sg_") for k in kw) else base
+        rows = []
+        for s, g, n in zip(base, s_g, lengths):
+            s_mi = [x * r for x, r in zip(s["s_mi"], n)] if cfg.mi_norm == "none" else s["s_mi"]
+            w = fuse_weights(*(torch.tensor([x]) for x in (s_mi, g["s_g"], s["s_d"])), torch.ones(1, len(n), dtype=bool),
+                             cfg)
+            rows.append({"s_mi": s_mi, "s_g": g["s_g"], "s_d": s["s_d"], "weight": w[0].tolist()})
+        table[name] = {}
+        for flaw in [None] + sorted({f for ls in labels for f in ls if f}):  # all flaws, then each against clean
+            table[name].update({k if flaw is None else f"{k}/{flaw}": within_auroc(
+                [[(x, f is not None) for x, f in zip(r[k], ls) if flaw in (None, f) or f is None]
+                 for r, ls in zip(rows, labels)], up) for k, up in HIGHER_IS_CLEAN.items()})
+    return table
+
+
+def gsm8k_flaw_set(path, n, seed=0):
+    """GSM8K test questions as labelled multi-teacher instances: the human solution (clean), a copy with one
+    intermediate result changed and carried through the later steps, the final answer kept ("hallucination"),
+    and a terse answer-only copy ("filler"). Questions of one computation have no intermediate: skipped."""
+    rng, out = random.Random(seed), []
+    for _, row in read_jsonl(path):
+        calc = list(re.finditer(r"<<[^=>]*=([^>]*)>>([\d,.]*\d)", row["answer"]))
+        if len(calc) < 2 or len(out) == n:
+            continue
+        body, answer = row["answer"].split("####")[0], row["answer"].split("####")[-1].strip().replace(",", "")
+        j = rng.randrange(len(calc) - 1)  # not the last: that one states the final answer
+        shown, last = calc[j].group(2), calc[-1].start(2)
+        value = float(shown.replace(",", ""))
+        wrong = value + rng.choice((-2, -1, 1, 2)) * max(1, round(abs(value) * 0.1))
+        wrong = f"{wrong:,.0f}" if "," in shown else f"{wrong:.0f}" if wrong.is_integer() else f"{wrong:g}"
+        carried = body[:calc[j].start(2)] + re.sub(rf"(?<![\d.,]){re.escape(shown)}(?![\d]|,\d)", wrong,
+                                                    body[calc[j].start(2):last]) + body[last:]
+        clean = lambda text: re.sub(r"<<[^>]*>>", "", text).strip()
+        out.append(Instance(f"gsm8k-{len(out)}", row["question"], answer, "gsm8k", [
+            ("human", clean(body)), ("carried", clean(carried)), ("terse", f"So the answer is {answer}.")],
+            {"carried": "hallucination", "terse": "filler"}))
+    return out
+
+
+def run_readings(a):
+    """The AUROC table of every reading on each --set NAME=MODEL:DATA (DATA: a labelled multi-teacher file, or a
+    GSM8K benchmark file, made into gsm8k_flaw_set's --limit questions, 100 by default)."""
+    sets = {}
+    for spec in a.set:
+        name, eq, rest = spec.partition("=")
+        model_dir, colon, path = rest.rpartition(":")
+        if not (eq and colon and name and model_dir and path):
+            raise DataError(f"--set {spec!r}: expected NAME=MODEL_DIR:DATA")
+        model, tok = load_student(model_dir, None, a.dtype, a.device)
+        labelled = "rationales" in read_jsonl(path)[0][1]
+        instances = load_multi_teacher(path) if labelled else gsm8k_flaw_set(path, a.limit or 100)
+        sets[name] = reading_aurocs(model, tok, instances[:a.limit], a.batch_size)
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"
+    lines = ["| reading | " + " | ".join(f"{s}: {k}" for s in sets for k in HIGHER_IS_CLEAN) + " |",
+             "| --- " * (1 + len(sets) * len(HIGHER_IS_CLEAN)) + "|"]
+    lines += [f"| {r} | " + " | ".join(fmt(sets[s][r][k]) for s in sets for k in HIGHER_IS_CLEAN) + " |" for r in READINGS]
+    text = "\n".join(lines) + "\n\nWithin-instance AUROC against the flaw labels (clean above flawed = 1; S_D: lower).\n"
+    os.makedirs(a.out, exist_ok=True)
+    write_text(os.path.join(a.out, "readings.md"), text)
+    write_json(os.path.join(a.out, "readings.json"), {"settings": vars(a), "sets": sets})
+    print(text, end="")
+    return sets
+
+
 def student_flags(sp, adapter_required=False, batch_size=8):
     """--model, --adapter, --dtype, --device, --batch-size, --limit: the flags of a job that loads a student."""
     sp.add_argument("--model", required=True, help="Hugging Face model directory (weights + tokenizer) or hub id")
@@ -296,6 +409,14 @@ def build_parser():
     r.add_argument("--seed", type=int, default=0, help="sample s of question q draws from seed (seed, q, s)")
     r.add_argument("--max-new-tokens", type=int, default=4096)
     r.add_argument("--out", required=True, help="rationales JSONL (OUT-STEM.questions.jsonl and .summary.json beside)")
+    rd = sub.add_parser("readings", help="AUROC of each score and the weight against flaw labels, every reading")
+    rd.add_argument("--set", action="append", required=True, metavar="NAME=MODEL_DIR:DATA",
+                    help="a student and a labelled multi-teacher file (or a GSM8K benchmark file); repeat")
+    rd.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on cuda, float32 on cpu")
+    rd.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    rd.add_argument("--batch-size", type=int, default=4)
+    rd.add_argument("--limit", type=int, help="the first N instances of each set")
+    rd.add_argument("--out", required=True, help="directory for readings.md and readings.json")
     return p
 
 
@@ -318,6 +439,8 @@ def main(argv=None):
             a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
             if a.command == "rationales" and not 0 < a.top_p <= 1:
                 raise DataError(f"--top-p {a.top_p}: must be in (0, 1]")
+            if a.command == "readings":
+                return run_readings(a)
             stem, ext = os.path.splitext(a.out)
             outs = [a.out, a.out + ".lock", stem + ".summary.json", stem + ".questions.jsonl"] + [
                 f"{stem}-{task_name(t)}{ext or '.jsonl'}" for t in (a.task if a.command == "accuracy" else [])]

@@ -278,3 +278,50 @@ def test_an_out_over_an_input_or_held_by_another_run_exits_2_and_writes_nothing(
             ev.main(common + ["--out", str(out)])
     assert e.value.code == 2 and f"{out}: another run (pid {os.getpid()})" in capsys.readouterr().err
     assert os.listdir(out.parent) == ["p.jsonl.lock"]
+
+
+# --- what each score catches ---
+
+def test_within_instance_auroc_by_hand():
+    # question 1: clean 0.9, 0.2 against flawed 0.5 -> 1 + 0 of 2; question 2: a tie (½) and a win (1)
+    groups = [[(0.9, False), (0.5, True), (0.2, False)], [(0.4, False), (0.4, True), (0.1, True)], [(0.3, False)]]
+    assert ev.within_auroc(groups) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert ev.within_auroc(groups, higher=False) == pytest.approx((0 + 1 + 0.5 + 0) / 4)  # S_D: lower is better
+    assert ev.within_auroc([[(1.0, False)], [(0.0, True)]]) is None  # no question holds both
+
+
+def test_gsm8k_flaw_set_labels_match_the_rationales(benchmarks_dir):
+    import re
+    for inst in ev.gsm8k_flaw_set(os.path.join(benchmarks_dir, "gsm8k_test.jsonl"), 30):
+        r = dict(inst.rationales)
+        assert inst.flaws == {"carried": "hallucination", "terse": "filler"} and "<<" not in r["human"]
+        nums = lambda t: re.findall(r"\d[\d,.]*\d|\d", t)
+        a, b = nums(r["human"]), nums(r["carried"])
+        assert len(a) == len(b) and a != b and a[-1] == b[-1]  # numbers changed, the final answer kept
+        first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        assert len({x for x, y in zip(a, b) if x != y}) == 1 and b[first] not in a[first:first + 1]  # one value, carried
+        assert data.extract_answer(r["human"] + "\n#### " + inst.answer, "gsm8k") == inst.answer
+        assert not re.search(r"[-+*/=]", r["terse"]) and r["terse"].endswith(f"{inst.answer}.")
+
+
+def test_readings_command_writes_every_reading_for_each_set(tmp_path, student_dir, capsys):
+    rows = [{"id": f"q{i}", "question": f"What is {i} + 3?", "answer": str(i + 3), "rationales": [
+        {"teacher": "a", "text": f"So {i} + 3 = {i + 3}."}, {"teacher": "b", "text": f"First, {i} + 3 = {i + 4}.",
+                                                            "flaw": "hallucination"},
+        {"teacher": "c", "text": "Hmm, okay, so.", "flaw": "filler" if i % 2 else None}]} for i in range(5)]
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "readings"
+    sets = ev.main(["readings", "--set", f"pool={student_dir}:{tmp_path / 'pool.jsonl'}",
+                          "--out", str(out), "--batch-size", "3", "--device", "cpu"])
+    assert list(sets["pool"]) == list(ev.READINGS)
+    for reading, row in sets["pool"].items():
+        assert all(row[k] is None or 0 <= row[k] <= 1 for k in ev.HIGHER_IS_CLEAN), reading
+    assert sets["pool"]["default"]["s_d"] is not None and sets["pool"]["default"]["weight/filler"] is not None
+    same = ("S_G with self-loops", "S_G at the rationale mean", "temperature 2")
+    assert all(sets["pool"][r]["s_d"] == sets["pool"]["default"]["s_d"] for r in same)  # S_D reads no flag
+    assert sets["pool"]["temperature 2"]["weight"] is not None
+    table = capsys.readouterr().out
+    assert table == (out / "readings.md").read_text() and table.count("\n| ") == len(ev.READINGS) + 1
+    with pytest.raises(SystemExit) as e:
+        ev.main(["readings", "--set", "nope", "--out", str(out)])
+    assert e.value.code == 2
