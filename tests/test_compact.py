@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from compact import (CompactConfig, adaptability_scores, answer_logprobs, compact_loss, consensus_scores,
-                     difficulty_scores, fuse_weights, mcon_loss, mi_estimate, packed_forward, probe_information,
-                     probe_plan, rationale_view, sample_keys, sampled_plan, token_nll)
+                     difficulty_scores, fuse_weights, mcon_loss, mi_estimate, packed_forward, probe_budget,
+                     probe_information, probe_plan, rationale_view, sample_keys, sampled_plan, token_nll)
 from data import ANSWER, CLOSE as CLOSE_CODE, CUE as CUE_CODE, EOT as EOT_CODE, PROMPT, RATIONALE, EncodedInstance, collate
 from model import ModelArgs, Transformer, rope_cos_sin
 
@@ -331,6 +331,18 @@ def test_probe_plan_exact_and_sampled():
     assert (dense[1][0] > 0).sum() == 1 and (dense[2][0] == 0.25).sum() == 4
 
 
+def test_probe_budget_follows_the_rationale_length():
+    """The default law: min(256, max(96, ⌈0.4 |R|⌉)); rationales below 96 tokens are probed at every prefix."""
+    n = torch.tensor([1, 95, 96, 240, 241, 640, 641, 5000])
+    assert probe_budget(n, CompactConfig()).tolist() == [96, 96, 96, 96, 97, 256, 256, 256]
+    assert probe_budget(n, CompactConfig(mi_budget=48, mi_budget_frac=0, mi_budget_cap=0)).tolist() == [48] * 8
+    assert probe_budget(n, CompactConfig(mi_budget=10, mi_budget_frac=0.5, mi_budget_cap=0))[-1] == 2500
+    think = torch.zeros(len(n), int(n.max()), dtype=torch.bool)
+    plan = probe_plan(n, think, CompactConfig(), (0,))
+    assert plan.valid[:2].sum(-1).tolist() == [2, 96]  # exact: |R| + 1 prefixes
+    assert (plan.valid.sum(-1) <= probe_budget(n, CompactConfig())).all()
+
+
 def test_estimate_from_plan_is_unbiased_and_exact_in_full():
     """mi_estimate over a sampled plan, averaged over 4000 keys, equals Σ_t m_t max(ΔI_t, 0) computed
     directly, for heavy-tailed I with both strata sampled (pure tensors: the plan and the estimate
@@ -342,7 +354,8 @@ def test_estimate_from_plan_is_unbiased_and_exact_in_full():
     want = (torch.where(think[0], 1.0, 0.1) * (info[1:] - info[:-1]).clamp(min=0)).sum()
     plan = probe_plan(torch.tensor([R]), think, CompactConfig(mi_budget=0))
     assert_close(mi_estimate(info[plan.prefix], plan), want[None], atol=1e-5, rtol=1e-6)
-    plan = probe_plan(torch.full((n,), R), think.expand(n, R), CompactConfig(mi_budget=24), (0,), list(range(n)))
+    fixed = CompactConfig(mi_budget=24, mi_budget_frac=0.0, mi_budget_cap=0)  # 24 probes, whatever |R|
+    plan = probe_plan(torch.full((n,), R), think.expand(n, R), fixed, (0,), list(range(n)))
     assert plan.valid.sum(-1).max() <= 24  # the budget holds
     est = mi_estimate(info[plan.prefix], plan)
     assert est.std() > 0.05 * want  # really sampled
@@ -412,7 +425,7 @@ def test_sampled_s_mi_is_unbiased():
     prompt, answer, rat = rand_ids(g, 4), rand_ids(g, 2), rand_ids(g, 60)
     branch = (rat, list(range(2, 60, 5)))
     batch = make_batch([(prompt, answer, [branch])] * 60)
-    cfg = CompactConfig(mi_budget=24, think_weight=1.0, other_weight=0.3)
+    cfg = CompactConfig(mi_budget=24, mi_budget_frac=0.0, mi_budget_cap=0, think_weight=1.0, other_weight=0.3)
     with torch.no_grad():
         _, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)
         exact = adaptability_scores(model, aux.kv, batch, CompactConfig(mi_budget=0, other_weight=0.3))
