@@ -31,10 +31,9 @@ import math
 import os
 import sys
 
+import safetensors.torch
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from data import atomic_path, read_json, user_errors, write_json
 from model import Transformer
@@ -42,7 +41,9 @@ from tokenizer import copy_tokenizer
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFIX = "base_model.model."  # PEFT's saved key = PREFIX + our state-dict key
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # an adapter directory's two files
 DTYPES = ("bfloat16", "float16", "float32")
+# PEFT settings beyond plain LoRA: a true value of any of them raises.
 UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern",
                "layers_to_transform")
 
@@ -50,18 +51,19 @@ UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "ra
 class LoRALinear(nn.Module):
     """y = x W^T + b + scale · B(A(dropout(x))), keeping the base `weight` / `bias` names.
 
-    A and B are fp32 whatever the base dtype; cast the base before apply_lora (model.to(dtype) casts them too).
+    A and B are fp32 whatever the base dtype; cast the base before apply_lora (model.to(dtype) casts
+    them too).
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout=0.0, use_rslora=False):
         super().__init__()
         self.in_features, self.out_features, self.r = base.in_features, base.out_features, rank
-        self.weight = base.weight
-        self.register_parameter("bias", base.bias)
+        self.weight, self.bias = base.weight, base.bias  # the base's own parameters (bias may be None)
         self.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
-        self.lora_A, self.lora_B = nn.Linear(base.in_features, rank, **kw), nn.Linear(rank, base.out_features, **kw)
+        self.lora_A = nn.Linear(base.in_features, rank, **kw)
+        self.lora_B = nn.Linear(rank, base.out_features, **kw)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init
         nn.init.zeros_(self.lora_B.weight)
 
@@ -91,12 +93,11 @@ def apply_lora(model, rank=16, alpha=32, dropout=0.05, targets=TARGETS, use_rslo
     if not targets or not set(targets) <= known:
         raise ValueError(f"unknown LoRA target modules {sorted(set(targets) - known) or targets} "
                          f"(supported: {', '.join(t for t in TARGETS if t in known)})")
+    model.requires_grad_(False)  # the base: only the lora_A / lora_B made below train
     names = [n for n in linear if n.rpartition(".")[2] in targets]
     for name in names:  # a new module starts in train mode: follow the model's, or eval() would run dropout
         lora = LoRALinear(model.get_submodule(name), rank, alpha, dropout, use_rslora)
         model.set_submodule(name, lora.train(model.training))
-    for name, p in model.named_parameters():
-        p.requires_grad = is_lora_key(name)
     model.lora_config = dict(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                              use_rslora=use_rslora)
     return names
@@ -122,39 +123,40 @@ def save_adapter(model, path, base_model=""):
     that replace a directory whole wrap this in data.atomic_path (train.py's checkpoints do)."""
     if not lora_modules(model):
         raise ValueError("the model has no LoRA to save (call apply_lora first)")
-    tensors = {PREFIX + k: v for k, v in model.state_dict().items() if is_lora_key(k)}
+    tensors = {PREFIX + k: v.contiguous().cpu() for k, v in model.state_dict().items() if is_lora_key(k)}
     _write_adapter(path, {**model.lora_config, "base_model_name_or_path": base_model}, tensors)
 
 
 def _write_adapter(path, settings, tensors):
     os.makedirs(path, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-              os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
-    write_json(os.path.join(path, "adapter_config.json"), {
+    safetensors.torch.save_file(tensors, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
+    write_json(os.path.join(path, CONFIG), {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "bias": "none", "fan_in_fan_out": False,
         "modules_to_save": None, "use_dora": False, "inference_mode": True, **settings})
 
 
 def read_adapter(path):
     """(config, tensors keyed by our state-dict names) of a PEFT LoRA directory, checked."""
-    config_file, weights_file = (os.path.join(path, f) for f in ("adapter_config.json", "adapter_model.safetensors"))
-    if lost := [os.path.basename(f) for f in (config_file, weights_file) if not os.path.isfile(f)]:
+    if lost := [f for f in (CONFIG, WEIGHTS) if not os.path.isfile(os.path.join(path, f))]:
         raise FileNotFoundError(f"{path}: not an adapter directory ({lost[0]} is missing; weights load only "
                                 "from safetensors)")
+    config_file, weights_file = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
     cfg = read_json(config_file)
-    r, alpha, targets = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("target_modules")  # PEFT saves a list
+    for key, kinds, kind in (("r", (int,), "integer"), ("lora_alpha", (int, float), "number")):
+        if type(cfg.get(key)) not in kinds or cfg[key] <= 0:
+            raise ValueError(f"{config_file}: {key} must be a positive {kind}, got {cfg.get(key)!r}")
     bad = [f"{k}={cfg[k]!r}" for k in UNSUPPORTED if cfg.get(k)]
     bad += [f"{k}={cfg[k]!r}" for k, ok in (("peft_type", "LORA"), ("bias", "none")) if cfg.get(k, ok) != ok]
-    problems = [f"r must be a positive integer, got {r!r}"] * (type(r) is not int or r <= 0) + \
-        [f"lora_alpha must be a positive number, got {alpha!r}"] * (type(alpha) not in (int, float) or alpha <= 0) + \
-        [f"unsupported setting {', '.join(bad)} (only plain LoRA: peft_type LORA, bias none)"] * bool(bad) + \
-        [f"unknown target_modules {targets!r} (supported: {', '.join(TARGETS)})"] * (
-            not isinstance(targets, list) or not targets or not set(targets) <= set(TARGETS))
-    if problems:
-        raise ValueError(f"{config_file}: {problems[0]}")
+    if bad:
+        raise ValueError(f"{config_file}: unsupported setting {', '.join(bad)} (only plain LoRA: "
+                         "peft_type LORA, bias none)")
+    targets = cfg.get("target_modules")  # PEFT saves a list
+    if not isinstance(targets, list) or not targets or not set(targets) <= set(TARGETS):
+        raise ValueError(f"{config_file}: unknown target_modules {targets!r} "
+                         f"(supported: {', '.join(TARGETS)})")
     try:
-        tensors = load_file(weights_file)
-    except SafetensorError as e:
+        tensors = safetensors.torch.load_file(weights_file)
+    except safetensors.SafetensorError as e:
         raise ValueError(f"{weights_file}: not a readable safetensors file ({e})") from None
     if foreign := [k for k in tensors if not k.startswith(PREFIX)]:
         raise ValueError(f"{weights_file}: tensor {foreign[0]!r} lacks PEFT's {PREFIX!r} prefix")
@@ -179,9 +181,7 @@ def load_adapter(model, path):
     if k := next((k for k in tensors if tensors[k].shape != expected[k].shape), None):
         raise ValueError(f"{path}: {PREFIX}{k} has shape {tuple(tensors[k].shape)} but the model expects "
                          f"{tuple(expected[k].shape)} (an adapter for another base model?)")
-    with torch.no_grad():
-        for k, v in tensors.items():
-            expected[k].copy_(v)
+    model.load_state_dict(tensors, strict=False)  # the LoRA tensors only, their keys and shapes checked
     return model
 
 
@@ -196,17 +196,20 @@ def average_adapters(dirs, out_dir, weights=None):
     if not dirs or len(weights) != len(dirs) or not all(map(math.isfinite, weights)) or sum(weights) <= 0:
         raise ValueError(f"weights {weights} must be {len(dirs)} finite numbers with a positive sum")
     adapters = [read_adapter(d) for d in dirs]
-    (cfg0, t0), names = adapters[0], sorted(adapters[0][0]["target_modules"])
-    for d, (cfg, t) in zip(dirs[1:], adapters[1:]):  # A's in and B's out dims are the base's; ranks may differ
+    cfg0, t0 = adapters[0]
+    # A's in and B's out dims are the base's, so they must agree; the ranks may differ.
+    for d, (cfg, t) in zip(dirs[1:], adapters[1:]):
         if set(t) != set(t0):
-            raise ValueError(f"{d}: targets or layers differ from {dirs[0]} ({sorted(cfg['target_modules'])} vs {names})")
+            raise ValueError(f"{d}: targets or layers differ from {dirs[0]} "
+                             f"({sorted(cfg['target_modules'])} vs {sorted(cfg0['target_modules'])})")
         if k := next((k for k in t if t[k].shape[".lora_A." in k] != t0[k].shape[".lora_A." in k]), None):
-            raise ValueError(f"{d}: {PREFIX}{k} has shape {tuple(t[k].shape)}, {dirs[0]} has {tuple(t0[k].shape)}: "
-                             "adapters of different base models")
+            raise ValueError(f"{d}: {PREFIX}{k} has shape {tuple(t[k].shape)}, {dirs[0]} has "
+                             f"{tuple(t0[k].shape)}: adapters of different base models")
     scales = [w / sum(weights) * c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"])
               for w, (c, _) in zip(weights, adapters)]
-    out = {PREFIX + k: torch.cat([t[k].float() for _, t in adapters]) if ".lora_A." in k else  # A_cat (Σr, in)
-           torch.cat([s * t[k].float() for s, (_, t) in zip(scales, adapters)], dim=1) for k in t0}  # (out, Σr)
+    out = {PREFIX + k: torch.cat([t[k].float() for _, t in adapters]) if ".lora_A." in k  # A_cat (Σr, in)
+           else torch.cat([s * t[k].float() for s, (_, t) in zip(scales, adapters)], dim=1)  # B_cat (out, Σr)
+           for k in t0}
     r_out = sum(c["r"] for c, _ in adapters)
     with atomic_path(out_dir) as tmp:
         _write_adapter(tmp, {"r": r_out, "lora_alpha": r_out, "lora_dropout": cfg0.get("lora_dropout", 0.0),
@@ -215,7 +218,8 @@ def average_adapters(dirs, out_dir, weights=None):
 
 
 def merge_to_dir(model_dir, adapter_dir, out, dtype=None):
-    """Base + adapter -> a plain Hugging Face model directory, replacing `out` whole (no stale shard survives)."""
+    """Base + adapter -> a plain Hugging Face model directory, replacing `out` whole (no stale shard
+    survives)."""
     model = Transformer.from_pretrained(model_dir, dtype=torch.float32)  # fp32 whole: 4 bytes a parameter
     dtype = dtype or model.config.get("dtype") or model.config.get("torch_dtype") or "float32"
     if dtype not in DTYPES:
@@ -238,7 +242,7 @@ def main(argv=None):
     a.add_argument("adapters", nargs="+", help="PEFT adapter directories")
     a.add_argument("--weights", type=lambda s: [float(w) for w in s.split(",")],
                    help="comma-separated numbers, one per adapter, normalised to sum 1 (default: equal)")
-    for sp, marker in ((m, "config.json"), (a, "adapter_config.json")):
+    for sp, marker in ((m, "config.json"), (a, CONFIG)):
         sp.add_argument("--out", required=True, help=f"output directory: new, empty, or one with {marker}")
         sp.add_argument("--overwrite", action="store_true", help="replace an --out of the same kind")
         sp.set_defaults(marker=marker)

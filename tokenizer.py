@@ -83,7 +83,6 @@ class Tokenizer:
         # BOS only where the template writes one: encode_chat then gets it from the text.
         uses_bos = chat_template is not None and "bos_token" in chat_template
         self.bos_id = self.token_id(self.tokens["bos_token"]) if uses_bos else None
-        self._eot_id = None
 
     @classmethod
     def from_pretrained(cls, path, chat_format=None):
@@ -98,10 +97,9 @@ class Tokenizer:
         if isinstance(template, list):  # named templates: take the default one
             template = {t["name"]: t["template"] for t in template}.get("default")
         template = _read(os.path.join(path, "chat_template.jinja")) or template
-        if chat_format is not None:
-            if chat_format not in BUILTIN_TEMPLATES:
-                raise ValueError(f"chat_format {chat_format!r}: known are {list(BUILTIN_TEMPLATES)}")
-            template = BUILTIN_TEMPLATES[chat_format]
+        if chat_format is not None and chat_format not in BUILTIN_TEMPLATES:
+            raise ValueError(f"chat_format {chat_format!r}: known are {list(BUILTIN_TEMPLATES)}")
+        template = BUILTIN_TEMPLATES[chat_format] if chat_format is not None else template
         gen = _read(os.path.join(path, "generation_config.json"), as_json=True) or {}
         return cls(tokenizer_json, config, gen, template, path)
 
@@ -171,42 +169,40 @@ class Tokenizer:
         full = self.render_chat(messages, add_generation_prompt, **kwargs)
         ids, pos = [], 0
         for j, piece in enumerate(skeleton):
-            if j % 2 == 0:  # template text
+            if j % 2 == 0:  # template text, control tokens and all
                 if not full.startswith(piece, pos):
                     raise ValueError("the chat template's own text depends on message content")
                 ids += self._control.encode(piece, add_special_tokens=False).ids if piece else []
-                pos += len(piece)
-                continue
-            content, after = messages[marks.index(piece)]["content"], skeleton[j + 1]
-            for c in (content, content.strip(), content.rstrip(), content.lstrip()):  # `| trim`
-                if full.startswith(c + after, pos) and (after or pos + len(c) == len(full)):
-                    break
-            else:
-                raise ValueError("the chat template rewrites message content beyond trimming")
-            ids += self.encode(c)
-            pos += len(c)
+            else:  # a message's sentinel: piece becomes its content as the template wrote it (`| trim`)
+                content, after = messages[marks.index(piece)]["content"], skeleton[j + 1]
+                for piece in (content, content.strip(), content.rstrip(), content.lstrip()):
+                    if full.startswith(piece + after, pos) and (after or pos + len(piece) == len(full)):
+                        break
+                else:
+                    raise ValueError("the chat template rewrites message content beyond trimming")
+                ids += self.encode(piece)
+            pos += len(piece)
         return ids
 
-    @property
+    @functools.cached_property
     def eot_id(self):
         """The template's end-of-turn token: the first special token the template writes
         after an assistant message (<|im_end|> for ChatML, <|eot_id|> for Llama 3)."""
-        if self._eot_id is None:
-            mark = "\x00assistant\x00"
-            text = self.render_chat([{"role": "user", "content": "hi"},
-                                     {"role": "assistant", "content": mark}], False)
-            tail = self._control.encode(text.split(mark, 1)[1], add_special_tokens=False).ids
-            found = [i for i in tail if i in self.special_ids]
-            if not found and not self.eos_ids:
-                raise ValueError("cannot find the template's end-of-turn token")
-            self._eot_id = found[0] if found else self.eos_ids[0]
-        return self._eot_id
+        mark = "\x00assistant\x00"
+        text = self.render_chat([{"role": "user", "content": "hi"},
+                                 {"role": "assistant", "content": mark}], False)
+        tail = self._control.encode(text.split(mark, 1)[1], add_special_tokens=False).ids
+        found = [i for i in tail if i in self.special_ids]
+        if not found and not self.eos_ids:
+            raise ValueError("cannot find the template's end-of-turn token")
+        return found[0] if found else self.eos_ids[0]
 
 
 # --- model directories: tokenizer files, hub ids ---
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
+                   "added_tokens.json", "tokenizer.model")
 HUB_FILES = ["*.safetensors", "*.json", *TOKENIZER_FILES]  # what we read: weights, configs, tokenizer files
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
 
@@ -222,14 +218,15 @@ def resolve_model_dir(path):
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise FileNotFoundError(f"{path}: no such directory. As a Hugging Face hub id it needs huggingface_hub "
-                                f"(pip install huggingface_hub), or download it yourself: huggingface-cli download "
-                                f"{path} --local-dir DIR, and pass DIR") from None
+        raise FileNotFoundError(f"{path}: no such directory. As a Hugging Face hub id it needs "
+                                "huggingface_hub (pip install huggingface_hub), or download it yourself: "
+                                f"huggingface-cli download {path} --local-dir DIR, and pass DIR") from None
     try:
         return snapshot_download(path, allow_patterns=HUB_FILES)
     except Exception as e:  # RepositoryNotFoundError, GatedRepoError, offline and not cached, network
-        raise FileNotFoundError(f"{path}: no such directory, and the Hugging Face hub gives no model of that id "
-                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+        detail = (str(e) or "no detail").splitlines()[0]
+        raise FileNotFoundError(f"{path}: no such directory, and the Hugging Face hub gives no model of that "
+                                f"id ({type(e).__name__}: {detail})") from None
 
 
 def copy_tokenizer(src, dst):
@@ -263,8 +260,9 @@ def write_tokenizer(out_dir, texts, vocab_size=512, template="chatml", chat_temp
         pre_tokenizers.Split(Regex(_SPLIT_REGEX), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(list(texts), trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(texts), trainer)
     tok.post_processor = processors.ByteLevel(trim_offsets=False) if bos is None else \
         processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",  # Llama 3 adds BOS
                                       special_tokens=[(bos, tok.token_to_id(bos))])
@@ -273,8 +271,8 @@ def write_tokenizer(out_dir, texts, vocab_size=512, template="chatml", chat_temp
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
               "pad_token": pad, "clean_up_tokenization_spaces": False, "model_max_length": 4096,
               "chat_template": chat_template or BUILTIN_TEMPLATES[template]}
-    for name, obj in (("tokenizer_config.json", config), ("generation_config.json",
-                                                          {"eos_token_id": [tok.token_to_id(t) for t in gen_eos]})):
+    generation = {"eos_token_id": [tok.token_to_id(t) for t in gen_eos]}
+    for name, obj in (("tokenizer_config.json", config), ("generation_config.json", generation)):
         with open(os.path.join(out_dir, name), "w") as f:
             json.dump(obj, f, indent=2)
     return out_dir
