@@ -131,6 +131,11 @@ def config_from_args(cls, args):
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
+def flag_names(flag):
+    """The names in a comma-separated flag (--teachers a,b; --thinking-words so,wait)."""
+    return [n.strip() for n in flag.split(",") if n.strip()]
+
+
 def _read(path, text=True):
     """A file's text (UTF-8), or its bytes; DataError names the file, and the line of a non-UTF-8 byte."""
     try:
@@ -599,6 +604,25 @@ def encode_dataset(instances, tok, teachers=None, max_len=2048, thinking_words=T
     # Every branch dropped for max_len, per teacher, those of dropped instances included.
     stats["dropped_branches"] = sum(drops.values())
     return encoded, dict(stats, dropped_per_teacher=dict(sorted(drops.items())), teachers=teachers)
+
+
+def load_data(model, data, max_len, teachers="", thinking_words="", skip_bad=False, limit=None, rank=0):
+    """(tokenizer, encoded instances, data stats with the sorted teacher list) of a multi-teacher file, for
+    --model's tokenizer; rank 0 reports what was dropped, and why, on stderr (train.py, analysis.py score)."""
+    tok, stats = Tokenizer.from_pretrained(model), {}
+    instances = load_multi_teacher(data, skip_bad, stats)[:limit]
+    encoded, encoding = encode_dataset(instances, tok, teachers=flag_names(teachers) or None, max_len=max_len,
+                                       thinking_words=flag_names(thinking_words) or THINKING_WORDS)
+    stats.update(encoding)
+    dropped = (f"dropped {stats['without_teacher']} instances without a rationale of --teachers, "
+               f"{stats['dropped_instances']} instances and {stats['dropped_branches']} branches "
+               f"({stats['dropped_per_teacher']}) over --max-len {max_len}")
+    if not encoded:
+        raise DataError(f"{data}: no instance is left: {dropped}")
+    if rank == 0:
+        print(f"data: {len(encoded)} instances, {stats['branches']} branches, teachers "
+              f"{', '.join(stats['teachers'])} | {dropped}", file=sys.stderr, flush=True)
+    return tok, encoded, stats
 
 
 def collate(batch, pad_id=0):

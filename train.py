@@ -29,12 +29,12 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 from compact import TEACHER_STATS, CompactConfig, compact_loss, teacher_means, teacher_sums
-from data import (THINKING_WORDS, DataError, add_config_args, append_jsonl, atomic_path, check_outputs, collate,
-                  config_from_args, derive_seed, encode_dataset, load_multi_teacher, read_jsonl, shard_indices,
-                  teacher_names, to_device, user_errors, write_json, write_jsonl)
+from data import (DataError, add_config_args, append_jsonl, atomic_path, check_outputs, collate,
+                  config_from_args, derive_seed, flag_names, load_data, load_multi_teacher, read_jsonl,
+                  shard_indices, teacher_names, to_device, user_errors, write_json, write_jsonl)
 from lora import apply_lora, average_adapters, load_adapter, merge_to_dir, read_adapter, save_adapter
 from model import Transformer, compile_blocks
-from tokenizer import Tokenizer, copy_tokenizer
+from tokenizer import copy_tokenizer
 
 
 @dataclass
@@ -324,29 +324,6 @@ def build_model(cfg, device, resume_dir=None):
 
 # --- the run, in phases: data, resume, model, loop, finish ---
 
-def load_data(model, data, max_len, teachers="", thinking_words="", skip_bad=False, limit=None):
-    """(tokenizer, encoded instances, data stats with the sorted teacher list) of a multi-teacher file, for
-    --model's tokenizer; what was dropped, and why, is reported on stderr (train.py, analysis.py score)."""
-    tok, stats = Tokenizer.from_pretrained(model), {}
-    instances = load_multi_teacher(data, skip_bad, stats)[:limit]
-    encoded, encoding = encode_dataset(instances, tok, teachers=names(teachers) or None, max_len=max_len,
-                                       thinking_words=names(thinking_words) or THINKING_WORDS)
-    stats.update(encoding)
-    dropped = (f"dropped {stats['without_teacher']} instances without a rationale of --teachers, "
-               f"{stats['dropped_instances']} instances and {stats['dropped_branches']} branches "
-               f"({stats['dropped_per_teacher']}) over --max-len {max_len}")
-    if not encoded:
-        raise DataError(f"{data}: no instance is left: {dropped}")
-    print0(f"data: {len(encoded)} instances, {stats['branches']} branches, teachers {', '.join(stats['teachers'])}"
-           f" | {dropped}", file=sys.stderr)
-    return tok, encoded, stats
-
-
-def names(flag):
-    """The names in a comma-separated flag (--teachers a,b; --thinking-words so,wait)."""
-    return [n.strip() for n in flag.split(",") if n.strip()]
-
-
 def step_record(step, s, dt, t_start, lr, teachers, steps_per_epoch, n_step):
     """One metrics.jsonl line from train_step's stats."""
     return {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": s["loss"], "sft": s["sft"],
@@ -360,7 +337,8 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
     from the first write (hold_lock). SIGTERM or SIGINT (stop_on_signals) ends it after the step under way,
     with a checkpoint, in SystemExit(128 + the signal)."""
     t_start = time.time()
-    tok, encoded, data_stats = load_data(cfg.model, cfg.data, cfg.max_len, cfg.teachers, cfg.thinking_words, cfg.skip_bad)
+    tok, encoded, data_stats = load_data(cfg.model, cfg.data, cfg.max_len, cfg.teachers, cfg.thinking_words,
+                                         cfg.skip_bad, rank=rank)
     teachers = data_stats["teachers"]
     per_rank_step = cfg.batch_size * cfg.grad_accum
     n_step = per_rank_step * world  # instances per optimizer step, all ranks together
@@ -472,7 +450,7 @@ def mot(cfg, ccfg, rank=0, world=1, device=torch.device("cpu")):
     and resumes started runs; every other flag applies to each per-teacher run.
     """
     rounds = cfg.mot_rounds
-    teachers = names(cfg.teachers) or teacher_names(load_multi_teacher(cfg.data, skip_bad=cfg.skip_bad))
+    teachers = flag_names(cfg.teachers) or teacher_names(load_multi_teacher(cfg.data, skip_bad=cfg.skip_bad))
     if bad := [t for t in teachers if os.sep in t or t.startswith(".")]:
         raise DataError(f"teacher name {bad[0]!r} cannot name a run directory")
     single = replace(ccfg, weighting="uniform", mcon_lambda=0.0)  # one branch per instance: plain SFT
