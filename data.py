@@ -337,15 +337,15 @@ def normalize_math(s):
     s = re.sub(r"\\frac(\w)\{", r"\\frac{\1}{", s)
     s = re.sub(r"\\frac(\{[^{}]*\})(\w)", r"\\frac\1{\2}", s)
     s = re.sub(r"_\{(\w+)\}", r"_\1", s)
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")
-    if m := re.fullmatch(r"(-?)(\d+)/(\d+)", s):
-        s = f"{m[1]}\\frac{{{m[2]}}}{{{m[3]}}}"
-    if m := re.fullmatch(r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\w+)?(?:=|\\in)(.+)", s):
-        s = m[1]  # "x=5" -> "5", "x\in[-2,7]" -> "[-2,7]"
-    if m := re.fullmatch(r"\(([A-Z])\)", s):
-        s = m[1]
-    return s
+    s = re.sub(r"\A(-?)(\d+)/(\d+)\Z", r"\1\\frac{\2}{\3}", _drop_thousands(s))
+    # "x=5" -> "5", "x\in[-2,7]" -> "[-2,7]"
+    s = re.sub(r"\A(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\w+)?(?:=|\\in)(.+)\Z", r"\1", s)
+    return re.sub(r"\A\(([A-Z])\)\Z", r"\1", s)
+
+
+def _drop_thousands(s):
+    """'-1,234.5' -> '-1234.5': thousands separators out of a plain number; anything else as it is."""
+    return s.replace(",", "") if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s) else s
 
 
 def _strip_units(s):
@@ -357,9 +357,7 @@ def _strip_units(s):
 def parse_number(s):
     """A float from '-12', '1,000', '.5', '$3', '\\frac{3}{4}', '-3/4', '1\\frac{4}{5}' (mixed
     number), else None."""
-    s = s.replace("$", "").strip()
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")
+    s = _drop_thousands(s.replace("$", "").strip())
     if re.fullmatch(r"-?(?:\d+\.?\d*|\.\d+)", s):  # not float()'s "1_0", "nan", "1e5"
         return float(s)
     if m := re.fullmatch(r"(-?)(\d*)\\frac\{(\d+(?:\.\d+)?)\}\{(\d+(?:\.\d+)?)\}", s) or \
@@ -411,9 +409,8 @@ def math_equal(pred, gold):
                 return True
             ep, eg = _elements(p), _elements(g)
             if ep and eg and ep[0] == eg[0] and len(ep[1]) == len(eg[1]):
-                if ep[0] == "list" and _same_multiset(ep[1], eg[1]):
-                    return True
-                if ep[0] != "list" and all(math_equal(a, b) for a, b in zip(ep[1], eg[1])):
+                # a bare list matches in any order; tuples, intervals and matrices element by element
+                if _same_multiset(ep[1], eg[1]) if ep[0] == "list" else all(map(math_equal, ep[1], eg[1])):
                     return True
     return False
 
@@ -674,9 +671,7 @@ def to_device(batch, device):
 def shard_indices(n, epoch, seed, rank, world_size, batch_size=1):
     """This rank's item order for an epoch: one seeded permutation shared by all ranks,
     wrapped to a multiple of world_size·batch_size, then every world_size-th item from rank,
-    so every rank gets the same number of items and steps."""
-    if n == 0:
-        return []
+    so every rank gets the same number of items and steps (none of none)."""
     g = torch.Generator().manual_seed(derive_seed(seed, epoch))
     perm = torch.randperm(n, generator=g).tolist()
     total = -(-n // (world_size * batch_size)) * world_size * batch_size
@@ -890,8 +885,7 @@ def check(path, model_dir=None, skip_bad=False):
              "tasks: " + ", ".join(f"{t} {n}" for t, n in Counter(i.task for i in instances).items())]
     lines += [f"  {t:<24} {n:>7} branches" for t, n in sorted(per_teacher.items())]
     if model_dir:
-        tok = Tokenizer.from_pretrained(model_dir)
-        encoded, _ = encode_dataset(instances, tok, max_len=10**9)
+        encoded, _ = encode_dataset(instances, Tokenizer.from_pretrained(model_dir), max_len=10**9)
         lengths = sorted(len(ids) for e in encoded for ids, _, _ in e.branches)
         if lengths:
             lines.append(f"branch tokens: min {lengths[0]}, mean {sum(lengths) / len(lengths):.0f}, "

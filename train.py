@@ -315,11 +315,10 @@ def build_model(cfg, device, resume_dir=None):
         init, _ = read_adapter(cfg.init_adapter)
         apply_lora(model, init["r"], init["lora_alpha"], cfg.lora_dropout, init["target_modules"],
                    init.get("use_rslora", False))
-        load_adapter(model, cfg.init_adapter)
     elif not cfg.full_ft:
         apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-    if resume_dir and not cfg.full_ft:
-        load_adapter(model, resume_dir)
+    if not cfg.full_ft and (resume_dir or cfg.init_adapter):  # a resumed run's weights are its checkpoint's
+        load_adapter(model, resume_dir or cfg.init_adapter)
     model.gradient_checkpointing = cfg.grad_checkpointing
     model = model.to(device)
     return compile_blocks(model) if cfg.compile else model
