@@ -821,8 +821,7 @@ def _stage(q, name, text, cut_off, tok, max_len):
     if pred is None or not is_equivalent(pred, q.answer, q.task):
         return 1 if pred is None else 2
     branch = Instance(q.id, q.question, q.answer, q.task, [(name, text)])
-    fits = tok is None or encode_instance(branch, tok, [name], max_len) is not None
-    return 4 if fits else 3
+    return 4 if tok is None or encode_instance(branch, tok, [name], max_len) is not None else 3
 
 
 def build(questions_path, teachers, task, out_path, min_teachers=1, max_len=None, model_dir=None):
