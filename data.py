@@ -109,7 +109,8 @@ def derive_seed(*parts):
 
 @contextmanager
 def user_errors(prog):
-    """Bad input (files, flags, data) ends the program with one line `PROG: error: ...` and exit 2, no traceback."""
+    """Bad input (files, flags, data) ends the program with one line `PROG: error: ...` and exit 2, no
+    traceback."""
     try:
         yield
     except (OSError, ValueError, KeyError, RecursionError) as e:  # DataError is a ValueError
@@ -129,6 +130,11 @@ def add_config_args(parser, cls):
 def config_from_args(cls, args):
     """cls built from the parsed flags of add_config_args (others in args are ignored)."""
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def flag_names(flag):
+    """The names in a comma-separated flag (--teachers a,b; --thinking-words so,wait)."""
+    return [n.strip() for n in flag.split(",") if n.strip()]
 
 
 def _read(path, text=True):
@@ -224,19 +230,19 @@ def _parse_instance(obj):
     rationales = obj.get("rationales", [])
     if not isinstance(rationales, list):
         raise ValueError("'rationales' must be a list")
-    pairs, flaws = [], {}
+    pairs = []
     for k, r in enumerate(rationales):
         if not isinstance(r, dict) or not isinstance(r.get("teacher"), str) or not r["teacher"]:
             raise ValueError(f"rationales[{k}] needs a non-empty string 'teacher'")
+        where = f"rationales[{k}] ({r['teacher']})"
         if not isinstance(r.get("text"), str) or not r["text"].strip():
-            raise ValueError(f"rationales[{k}] ({r['teacher']}): 'text' must be a non-empty string")
+            raise ValueError(f"{where}: 'text' must be a non-empty string")
         if r["teacher"] in dict(pairs):
             raise ValueError(f"teacher {r['teacher']!r} appears twice")
-        if r.get("flaw") is not None and r["flaw"] not in FLAWS:
-            raise ValueError(f"rationales[{k}] ({r['teacher']}): 'flaw' must be null or one of {', '.join(FLAWS)}")
+        if r.get("flaw") not in (None, *FLAWS):
+            raise ValueError(f"{where}: 'flaw' must be null or one of {', '.join(FLAWS)}")
         pairs.append((r["teacher"], r["text"]))
-        if r.get("flaw") is not None:
-            flaws[r["teacher"]] = r["flaw"]
+    flaws = {r["teacher"]: r["flaw"] for r in rationales if r.get("flaw")}
     return Instance(iid, question, answer.strip(), task, pairs, flaws)
 
 
@@ -285,6 +291,7 @@ _NUMBER = re.compile(r"(?:(?<![\w)\]])-)?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?
 # An answer *statement*: "The answer is", "answer: ", "**Answer:**", "**Answer**:"; not any "answer" word.
 _ANSWER_PREFIX = r"(?i:answer)\s*(?:\*\*)?\s*(?:(?i:is)\b\s*[:：]?|[:：])\s*(?:\*\*)?\s*[:：]?\s*"
 _ANSWER_IS = re.compile(_ANSWER_PREFIX + "(.*)")
+_YES_NO = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}  # strategyqa's answers, normalised
 
 
 def last_boxed(text):
@@ -330,15 +337,15 @@ def normalize_math(s):
     s = re.sub(r"\\frac(\w)\{", r"\\frac{\1}{", s)
     s = re.sub(r"\\frac(\{[^{}]*\})(\w)", r"\\frac\1{\2}", s)
     s = re.sub(r"_\{(\w+)\}", r"_\1", s)
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")
-    if m := re.fullmatch(r"(-?)(\d+)/(\d+)", s):
-        s = f"{m[1]}\\frac{{{m[2]}}}{{{m[3]}}}"
-    if m := re.fullmatch(r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\w+)?(?:=|\\in)(.+)", s):
-        s = m[1]  # "x=5" -> "5", "x\in[-2,7]" -> "[-2,7]"
-    if m := re.fullmatch(r"\(([A-Z])\)", s):
-        s = m[1]
-    return s
+    s = re.sub(r"\A(-?)(\d+)/(\d+)\Z", r"\1\\frac{\2}{\3}", _drop_thousands(s))
+    # "x=5" -> "5", "x\in[-2,7]" -> "[-2,7]"
+    s = re.sub(r"\A(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\w+)?(?:=|\\in)(.+)\Z", r"\1", s)
+    return re.sub(r"\A\(([A-Z])\)\Z", r"\1", s)
+
+
+def _drop_thousands(s):
+    """'-1,234.5' -> '-1234.5': thousands separators out of a plain number; anything else as it is."""
+    return s.replace(",", "") if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s) else s
 
 
 def _strip_units(s):
@@ -350,9 +357,7 @@ def _strip_units(s):
 def parse_number(s):
     """A float from '-12', '1,000', '.5', '$3', '\\frac{3}{4}', '-3/4', '1\\frac{4}{5}' (mixed
     number), else None."""
-    s = s.replace("$", "").strip()
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")
+    s = _drop_thousands(s.replace("$", "").strip())
     if re.fullmatch(r"-?(?:\d+\.?\d*|\.\d+)", s):  # not float()'s "1_0", "nan", "1e5"
         return float(s)
     if m := re.fullmatch(r"(-?)(\d*)\\frac\{(\d+(?:\.\d+)?)\}\{(\d+(?:\.\d+)?)\}", s) or \
@@ -404,9 +409,8 @@ def math_equal(pred, gold):
                 return True
             ep, eg = _elements(p), _elements(g)
             if ep and eg and ep[0] == eg[0] and len(ep[1]) == len(eg[1]):
-                if ep[0] == "list" and _same_multiset(ep[1], eg[1]):
-                    return True
-                if ep[0] != "list" and all(math_equal(a, b) for a, b in zip(ep[1], eg[1])):
+                # a bare list matches in any order; tuples, intervals and matrices element by element
+                if _same_multiset(ep[1], eg[1]) if ep[0] == "list" else all(map(math_equal, ep[1], eg[1])):
                     return True
     return False
 
@@ -440,9 +444,8 @@ def extract_answer(text, task):
     if task in ("gsm8k", "svamp"):
         if m := re.findall(r"####\s*(.*)", text):
             return _first_number(m[-1])
-        boxed = last_boxed(text)
-        if boxed is not None and _first_number(boxed):
-            return _first_number(boxed)
+        if num := _first_number(last_boxed(text) or ""):
+            return num
         for said in reversed(_ANSWER_IS.findall(text)):
             if num := _first_number(said):
                 return num
@@ -454,8 +457,7 @@ def extract_answer(text, task):
         boxed = last_boxed(text)
         if boxed is not None and (m := re.fullmatch(pick, normalize_math(boxed))):
             return m[1]
-        found = re.findall(_ANSWER_PREFIX + pick, text)
-        if found:
+        if found := re.findall(_ANSWER_PREFIX + pick, text):
             return found[-1]
         m = re.fullmatch(r"\s*" + pick + r"\s*\.?\s*", text)
         return m[1] if m else None
@@ -463,8 +465,7 @@ def extract_answer(text, task):
         yes_no = r"(?i)\b(yes|no|true|false)\b"
         said = [m[1] for a in _ANSWER_IS.findall(text) if (m := re.match(r"\W*" + yes_no[4:], a, re.I))]
         words = said or re.findall(yes_no, last_boxed(text) or text)
-        return {"yes": "yes", "true": "yes", "no": "no", "false": "no"}[words[-1].lower()] \
-            if words else None
+        return _YES_NO[words[-1].lower()] if words else None
     raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
 
 
@@ -478,8 +479,7 @@ def is_equivalent(pred, gold, task):
     if task in ("csqa", "gpqa"):
         return pred.strip("() .").upper() == gold.strip("() .").upper()
     if task == "strategyqa":
-        yes = {"yes": True, "true": True, "no": False, "false": False}
-        return yes.get(pred.lower()) is not None and yes.get(pred.lower()) == yes.get(gold.lower())
+        return pred.lower() in _YES_NO and _YES_NO[pred.lower()] == _YES_NO.get(gold.lower())
     return math_equal(pred, gold)
 
 
@@ -487,17 +487,15 @@ def is_equivalent(pred, gold, task):
 # branch tokenization and batches (SPEC.md §1, §9)
 
 # SPEC §3.1: the alphabetic head of Qian et al.'s thinking tokens, plus connectives.
-THINKING_WORDS = ("so", "let", "hmm", "okay", "first", "now", "wait", "but", "then", "since",
-                  "therefore", "maybe", "thus", "hence", "however", "because", "alternatively",
-                  "next", "finally")
+THINKING_WORDS = ("so", "let", "hmm", "okay", "first", "now", "wait", "but", "then", "since", "therefore",
+                  "maybe", "thus", "hence", "however", "because", "alternatively", "next", "finally")
 
 INSTRUCTIONS = {
     "math": "Please reason step by step, and put your final answer within \\boxed{}.",
     "gsm8k": 'Please reason step by step, and finish with "The answer is" and the final number.',
     "csqa": 'Please reason step by step, and finish with "The answer is" and the letter of the '
             'correct choice.',
-    "strategyqa": 'Please reason step by step, and finish with "The answer is yes" or '
-                  '"The answer is no".',
+    "strategyqa": 'Please reason step by step, and finish with "The answer is yes" or "The answer is no".',
 }
 INSTRUCTIONS["svamp"], INSTRUCTIONS["gpqa"] = INSTRUCTIONS["gsm8k"], INSTRUCTIONS["csqa"]
 
@@ -573,8 +571,7 @@ def encode_instance(inst, tok, teachers, max_len, thinking_words=THINKING_WORDS,
         teacher.append(teachers.index(name))
     if not branches:
         return None
-    return EncodedInstance(inst.id, branches, teacher, cue + y, [False] * len(cue) + [True] * len(y),
-                           dropped)
+    return EncodedInstance(inst.id, branches, teacher, cue + y, [False] * len(cue) + [True] * len(y), dropped)
 
 
 def encode_dataset(instances, tok, teachers=None, max_len=2048, thinking_words=THINKING_WORDS):
@@ -601,32 +598,52 @@ def encode_dataset(instances, tok, teachers=None, max_len=2048, thinking_words=T
     return encoded, dict(stats, dropped_per_teacher=dict(sorted(drops.items())), teachers=teachers)
 
 
-def collate(batch, pad_id=0):
-    """EncodedInstances -> one packed row (SPEC §9 as revised: no padding, each prompt once; model.py's diagram).
+def load_data(model, data, max_len, teachers="", thinking_words="", skip_bad=False, limit=None, rank=0):
+    """(tokenizer, encoded instances, data stats with the sorted teacher list) of a multi-teacher file, for
+    --model's tokenizer; rank 0 reports what was dropped, and why, on stderr (train.py, analysis.py score)."""
+    tok, stats = Tokenizer.from_pretrained(model), {}
+    instances = load_multi_teacher(data, skip_bad, stats)[:limit]
+    encoded, encoding = encode_dataset(instances, tok, teachers=flag_names(teachers) or None, max_len=max_len,
+                                       thinking_words=flag_names(thinking_words) or THINKING_WORDS)
+    stats.update(encoding)
+    dropped = (f"dropped {stats['without_teacher']} instances without a rationale of --teachers, "
+               f"{stats['dropped_instances']} instances and {stats['dropped_branches']} branches "
+               f"({stats['dropped_per_teacher']}) over --max-len {max_len}")
+    if not encoded:
+        raise DataError(f"{data}: no instance is left: {dropped}")
+    if rank == 0:
+        print(f"data: {len(encoded)} instances, {stats['branches']} branches, teachers "
+              f"{', '.join(stats['teachers'])} | {dropped}", file=sys.stderr, flush=True)
+    return tok, encoded, stats
 
-    [S] per token: input_ids, position_ids (within its branch's own sequence), prev (the row whose logits predict
-    it; a branch's first token: its prompt's last), branch (0..N−1; −1: prompt), sft/rationale/answer/think masks.
-    [N] per branch: slot (b·K + k in [B, K] tables), last_rows (its eot); rationale_rows [N, R] and answer_rows
-    [N, J] in order, −1 = none. [B, K]: branch_mask, teacher. layout (host lists): prompts and branches as
-    (start, end) rows, probes (cue ⊕ y ids, answer mask) per instance, the model.Segments. pad_id is not needed.
-    """
+
+def collate(batch, pad_id=0):
+    """EncodedInstances -> one packed row (SPEC §9 as revised: no padding, each prompt once; model.py's
+    diagram). [S] per token: input_ids, position_ids (within its branch's own sequence), prev (the row whose
+    logits predict it; a branch's first token: its prompt's last), branch (0..N−1; −1: prompt),
+    sft/rationale/answer/think masks. [N] per branch: slot (b·K + k in [B, K] tables), last_rows (its eot);
+    rationale_rows [N, R] and answer_rows [N, J] in order, −1 = none. [B, K]: branch_mask, teacher. layout
+    (host lists): prompts and branches as (start, end) rows, probes (cue ⊕ y ids, answer mask) per instance,
+    the model.Segments. pad_id is not needed."""
     B, K = len(batch), max(len(e.branches) for e in batch)
     ids, pos, prev, branch, codes, think = ([] for _ in range(6))
     prompts, spans, slot, rationale, answer = [], [], [], [], []
     teacher = torch.full((B, K), -1, dtype=torch.long)
 
     def put(seq_ids, seq_codes, seq_think, first_pos, first_prev, n):
-        start = len(ids)
-        ids.extend(seq_ids), codes.extend(seq_codes), think.extend(seq_think), branch.extend([n] * len(seq_ids))
-        pos.extend(range(first_pos, first_pos + len(seq_ids)))
-        prev.extend([first_prev] + list(range(start, start + len(seq_ids) - 1)))
+        start, m = len(ids), len(seq_ids)
+        for col, vals in ((ids, seq_ids), (codes, seq_codes), (think, seq_think), (branch, [n] * m)):
+            col.extend(vals)
+        pos.extend(range(first_pos, first_pos + m))
+        prev.extend([first_prev] + list(range(start, start + m - 1)))
         return start, len(ids)
 
     for b, e in enumerate(batch):
         L = e.branches[0][1].count(PROMPT)
         prompts.append(put(e.branches[0][0][:L], [PROMPT] * L, [False] * L, 0, len(ids), -1))
         spans.append([])
-        for k, (b_ids, b_codes, b_think) in enumerate(e.branches):  # every branch: the same prompt, then its own
+        # every branch: the same prompt, then its own
+        for k, (b_ids, b_codes, b_think) in enumerate(e.branches):
             c0, c1 = put(b_ids[L:], b_codes[L:], b_think[L:], L, prompts[-1][1] - 1, len(slot))
             spans[-1].append((c0, c1))
             slot.append(b * K + k)
@@ -634,7 +651,8 @@ def collate(batch, pad_id=0):
             rationale.append([c0 + i for i, c in enumerate(b_codes[L:]) if c == RATIONALE])
             answer.append([c0 + i for i, c in enumerate(b_codes[L:]) if c == ANSWER])
     codes = torch.tensor(codes)
-    table = lambda rows: torch.tensor([r + [-1] * (max(map(len, rows)) - len(r)) for r in rows], dtype=torch.long)
+    table = lambda rows: torch.tensor([r + [-1] * (max(map(len, rows)) - len(r)) for r in rows],
+                                      dtype=torch.long)
     return {"input_ids": torch.tensor(ids), "position_ids": torch.tensor(pos), "prev": torch.tensor(prev),
             "branch": torch.tensor(branch), "sft_mask": codes > PROMPT, "rationale_mask": codes == RATIONALE,
             "answer_mask": codes == ANSWER, "think_mask": torch.tensor(think, dtype=torch.bool),
@@ -653,9 +671,7 @@ def to_device(batch, device):
 def shard_indices(n, epoch, seed, rank, world_size, batch_size=1):
     """This rank's item order for an epoch: one seeded permutation shared by all ranks,
     wrapped to a multiple of world_size·batch_size, then every world_size-th item from rank,
-    so every rank gets the same number of items and steps."""
-    if n == 0:
-        return []
+    so every rank gets the same number of items and steps (none of none)."""
     g = torch.Generator().manual_seed(derive_seed(seed, epoch))
     perm = torch.randperm(n, generator=g).tolist()
     total = -(-n // (world_size * batch_size)) * world_size * batch_size
@@ -692,9 +708,8 @@ def _benchmark_row(task, i, row):
         options = [row["Correct Answer"]] + [row[f"Incorrect Answer {j}"] for j in (1, 2, 3)]
         order = list(range(4))
         random.Random(derive_seed("gpqa", key)).shuffle(order)  # fixed per item: runs stay comparable
-        letters = "ABCD"
-        labelled = [(letters[j], options[o].strip()) for j, o in enumerate(order)]
-        return key, _choices(row["Question"], labelled), letters[order.index(0)]
+        labelled = [("ABCD"[j], options[o].strip()) for j, o in enumerate(order)]
+        return key, _choices(row["Question"], labelled), "ABCD"[order.index(0)]
 
 
 def load_benchmark(task, path):
@@ -739,13 +754,6 @@ def read_questions(path, task=None):
     return questions
 
 
-def _generation_text(path, lineno, row):
-    for key in ("text", "output", "response"):
-        if isinstance(row.get(key), str):
-            return row[key]
-    raise DataError(f"{path}:{lineno}: a generation needs a string 'text', 'output' or 'response'")
-
-
 def _batch_choices(path, lineno, row, ids):
     """(question id, order, text, cut off) per choice of one OpenAI-style batch output line."""
     cid, response = row["custom_id"], row.get("response")
@@ -754,10 +762,11 @@ def _batch_choices(path, lineno, row, ids):
     qid, sample = cid, 0
     if cid not in ids and (m := re.fullmatch(r"(.+)#(\d+)", cid)):  # one request per sample: ID#S
         qid, sample = m[1], int(m[2])
-    if row.get("error") or response is None or (isinstance(response, dict) and response.get("status_code", 200) != 200):
+    status = response.get("status_code", 200) if isinstance(response, dict) else 200
+    if row.get("error") or response is None or status != 200:
         return []  # a failed request: its question counts as missing
-    choices = response.get("body", {}).get("choices") if isinstance(response, dict) and \
-        isinstance(response.get("body"), dict) else None
+    body = response.get("body") if isinstance(response, dict) else None
+    choices = body.get("choices") if isinstance(body, dict) else None
     if not isinstance(choices, list) or not all(isinstance(c, dict) and isinstance(c.get("message"), dict)
                                                 for c in choices):
         raise DataError(f"{path}:{lineno}: a batch output line needs response.body.choices[].message")
@@ -785,13 +794,17 @@ def read_generations(path, ids=()):
             out += _batch_choices(path, lineno, row, ids)
             continue
         if not isinstance(row, dict) or not ("id" in row or "question" in row):
-            raise DataError(f"{path}:{lineno}: a generation needs 'id' or 'question' (or a batch line's 'custom_id')")
+            raise DataError(f"{path}:{lineno}: a generation needs 'id' or 'question' (or a batch line's "
+                            "'custom_id')")
         sample = row.get("sample", 0)
         if not isinstance(sample, int) or isinstance(sample, bool):
             raise DataError(f"{path}:{lineno}: 'sample' must be an integer")
         question = row["question"] if isinstance(row.get("question"), str) else None
-        out.append((str(row["id"]) if "id" in row else None, question, (sample, 0, lineno),
-                    _generation_text(path, lineno, row), row.get("stopped") is False))
+        text = next((row[k] for k in ("text", "output", "response") if isinstance(row.get(k), str)), None)
+        if text is None:
+            raise DataError(f"{path}:{lineno}: a generation needs a string 'text', 'output' or 'response'")
+        out.append((str(row["id"]) if "id" in row else None, question, (sample, 0, lineno), text,
+                    row.get("stopped") is False))
     return out
 
 
@@ -807,9 +820,8 @@ def _stage(q, name, text, cut_off, tok, max_len):
     pred = extract_answer(text, q.task)
     if pred is None or not is_equivalent(pred, q.answer, q.task):
         return 1 if pred is None else 2
-    fits = tok is None or encode_instance(Instance(q.id, q.question, q.answer, q.task, [(name, text)]), tok, [name],
-                                          max_len) is not None
-    return 4 if fits else 3
+    branch = Instance(q.id, q.question, q.answer, q.task, [(name, text)])
+    return 4 if tok is None or encode_instance(branch, tok, [name], max_len) is not None else 3
 
 
 def build(questions_path, teachers, task, out_path, min_teachers=1, max_len=None, model_dir=None):
@@ -824,7 +836,8 @@ def build(questions_path, teachers, task, out_path, min_teachers=1, max_len=None
     if min_teachers < 1:
         raise DataError(f"--min-teachers {min_teachers}: must be at least 1 (an instance needs a rationale)")
     if (max_len is None) != (model_dir is None) or (max_len is not None and max_len < 1):
-        raise DataError("--max-len N (>= 1) and --model DIR go together: the student's tokenizer counts the tokens")
+        raise DataError("--max-len N (>= 1) and --model DIR go together: the student's tokenizer counts the "
+                        "tokens")
     tok = Tokenizer.from_pretrained(model_dir) if model_dir else None
     questions = read_questions(questions_path, task)
     if not questions:
@@ -839,7 +852,8 @@ def build(questions_path, teachers, task, out_path, min_teachers=1, max_len=None
         counts = Counter({stage: 0 for stage in STAGES})
         for q in questions:
             best = 0
-            for _, text, cut_off in sorted(found.get(("id", q.id)) or found.get(("question", q.question)) or []):
+            tries = found.get(("id", q.id)) or found.get(("question", q.question)) or []
+            for _, text, cut_off in sorted(tries):
                 best = max(best, _stage(q, name, text, cut_off, tok, max_len))
                 if best == 4:
                     q.rationales.append((name, text))
@@ -847,14 +861,16 @@ def build(questions_path, teachers, task, out_path, min_teachers=1, max_len=None
             counts[STAGES[best]] += 1
         report[name] = dict(counts)
         if not counts["kept"]:
-            empty.append(f"{path}: teacher {name} has no usable rationale for any of the {len(questions)} questions ("
-                         + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()) + ")")
+            tally = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items())
+            empty.append(f"{path}: teacher {name} has no usable rationale for any of the {len(questions)} "
+                         f"questions ({tally})")
     if empty:
         raise DataError("\n".join(empty) + f"\n(no ids or question texts in common with {questions_path}? "
                         "another --task? nothing written)")
     kept = [q for q in questions if len(q.rationales) >= min_teachers]
     write_jsonl(out_path, [{"id": q.id, "question": q.question, "answer": q.answer, "task": q.task,
-                             "rationales": [{"teacher": t, "text": r} for t, r in q.rationales]} for q in kept])
+                            "rationales": [{"teacher": t, "text": r} for t, r in q.rationales]}
+                           for q in kept])
     report["instances"] = {"written": len(kept), "dropped": len(questions) - len(kept)}
     return report
 
@@ -868,8 +884,7 @@ def check(path, model_dir=None, skip_bad=False):
              "tasks: " + ", ".join(f"{t} {n}" for t, n in Counter(i.task for i in instances).items())]
     lines += [f"  {t:<24} {n:>7} branches" for t, n in sorted(per_teacher.items())]
     if model_dir:
-        tok = Tokenizer.from_pretrained(model_dir)
-        encoded, _ = encode_dataset(instances, tok, max_len=10**9)
+        encoded, _ = encode_dataset(instances, Tokenizer.from_pretrained(model_dir), max_len=10**9)
         lengths = sorted(len(ids) for e in encoded for ids, _, _ in e.branches)
         if lengths:
             lines.append(f"branch tokens: min {lengths[0]}, mean {sum(lengths) / len(lengths):.0f}, "
@@ -883,12 +898,13 @@ def main(argv=None):
     b = sub.add_parser("build", help="assemble a multi-teacher file from teacher generations")
     b.add_argument("--questions", required=True, help="JSONL of {id, question, answer[, task]}")
     b.add_argument("--teacher", action="append", required=True, metavar="NAME=FILE",
-                   help="a teacher's generations: eval.py rationales output, JSONL of {id or question, text}, "
-                        "or OpenAI-style batch output; repeat")
+                   help="a teacher's generations: eval.py rationales output, JSONL of {id or question, "
+                        "text}, or OpenAI-style batch output; repeat")
     b.add_argument("--task", choices=TASKS, help="answer checking for questions without a task")
     b.add_argument("--out", required=True)
     b.add_argument("--min-teachers", type=int, default=1, help="drop instances with fewer rationales")
-    b.add_argument("--max-len", type=int, help="drop rationales whose branch is longer (train.py's --max-len)")
+    b.add_argument("--max-len", type=int,
+                   help="drop rationales whose branch is longer (train.py's --max-len)")
     b.add_argument("--model", help="the student's tokenizer directory, which counts --max-len tokens")
     c = sub.add_parser("check", help="validate a multi-teacher file and print statistics")
     c.add_argument("file")
@@ -900,7 +916,8 @@ def main(argv=None):
             teachers = [spec.split("=", 1) for spec in args.teacher]
             if bad := next((s for s, t in zip(args.teacher, teachers) if len(t) < 2 or not all(t)), None):
                 raise DataError(f"--teacher {bad!r}: expected NAME=FILE")
-            report = build(args.questions, teachers, args.task, args.out, args.min_teachers, args.max_len, args.model)
+            report = build(args.questions, teachers, args.task, args.out, args.min_teachers, args.max_len,
+                           args.model)
             columns = (("kept", 6), ("wrong", 6), ("no_answer", 10), ("too_long", 9), ("missing", 8))
             print(f"{'teacher':<24} " + " ".join(f"{k.replace('_', ' '):>{w}}" for k, w in columns))
             for name, _ in teachers:

@@ -29,12 +29,12 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 from compact import TEACHER_STATS, CompactConfig, compact_loss, teacher_means, teacher_sums
-from data import (THINKING_WORDS, DataError, add_config_args, append_jsonl, atomic_path, check_outputs, collate,
-                  config_from_args, derive_seed, encode_dataset, load_multi_teacher, read_jsonl, shard_indices,
-                  teacher_names, to_device, user_errors, write_json, write_jsonl)
+from data import (DataError, add_config_args, append_jsonl, atomic_path, check_outputs, collate,
+                  config_from_args, derive_seed, flag_names, load_data, load_multi_teacher, read_jsonl,
+                  shard_indices, teacher_names, to_device, user_errors, write_json, write_jsonl)
 from lora import apply_lora, average_adapters, load_adapter, merge_to_dir, read_adapter, save_adapter
 from model import Transformer, compile_blocks
-from tokenizer import Tokenizer, copy_tokenizer
+from tokenizer import copy_tokenizer
 
 
 @dataclass
@@ -56,10 +56,10 @@ class TrainConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     full_ft: bool = False  # train every weight instead of LoRA
-    init_adapter: str = ""  # start LoRA from this PEFT adapter, exactly (its rank and alpha, not --lora-rank/-alpha)
+    init_adapter: str = ""  # start LoRA from this PEFT adapter (its rank and alpha, not --lora-rank/-alpha)
     mot_rounds: int = 0  # the MoT baseline: R rounds of per-teacher SFT, each closed by a merge (see mot())
     grad_checkpointing: bool = False  # recompute each layer in backward (less memory)
-    compile: bool = False  # torch.compile each decoder block (the first step pays the compile; a CPU needs a C compiler)
+    compile: bool = False  # torch.compile each decoder block (a slow first step; a CPU needs a C compiler)
     seed: int = 0
     save_every: int = 200  # checkpoint every N steps (0 = only at the end)
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
@@ -69,22 +69,22 @@ class TrainConfig:
     thinking_words: str = ""  # comma-separated thinking words for S_MI's mask ("" = data.THINKING_WORDS)
 
     def __post_init__(self):
-        for flag in ("batch_size", "grad_accum", "epochs", "lora_rank", "keep_checkpoints", "max_len"):
-            if getattr(self, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
-        for flag in ("max_steps", "save_every", "max_bad_steps", "warmup", "lr", "max_grad_norm"):
-            if getattr(self, flag) < 0:
-                raise ValueError(f"--{flag.replace('_', '-')} must be >= 0")
+        for low, flags in ((1, "batch_size grad_accum epochs lora_rank keep_checkpoints max_len"),
+                           (0, "max_steps save_every max_bad_steps warmup lr max_grad_norm")):
+            for flag in flags.split():
+                if getattr(self, flag) < low:
+                    raise ValueError(f"--{flag.replace('_', '-')} must be >= {low}")
         if os.path.isfile(self.out):
             raise ValueError(f"--out {self.out} is a file, not a directory")
-        if link := next((d for d in ("adapter", "model") if os.path.islink(os.path.join(self.out, d))), None):
-            raise ValueError(f"--out {self.out}: {link}/ is a symlink, which the end of the run would replace")
+        if sub := next((d for d in ("adapter", "model") if os.path.islink(os.path.join(self.out, d))), None):
+            raise ValueError(f"--out {self.out}: {sub}/ is a symlink, which the end of the run would replace")
         check_outputs([("--out", self.out)], [("--model", self.model), ("--init-adapter", self.init_adapter),
                                               ("--data", self.data)])
         if self.init_adapter and self.full_ft:
             raise ValueError("--init-adapter continues a LoRA adapter; --full-ft trains no adapter")
         if self.mot_rounds < 0 or (self.mot_rounds and (self.full_ft or self.init_adapter)):
-            raise ValueError("--mot-rounds must be >= 0, and MoT trains fresh LoRA runs (no --full-ft, no --init-adapter)")
+            raise ValueError("--mot-rounds must be >= 0, and MoT trains fresh LoRA runs "
+                             "(no --full-ft, no --init-adapter)")
 
 
 # --- distributed plumbing, the output lock, signals ---
@@ -122,8 +122,9 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def hold_lock(out, rank, device, path=None):
-    """One run per output: rank 0 holds an exclusive lock on the file `path` (OUT/train.lock) for the job
-    (lock_file); when another process holds it, every rank raises DataError naming OUT and the holder's pid."""
+    """One run per output: rank 0 holds an exclusive lock on the file `path` (OUT/train.lock) for the
+    job (lock_file); when another process holds it, every rank raises DataError naming OUT and the holder's
+    pid."""
     with contextlib.ExitStack() as stack:
         holder = lock_file(stack, path or os.path.join(out, "train.lock")) if rank == 0 else None
         if all_sum(torch.tensor([float(holder is not None)], device=device)).item():
@@ -153,8 +154,9 @@ STOP = {}  # the first SIGTERM or SIGINT of a job (run_job): train() stops after
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """SIGTERM and SIGINT ask train() to stop after the optimizer step under way, with a checkpoint. A second
-    one is ignored (torchrun passes a terminal's Ctrl-C on to its workers once more); SIGKILL stops at once."""
+    """SIGTERM and SIGINT ask train() to stop after the optimizer step under way, with a checkpoint. A
+    second one is ignored (torchrun passes a terminal's Ctrl-C on to its workers once more); SIGKILL stops
+    at once."""
     note = lambda signum, frame: STOP.setdefault("signal", signum)
     old = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -198,16 +200,16 @@ def save_weights(raw, path, cfg, trainer=None):
             save_adapter(raw, path, base_model=cfg.model)
         if trainer is not None:
             torch.save(trainer, os.path.join(path, "trainer.pt"))
-    except (RuntimeError, SafetensorError) as e:  # how torch and safetensors say that a write failed (disk full)
+    except (RuntimeError, SafetensorError) as e:  # how torch and safetensors say a write failed (disk full)
         raise OSError(f"{shutil.disk_usage(os.path.dirname(path)).free:,} bytes free there; {e}") from e
 
 
 def checkpoint_steps(out):
+    """The steps of OUT's complete checkpoints (trainer.pt is written last), in no order."""
     root = os.path.join(out, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    return [int(d[5:]) for d in os.listdir(root)
-            if d.startswith("step-") and d[5:].isdigit() and os.path.isfile(os.path.join(root, d, "trainer.pt"))]
+    dirs = os.listdir(root) if os.path.isdir(root) else []
+    done = [d for d in dirs if d.startswith("step-") and os.path.isfile(os.path.join(root, d, "trainer.pt"))]
+    return [int(d[5:]) for d in done if d[5:].isdigit()]
 
 
 # What a resumed run may change: where and how often it writes, and how a step is computed, not what.
@@ -230,52 +232,55 @@ def find_resume(cfg, run, device):
     load (trainer.pt, then the adapter or model; a warning names each one that does not), if of this run."""
     done = sorted(checkpoint_steps(cfg.out), reverse=True)
     if done and not cfg.resume:
-        raise ValueError(f"--out {cfg.out} holds the checkpoints of another run: pass --resume to continue it, "
-                         "or choose another --out")
+        raise ValueError(f"--out {cfg.out} holds the checkpoints of another run: pass --resume to continue "
+                         "it, or choose another --out")
     if cfg.resume and not done:
         print0(f"--resume: no checkpoint in {cfg.out}/checkpoints, starting fresh")
     for step in done:
         path = os.path.join(cfg.out, "checkpoints", f"step-{step}")
         try:
-            with warnings.catch_warnings():  # torch's words on the pickle (ours below never advise running it)
-                warnings.simplefilter("ignore")
+            # torch's words on the pickle are left out (ours below never advise running it)
+            with warnings.catch_warnings(action="ignore"):
                 state = torch.load(os.path.join(path, "trainer.pt"), map_location=device, weights_only=True)
             old = state.get("run", {})
-            Transformer.from_pretrained(path, device="meta") if cfg.full_ft else read_adapter(path)  # reads all
+            # reads every file of the adapter or model
+            Transformer.from_pretrained(path, device="meta") if cfg.full_ft else read_adapter(path)
         except Exception as e:  # a torn, random or foreign file: EOFError, RuntimeError, UnpicklingError, ...
             why = type(e).__name__ if "weights_only" in str(e) else str(e).partition("\n")[0]
             print0(f"warning: {path} does not load ({why}); trying an earlier checkpoint", file=sys.stderr)
             continue
         if diff := [f"{k} {old.get(k, '-')!r} → {run.get(k, '-')!r}" for k in sorted(old.keys() | run.keys())
                     if old.get(k) != run.get(k)]:
-            raise DataError(f"{path} was made with other settings: {'; '.join(diff[:6])}{' ...' * (len(diff) > 6)}."
-                            " --resume continues a run as it was; for other settings, start a new run on another"
-                            f" --out from this checkpoint: --init-adapter {path} (with --full-ft: --model {path})")
+            raise DataError(
+                f"{path} was made with other settings: {'; '.join(diff[:6])}{' ...' * (len(diff) > 6)}."
+                " --resume continues a run as it was; for other settings, start a new run on another --out"
+                f" from this checkpoint: --init-adapter {path} (with --full-ft: --model {path})")
         print0(f"resumed from {path}" + f" (steps after {step} are redone)" * (step != done[0]))
         return step, path, state
     if done:
-        raise DataError(f"--resume: no checkpoint in {cfg.out}/checkpoints loads (see above); move them away to "
-                        "start over, or start a new run from an earlier adapter with --init-adapter")
+        raise DataError(f"--resume: no checkpoint in {cfg.out}/checkpoints loads (see above); move them away "
+                        "to start over, or start a new run from an earlier adapter with --init-adapter")
     return 0, None, None
 
 
 # --- the step ---
 
-def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg, ccfg, device, autocast, rng_key=(),
-               stop=False):
+def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg, ccfg, device, autocast,
+               rng_key=(), stop=False):
     """One optimizer step over this rank's micro-batches; returns the step's stats summed over ranks.
 
     Each micro-batch loss is Σ w L / n_instances (all instances of the step, all ranks),
     times world_size because DDP averages gradients over ranks: so the update is the same
     however the step is split. Only the last micro-step all-reduces gradients.
-    Returns {finite, grad_norm, loss, sft, mcon, tokens, weight_entropy, teachers: [n_teachers, |TEACHER_STATS|+1],
-    stop: whether any rank passed stop=True}.
+    Returns {finite, grad_norm, loss, sft, mcon, tokens, weight_entropy,
+    teachers: [n_teachers, |TEACHER_STATS|+1], stop: whether any rank passed stop=True}.
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    totals = torch.zeros(5, device=device)  # loss, sft, mcon, supervised tokens, weight entropy
+    sums = ("loss", "sft", "mcon", "tokens", "weight_entropy")  # tokens: the supervised ones
+    totals = torch.zeros(len(sums), device=device)
     teachers = torch.zeros(n_teachers, len(TEACHER_STATS) + 1, device=device)
     for i, batch in enumerate(micro_batches):
         batch = to_device(batch, device)
@@ -283,18 +288,16 @@ def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
             loss, stats = compact_loss(model, batch, ccfg, n_instances=n_instances, rng_key=(*rng_key, i))
             (loss * world).backward()
-        totals += torch.stack([stats["loss"], stats["sft"], stats["mcon"], stats["tokens"].float(), stats["weight_entropy"]])
+        totals += torch.stack([stats[k].float() for k in sums])
         teachers += teacher_sums(stats, batch["teacher"], batch["branch_mask"], n_teachers)
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.max_grad_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-    else:
-        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-    flag = torch.tensor([float(stop)], device=device)
-    summed = all_sum(torch.cat([totals, teachers.flatten(), flag]))  # the norm is already global: not summed
+    # With --max-grad-norm 0 the norm is only measured: the scale inf / norm is clamped to 1.
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+    # the norm is already global: not summed
+    summed = all_sum(torch.cat([totals, teachers.flatten(), torch.tensor([float(stop)], device=device)]))
     summed = torch.cat([summed, grad_norm.float().view(1)]).cpu()  # the step's one host sync
-    out = dict(zip(("loss", "sft", "mcon", "tokens", "weight_entropy"), summed[:5].tolist()),
-               teachers=summed[5:-2].view_as(teachers), grad_norm=summed[-1].item(), stop=summed[-2].item() > 0)
+    out = dict(zip(sums, summed[:5].tolist()), teachers=summed[5:-2].view_as(teachers),
+               grad_norm=summed[-1].item(), stop=summed[-2].item() > 0)
     out["finite"] = math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])
     if out["finite"]:
         optimizer.step()
@@ -304,19 +307,18 @@ def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg
 
 def build_model(cfg, device, resume_dir=None):
     """Build → load → apply_lora (freezes the base) → device. The caller wraps it in DDP."""
-    cuda = device.type == "cuda"
     # A frozen base can sit in bf16; trained weights stay fp32 (bf16 autocast does the matmuls).
-    dtype = torch.bfloat16 if cuda and not cfg.full_ft else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" and not cfg.full_ft else torch.float32
     source = resume_dir if (cfg.full_ft and resume_dir) else cfg.model
     model = Transformer.from_pretrained(source, dtype=dtype, device=device)
-    if cfg.init_adapter:  # the adapter's own settings with this run's dropout; its weights, so step 0 is its model
+    if cfg.init_adapter:  # its own settings with this run's dropout; its weights, so step 0 is its model
         init, _ = read_adapter(cfg.init_adapter)
-        apply_lora(model, init["r"], init["lora_alpha"], cfg.lora_dropout, init["target_modules"], init.get("use_rslora", False))
-        load_adapter(model, cfg.init_adapter)
+        apply_lora(model, init["r"], init["lora_alpha"], cfg.lora_dropout, init["target_modules"],
+                   init.get("use_rslora", False))
     elif not cfg.full_ft:
         apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-    if resume_dir and not cfg.full_ft:
-        load_adapter(model, resume_dir)
+    if not cfg.full_ft and (resume_dir or cfg.init_adapter):  # a resumed run's weights are its checkpoint's
+        load_adapter(model, resume_dir or cfg.init_adapter)
     model.gradient_checkpointing = cfg.grad_checkpointing
     model = model.to(device)
     return compile_blocks(model) if cfg.compile else model
@@ -324,43 +326,21 @@ def build_model(cfg, device, resume_dir=None):
 
 # --- the run, in phases: data, resume, model, loop, finish ---
 
-def load_data(model, data, max_len, teachers="", thinking_words="", skip_bad=False, limit=None):
-    """(tokenizer, encoded instances, data stats with the sorted teacher list) of a multi-teacher file, for
-    --model's tokenizer; what was dropped, and why, is reported on stderr (train.py, analysis.py score)."""
-    tok, stats = Tokenizer.from_pretrained(model), {}
-    instances = load_multi_teacher(data, skip_bad, stats)[:limit]
-    encoded, encoding = encode_dataset(instances, tok, teachers=names(teachers) or None, max_len=max_len,
-                                       thinking_words=names(thinking_words) or THINKING_WORDS)
-    stats.update(encoding)
-    dropped = (f"dropped {stats['without_teacher']} instances without a rationale of --teachers, "
-               f"{stats['dropped_instances']} instances and {stats['dropped_branches']} branches "
-               f"({stats['dropped_per_teacher']}) over --max-len {max_len}")
-    if not encoded:
-        raise DataError(f"{data}: no instance is left: {dropped}")
-    print0(f"data: {len(encoded)} instances, {stats['branches']} branches, teachers {', '.join(stats['teachers'])}"
-           f" | {dropped}", file=sys.stderr)
-    return tok, encoded, stats
-
-
-def names(flag):
-    """The names in a comma-separated flag (--teachers a,b; --thinking-words so,wait)."""
-    return [n.strip() for n in flag.split(",") if n.strip()]
-
-
 def step_record(step, s, dt, t_start, lr, teachers, steps_per_epoch, n_step):
     """One metrics.jsonl line from train_step's stats."""
-    return {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": s["loss"], "sft": s["sft"],
-            "mcon": s["mcon"], "lr": lr, "grad_norm": s["grad_norm"], "tokens_per_s": s["tokens"] / dt,
-            "instances": n_step, "weight_entropy": s["weight_entropy"], "time": round(time.time() - t_start, 3),
-            "teachers": teacher_means(s["teachers"], teachers)}
+    return {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": s["loss"],
+            "sft": s["sft"], "mcon": s["mcon"], "lr": lr, "grad_norm": s["grad_norm"],
+            "tokens_per_s": s["tokens"] / dt, "instances": n_step, "weight_entropy": s["weight_entropy"],
+            "time": round(time.time() - t_start, 3), "teachers": teacher_means(s["teachers"], teachers)}
 
 
 def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.device("cpu")):
     """Run one training job in an already set-up process group; rank 0 writes every file, holding OUT's lock
     from the first write (hold_lock). SIGTERM or SIGINT (stop_on_signals) ends it after the step under way,
     with a checkpoint, in SystemExit(128 + the signal)."""
-    t_start = time.time()
-    tok, encoded, data_stats = load_data(cfg.model, cfg.data, cfg.max_len, cfg.teachers, cfg.thinking_words, cfg.skip_bad)
+    t_start, cuda = time.time(), device.type == "cuda"
+    tok, encoded, data_stats = load_data(cfg.model, cfg.data, cfg.max_len, cfg.teachers, cfg.thinking_words,
+                                         cfg.skip_bad, rank=rank)
     teachers = data_stats["teachers"]
     per_rank_step = cfg.batch_size * cfg.grad_accum
     n_step = per_rank_step * world  # instances per optimizer step, all ranks together
@@ -372,7 +352,7 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
     torch.manual_seed(cfg.seed)  # LoRA's A init: the same on every rank and every run of this seed
     raw = model = build_model(cfg, device, resume_dir)
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if cuda else None)
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     if state:
@@ -381,46 +361,46 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
            f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | {total} steps of {n_step} instances "
            f"({steps_per_epoch}/epoch) on {world} × {device.type}")
     with hold_lock(cfg.out, rank, device):  # one run per --out, from its first write to its last
-        metrics_path, config_path = os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "config.json")
+        metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+        config_path = os.path.join(cfg.out, "config.json")
         if rank == 0:
-            if not (start and os.path.isfile(config_path)):  # a resume keeps the first start's (the same updates)
+            if not (start and os.path.isfile(config_path)):  # a resume keeps the first start's (same updates)
                 stats = {k: v for k, v in data_stats.items() if k != "teachers"}
                 write_json(config_path, {"train": asdict(cfg), "compact": asdict(ccfg), "teachers": teachers,
                                          "world_size": world, "data_stats": stats})
             kept = read_jsonl(metrics_path, torn_tail=True) if start and os.path.isfile(metrics_path) else []
             write_jsonl(metrics_path, [r for _, r in kept if r["step"] <= start])
 
-        cuda = device.type == "cuda"
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
         model.train()
-        bad, t_loop, tokens_seen, last, order_epoch = 0, time.time(), 0, None, None
+        bad, t_loop, tokens_seen, last = 0, time.time(), 0, None
         for step in range(start, total):
             epoch, pos = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:  # this rank's share of the epoch's seeded permutation
-                order, order_epoch = shard_indices(len(encoded), epoch, cfg.seed, rank, world, per_rank_step), epoch
+            if pos == 0 or step == start:  # this rank's share of the epoch's seeded permutation
+                order = shard_indices(len(encoded), epoch, cfg.seed, rank, world, per_rank_step)
             mine = order[pos * per_rank_step:(pos + 1) * per_rank_step]
-            micro = [collate([encoded[j] for j in mine[m * cfg.batch_size:(m + 1) * cfg.batch_size]], tok.pad_id)
-                     for m in range(cfg.grad_accum)]
+            micro = [collate([encoded[j] for j in mine[m:m + cfg.batch_size]], tok.pad_id)
+                     for m in range(0, per_rank_step, cfg.batch_size)]
             torch.manual_seed(derive_seed(cfg.seed, step, rank))  # dropout: a function of (seed, step, rank)
             t0, lr = time.time(), lr_at(step, total, cfg)
-            # S_MI's sample, like dropout, is a function of (step, rank); a signal to any rank reaches all ranks
-            # in the step's own all-reduce.
+            # S_MI's sample, like dropout, is a function of (step, rank); a signal to any rank reaches all
+            # ranks in the step's own all-reduce.
             s = train_step(model, optimizer, micro, lr, n_step, len(teachers), cfg, ccfg, device, autocast,
                            rng_key=(cfg.seed, step, rank), stop="signal" in STOP)
             bad = 0 if s["finite"] else bad + 1
             if bad:
-                print0(f"warning: step {step + 1}: non-finite loss or gradient, update skipped ({bad} in a row)",
-                       file=sys.stderr)
+                print0(f"warning: step {step + 1}: non-finite loss or gradient, update skipped "
+                       f"({bad} in a row)", file=sys.stderr)
             else:
                 tokens_seen += s["tokens"]
                 last = step_record(step, s, time.time() - t0, t_start, lr, teachers, steps_per_epoch, n_step)
             if rank == 0 and not bad:
                 append_jsonl(metrics_path, [last])
                 elapsed = time.time() - t_loop
-                eta = elapsed / (step + 1 - start) * (total - step - 1)
+                eta = _duration(elapsed / (step + 1 - start) * (total - step - 1))
                 w = " ".join(f"{n} {v['weight']:.2f}" for n, v in last["teachers"].items())
-                print0(f"step {step + 1}/{total} | loss {s['loss']:.4f} | w {w} | {tokens_seen / elapsed:,.0f} tok/s"
-                       f" | eta {_duration(eta)} | mem {_memory_mb(device):,.0f}MB")
+                print0(f"step {step + 1}/{total} | loss {s['loss']:.4f} | w {w} | "
+                       f"{tokens_seen / elapsed:,.0f} tok/s | eta {eta} | mem {_memory_mb(device):,.0f}MB")
             stop = s["stop"] and step + 1 < total  # at the last step, finish() writes everything anyway
             periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
             give_up = bad >= max(1, cfg.max_bad_steps)
@@ -429,12 +409,12 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
             if dist.is_initialized() and (stop or periodic):
                 dist.barrier()  # nobody races ahead of a checkpoint it might be killed after
             if give_up:
-                raise FloatingPointError(f"{bad} non-finite steps in a row; stopped with a checkpoint at step "
-                                         f"{step + 1}")
+                raise FloatingPointError(f"{bad} non-finite steps in a row; stopped with a checkpoint at "
+                                         f"step {step + 1}")
             if stop:  # a rank told by another stops as if by SIGTERM
                 signum = STOP.get("signal", signal.SIGTERM)
-                print0(f"{signal.Signals(signum).name}: stopped after step {step + 1}/{total} with a checkpoint; "
-                       f"--resume continues it", file=sys.stderr)
+                print0(f"{signal.Signals(signum).name}: stopped after step {step + 1}/{total} with a "
+                       f"checkpoint; --resume continues it", file=sys.stderr)
                 raise SystemExit(128 + signum)
 
         if rank == 0:
@@ -471,20 +451,19 @@ def mot(cfg, ccfg, rank=0, world=1, device=torch.device("cpu")):
     OUT/round-r/model/ (M_{r+1}; the student is OUT/round-R/model). A rerun skips finished rounds
     and resumes started runs; every other flag applies to each per-teacher run.
     """
-    rounds = cfg.mot_rounds
-    teachers = names(cfg.teachers) or teacher_names(load_multi_teacher(cfg.data, skip_bad=cfg.skip_bad))
+    teachers = flag_names(cfg.teachers) or teacher_names(load_multi_teacher(cfg.data, skip_bad=cfg.skip_bad))
     if bad := [t for t in teachers if os.sep in t or t.startswith(".")]:
         raise DataError(f"teacher name {bad[0]!r} cannot name a run directory")
     single = replace(ccfg, weighting="uniform", mcon_lambda=0.0)  # one branch per instance: plain SFT
     model = cfg.model
     with hold_lock(cfg.out, rank, device):  # the rounds' averages and merges too
-        for r in range(1, rounds + 1):
+        for r in range(1, cfg.mot_rounds + 1):
             root = os.path.join(cfg.out, f"round-{r}")
             merged = os.path.join(root, "model")
             if not os.path.isfile(os.path.join(merged, "config.json")):  # written last, atomically
                 for k in teachers:
                     out = os.path.join(root, k)
-                    print0(f"MoT round {r}/{rounds}: teacher {k} from {model}")
+                    print0(f"MoT round {r}/{cfg.mot_rounds}: teacher {k} from {model}")
                     train(replace(cfg, model=model, out=out, teachers=k, resume=bool(checkpoint_steps(out)),
                                   mot_rounds=0), single, rank, world, device)
                 if rank == 0:
@@ -494,7 +473,7 @@ def mot(cfg, ccfg, rank=0, world=1, device=torch.device("cpu")):
                 if dist.is_initialized():
                     dist.barrier()
             model = merged
-    print0(f"MoT: {rounds} round(s) over {', '.join(teachers)} | the student is {model}")
+    print0(f"MoT: {cfg.mot_rounds} round(s) over {', '.join(teachers)} | the student is {model}")
     return model
 
 
@@ -533,7 +512,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--demo" in argv:  # an alias kept for scripts: demo.py imports this file, so it runs as a script
         import runpy
-        sys.argv = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")] + [a for a in argv if a != "--demo"]
+        demo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
+        sys.argv = [demo] + [a for a in argv if a != "--demo"]
         runpy.run_path(sys.argv[0], run_name="__main__")
         return
     cfg, ccfg = parse_args(argv)
