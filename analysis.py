@@ -1,9 +1,11 @@
 """Read what distillation did from finished outputs (SPEC.md §6): Table 1, PCA shift, the information-gain
 trace, teacher weight dynamics, and the scores COMPACT gives a multi-teacher file before any training.
 
-    python analysis.py table --run base=runs/base/preds.jsonl --run compact=runs/c-s0/eval,runs/c-s1/eval [--out table/]
+    python analysis.py table --run base=runs/base/preds.jsonl --run compact=runs/c-s0/eval,runs/c-s1/eval \
+        [--out table/]
     python analysis.py pca-shift --model DIR --adapter DIR --task csqa --data dev.jsonl --out pca/
-    python analysis.py mi-trace --model DIR [--adapter DIR] --data multi.jsonl --id ID [--teacher T] --out trace/
+    python analysis.py mi-trace --model DIR [--adapter DIR] --data multi.jsonl --id ID [--teacher T] \
+        --out trace/
     python analysis.py weights RUN_DIR
     python analysis.py score --model DIR --data multi.jsonl --out scores.jsonl [--limit 500] [COMPACT flags]
 
@@ -24,27 +26,30 @@ import torch
 
 from compact import (TEACHER_STATS, CompactConfig, mi_estimate, packed_forward, probe_information, probe_plan,
                      rationale_view)
-from data import (DataError, TASKS, add_config_args, collate, config_from_args, encode_instance, load_benchmark, load_multi_teacher, read_json, read_jsonl, to_device, user_errors,
+from data import (DataError, TASKS, add_config_args, collate, config_from_args, encode_instance,
+                  load_benchmark, load_multi_teacher, read_json, read_jsonl, to_device, user_errors,
                   write_json, write_jsonl, write_text)
-from eval import TASK_ALIASES, chat_prompt, load_student, rationale_scores, student_flags, task_name
+from eval import (TASK_ALIASES, chat_prompt, check_student_flags, load_student, rationale_scores,
+                  student_flags, task_name)
 from lora import load_adapter
 from train import load_data
 
 # --- Table 1: accuracy per benchmark, average gains over the baseline, SEMs ---
 
-GROUPS = {"in-distribution": ("math", "gsm8k", "svamp"), "out-of-distribution": ("csqa", "strategyqa", "gpqa")}
-NAMES = {"math": "MATH500", "gsm8k": "GSM8K", "svamp": "SVAMP", "csqa": "CommonsenseQA", "strategyqa": "StrategyQA",
-         "gpqa": "GPQA-Diamond"}
+GROUPS = {"in-distribution": ("math", "gsm8k", "svamp"),
+          "out-of-distribution": ("csqa", "strategyqa", "gpqa")}
+NAMES = {"math": "MATH500", "gsm8k": "GSM8K", "svamp": "SVAMP", "csqa": "CommonsenseQA",
+         "strategyqa": "StrategyQA", "gpqa": "GPQA-Diamond"}
 
 
 def seed_predictions(path):
     """{task: predictions file} of one seed: an eval.py accuracy --out (its summary beside it), the summary
     itself, a directory of summaries, or a predictions file named TASK.jsonl / STEM-TASK.jsonl."""
     stem = path[:-len(".summary.json")] if path.endswith(".summary.json") else os.path.splitext(path)[0]
-    summaries = sorted(glob.glob(os.path.join(glob.escape(path), "*.summary.json"))) if os.path.isdir(path) else \
-        [stem + ".summary.json"] if os.path.isfile(stem + ".summary.json") else []
+    summaries = sorted(glob.glob(os.path.join(glob.escape(path), "*.summary.json"))) if os.path.isdir(path) \
+        else [stem + ".summary.json"] if os.path.isfile(stem + ".summary.json") else []
     if not summaries:
-        task = next((t for t in TASKS + tuple(TASK_ALIASES) if re.search(rf"(^|[-_/]){t}\.jsonl$", path)), None)
+        task = next((t for t in (*TASKS, *TASK_ALIASES) if re.search(rf"(^|[-_/]){t}\.jsonl$", path)), None)
         if task and os.path.isfile(path):
             return {task_name(task): path}
         raise DataError(f"--run {path}: no eval.py accuracy output (no .summary.json, no TASK.jsonl file)")
@@ -61,14 +66,20 @@ def seed_predictions(path):
     return found
 
 
+def checked_jsonl(path, ok, what):
+    """The records of a JSONL log (a torn last line, as a run still writing leaves, left out); the first
+    record that is not a dict passing ok(record) raises DataError naming FILE:LINE and `what` it should be."""
+    rows = read_jsonl(path, torn_tail=True)
+    if bad := [lineno for lineno, r in rows if not (isinstance(r, dict) and ok(r))]:
+        raise DataError(f"{path}:{bad[0]}: not {what}")
+    return [r for _, r in rows]
+
+
 def read_correct(path):
     """{id: 0 or 1} of a predictions file."""
-    out = {}
-    for lineno, r in read_jsonl(path, torn_tail=True):
-        if not isinstance(r, dict) or not isinstance(r.get("correct"), bool) or "id" not in r:
-            raise DataError(f"{path}:{lineno}: not a prediction record with 'id' and 'correct'")
-        out[r["id"]] = int(r["correct"])
-    return out
+    ok = lambda r: isinstance(r.get("correct"), bool) and "id" in r
+    rows = checked_jsonl(path, ok, "a prediction record with 'id' and 'correct'")
+    return {r["id"]: int(r["correct"]) for r in rows}
 
 
 def item_means(seeds, where):
@@ -98,7 +109,8 @@ def table1(runs, baseline):
             means[t] = item_means([s[t] for s in seeds], f"--run {name} {t}")
             accs[t] = [sum(s[t].values()) / len(s[t]) for s in seeds]
             out[name]["benchmarks"][t] = {"n": len(means[t]), "accuracy": sum(accs[t]) / len(seeds),
-                                          "sem_items": sem(list(means[t].values()), 0), "sem_seeds": sem(accs[t], 1)}
+                                          "sem_items": sem(list(means[t].values()), 0),
+                                          "sem_seeds": sem(accs[t], 1)}
         scores[name] = means, accs
     base_means, base_accs = scores[baseline]
     for name, row in out.items():
@@ -110,7 +122,8 @@ def table1(runs, baseline):
             if bad := [t for t in members if set(means[t]) != set(base_means[t])]:
                 raise DataError(f"--run {name} and --run {baseline}: {bad[0]} predictions of different items")
             base = {t: sum(base_accs[t]) / len(base_accs[t]) for t in members}
-            per_seed = [sum(accs[t][s] - base[t] for t in members) / len(members) for s in range(row["seeds"])]
+            per_seed = [sum(accs[t][s] - base[t] for t in members) / len(members)
+                        for s in range(row["seeds"])]
             paired = [sem([x - base_means[t][i] for i, x in means[t].items()], 0) for t in members]
             row["gains"][group] = {"gain": sum(per_seed) / len(per_seed), "benchmarks": members,
                                    "sem_items": math.sqrt(sum(v * v for v in paired)) / len(members),
@@ -120,41 +133,43 @@ def table1(runs, baseline):
 
 def table_markdown(t):
     """Table 1's layout: a row per run; each group's benchmarks, then its average gain. In %."""
-    pct = lambda v, sign="": f"{100 * v[0]:{sign}.2f} ± {100 * v[1]:.2f}" + (f" ± {100 * v[2]:.2f}" if v[2] is not None else "")
+    def pct(d, key, sign=""):  # d[key] ± its item SEM (± its seed SEM, from two seeds on)
+        seeds = f" ± {100 * d['sem_seeds']:.2f}" if d["sem_seeds"] is not None else ""
+        return f"{100 * d[key]:{sign}.2f} ± {100 * d['sem_items']:.2f}" + seeds
+    shown = {group: [m for m in members if m in t["tasks"]] for group, members in GROUPS.items()}
     head, rows = ["run", "seeds"], []
-    for group, members in GROUPS.items():
-        head += [NAMES[m] for m in members if m in t["tasks"]] + [f"{group} avg gain"] * any(m in t["tasks"] for m in members)
+    for group, members in shown.items():
+        head += [NAMES[m] for m in members] + [f"{group} avg gain"] * bool(members)
     for name, r in t["runs"].items():
         cells = [name, str(r["seeds"])]
-        for group, members in GROUPS.items():
-            cells += [pct([b["accuracy"], b["sem_items"], b["sem_seeds"]]) if (b := r["benchmarks"].get(m)) else "—"
-                      for m in members if m in t["tasks"]]
-            if any(m in t["tasks"] for m in members):
-                g = r["gains"].get(group)
-                cells.append(pct([g["gain"], g["sem_items"], g["sem_seeds"]], "+") if g else "—")
+        for group, members in shown.items():
+            cells += [pct(r["benchmarks"][m], "accuracy") if m in r["benchmarks"] else "—" for m in members]
+            if members:
+                cells.append(pct(r["gains"][group], "gain", "+") if group in r["gains"] else "—")
         rows.append(cells)
     lines = ["| " + " | ".join(c) + " |" for c in [head, ["---"] * len(head)] + rows]
-    return "\n".join(lines) + (f"\n\nAccuracy and gains over {t['baseline']} in %, ± SEM over items (binomial; "
-                               "of the per-item mean over seeds; for gains paired per item), ± SEM over seeds.\n")
+    note = (f"Accuracy and gains over {t['baseline']} in %, ± SEM over items (binomial; of the per-item mean "
+            "over seeds; for gains paired per item), ± SEM over seeds.")
+    return "\n".join(lines) + f"\n\n{note}\n"
 
 
 def run_table(a):
-    runs = {}
+    runs, sources = {}, {}
     for spec in a.run:
         name, eq, paths = spec.partition("=")
         if not eq or not name or not paths or name in runs:
-            raise DataError(f"--run {spec!r}: expected NAME=PATH[,PATH...] (one path per seed), each NAME once")
-        runs[name] = [{t: read_correct(p) for t, p in seed_predictions(path).items()} for path in paths.split(",")]
+            raise DataError(f"--run {spec!r}: expected NAME=PATH[,PATH...] (one path per seed), "
+                            "each NAME once")
+        sources[name] = paths.split(",")
+        runs[name] = [{t: read_correct(p) for t, p in seed_predictions(src).items()} for src in sources[name]]
     baseline = a.baseline or next(iter(runs))
     if baseline not in runs:
         raise DataError(f"--baseline {baseline}: not one of the --run names ({', '.join(runs)})")
     t = table1(runs, baseline)
     text = table_markdown(t)
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
+    if a.out:  # writing makes the directory
         write_text(os.path.join(a.out, "table.md"), text)
-        write_json(os.path.join(a.out, "table.json"), {**t, "sources": {r.partition("=")[0]: r.partition("=")[2].split(",")
-                                                                        for r in a.run}})
+        write_json(os.path.join(a.out, "table.json"), {**t, "sources": sources})
     print(text, end="")
     return t
 
@@ -164,21 +179,19 @@ def run_table(a):
 @torch.no_grad()
 def pooled_states(model, prompts, batch_size=8):
     """[L, N, C] fp32: each block's output (embeddings not counted) mean-pooled over a prompt's tokens."""
-    device = model.lm_head.weight.device
-    captured, pooled = [], []
-    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append(o[0])) for layer in model.model.layers]
+    device, captured, pooled = model.lm_head.weight.device, [], []
+    hooks = [b.register_forward_hook(lambda m, i, o: captured.append(o[0])) for b in model.model.layers]
     try:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
+            # ids (B, T) and real (B, T, 1), right-padded: with the causal mask no real token sees a pad
             T = max(len(p) for p in batch)
-            ids = torch.zeros(len(batch), T, dtype=torch.long, device=device)
-            real = torch.zeros(len(batch), T, 1, device=device)
-            for i, p in enumerate(batch):  # right padding: with the causal mask no real token sees a pad
-                ids[i, :len(p)] = torch.tensor(p)
-                real[i, :len(p)] = 1
+            ids = torch.tensor([p + [0] * (T - len(p)) for p in batch], device=device)
+            real = torch.tensor([[[1.0]] * len(p) + [[0.0]] * (T - len(p)) for p in batch], device=device)
             captured.clear()
             model(ids, return_hidden=True)
-            pooled.append(torch.stack([(h.float() * real).sum(1) / real.sum(1) for h in captured]))  # (L, B, C)
+            # each block's output, averaged over the real tokens: (L, B, C)
+            pooled.append(torch.stack([(h.float() * real).sum(1) / real.sum(1) for h in captured]))
     finally:
         for h in hooks:
             h.remove()
@@ -200,10 +213,11 @@ def pca_shift(base, distilled):
         d = y.mean(0) - mu
         proj = (vh[:2] @ d).abs()
         rel = lambda v, scale: float(v / scale) if scale > 0 else float("nan")
-        rows.append({"layer": layer, "pc1": float(proj[0]), "pc2": float(proj[1]), "full": float(d.norm()),
-                     "pc1_rel": rel(proj[0], sd[0]), "pc2_rel": rel(proj[1], sd[1]),
-                     "full_rel": rel(d.norm(), sd.pow(2).sum().sqrt()),
-                     "var_pc1": float(s[0] ** 2 / s.pow(2).sum()), "var_pc2": float(s[1] ** 2 / s.pow(2).sum())})
+        share = s.pow(2) / s.pow(2).sum()  # of the base's variance, per axis
+        rows.append(dict(layer=layer, pc1=float(proj[0]), pc2=float(proj[1]), full=float(d.norm()),
+                         pc1_rel=rel(proj[0], sd[0]), pc2_rel=rel(proj[1], sd[1]),
+                         full_rel=rel(d.norm(), sd.pow(2).sum().sqrt()),
+                         var_pc1=float(share[0]), var_pc2=float(share[1])))
     return rows
 
 
@@ -216,7 +230,6 @@ def run_pca_shift(a):
     base = pooled_states(model, prompts, a.batch_size)
     load_adapter(model, a.adapter).eval()  # the same weights with the adapter on top; eval: no LoRA dropout
     rows = pca_shift(base, pooled_states(model, prompts, a.batch_size))
-    os.makedirs(a.out, exist_ok=True)
     write_json(os.path.join(a.out, "pca_shift.json"), {"settings": vars(a), "n": len(items), "layers": rows})
     for r in rows:
         print("layer {layer:>3} | shift PC1 {pc1:.4g} PC2 {pc2:.4g} full {full:.4g} | over the base spread "
@@ -232,7 +245,8 @@ def run_pca_shift(a):
 def information_trace(model, tok, inst, teacher):
     """I_0..I_|R| = log p(y | x, r_≤t) along one rationale, exact (compact.py's probe at every prefix, Eq. 2).
 
-    Returns (info [|R|+1], think [|R|] bool, token texts, S_MI by compact.mi_estimate); ΔI_t = info[t] − info[t−1].
+    Returns (info [|R|+1], think [|R|] bool, token texts, S_MI by compact.mi_estimate);
+    ΔI_t = info[t] − info[t−1].
     """
     enc = encode_instance(inst, tok, [teacher], max_len=10**9)
     batch = to_device(collate([enc]), model.lm_head.weight.device)
@@ -247,14 +261,14 @@ def information_trace(model, tok, inst, teacher):
 
 
 def run_mi_trace(a):
-    instances = {inst.id: inst for inst in load_multi_teacher(a.data)}
-    if a.id not in instances:
+    inst = next((i for i in load_multi_teacher(a.data) if i.id == a.id), None)  # ids are unique
+    if inst is None:
         raise DataError(f"--id {a.id}: not in {a.data}")
-    inst = instances[a.id]
     names = [t for t, _ in inst.rationales]
     teacher = a.teacher or (names[0] if names else None)
     if teacher not in names:
-        raise DataError(f"--teacher {teacher}: instance {a.id} has rationales from {', '.join(names) or 'no teacher'}")
+        raise DataError(f"--teacher {teacher}: instance {a.id} has rationales from "
+                        f"{', '.join(names) or 'no teacher'}")
     model, tok = load_student(a.model, None, a.dtype, a.device)
     traces = {"before": information_trace(model, tok, inst, teacher)}
     if a.adapter:
@@ -262,27 +276,27 @@ def run_mi_trace(a):
         traces["after"] = information_trace(model, tok, inst, teacher)
     info, think, tokens, _ = traces["before"]
     os.makedirs(a.out, exist_ok=True)
-    header = ["t", "token", "is_thinking", "I_t", "delta_I"] + (["I_t_after", "delta_I_after"] if a.adapter else [])
+    header = ["t", "token", "is_thinking", "I_t", "delta_I", "I_t_after", "delta_I_after"]
+    steps = list(range(1, len(info)))
+    columns = [steps, tokens, think.int().tolist()]
+    for i, *_ in traces.values():  # I_t and ΔI_t of each trace
+        columns += [i[1:].tolist(), (i[1:] - i[:-1]).tolist()]
     with open(os.path.join(a.out, "trace.csv"), "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for t in range(1, len(info)):
-            extra = [float(v) for i, *_ in traces.values() for v in (i[t], i[t] - i[t - 1])]
-            w.writerow([t, tokens[t - 1], int(think[t - 1])] + extra)
+        csv.writer(f).writerows([header[:len(columns)]] + list(zip(*columns)))
     summary = {}
     for name, (i, th, _, s_mi) in traces.items():
         gain = i[1:] - i[:-1]
         summary[name] = {"I_0": float(i[0]), "I_final": float(i[-1]), "s_mi": s_mi,
                          "mean_gain_thinking": float(gain[th].mean()) if th.any() else None,
                          "mean_gain_other": float(gain[~th].mean()) if (~th).any() else None}
-    write_json(os.path.join(a.out, "trace.json"), {"settings": vars(a), "teacher": teacher, "tokens": len(tokens),
-                                                   **summary})
+    write_json(os.path.join(a.out, "trace.json"),
+               {"settings": vars(a), "teacher": teacher, "tokens": len(tokens), **summary})
     for name, s in summary.items():
         print(f"{name}: " + " | ".join(f"{k} {v:.4f}" for k, v in s.items() if v is not None))
-    steps = list(range(1, len(info)))
     series = {f"ΔI_t {k}": (steps, (i[1:] - i[:-1]).tolist()) for k, (i, *_) in traces.items()}
     marks = [(t, tokens[t - 1].strip()) for t in steps if think[t - 1]]
-    plot(os.path.join(a.out, "trace.png"), "rationale token t (thinking tokens marked)", {"ΔI_t (nats)": series}, marks)
+    plot(os.path.join(a.out, "trace.png"), "rationale token t (thinking tokens marked)",
+         {"ΔI_t (nats)": series}, marks)
     return traces
 
 
@@ -292,6 +306,7 @@ def teacher_dynamics(records):
     """Per teacher: its steps and per-step weight and scores (the plot), mean weight in the first and
     last quarter of the steps, and mean s_mi, s_g, s_d; means weighted by the branch count n."""
     q = max(1, math.ceil(len(records) / 4))
+    first, last = (lambda i: i < q), (lambda i: i >= len(records) - q)  # the first and last quarter
     out = {}
     for name in sorted({t for r in records for t in r["teachers"]}):
         rows = [(i, r["step"], r["teachers"][name]) for i, r in enumerate(records) if name in r["teachers"]]
@@ -299,10 +314,9 @@ def teacher_dynamics(records):
             sel = [(v[key], v["n"]) for i, _, v in rows if keep(i)]
             n = sum(c for _, c in sel)
             return sum(x * c for x, c in sel) / n if n else float("nan")
-        out[name] = {"steps": [s for _, s, _ in rows], "series": {k: [v[k] for _, _, v in rows] for k in TEACHER_STATS},
-                     "weight_first": mean("weight", lambda i: i < q),
-                     "weight_last": mean("weight", lambda i: i >= len(records) - q),
-                     **{k: mean(k) for k in TEACHER_STATS[1:]}}
+        series = {k: [v[k] for _, _, v in rows] for k in TEACHER_STATS}
+        out[name] = dict(steps=[s for _, s, _ in rows], series=series, weight_first=mean("weight", first),
+                         weight_last=mean("weight", last), **{k: mean(k) for k in TEACHER_STATS[1:]})
     return out
 
 
@@ -310,23 +324,19 @@ def run_weights(a):
     path = os.path.join(a.run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise DataError(f"{a.run_dir}: no metrics.jsonl (not a train.py output directory?)")
-    records = []
-    for lineno, r in read_jsonl(path, torn_tail=True):  # a run still writing has a torn last line
-        if not isinstance(r, dict) or "step" not in r or not isinstance(r.get("teachers"), dict):
-            raise DataError(f"{path}:{lineno}: not a metrics record with 'step' and 'teachers'")
-        records.append(r)
+    ok = lambda r: "step" in r and isinstance(r.get("teachers"), dict)
+    records = checked_jsonl(path, ok, "a metrics record with 'step' and 'teachers'")
     if not records:
         raise DataError(f"{path}: no complete steps yet")
     dyn = teacher_dynamics(records)
-    out = a.out or a.run_dir
-    os.makedirs(out, exist_ok=True)
+    out = a.out or a.run_dir  # writing makes the directory
     write_json(os.path.join(out, "weights.json"), {"run": a.run_dir, "steps": len(records), "teachers": {
         k: {m: v for m, v in d.items() if m not in ("steps", "series")} for k, d in dyn.items()}})
     print(f"{len(records)} steps | mean weight in the first and last quarter, mean scores")
     print(f"{'teacher':<16} {'w first':>8} {'w last':>8} {'s_mi':>9} {'s_g':>7} {'s_d':>7}")
     for name, d in dyn.items():
-        print(f"{name:<16} {d['weight_first']:>8.3f} {d['weight_last']:>8.3f} {d['s_mi']:>9.4f} {d['s_g']:>7.3f} "
-              f"{d['s_d']:>7.3f}")
+        print(f"{name:<16} {d['weight_first']:>8.3f} {d['weight_last']:>8.3f} {d['s_mi']:>9.4f} "
+              f"{d['s_g']:>7.3f} {d['s_d']:>7.3f}")
     plot(os.path.join(out, "weights.png"), "optimizer step", {f"mean {key}": {
         name: (d["steps"], d["series"][key]) for name, d in dyn.items()} for key in TEACHER_STATS})
     return dyn
@@ -335,22 +345,23 @@ def run_weights(a):
 # --- COMPACT's scores of a multi-teacher file, before any training ---
 
 def score(a, cfg):
-    """Write one JSON line per rationale with its scores and weight; return (per-teacher means, with how often
-    each teacher got an instance's top weight, and the data stats). The scores are what training would weight
-    with (eval.rationale_scores), less LoRA dropout."""
+    """Write one JSON line per rationale with its scores and weight; return (per-teacher means, with how
+    often each teacher got an instance's top weight, and the data stats). The scores are what training would
+    weight with (eval.rationale_scores), less LoRA dropout."""
     model, tok = load_student(a.model, a.adapter, a.dtype, a.device)
     _, encoded, info = load_data(a.model, a.data, a.max_len, limit=a.limit)
     teachers, drops, rows, tops = info["teachers"], info.get("dropped_per_teacher", {}), [], []
     for e, s in zip(encoded, rationale_scores(model, encoded, cfg, a.batch_size)):
-        rows += [{"id": e.id, "teacher": teachers[t], **{k: s[k][j] for k in TEACHER_STATS}} for j, t in enumerate(e.teacher)]
+        rows += [{"id": e.id, "teacher": teachers[t], **{k: s[k][j] for k in TEACHER_STATS}}
+                 for j, t in enumerate(e.teacher)]
         tops.append(teachers[e.teacher[s["weight"].index(max(s["weight"]))]])
     write_jsonl(a.out, rows)
     summary = {}
     for t in teachers:
         mine = [r for r in rows if r["teacher"] == t]
         if mine or drops.get(t):  # every rationale dropped: n 0
-            summary[t] = {**{k: statistics.mean(r[k] for r in mine) for k in TEACHER_STATS if mine}, "n": len(mine),
-                          "top": tops.count(t), "dropped": drops.get(t, 0)}
+            means = {k: statistics.mean(r[k] for r in mine) for k in TEACHER_STATS if mine}
+            summary[t] = {**means, "n": len(mine), "top": tops.count(t), "dropped": drops.get(t, 0)}
     return summary, info
 
 
@@ -359,11 +370,12 @@ def run_score(a):
     summary, info = score(a, cfg)
     write_json(os.path.splitext(a.out)[0] + ".settings.json", {"score": vars(a), "compact": asdict(cfg),
                "data_stats": {k: v for k, v in info.items() if k != "teachers"}})
-    print(f"{'teacher':<24} {'n':>6} {'weight':>7} {'s_mi':>8} {'s_g':>7} {'s_d':>7} {'top':>6} {'dropped':>8}")
+    print(f"{'teacher':<24} {'n':>6} {'weight':>7} {'s_mi':>8} {'s_g':>7} {'s_d':>7} {'top':>6} "
+          f"{'dropped':>8}")
     nan = float("nan")
     for t, r in summary.items():  # dropped: rationales longer than --max-len, left out
-        print(f"{t:<24} {r['n']:>6} {r.get('weight', nan):>7.3f} {r.get('s_mi', nan):>8.4f} {r.get('s_g', nan):>7.3f} "
-              f"{r.get('s_d', nan):>7.3f} {r['top']:>6} {r['dropped']:>8}")
+        print(f"{t:<24} {r['n']:>6} {r.get('weight', nan):>7.3f} {r.get('s_mi', nan):>8.4f} "
+              f"{r.get('s_g', nan):>7.3f} {r.get('s_d', nan):>7.3f} {r['top']:>6} {r['dropped']:>8}")
     return summary
 
 
@@ -400,10 +412,12 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("table", help="Table 1: accuracy per benchmark, average gains over a baseline, SEMs")
     t.add_argument("--run", action="append", required=True, metavar="NAME=PATH[,PATH...]",
-                   help="a run's eval.py accuracy outputs, one PATH per seed (its --out, summary or directory); repeat")
+                   help="a run's eval.py accuracy outputs, one PATH per seed (its --out, summary or "
+                        "directory); repeat")
     t.add_argument("--baseline", help="the run gains are measured against (default: the first --run)")
     t.add_argument("--out", help="directory for table.md and table.json")
-    pca = sub.add_parser("pca-shift", help="per-layer centroid shift of the distilled student in the base's PCA frame")
+    pca = sub.add_parser("pca-shift", help="per-layer centroid shift of the distilled student in the base's "
+                                           "PCA frame")
     student_flags(pca, adapter_required=True)
     pca.add_argument("--task", required=True)
     pca.add_argument("--data", required=True)
@@ -417,7 +431,7 @@ def build_parser():
     w = sub.add_parser("weights", help="teacher weight dynamics of a train.py run (metrics.jsonl)")
     w.add_argument("run_dir")
     w.add_argument("--out", help="directory for weights.png and weights.json (default: RUN_DIR)")
-    s = sub.add_parser("score", help="COMPACT's scores and weights of every rationale of a multi-teacher file")
+    s = sub.add_parser("score", help="COMPACT's scores and weights of each rationale of a multi-teacher file")
     student_flags(s, batch_size=4)
     s.add_argument("--data", required=True, help="multi-teacher JSONL (SPEC.md §8)")
     s.add_argument("--out", required=True, help="scores JSONL, one line per rationale")
@@ -430,14 +444,9 @@ def main(argv=None):
     a = build_parser().parse_args(argv)
     with user_errors(f"analysis.py {a.command}"):
         if a.command in ("pca-shift", "mi-trace", "score"):
-            for flag in ("batch_size", "limit", "max_len"):
-                if getattr(a, flag, None) is not None and getattr(a, flag) < 1:
-                    raise DataError(f"--{flag.replace('_', '-')} must be >= 1")
-            if a.device == "cuda" and not torch.cuda.is_available():
-                raise DataError("--device cuda: no CUDA device here")
-            a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
-        return {"table": run_table, "pca-shift": run_pca_shift, "mi-trace": run_mi_trace, "weights": run_weights,
-                "score": run_score}[a.command](a)
+            check_student_flags(a, ("batch_size", "limit", "max_len"))
+        return {"table": run_table, "pca-shift": run_pca_shift, "mi-trace": run_mi_trace,
+                "weights": run_weights, "score": run_score}[a.command](a)
 
 
 if __name__ == "__main__":

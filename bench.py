@@ -8,17 +8,17 @@ Synthetic ids on a random Qwen2-shaped model ("small": hidden 512, 8 layers, 8/2
 vocab 32000, tied, 40M), LoRA r=16, alpha 32, dropout 0 on all 7 projections, AdamW. An instance is a 32-token
 prompt and K rationales with thinking marks, then cue (4) ⊕ y (4) ⊕ close ⊕ eot. Mixes (MIXES): "long", the
 long-CoT mix of four teachers, two instruct-style (about 40 and 80 tokens) and two long traces (about 400 and
-700), each ±25% per question, B = 4; "equal", K = 4 branches of --seq tokens (the others up to 10% shorter), B = 1.
-Per mix: supervised tokens/s of a COMPACT step (train.train_step: forward, backward, clipping, AdamW, stats sync),
-the tokens of the padded [B, K, T] layout and of the packed row, step peak memory with and without gradient
-checkpointing, COMPACT/uniform and the probe's share (alpha = 0 skips only the probe), and transformers + PEFT
-(the same weights, the batch padded to [B·K, T] as its users run it) over our plain LoRA SFT step.
-Timing: a warmup call, then --repeats rounds running each configuration --steps times in turn (load from other
-processes falls on all alike); the median round, ratios as the median [min, max] of per-round ratios. Peak memory:
-the most tensor memory a call holds above what was live before it (CUDA: the allocator; CPU: the profiler's
-allocation events). MFU = model FLOPs of the LoRA training pass / step time / peak dense bf16, per real token
-4·N_frozen + 6·N_lora (N: linear weights incl. lm_head) + 12·L·C per attended pair, probe not counted.
-Left out: multi-GPU, data loading and tokenisation, generation.
+700), each ±25% per question, B = 4; "equal", K = 4 branches of --seq tokens (the others up to 10% shorter),
+B = 1. Per mix: supervised tokens/s of a COMPACT step (train.train_step: forward, backward, clipping, AdamW,
+stats sync), the tokens of the padded [B, K, T] layout and of the packed row, step peak memory with and
+without gradient checkpointing, COMPACT/uniform and the probe's share (alpha = 0 skips only the probe), and
+transformers + PEFT (the same weights, the batch padded to [B·K, T] as its users run it) over our plain LoRA
+SFT step. Timing: a warmup call, then --repeats rounds running each configuration --steps times in turn (load
+from other processes falls on all alike); the median round, ratios as the median [min, max] of per-round
+ratios. Peak memory: the most tensor memory a call holds above what was live before it (CUDA: the allocator;
+CPU: the profiler's allocation events). MFU = model FLOPs of the LoRA training pass / step time / peak dense
+bf16, per real token 4·N_frozen + 6·N_lora (N: linear weights incl. lm_head) + 12·L·C per attended pair, probe
+not counted. Left out: multi-GPU, data loading and tokenisation, generation.
 """
 import argparse
 import contextlib
@@ -29,17 +29,18 @@ import math
 import os
 import random
 import re
-import resource
-import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
+from resource import RUSAGE_SELF, getrusage
+from statistics import mean, median
 
 import torch
 
-from compact import CompactConfig, mi_estimate, packed_forward, probe_information, probe_plan, rationale_view, token_nll
-from data import ANSWER, CLOSE, CUE, EOT, PROMPT, RATIONALE, EncodedInstance, Instance, add_config_args, collate, \
-    config_from_args, encode_dataset, to_device
+from compact import (CompactConfig, mi_estimate, packed_forward, probe_information, probe_plan,
+                     rationale_view, token_nll)
+from data import (ANSWER, CLOSE, CUE, EOT, PROMPT, RATIONALE, EncodedInstance, Instance, add_config_args,
+                  collate, config_from_args, encode_dataset, to_device)
 from lora import TARGETS, apply_lora
 from model import ModelArgs, Transformer, compile_blocks
 from train import TrainConfig, train_step
@@ -51,8 +52,8 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, FLOP/s
 PROMPT_LEN, CUE_LEN, ANSWER_LEN = 32, 4, 4
 MIXES = {"long": ((40, 80, 400, 700), 0.25, 4), "equal": (None, 0.1, 1)}  # rationale lengths, spread, B
 LAWS = {"fixed 48 (the previous default)": dict(mi_budget=48, mi_budget_frac=0.0, mi_budget_cap=0),
-        "fixed 96": dict(mi_budget=96, mi_budget_frac=0.0, mi_budget_cap=0),
-        "max(64, 0.3 |R|), cap 192": dict(mi_budget=64, mi_budget_frac=0.3, mi_budget_cap=192)}  # beside the default
+        "fixed 96": dict(mi_budget=96, mi_budget_frac=0.0, mi_budget_cap=0),  # --mi-sweep: and the default
+        "max(64, 0.3 |R|), cap 192": dict(mi_budget=64, mi_budget_frac=0.3, mi_budget_cap=192)}
 
 
 @dataclass
@@ -76,13 +77,13 @@ class BenchConfig:
     mi_keys: int = 16  # sampled estimates per instance (rng keys)
     mi_train_steps: int = 200  # plain LM steps for the agreement student (60 left ΔI_t at noise level)
     mi_vocab: int = 1024  # its BPE tokenizer, trained on the bench's own texts
-    mi_model: str = ""  # also a real student (a Hugging Face directory) for mi_agreement, with its own tokenizer
+    mi_model: str = ""  # also a real student (a Hugging Face directory, its own tokenizer) for mi_agreement
     mi_sweep: bool = False  # mi_agreement and the long mix's COMPACT/uniform for every law in LAWS too
     no_mi: bool = False  # skip mi_agreement
     compile: bool = False  # also time torch.compile'd blocks (ours and HF's) against each other
     no_naive: bool = False  # skip the per-prefix probe loop (big shapes)
     no_hf: bool = False  # skip transformers + PEFT
-    json: bool = False  # print one JSON line instead of the table
+    json: bool = False  # print one JSON line instead of the same dict indented
     threads: int = 0  # torch.set_num_threads (0 = torch's default); 1 is steadier on a loaded machine
     seed: int = 0
 
@@ -100,12 +101,14 @@ class BenchConfig:
             raise ValueError(f"--seq must be >= {PROMPT_LEN + CUE_LEN + ANSWER_LEN + 12}")
 
 
-def hf_config(c: BenchConfig) -> dict:
-    return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu",
-            "hidden_size": c.hidden, "num_hidden_layers": c.layers, "num_attention_heads": c.heads,
-            "num_key_value_heads": c.kv_heads, "intermediate_size": c.intermediate, "vocab_size": c.vocab,
-            "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": True,
-            "use_sliding_window": False, "sliding_window": None, "torch_dtype": c.dtype}
+def random_qwen2(c: BenchConfig) -> Transformer:
+    """Our Transformer, randomly initialised, of a Qwen2 config.json with c's sizes and dtype."""
+    cfg = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu", vocab_size=c.vocab,
+               hidden_size=c.hidden, intermediate_size=c.intermediate, num_hidden_layers=c.layers,
+               num_attention_heads=c.heads, num_key_value_heads=c.kv_heads, rms_norm_eps=1e-6, rope_theta=1e6,
+               max_position_embeddings=32768, tie_word_embeddings=True, use_sliding_window=False,
+               sliding_window=None, torch_dtype=c.dtype)
+    return Transformer(ModelArgs.from_hf_config(cfg), cfg)
 
 
 def synth_instances(c: BenchConfig, mix, seed=0):
@@ -114,16 +117,16 @@ def synth_instances(c: BenchConfig, mix, seed=0):
     lengths, spread, B = MIXES[mix]
     rand = lambda n: [g.randrange(c.vocab - 1) for _ in range(n)]
     tail = [CUE] * CUE_LEN + [ANSWER] * ANSWER_LEN + [CLOSE, EOT]
-    out = []
+    answer_mask, out = [False] * CUE_LEN + [True] * ANSWER_LEN, []
     for b in range(B):
         prompt, cue, y = rand(PROMPT_LEN), rand(CUE_LEN), rand(ANSWER_LEN)
         ns = [round(m * g.uniform(1 - spread, 1 + spread)) for m in lengths] if lengths else \
             [c.seq - PROMPT_LEN - len(tail) - (g.randint(0, c.seq // 10) if k else 0) for k in range(4)]
-        branches = [(prompt + rand(n) + cue + y + rand(1) + [c.vocab - 1], [PROMPT] * PROMPT_LEN + [RATIONALE] * n + tail,
+        branches = [(prompt + rand(n) + cue + y + rand(1) + [c.vocab - 1],
+                     [PROMPT] * PROMPT_LEN + [RATIONALE] * n + tail,
                      [False] * PROMPT_LEN + [g.random() < (1 / 8 if n > 200 else 1 / 32) for _ in range(n)] +
                      [False] * len(tail)) for n in ns]
-        out.append(EncodedInstance(f"bench-{b}", branches, list(range(len(ns))), cue + y,
-                                   [False] * CUE_LEN + [True] * ANSWER_LEN))
+        out.append(EncodedInstance(f"bench-{b}", branches, list(range(len(ns))), cue + y, answer_mask))
     return out
 
 
@@ -132,18 +135,17 @@ def mix_data(c, mix, device):
     encoded = synth_instances(c, mix, c.seed)
     rows = [(ids, codes) for e in encoded for ids, codes, _ in e.branches]
     T = max(len(ids) for ids, _ in rows)
-    pad = lambda x, v: x + [v] * (T - len(x))
-    hf = {"input_ids": [pad(i, 0) for i, _ in rows], "attention_mask": [pad([1] * len(i), 0) for i, _ in rows],
-          "labels": [pad([t if s > PROMPT else -100 for t, s in zip(i, cs)], -100) for i, cs in rows]}
-    return encoded, to_device(collate(encoded), device), {k: torch.tensor(v, device=device) for k, v in hf.items()}
+    pad = lambda x, v=0: torch.tensor([row + [v] * (T - len(row)) for row in x], device=device)
+    hf = {"input_ids": pad([i for i, _ in rows]), "attention_mask": pad([[1] * len(i) for i, _ in rows]),
+          "labels": pad([[t if s > PROMPT else -100 for t, s in zip(i, cs)] for i, cs in rows], -100)}
+    return encoded, to_device(collate(encoded), device), hf
 
 
 def build_model(c: BenchConfig, device, save_dir=None):
     """Random Qwen2 → base dtype → (saved for transformers) → LoRA (fp32) → device, as train.build_model."""
-    cfg = hf_config(c)
     torch.manual_seed(c.seed)
     with device:  # initialise on the device: a 1.5B fp32 init on a CPU takes minutes
-        model = Transformer(ModelArgs.from_hf_config(cfg), cfg).to(getattr(torch, c.dtype))
+        model = random_qwen2(c).to(getattr(torch, c.dtype))
     if save_dir:
         model.save_pretrained(save_dir)
     apply_lora(model, rank=c.lora_rank, alpha=2 * c.lora_rank, dropout=0.0)
@@ -153,53 +155,46 @@ def build_model(c: BenchConfig, device, save_dir=None):
 def build_hf_peft(c: BenchConfig, path, device, compiled=False):
     """The same weights as transformers' Qwen2ForCausalLM + PEFT LoRA of the same settings."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-    logging.disable_progress_bar()  # stderr noise around the table
+    from transformers import AutoModelForCausalLM, logging
+    logging.disable_progress_bar()  # stderr noise around the output
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, c.dtype), attn_implementation="sdpa")
-    lora = LoraConfig(r=c.lora_rank, lora_alpha=2 * c.lora_rank, target_modules=list(TARGETS), lora_dropout=0.0,
-                      task_type="CAUSAL_LM")
-    hf = get_peft_model(hf.to(device), lora).train()  # adapters fp32 (PEFT's autocast_adapter_dtype), like ours
-    if compiled:  # its layers' wrapper recompiles per layer instance: let all compile, not run eager past the limit
+    lora = LoraConfig(r=c.lora_rank, lora_alpha=2 * c.lora_rank, target_modules=list(TARGETS),
+                      lora_dropout=0.0, task_type="CAUSAL_LM")
+    hf = get_peft_model(hf.to(device), lora).train()  # adapters fp32 (PEFT's autocast_adapter_dtype), as ours
+    if compiled:  # its layer wrapper recompiles per layer instance: let all compile, none run eager
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * c.layers)
         for layer in hf.get_base_model().model.layers:
             layer.compile()
     return hf
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def timed(fn, device, calls=1):
+    """(seconds per call over `calls` calls of fn, the device synchronised around them; the last result)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        out = fn()
+    sync(device)
+    return (time.perf_counter() - t0) / calls, out
 
 
 def interleaved(fns, c: BenchConfig, device):
-    """Median seconds per call of each fn, and the per-round times under the key "rounds"."""
-    times = {name: [] for name in fns}
+    """({name: median seconds per call}, {name: per-round seconds}) of each fn, rounds taken in turn."""
+    rounds = {name: [] for name in fns}
     for r in range(c.repeats + 1):  # round 0 is the warmup
         for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(c.steps if r else 1):
-                fn()
-            sync(device)
-            times[name] += [(time.perf_counter() - t0) / c.steps] if r else []
-    return {**{name: statistics.median(t) for name, t in times.items()}, "rounds": times}
-
-
-def ratio(rounds, a, b):
-    """time(a) / time(b): the median of the per-round ratios and their [min, max]."""
-    r = [x / y for x, y in zip(rounds[a], rounds[b])]
-    return statistics.median(r), [min(r), max(r)]
+            t, _ = timed(fn, device, c.steps if r else 1)
+            rounds[name] += [t] if r else []
+    return {name: median(t) for name, t in rounds.items()}, rounds
 
 
 def step_peak_mb(fn, device):
     """The most tensor memory one call of fn holds above what was allocated before it, MB."""
-    sync(device)
     if device.type == "cuda":
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        sync(device)
+        timed(fn, device)  # one call, the device synchronised before and after
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -212,13 +207,13 @@ def step_peak_mb(fn, device):
 def our_step(model, batch, ccfg, device, autocast):
     """One train.train_step (one micro-batch) under CompactConfig ccfg."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    B, K = batch["branch_mask"].shape
-    cfg = TrainConfig(model="random", data="synthetic")
+    cfg, (B, K) = TrainConfig(model="random", data="synthetic"), batch["branch_mask"].shape
     return lambda: train_step(model, opt, [batch], 1e-4, B, K, cfg, ccfg, device, autocast)
 
 
 def hf_step(hf, pad, autocast):
-    """Plain SFT cross-entropy over the padded [B·K, T] batch, the same optimizer and clipping as train_step."""
+    """Plain SFT cross-entropy over the padded [B·K, T] batch, the same optimizer and clipping as
+    train_step."""
     params = [p for p in hf.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     def step():
@@ -232,76 +227,69 @@ def hf_step(hf, pad, autocast):
     return step
 
 
-def bench_mix(c, mix, model, hf, hf_dir, device, autocast):
-    """Every step measurement of one mix, as a dict (see the file docstring); the models train as it runs."""
-    encoded, batch, pad = mix_data(c, mix, device)
-    (B, K), real = batch["branch_mask"].shape, sum(len(ids) for e in encoded for ids, _, _ in e.branches)
-    r = {"instances": B, "branches": K, "longest": pad["input_ids"].shape[1], "supervised": int(batch["sft_mask"].sum()),
-         "tokens_padded": pad["input_ids"].numel(), "tokens_real": real, "tokens_packed": len(batch["input_ids"]),
-         "padding_before": 1 - real / pad["input_ids"].numel()}
-    laws = {"compact": {}, **({f"compact {law}": kw for law, kw in LAWS.items()} if c.mi_sweep and mix == "long" else {})}
+def bench_mix(c, mix, encoded, batch, pad, model, hf, hf_dir, device, autocast):
+    """Every step measurement of one mix (mix_data), as a dict (see the file docstring); the models train."""
+    real, padded = sum(len(ids) for e in encoded for ids, _, _ in e.branches), pad["input_ids"].numel()
+    r = dict(instances=len(encoded), branches=batch["branch_mask"].shape[1],
+             longest=pad["input_ids"].shape[1], supervised=int(batch["sft_mask"].sum()), tokens_padded=padded,
+             tokens_real=real, tokens_packed=len(batch["input_ids"]), padding_before=1 - real / padded)
+    laws = {"compact": {}, **{f"compact {k}": kw for k, kw in LAWS.items() if c.mi_sweep and mix == "long"}}
     configs = {"uniform": dict(weighting="uniform"), "compact_no_mi": dict(alpha=0.0),
                "sft": dict(weighting="uniform", mcon_lambda=0.0), **laws}
-    fns = {name: our_step(model, batch, CompactConfig(**kw), device, autocast) for name, kw in configs.items()}
+    fns = {k: our_step(model, batch, CompactConfig(**kw), device, autocast) for k, kw in configs.items()}
     fns.update({"hf_peft": hf_step(hf, pad, autocast)} if hf is not None else {})
     if c.compile:
-        fns["sft_compiled"] = our_step(compile_blocks(build_model(c, device)), batch, CompactConfig(**configs["sft"]),
-                                       device, autocast)
-        fns.update({"hf_peft_compiled": hf_step(build_hf_peft(c, hf_dir, device, True), pad, autocast)} if hf else {})
-        r["compile_s"] = {}
-        for name in [k for k in fns if k.endswith("compiled")]:  # compiles, then recompiles (no-grad input)
-            sync(device)
-            t0 = time.perf_counter()
-            fns[name](), fns[name]()
-            r["compile_s"][name] = time.perf_counter() - t0
-    times = interleaved(fns, c, device)
-    rounds = times.pop("rounds")
+        compiled = compile_blocks(build_model(c, device))
+        fns["sft_compiled"] = our_step(compiled, batch, CompactConfig(**configs["sft"]), device, autocast)
+        if hf is not None:
+            fns["hf_peft_compiled"] = hf_step(build_hf_peft(c, hf_dir, device, True), pad, autocast)
+        # the first two calls: compile, then recompile (no-grad input); less two warm calls below
+        r["compile_s"] = {k: 2 * timed(fns[k], device, 2)[0] for k in fns if k.endswith("compiled")}
+    times, rounds = interleaved(fns, c, device)
     r.update(times_s=times, tokens_per_s=r["supervised"] / times["compact"],
              probe_share=1 - times["compact_no_mi"] / times["compact"])
-    for name in laws:
-        key = name.replace("compact", "compact_over_uniform")
-        r[key], r[key + "_range"] = ratio(rounds, name, "uniform")
-    for mine, theirs in (("sft", "hf_peft"), ("sft_compiled", "hf_peft_compiled")):
-        if theirs in times:
-            r[f"vs_{theirs}"], r[f"vs_{theirs}_range"] = ratio(rounds, theirs, mine)
+    ratios = [(k.replace("compact", "compact_over_uniform"), k, "uniform") for k in laws]  # (key, a, b)
+    ratios += [(f"vs_{k}", k, k.replace("hf_peft", "sft")) for k in times if k.startswith("hf_peft")]
+    for key, a, b in ratios:  # time a / time b: the median of the per-round ratios, and their [min, max]
+        x = [p / q for p, q in zip(rounds[a], rounds[b])]
+        r[key], r[key + "_range"] = median(x), [min(x), max(x)]
     if c.compile:
-        r["compile_s"] = {k: t - 2 * times[k] for k, t in r["compile_s"].items()}  # two first calls less two warm
+        r["compile_s"] = {k: t - 2 * times[k] for k, t in r["compile_s"].items()}
     r["step_peak_mb"] = {}
     for gc in (False, True):
         model.gradient_checkpointing = gc
-        r["step_peak_mb"].update({name + "_gc" * gc: step_peak_mb(fns[name], device) for name in ("compact", "sft")})
         if hf is not None:
-            hf.gradient_checkpointing_enable({"use_reentrant": False}) if gc else hf.gradient_checkpointing_disable()
-            r["step_peak_mb"]["hf_peft" + "_gc" * gc] = step_peak_mb(fns["hf_peft"], device)
+            hf.gradient_checkpointing_enable({"use_reentrant": False}) if gc else \
+                hf.gradient_checkpointing_disable()
+        for name in [k for k in ("compact", "sft", "hf_peft") if k in fns]:
+            r["step_peak_mb"][name + "_gc" * gc] = step_peak_mb(fns[name], device)
     model.gradient_checkpointing = False
     if device.type == "cuda" and c.dtype == "bfloat16":
         peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name(device)), None)
-        r["mfu"] = flops_per_step(model, encoded, c) / times["compact"] / peak if peak else None
+        flops = flops_per_step(model, encoded, r["tokens_packed"], c)
+        r["mfu"] = flops / times["compact"] / peak if peak else None
     return r
 
 
-def flops_per_step(model, encoded, c: BenchConfig):
-    """Model FLOPs of one LoRA training pass over the packed row: per token 4·N_frozen + 6·N_lora, plus 12·L·C
-    per (query, key) pair that attention computes."""
+def flops_per_step(model, encoded, tokens, c: BenchConfig):
+    """Model FLOPs of one LoRA training pass over the packed row of `tokens` tokens: per token 4·N_frozen +
+    6·N_lora, plus 12·L·C per (query, key) pair that attention computes."""
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad and p.dim() == 2)  # tied: once
-    if not model.args.tie_word_embeddings:  # an untied embedding is a lookup, not a matmul
-        n_frozen -= model.model.embed_tokens.weight.numel()
-    L = [e.branches[0][1].count(PROMPT) for e in encoded]
-    tokens = sum(l + sum(len(ids) - l for ids, _, _ in e.branches) for l, e in zip(L, encoded))
+    # frozen matrices (the tied lm_head once); an untied embedding is a lookup, not a matmul
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad and p.dim() == 2)
+    n_frozen -= 0 if model.args.tie_word_embeddings else model.model.embed_tokens.weight.numel()
     pairs = sum(len(ids) * (len(ids) + 1) / 2 for e in encoded for ids, _, _ in e.branches)
     return tokens * (4 * n_frozen + 6 * n_lora) + 12 * c.layers * c.heads * model.args.head_dim * pairs
 
 
-def probe_fns(model, c, device):
-    """The exact I_t of one long branch two ways: the one-pass probe over its K/V, and the obvious loop (one
-    forward of prompt ⊕ r_≤t ⊕ cue ⊕ y per prefix; logits only where y is read)."""
+def probe_check(model, c, device, autocast):
+    """The exact I_t of one long branch two ways, timed and compared: the one-pass probe over its K/V, and the
+    obvious loop (one forward of prompt ⊕ r_≤t ⊕ cue ⊕ y per prefix; logits only where y is read)."""
     e = synth_instances(c, "long", c.seed)[0]
-    ids, codes, think = e.branches[2]
-    one = EncodedInstance(e.id, [(ids, codes, think)], [0], e.probe_ids, e.probe_answer_mask)
+    one = EncodedInstance(e.id, e.branches[2:3], [0], e.probe_ids, e.probe_answer_mask)  # the 400-token one
     batch = to_device(collate([one]), device)
     plan = probe_plan(*rationale_view(batch), CompactConfig(mi_budget=0))
-    L, y = codes.count(PROMPT), torch.tensor(e.probe_ids, device=device)
+    L, y = e.branches[2][1].count(PROMPT), torch.tensor(e.probe_ids, device=device)
     def one_pass():
         _, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)
         return probe_information(model, aux.kv, batch, plan)[0]
@@ -309,14 +297,23 @@ def probe_fns(model, c, device):
         hs = [model(torch.cat([batch["input_ids"][:L + t], y])[None], return_hidden=True)[0]
               for t in plan.prefix[0].tolist()]
         return torch.stack([-token_nll(model.lm_head, h[-ANSWER_LEN - 1:-1], y[CUE_LEN:]).sum() for h in hs])
-    return one_pass, naive
+    with torch.no_grad(), autocast():
+        times, _ = interleaved({"one_pass": one_pass}, replace(c, repeats=1), device)
+        t, want = timed(naive, device)
+        return dict(probe_speedup=t / times["one_pass"], probe_prefixes=len(want),
+                    probe_max_abs_diff=(one_pass() - want).abs().max().item())
+
+
+def sft_nll(model, batch):
+    """Plain LoRA SFT's loss of a collate row: the mean next-token NLL of its supervised tokens."""
+    h, sel = packed_forward(model, batch, return_hidden=True), batch["sft_mask"]
+    return token_nll(model.lm_head, h[batch["prev"][sel]], batch["input_ids"][sel]).mean()
 
 
 def run_bench(c: BenchConfig) -> dict:
     """Every measurement as one dict (the --json line): per mix, the probe, S_MI agreement."""
     device = torch.device(c.device)
-    if c.threads:
-        torch.set_num_threads(c.threads)
+    torch.set_num_threads(c.threads or torch.get_num_threads())  # 0: as torch set it
     cuda_bf16 = device.type == "cuda" and c.dtype == "bfloat16"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda_bf16 else contextlib.nullcontext
     hf_ok = not c.no_hf and all(importlib.util.find_spec(m) for m in ("transformers", "peft"))
@@ -324,25 +321,16 @@ def run_bench(c: BenchConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
         model = build_model(c, device, tmp if hf_ok else None)
         hf = build_hf_peft(c, tmp, device) if hf_ok else None
-        losses = {}  # before any step (LoRA B = 0) the same weights give the same loss, or the comparison is off
-        with torch.no_grad(), autocast():
-            for mix in c.mix.split(","):
-                _, batch, pad = mix_data(c, mix, device)
-                h, sel = packed_forward(model, batch, return_hidden=True), batch["sft_mask"]
-                ours = token_nll(model.lm_head, h[batch["prev"][sel]], batch["input_ids"][sel]).mean().item()
-                losses[mix] = abs(hf(**pad).loss.item() - ours) if hf else None
-        r.update({mix: {**bench_mix(c, mix, model, hf, tmp, device, autocast), "hf_loss_abs_diff": losses[mix]}
-                  for mix in c.mix.split(",")})
+        data = {mix: mix_data(c, mix, device) for mix in c.mix.split(",")}
+        with torch.no_grad(), autocast():  # before any step (LoRA B = 0) the same weights give the same loss
+            gaps = {mix: abs(hf(**pad).loss.item() - sft_nll(model, batch).item()) if hf else None
+                    for mix, (_, batch, pad) in data.items()}
+        for mix, d in data.items():  # d: (encoded, batch, pad)
+            r[mix] = bench_mix(c, mix, *d, model, hf, tmp, device, autocast) | {"hf_loss_abs_diff": gaps[mix]}
     if not c.no_naive:
-        one_pass, naive = probe_fns(model, c, device)
-        with torch.no_grad(), autocast():
-            times = interleaved({"one_pass": one_pass}, replace(c, repeats=1), device)
-            t0 = time.perf_counter()
-            want = naive()
-            r.update(probe_speedup=(time.perf_counter() - t0) / times["one_pass"], probe_prefixes=len(want),
-                     probe_max_abs_diff=(one_pass() - want).abs().max().item())
+        r.update(probe_check(model, c, device, autocast))
     r.update(params_m=sum(p.numel() for p in model.parameters()) / 1e6,  # tied lm_head counted once
-             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, loadavg=os.getloadavg()[0],
+             peak_rss_mb=getrusage(RUSAGE_SELF).ru_maxrss / 1024, loadavg=os.getloadavg()[0],
              device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     if not c.no_mi:
         r["mi"] = mi_agreement(c)
@@ -358,31 +346,33 @@ MUSING_WORDS = ("Wait", "Hmm", "So", "But", "Let", "Maybe", "Okay", "Now", "Then
 def mi_instances(c: BenchConfig):
     """(instances, source): per question 3 short rationales (the GSM8K solution as written, with a check, with
     a restatement) and one long thinking-dense one of about c.mi_long_words words: the solution's sentences
-    spread among musings, each a thinking word and 2-4 prose words of MATH500 solutions (about one thinking word
-    in seven tokens). Without the benchmark files: synthesised text, and the source says so."""
+    spread among musings, each a thinking word and 2-4 prose words of MATH500 solutions (about one thinking
+    word in seven tokens). Without the benchmark files: synthesised text, and the source says so."""
     gsm, mth = os.path.join(BENCHMARKS, "gsm8k_test.jsonl"), os.path.join(BENCHMARKS, "math500_test.jsonl")
     rng = random.Random(c.seed)
     if os.path.exists(gsm) and os.path.exists(mth):
         rows = [json.loads(line) for line in open(gsm, encoding="utf-8")][:c.mi_questions]
         qa = [(r["question"], re.sub(r"<<[^>]*>>", "", r["answer"].partition("####")[0]).strip(),
                r["answer"].partition("####")[2].strip().replace(",", "")) for r in rows]
+        # MATH500's prose words: its LaTeX would dilute the thinking words
         filler = [w for line in open(mth, encoding="utf-8") for w in json.loads(line)["solution"].split()
-                  if re.fullmatch(r"[A-Za-z]+[,.]?", w)]  # its prose words: LaTeX would dilute the thinking words
+                  if re.fullmatch(r"[A-Za-z]+[,.]?", w)]
         source = "GSM8K test solutions + MATH500 solution text"
     else:
-        qa = [(f"Tom has {a} apples and buys {b} more. How many apples?", f"He has {a} + {b} = {a + b} apples.",
-               str(a + b)) for a, b in ((rng.randint(2, 50), rng.randint(2, 50)) for _ in range(c.mi_questions))]
+        sums = [(rng.randint(2, 50), rng.randint(2, 50)) for _ in range(c.mi_questions)]
+        qa = [(f"Tom has {a} apples and buys {b} more. How many apples?",
+               f"He has {a} + {b} = {a + b} apples.", str(a + b)) for a, b in sums]
         filler = ("we could count the pieces again and check each total against the sums above " * 50).split()
         source = "synthesised text (no benchmark files found)"
     instances = []
     for i, (q, sol, ans) in enumerate(qa):
         sentences, musings = re.split(r"(?<=[.\n])\s+", sol), []
         while sum(len(x.split()) for x in musings) + len(sol.split()) < c.mi_long_words:
-            j = rng.randrange(len(filler) - 8)
-            musings.append(f"{rng.choice(MUSING_WORDS)}, {' '.join(filler[j:j + rng.randint(2, 4)]).rstrip(',.')}.")
-        every = max(1, len(musings) // len(sentences))  # the solution's sentences in order, spread among musings
-        long = " ".join(m for i, x in enumerate(musings) for m in ([sentences[i // every]] if i % every == 0 and
-                        i // every < len(sentences) else []) + [x]) + " " + sentences[-1]
+            j, word = rng.randrange(len(filler) - 8), rng.choice(MUSING_WORDS)
+            musings.append(f"{word}, {' '.join(filler[j:j + rng.randint(2, 4)]).rstrip(',.')}.")
+        every = max(1, len(musings) // len(sentences))  # the solution's sentences in order, among the musings
+        lead = lambda k: [sentences[k // every]] if k % every == 0 and k // every < len(sentences) else []
+        long = " ".join(m for k, x in enumerate(musings) for m in lead(k) + [x]) + " " + sentences[-1]
         instances.append(Instance(f"mi-{i}", q, ans, "gsm8k", [
             ("short", sol), ("short-check", f"{sol} Check: that gives {ans}."),
             ("short-restated", f"We need the total asked for. {sol}"), ("long", long)]))
@@ -390,31 +380,28 @@ def mi_instances(c: BenchConfig):
 
 
 def train_student(model, batches, steps, lr=3e-3):
-    """A few AdamW steps of plain next-token loss on the bench's own rows, so that I_t responds to the rationale
-    (a random student's I_t is nearly flat and its gains are noise)."""
+    """A few AdamW steps of plain next-token loss on the bench's own rows, so that I_t responds to the
+    rationale (a random student's I_t is nearly flat and its gains are noise)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
-    for s in range(steps):
-        b = batches[s % len(batches)]
-        h, sel = packed_forward(model, b, return_hidden=True), b["sft_mask"]
-        token_nll(model.lm_head, h[b["prev"][sel]], b["input_ids"][sel]).mean().backward()
+    for b in itertools.islice(itertools.cycle(batches), steps):
+        sft_nll(model, b).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return model.eval()
 
 
 def kendall_tau(a, b):
-    pairs = [(i, j) for i in range(len(a)) for j in range(i + 1, len(a))]
-    return sum(math.copysign(1, (a[i] - a[j]) * (b[i] - b[j])) if (a[i] - a[j]) * (b[i] - b[j]) else 0
-               for i, j in pairs) / len(pairs)
+    signs = [(a[i] - a[j]) * (b[i] - b[j]) for i in range(len(a)) for j in range(i + 1, len(a))]
+    return sum(math.copysign(1, s) if s else 0 for s in signs) / len(signs)
 
 
 def mi_agreement(c: BenchConfig) -> dict:
-    """S_MI's default law (and with --mi-sweep every law in LAWS) against exact Eq. 3 on mi_instances, per student
-    (a tiny one trained on the texts; --mi-model, a real one): mean Kendall tau over each instance's branches,
-    mean relative error (all branches; the long one), top-1 agreement, mean probes per short and long branch.
-    Exact I_t comes from one probe pass per instance; a law's estimate reads it at its planned prefixes (c.mi_keys
-    keys per instance), which is what its own probe pass would return there."""
+    """S_MI's default law (and with --mi-sweep every law in LAWS) against exact Eq. 3 on mi_instances, per
+    student (a tiny one trained on the texts; --mi-model, a real one): mean Kendall tau over each instance's
+    branches, mean relative error (all branches; the long one), top-1 agreement, mean probes per short and
+    long branch. Exact I_t comes from one probe pass per instance; a law's estimate reads it at its planned
+    prefixes (c.mi_keys keys per instance), which is what its own probe pass would return there."""
     from eval import load_student
     from tokenizer import Tokenizer, write_tokenizer
     instances, source = mi_instances(c)
@@ -422,10 +409,9 @@ def mi_agreement(c: BenchConfig) -> dict:
         texts = [i.question for i in instances] + [t for i in instances for _, t in i.rationales]
         tok = Tokenizer.from_pretrained(write_tokenizer(tmp, texts, vocab_size=c.mi_vocab))
     rows = lambda tok: [collate([e]) for e in encode_dataset(instances, tok, max_len=10**6)[0]]
-    cfg = hf_config(BenchConfig(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab=tok.vocab_size))
+    tiny = BenchConfig(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab=tok.vocab_size)
     torch.manual_seed(c.seed)
-    students = {"tiny": (train_student(Transformer(ModelArgs.from_hf_config(cfg), cfg), rows(tok), c.mi_train_steps),
-                         rows(tok))}
+    students = {"tiny": (train_student(random_qwen2(tiny), rows(tok), c.mi_train_steps), rows(tok))}
     if c.mi_model:
         model, tok = load_student(c.mi_model)
         students["real"] = model, rows(tok)
@@ -439,43 +425,21 @@ def mi_agreement(c: BenchConfig) -> dict:
                 plan = probe_plan(n_rat, think, CompactConfig(mi_budget=0))
                 info = probe_information(model, aux.kv, batch, plan)
                 traces.append((n_rat, think, info, (mi_estimate(info, plan) / n_rat).tolist()))
-        out[name] = {"long_tokens": statistics.mean(int(t[0][-1]) for t in traces)}
+        out[name] = {"long_tokens": mean(int(t[0][-1]) for t in traces)}
         for law, kw in {"default": {}, **(LAWS if c.mi_sweep else {})}.items():
-            pairs, probes = [], []
-            for n_rat, think, info, exact in traces:
-                for key in range(c.mi_keys):
-                    plan = probe_plan(n_rat, think, CompactConfig(**kw), (key,), [0] * len(n_rat))
-                    pairs.append((exact, (mi_estimate(info.gather(1, plan.prefix), plan) / n_rat).tolist()))
-                    probes.append(plan.valid.sum(-1).tolist())
-            top = lambda x: max(range(len(x)), key=x.__getitem__)
-            out[name][law] = {"tau": statistics.mean(kendall_tau(e, s) for e, s in pairs),
-                              "rel_err": statistics.mean(abs(s_ - e_) / e_ for e, s in pairs for e_, s_ in zip(e, s)
-                                                         if e_ > 0),
-                              "rel_err_long": statistics.mean([abs(s[-1] - e[-1]) / e[-1] for e, s in pairs
-                                                               if e[-1] > 0] or [0.0]),
-                              "top1": statistics.mean(top(e) == top(s) for e, s in pairs),
-                              "probes_short": statistics.mean(p for ps in probes for p in ps[:-1]),
-                              "probes_long": statistics.mean(ps[-1] for ps in probes)}
+            runs = []  # (exact, estimate, probes per branch) of each instance and key
+            for (n_rat, think, info, exact), key in itertools.product(traces, range(c.mi_keys)):
+                plan = probe_plan(n_rat, think, CompactConfig(**kw), (key,), [0] * len(n_rat))
+                estimate = (mi_estimate(info.gather(1, plan.prefix), plan) / n_rat).tolist()
+                runs.append((exact, estimate, plan.valid.sum(-1).tolist()))
+            errs = [abs(s_ - e_) / e_ for e, s, _ in runs for e_, s_ in zip(e, s) if e_ > 0]
+            long_errs = [abs(s[-1] - e[-1]) / e[-1] for e, s, _ in runs if e[-1] > 0] or [0.0]
+            out[name][law] = {"tau": mean(kendall_tau(e, s) for e, s, _ in runs), "rel_err": mean(errs),
+                              "rel_err_long": mean(long_errs),
+                              "top1": mean(e.index(max(e)) == s.index(max(s)) for e, s, _ in runs),
+                              "probes_short": mean(p for _, _, ps in runs for p in ps[:-1]),
+                              "probes_long": mean(ps[-1] for _, _, ps in runs)}
     return out
-
-
-def print_table(r: dict):
-    c = r["config"]
-    print(f"{c['shape']} ({c['hidden']}x{c['layers']}, vocab {c['vocab']}, {r['params_m']:.1f}M) on {c['device']} "
-          f"{c['dtype']}, {r['threads']} threads, load average {r['loadavg']:.1f}")
-    fmt = lambda v: f"{v:,.4g}" if isinstance(v, (int, float)) else str(v)
-    for mix in c["mix"].split(","):
-        print(f"\n{mix} mix")
-        for k, v in r[mix].items():
-            for key, x in (v.items() if isinstance(v, dict) else [(k, v)]):
-                print(f"  {k + ': ' + key if isinstance(v, dict) else key:<50} {fmt(x):>24}")
-    print("\n" + " | ".join(f"{k} {fmt(r[k])}" for k in ("probe_speedup", "probe_prefixes", "probe_max_abs_diff",
-                                                          "peak_rss_mb") if k in r))
-    for student, laws in (r.get("mi") or {}).items():
-        if isinstance(laws, dict):
-            print(f"\nS_MI agreement, {student} student ({laws['long_tokens']:.0f}-token long branch; {r['mi']['source']})")
-            for law, a in [(k, v) for k, v in laws.items() if isinstance(v, dict)]:
-                print(f"  {law:<34} " + "  ".join(f"{k} {v:.3f}" for k, v in a.items()))
 
 
 def main(argv=None):
@@ -485,8 +449,7 @@ def main(argv=None):
         c = config_from_args(BenchConfig, p.parse_args(argv))
     except ValueError as e:
         p.error(str(e))
-    r = run_bench(c)
-    print(json.dumps(r)) if c.json else print_table(r)
+    print(json.dumps(run_bench(c), indent=None if c.json else 2))  # without --json: indented, to read
 
 
 if __name__ == "__main__":

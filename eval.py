@@ -1,17 +1,21 @@
 """Evaluate students and sample teacher rationales: the generation jobs (SPEC.md §6).
 
-    python eval.py accuracy --model DIR|org/name [--adapter DIR] --task gsm8k --data gsm8k_test.jsonl --out preds.jsonl
-    torchrun --nproc_per_node=8 eval.py accuracy --model DIR --task gsm8k --data A.jsonl --task svamp --data B.jsonl --out p.jsonl
-    torchrun --nproc_per_node=2 eval.py rationales --model TEACHER (--questions Q.jsonl | --task math --data BENCH) \
-        --samples 4 --temperature 0.7 --out qwq.jsonl
-    python eval.py readings --set demo=runs/demo/base:runs/demo/data/train.jsonl --set gsm8k=DIR:gsm8k_test.jsonl --out r/
+    python eval.py accuracy --model DIR|org/name [--adapter DIR] --task gsm8k --data gsm8k_test.jsonl \
+        --out preds.jsonl
+    torchrun --nproc_per_node=8 eval.py accuracy --model DIR --task gsm8k --data A.jsonl --task svamp \
+        --data B.jsonl --out p.jsonl
+    torchrun --nproc_per_node=2 eval.py rationales --model TEACHER (--questions Q.jsonl | --task math \
+        --data BENCH) --samples 4 --temperature 0.7 --out qwq.jsonl
+    python eval.py readings --set demo=runs/demo/base:runs/demo/data/train.jsonl \
+        --set gsm8k=DIR:gsm8k_test.jsonl --out r/
 
 Both are resumable and sharded by run_sharded: a record is reused only for the same prompt text, gold
-answer and generation settings, and OUT.lock keeps a second run off the same --out. accuracy: zero-shot CoT prompts in the checkpoint's own chat
-template, greedy, answers checked by data.py, accuracy ± the binomial SEM. rationales: sample s of question q
-draws from its own stream, so it does not depend on its batch, rank or a resume; data.py build reads the output.
-readings: what each COMPACT score catches, the within-instance AUROC against flaw labels for every reading of
-SPEC's Decisions. `eval.py table|pca-shift|mi-trace|weights` run analysis.py's. Left out: pass@k, multi-GPU models.
+answer and generation settings, and OUT.lock keeps a second run off the same --out. accuracy: zero-shot
+CoT prompts in the checkpoint's own chat template, greedy, answers checked by data.py, accuracy ± the
+binomial SEM. rationales: sample s of question q draws from its own stream, so it does not depend on its
+batch, rank or a resume; data.py build reads the output. readings: what each COMPACT score catches, the
+within-instance AUROC against flaw labels for every reading of SPEC's Decisions.
+`eval.py table|pca-shift|mi-trace|weights` run analysis.py's. Left out: pass@k, multi-GPU models.
 """
 import argparse
 import contextlib
@@ -31,8 +35,9 @@ import torch
 
 from compact import CompactConfig, compact_loss, fuse_weights
 from data import (RATIONALE, DataError, Instance, TASKS, append_jsonl, check_outputs, collate, derive_seed,
-                  encode_dataset, extract_answer, is_equivalent, load_benchmark, load_multi_teacher, read_json,
-                  read_jsonl, read_questions, to_device, user_errors, user_prompt, write_json, write_jsonl, write_text)
+                  encode_dataset, extract_answer, is_equivalent, load_benchmark, load_multi_teacher,
+                  read_json, read_jsonl, read_questions, to_device, user_errors, user_prompt, write_json,
+                  write_jsonl, write_text)
 from lora import load_adapter
 from model import Transformer, generate
 from tokenizer import Tokenizer
@@ -45,7 +50,8 @@ def load_student(model_dir, adapter=None, dtype="float32", device="cpu"):
     tok = Tokenizer.from_pretrained(model_dir)
     model = Transformer.from_pretrained(model_dir, dtype=getattr(torch, dtype), device=device)
     if model.args.vocab_size < tok.vocab_size:
-        raise ValueError(f"{model_dir}: tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
+        raise ValueError(f"{model_dir}: tokenizer has {tok.vocab_size} tokens, "
+                         f"the model only {model.args.vocab_size}")
     return (load_adapter(model, adapter) if adapter else model).eval(), tok
 
 
@@ -73,7 +79,8 @@ def accuracy_sem(correct):
     return n, p, math.sqrt(p * (1 - p) / n) if n else float("nan")
 
 
-def evaluate(model, tok, items, out, batch_size=8, max_new_tokens=512, rank=0, world=1, log=None, settings=None):
+def evaluate(model, tok, items, out, batch_size=8, max_new_tokens=512, rank=0, world=1, log=None,
+             settings=None):
     """Predict, extract and check every item not already in `out`; return all records, in items' order.
 
     items: data.load_benchmark rows. Greedy decoding; resumable and sharded by run_sharded. settings: what
@@ -81,30 +88,29 @@ def evaluate(model, tok, items, out, batch_size=8, max_new_tokens=512, rank=0, w
     """
     def predict_and_check(jobs):
         outs = complete(model, tok, [j["ids"] for j in jobs], max_new_tokens)
-        return [{"id": j["item"]["id"], "prompt": j["text"], "output": text, "extracted": (pred := extract_answer(
-                    text, j["item"]["task"])), "gold": j["item"]["answer"],
+        return [{"id": j["item"]["id"], "prompt": j["text"], "output": text,
+                 "extracted": (pred := extract_answer(text, j["item"]["task"])), "gold": j["item"]["answer"],
                  "correct": is_equivalent(pred, j["item"]["answer"], j["item"]["task"]), "new_tokens": n,
                  "stopped": stopped} for j, (text, n, stopped) in zip(jobs, outs)]
-    jobs = [{"key": (it["id"], 0), "item": it, **dict(zip(("text", "ids"), chat_prompt(tok, it["prompt"])))}
-            for it in items]
-    for j in jobs:
-        j["stamp"] = stamp(j["text"], j["item"]["answer"], {**(settings or {}), "max_new_tokens": max_new_tokens})
+    made_with = {**(settings or {}), "max_new_tokens": max_new_tokens}
+    jobs = [dict(key=(it["id"], 0), item=it, text=text, ids=ids, stamp=stamp(text, it["answer"], made_with))
+            for it in items for text, ids in [chat_prompt(tok, it["prompt"])]]
     return run_sharded(jobs, out, predict_and_check, batch_size, rank, world, log, items[0]["task"])
 
 
 def run_accuracy(a, rank=0, world=1, device="cpu", held=None):
     if len(a.task) != len(a.data):
-        raise DataError(f"--task given {len(a.task)} times but --data {len(a.data)} times; they pair up in order")
+        raise DataError(f"--task given {len(a.task)} times but --data {len(a.data)} times; "
+                        "they pair up in order")
     tasks = [task_name(t) for t in a.task]
     if len(set(tasks)) != len(tasks):
         raise DataError("--task: each task once per call")
     data = [load_benchmark(t, p)[:a.limit] for t, p in zip(tasks, a.data)]  # DataError names FILE:LINE
-    for t, p, d in zip(tasks, a.data, data):
-        if not d:
-            raise DataError(f"--data {p}: no {t} items")
-    stem, ext = os.path.splitext(a.out)
-    outs = [a.out] if len(tasks) == 1 else [f"{stem}-{t}{ext or '.jsonl'}" for t in tasks]  # one file per task
-    settings = generation_settings(a, ("model", "adapter", "dtype", "max_new_tokens"))
+    if empty := [(t, p) for t, p, d in zip(tasks, a.data, data) if not d]:
+        raise DataError(f"--data {empty[0][1]}: no {empty[0][0]} items")
+    stem, ext = os.path.splitext(a.out)  # several tasks: one predictions file each
+    outs = [a.out] if len(tasks) == 1 else [f"{stem}-{t}{ext or '.jsonl'}" for t in tasks]
+    settings = generation_settings(a)
     model, tok = start_run(a, outs, settings, rank, world, device, held)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else None
     table = []
@@ -135,10 +141,11 @@ def stamp(prompt, answer, settings):
     return hashlib.sha256(json.dumps([prompt, answer, settings], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def generation_settings(a, keys):
-    """The flags `keys` of a run as its records are stamped with them: model and adapter paths resolved."""
+def generation_settings(a, sampling=()):
+    """The flags a run's records are stamped with (model, adapter, dtype, max_new_tokens, then `sampling`'s),
+    model and adapter paths resolved."""
     real = lambda k, v: os.path.realpath(v) if k in ("model", "adapter") and v and os.path.exists(v) else v
-    return {k: real(k, getattr(a, k)) for k in keys}
+    return {k: real(k, getattr(a, k)) for k in ("model", "adapter", "dtype", "max_new_tokens", *sampling)}
 
 
 def read_records(path):
@@ -154,7 +161,7 @@ def merge_records(out, order):
     for p in parts:
         records.update(read_records(p))
     rank = {k: n for n, k in enumerate(order)}
-    write_jsonl(out, sorted(records.values(), key=lambda r: rank.get((r["id"], r.get("sample", 0)), len(rank))))
+    write_jsonl(out, [r for _, r in sorted(records.items(), key=lambda kr: rank.get(kr[0], len(rank)))])
     for p in parts:
         os.remove(p)
 
@@ -214,7 +221,8 @@ def start_run(a, outs, settings, rank, world, device, held=None):
     if os.path.exists(summary) and any(os.path.exists(o) for o in outs):
         old = read_json(summary).get("generation") or {}
         if changed := [f"{k} {old[k]!r} → {v!r}" for k, v in settings.items() if k in old and old[k] != v]:
-            raise DataError(f"--out {a.out}: holds outputs made with another {'; '.join(changed)}; use a new --out")
+            raise DataError(f"--out {a.out}: holds outputs made with another {'; '.join(changed)}; "
+                            "use a new --out")
     model, tok = load_student(a.model, a.adapter, a.dtype, device)
     if held is not None:
         from train import hold_lock
@@ -236,15 +244,16 @@ def run_rationales(a, rank=0, world=1, device="cpu", held=None):
     """Sample --samples rationales per question at --temperature; records {id, sample, question, answer,
     task, text, extracted, correct, new_tokens, stopped}, which data.py build reads as they are."""
     if bool(a.questions) == bool(a.data) or (a.data and not a.task):
-        raise DataError("give --questions FILE, or --task TASK with --data FILE (a benchmark in its public format)")
+        raise DataError("give --questions FILE, or --task TASK with --data FILE (a benchmark in its public "
+                        "format)")
     if a.samples > 1 and a.temperature <= 0:
-        raise DataError(f"--samples {a.samples} at --temperature {a.temperature}: greedy samples are all the same")
-    questions = [{"id": q.id, "question": q.question, "answer": q.answer, "task": q.task} for q in
-                 read_questions(a.questions, a.task and task_name(a.task))] if a.questions else \
-        [{k: it[k] for k in ("id", "question", "answer", "task")} for it in load_benchmark(task_name(a.task), a.data)]
-    if not (questions := questions[:a.limit]):
+        raise DataError(f"--samples {a.samples} at --temperature {a.temperature}: greedy samples are all "
+                        "the same")
+    rows = [vars(q) for q in read_questions(a.questions, a.task and task_name(a.task))] if a.questions else \
+        load_benchmark(task_name(a.task), a.data)
+    if not (questions := [{k: r[k] for k in ("id", "question", "answer", "task")} for r in rows][:a.limit]):
         raise DataError(f"{a.questions or a.data}: no questions")
-    settings = generation_settings(a, ("model", "adapter", "dtype", "max_new_tokens", "temperature", "top_p", "seed"))
+    settings = generation_settings(a, ("temperature", "top_p", "seed"))
     model, tok = start_run(a, [a.out], settings, rank, world, device, held)
     stem = os.path.splitext(a.out)[0]
     if rank == 0:  # the questions as data.py build reads them
@@ -253,31 +262,32 @@ def run_rationales(a, rank=0, world=1, device="cpu", held=None):
     def sample(jobs):
         outs = complete(model, tok, [j["ids"] for j in jobs], a.max_new_tokens, temperature=a.temperature,
                         top_p=a.top_p, seed=[sample_seed(a.seed, *j["key"]) for j in jobs])
-        return [{"id": j["q"]["id"], "sample": j["key"][1], **j["q"], "text": text, "extracted": (pred := extract_answer(
-                    text, j["q"]["task"])), "correct": is_equivalent(pred, j["q"]["answer"], j["q"]["task"]),
-                 "new_tokens": n, "stopped": stopped} for j, (text, n, stopped) in zip(jobs, outs)]
+        return [{"id": j["q"]["id"], "sample": j["key"][1], **j["q"], "text": text,
+                 "extracted": (pred := extract_answer(text, j["q"]["task"])),
+                 "correct": is_equivalent(pred, j["q"]["answer"], j["q"]["task"]), "new_tokens": n,
+                 "stopped": stopped} for j, (text, n, stopped) in zip(jobs, outs)]
     prompts = {q["id"]: chat_prompt(tok, user_prompt(q["question"], q["task"])) for q in questions}
     jobs = [{"key": (q["id"], s), "q": q, "ids": ids, "stamp": stamp(text, q["answer"], settings)}
             for q in questions for text, ids in [prompts[q["id"]]] for s in range(a.samples)]
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else None
     records = run_sharded(jobs, a.out, sample, a.batch_size, rank, world, log, "rationales")
-    solved = {r["id"] for r in records if r["correct"]}
-    result = {"questions": len(questions), "samples": len(records), "correct": sum(r["correct"] for r in records),
-              "cut_off": sum(not r["stopped"] for r in records), "questions_with_a_correct_sample": len(solved)}
+    result = dict(questions=len(questions), samples=len(records), correct=sum(r["correct"] for r in records),
+                  cut_off=sum(not r["stopped"] for r in records),
+                  questions_with_a_correct_sample=len({r["id"] for r in records if r["correct"]}))
     if rank == 0:
         write_json(stem + ".summary.json", {"settings": vars(a), "generation": settings, "results": result})
         print(" | ".join(f"{k.replace('_', ' ')} {v}" for k, v in result.items()) + f" | wrote {a.out}")
     return records
 
 
-
-# --- what each score catches: within-instance AUROC against flaw labels, every reading of SPEC's Decisions ---
+# --- what each score catches: within-instance AUROC against flaw labels, every reading of SPEC's Decisions
 
 READINGS = {  # reading: CompactConfig fields; the paper leaves each of these open (SPEC's Decisions)
     "default": {}, "S_G at the last rationale token": dict(sg_feature="last"),
     "S_G at the rationale mean": dict(sg_feature="mean"), "S_G with self-loops": dict(sg_self_loops=True),
-    "S_G one attention over all heads": dict(sg_heads="joint"), "S_MI not divided by |R|": dict(mi_norm="none"),
-    "temperature 0.5": dict(temperature=0.5), "temperature 2": dict(temperature=2.0), "z-floor 0": dict(z_floor=0.0)}
+    "S_G one attention over all heads": dict(sg_heads="joint"),
+    "S_MI not divided by |R|": dict(mi_norm="none"), "temperature 0.5": dict(temperature=0.5),
+    "temperature 2": dict(temperature=2.0), "z-floor 0": dict(z_floor=0.0)}
 HIGHER_IS_CLEAN = {"s_mi": True, "s_g": True, "s_d": False, "weight": True}  # S_D: lower is better
 
 
@@ -285,10 +295,10 @@ HIGHER_IS_CLEAN = {"s_mi": True, "s_g": True, "s_d": False, "weight": True}  # S
 def rationale_scores(model, encoded, cfg, batch_size=4):
     """Per instance {s_mi, s_g, s_d, weight: [per branch]}: compact_loss's scores under cfg with no training
     (the student's mode, eval: no LoRA dropout; no consistency logits; S_MI's sample fixed per batch)."""
-    out, device = [], model.lm_head.weight.device
+    out, device, cfg = [], model.lm_head.weight.device, replace(cfg, mcon_lambda=0.0)
     for i in range(0, len(encoded), batch_size):
         part = encoded[i:i + batch_size]
-        _, st = compact_loss(model, to_device(collate(part), device), replace(cfg, mcon_lambda=0.0), rng_key=(i,))
+        _, st = compact_loss(model, to_device(collate(part), device), cfg, rng_key=(i,))
         out += [{k: st[k][b, :len(e.teacher)].tolist() for k in HIGHER_IS_CLEAN} for b, e in enumerate(part)]
     return out
 
@@ -301,9 +311,10 @@ def within_auroc(groups, higher=True):
 
 
 def reading_aurocs(model, tok, instances, batch_size=4, readings=READINGS):
-    """{reading: {score: AUROC, "score/flaw": AUROC}} of labelled instances (Instance.flaws) under the student.
-    S_MI is exact Eq. 3, so readings are compared without the estimator's noise; one probe pass serves every
-    reading (S_G's readings rescore with alpha 0; mi_norm "none" is |R| times the default's S_MI)."""
+    """{reading: {score: AUROC, "score/flaw": AUROC}} of labelled instances (Instance.flaws) under the
+    student. S_MI is exact Eq. 3, so readings are compared without the estimator's noise; one probe pass
+    serves every reading (S_G's readings rescore with alpha 0; mi_norm "none" is |R| times the default's
+    S_MI)."""
     encoded, info = encode_dataset(instances, tok, max_len=10**6)
     flaws = {i.id: i.flaws for i in instances}
     labels = [[flaws[e.id].get(info["teachers"][t]) for t in e.teacher] for e in encoded]
@@ -317,11 +328,11 @@ def reading_aurocs(model, tok, instances, batch_size=4, readings=READINGS):
         rows = []
         for s, g, n in zip(base, s_g, lengths):
             s_mi = [x * r for x, r in zip(s["s_mi"], n)] if cfg.mi_norm == "none" else s["s_mi"]
-            w = fuse_weights(*(torch.tensor([x]) for x in (s_mi, g["s_g"], s["s_d"])), torch.ones(1, len(n), dtype=bool),
-                             cfg)
+            scores = (torch.tensor([x]) for x in (s_mi, g["s_g"], s["s_d"]))
+            w = fuse_weights(*scores, torch.ones(1, len(n), dtype=bool), cfg)
             rows.append({"s_mi": s_mi, "s_g": g["s_g"], "s_d": s["s_d"], "weight": w[0].tolist()})
         table[name] = {}
-        for flaw in [None] + sorted({f for ls in labels for f in ls if f}):  # all flaws, then each against clean
+        for flaw in [None] + sorted({f for ls in labels for f in ls if f}):  # all flaws, then each alone
             table[name].update({k if flaw is None else f"{k}/{flaw}": within_auroc(
                 [[(x, f is not None) for x, f in zip(r[k], ls) if flaw in (None, f) or f is None]
                  for r, ls in zip(rows, labels)], up) for k, up in HIGHER_IS_CLEAN.items()})
@@ -329,15 +340,17 @@ def reading_aurocs(model, tok, instances, batch_size=4, readings=READINGS):
 
 
 def gsm8k_flaw_set(path, n, seed=0):
-    """GSM8K test questions as labelled multi-teacher instances: the human solution (clean), a copy with one
-    intermediate result changed and carried through the later steps, the final answer kept ("hallucination"),
-    and a terse answer-only copy ("filler"). Questions of one computation have no intermediate: skipped."""
+    """GSM8K test questions as labelled multi-teacher instances: the human solution (clean), a copy with
+    one intermediate result changed and carried through the later steps, the final answer kept
+    ("hallucination"), and a terse answer-only copy ("filler"). Questions of one computation have no
+    intermediate: skipped."""
     rng, out = random.Random(seed), []
     for _, row in read_jsonl(path):
         calc = list(re.finditer(r"<<[^=>]*=([^>]*)>>([\d,.]*\d)", row["answer"]))
         if len(calc) < 2 or len(out) == n:
             continue
-        body, answer = row["answer"].split("####")[0], row["answer"].split("####")[-1].strip().replace(",", "")
+        parts = row["answer"].split("####")
+        body, answer = parts[0], parts[-1].strip().replace(",", "")
         j = rng.randrange(len(calc) - 1)  # not the last: that one states the final answer
         shown, last = calc[j].group(2), calc[-1].start(2)
         value = float(shown.replace(",", ""))
@@ -353,8 +366,8 @@ def gsm8k_flaw_set(path, n, seed=0):
 
 
 def run_readings(a):
-    """The AUROC table of every reading on each --set NAME=MODEL:DATA (DATA: a labelled multi-teacher file, or a
-    GSM8K benchmark file, made into gsm8k_flaw_set's --limit questions, 100 by default)."""
+    """The AUROC table of every reading on each --set NAME=MODEL:DATA (DATA: a labelled multi-teacher file,
+    or a GSM8K benchmark file, made into gsm8k_flaw_set's --limit questions, 100 by default)."""
     sets = {}
     for spec in a.set:
         name, eq, rest = spec.partition("=")
@@ -366,25 +379,39 @@ def run_readings(a):
         instances = load_multi_teacher(path) if labelled else gsm8k_flaw_set(path, a.limit or 100)
         sets[name] = reading_aurocs(model, tok, instances[:a.limit], a.batch_size)
     fmt = lambda v: "—" if v is None else f"{v:.3f}"
-    lines = ["| reading | " + " | ".join(f"{s}: {k}" for s in sets for k in HIGHER_IS_CLEAN) + " |",
-             "| --- " * (1 + len(sets) * len(HIGHER_IS_CLEAN)) + "|"]
-    lines += [f"| {r} | " + " | ".join(fmt(sets[s][r][k]) for s in sets for k in HIGHER_IS_CLEAN) + " |" for r in READINGS]
-    text = "\n".join(lines) + "\n\nWithin-instance AUROC against the flaw labels (clean above flawed = 1; S_D: lower).\n"
-    os.makedirs(a.out, exist_ok=True)
+    cols = [(s, k) for s in sets for k in HIGHER_IS_CLEAN]
+    lines = ["| reading | " + " | ".join(f"{s}: {k}" for s, k in cols) + " |",
+             "| --- " * (1 + len(cols)) + "|"]
+    lines += [f"| {r} | " + " | ".join(fmt(sets[s][r][k]) for s, k in cols) + " |" for r in READINGS]
+    note = "Within-instance AUROC against the flaw labels (clean above flawed = 1; S_D: lower)."
+    text = "\n".join(lines) + f"\n\n{note}\n"
     write_text(os.path.join(a.out, "readings.md"), text)
     write_json(os.path.join(a.out, "readings.json"), {"settings": vars(a), "sets": sets})
     print(text, end="")
     return sets
 
 
-def student_flags(sp, adapter_required=False, batch_size=8):
-    """--model, --adapter, --dtype, --device, --batch-size, --limit: the flags of a job that loads a student."""
-    sp.add_argument("--model", required=True, help="Hugging Face model directory (weights + tokenizer) or hub id")
-    sp.add_argument("--adapter", required=adapter_required, help="PEFT LoRA directory on top of --model")
-    sp.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on cuda, float32 on cpu")
-    sp.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    sp.add_argument("--batch-size", type=int, default=batch_size)
-    sp.add_argument("--limit", type=int, help="only the first N items of each data file")
+def student_flags(sp, adapter_required=False, batch_size=8, model=True):
+    """(--model, --adapter,) --dtype, --device, --batch-size, --limit: the flags of a job that loads a
+    student; check_student_flags checks them."""
+    add = sp.add_argument
+    if model:
+        add("--model", required=True, help="Hugging Face model directory (weights + tokenizer) or hub id")
+        add("--adapter", required=adapter_required, help="PEFT LoRA directory on top of --model")
+    add("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on cuda, float32 on cpu")
+    add("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--batch-size", type=int, default=batch_size)
+    add("--limit", type=int, help="only the first N items of each data file")
+
+
+def check_student_flags(a, flags):
+    """DataError for any of `flags` below 1 or --device cuda without CUDA; --dtype's default by device."""
+    for flag in flags:
+        if getattr(a, flag, None) is not None and getattr(a, flag) < 1:
+            raise DataError(f"--{flag.replace('_', '-')} must be >= 1")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device here")
+    a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
 
 
 def build_parser():
@@ -398,7 +425,8 @@ def build_parser():
                      help="the task's file in its public format; repeat, in --task order")
     acc.add_argument("--max-new-tokens", type=int, default=1024)
     acc.add_argument("--out", required=True, help="predictions JSONL (several tasks: OUT-STEM-TASK.jsonl)")
-    r = sub.add_parser("rationales", help="teacher rationales: N samples per question (resumable, torchrun-aware)")
+    r = sub.add_parser("rationales", help="teacher rationales: N samples per question (resumable, "
+                                          "torchrun-aware)")
     student_flags(r, batch_size=16)
     r.add_argument("--questions", help="JSONL of {id, question, answer[, task]}, as data.py build reads it")
     r.add_argument("--task", help="task of questions without one; with --data, the benchmark's")
@@ -408,14 +436,13 @@ def build_parser():
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int, default=0, help="sample s of question q draws from seed (seed, q, s)")
     r.add_argument("--max-new-tokens", type=int, default=4096)
-    r.add_argument("--out", required=True, help="rationales JSONL (OUT-STEM.questions.jsonl and .summary.json beside)")
-    rd = sub.add_parser("readings", help="AUROC of each score and the weight against flaw labels, every reading")
+    r.add_argument("--out", required=True,
+                   help="rationales JSONL (OUT-STEM.questions.jsonl and .summary.json beside)")
+    rd = sub.add_parser("readings", help="AUROC of each score and the weight against flaw labels, every "
+                                         "reading")
     rd.add_argument("--set", action="append", required=True, metavar="NAME=MODEL_DIR:DATA",
                     help="a student and a labelled multi-teacher file (or a GSM8K benchmark file); repeat")
-    rd.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on cuda, float32 on cpu")
-    rd.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    rd.add_argument("--batch-size", type=int, default=4)
-    rd.add_argument("--limit", type=int, help="the first N instances of each set")
+    student_flags(rd, batch_size=4, model=False)
     rd.add_argument("--out", required=True, help="directory for readings.md and readings.json")
     return p
 
@@ -431,26 +458,23 @@ def main(argv=None):
     a = build_parser().parse_args(argv)
     with user_errors(f"eval.py {a.command}"):
         try:
-            for flag in ("batch_size", "limit", "max_new_tokens", "samples"):
-                if getattr(a, flag, None) is not None and getattr(a, flag) < 1:
-                    raise DataError(f"--{flag.replace('_', '-')} must be >= 1")
-            if a.device == "cuda" and not torch.cuda.is_available():
-                raise DataError("--device cuda: no CUDA device here")
-            a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
+            check_student_flags(a, ("batch_size", "limit", "max_new_tokens", "samples"))
             if a.command == "rationales" and not 0 < a.top_p <= 1:
                 raise DataError(f"--top-p {a.top_p}: must be in (0, 1]")
             if a.command == "readings":
                 return run_readings(a)
             stem, ext = os.path.splitext(a.out)
-            outs = [a.out, a.out + ".lock", stem + ".summary.json", stem + ".questions.jsonl"] + [
-                f"{stem}-{task_name(t)}{ext or '.jsonl'}" for t in (a.task if a.command == "accuracy" else [])]
-            inputs = [("--data", d) for d in (a.data if isinstance(a.data, list) else [a.data])]
-            check_outputs([("--out", o) for o in outs], inputs + [("--questions", getattr(a, "questions", None)),
-                                                                  ("--model", a.model), ("--adapter", a.adapter)])
+            outs = [a.out, a.out + ".lock", stem + ".summary.json", stem + ".questions.jsonl"]
+            if a.command == "accuracy":  # and one predictions file per task
+                outs += [f"{stem}-{task_name(t)}{ext or '.jsonl'}" for t in a.task]
+            inputs = [("--data", d) for d in (a.data if isinstance(a.data, list) else [a.data])] + [
+                ("--questions", vars(a).get("questions")), ("--model", a.model), ("--adapter", a.adapter)]
+            check_outputs([("--out", o) for o in outs], inputs)
             from train import setup_dist  # torchrun's process group, as training sets it up
             rank, world, device = setup_dist(a.device)
+            run = run_accuracy if a.command == "accuracy" else run_rationales
             with contextlib.ExitStack() as held:  # start_run takes OUT's lock into it, before the first write
-                return (run_accuracy if a.command == "accuracy" else run_rationales)(a, rank, world, device, held)
+                return run(a, rank, world, device, held)
         finally:
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
