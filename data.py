@@ -124,6 +124,7 @@ def read_jsonl(path, torn_tail=False):
 # multi-teacher data format (SPEC.md §8)
 
 TASKS = ("math", "gsm8k", "svamp", "csqa", "strategyqa", "gpqa")
+FLAWS = ("hallucination", "form", "filler")  # a rationale's optional "flaw" label (synthetic pools)
 
 
 @dataclass
@@ -133,6 +134,7 @@ class Instance:
     answer: str
     task: str | None = None  # picks answer extraction, the instruction and the cue
     rationales: list[tuple[str, str]] = field(default_factory=list)  # [(teacher, text)]
+    flaws: dict[str, str] = field(default_factory=dict)  # teacher: its rationale's flaw label, if given
 
 
 def _as_answer(value):
@@ -164,7 +166,7 @@ def _parse_instance(obj):
     rationales = obj.get("rationales", [])
     if not isinstance(rationales, list):
         raise ValueError("'rationales' must be a list")
-    seen, pairs = set(), []
+    seen, pairs, flaws = set(), [], {}
     for k, r in enumerate(rationales):
         if not isinstance(r, dict) or not isinstance(r.get("teacher"), str) or not r["teacher"]:
             raise ValueError(f"rationales[{k}] needs a non-empty string 'teacher'")
@@ -172,9 +174,13 @@ def _parse_instance(obj):
             raise ValueError(f"rationales[{k}] ({r['teacher']}): 'text' must be a non-empty string")
         if r["teacher"] in seen:
             raise ValueError(f"teacher {r['teacher']!r} appears twice")
+        if r.get("flaw") is not None and r["flaw"] not in FLAWS:
+            raise ValueError(f"rationales[{k}] ({r['teacher']}): 'flaw' must be null or one of {', '.join(FLAWS)}")
         seen.add(r["teacher"])
         pairs.append((r["teacher"], r["text"]))
-    return Instance(iid, question, answer.strip(), task, pairs)
+        if r.get("flaw") is not None:
+            flaws[r["teacher"]] = r["flaw"]
+    return Instance(iid, question, answer.strip(), task, pairs, flaws)
 
 
 def _report(path, problems, limit=10):
