@@ -27,7 +27,7 @@ import torch.distributed as dist
 from tokenizers import decoders, models
 
 from compact import CompactConfig
-from data import write_json, write_jsonl
+from data import FLAWS, write_json, write_jsonl
 from eval import accuracy_sem, evaluate, plot, teacher_dynamics
 from lora import load_student
 from model import ModelArgs, Transformer
@@ -57,33 +57,67 @@ def make_problem(rng, n_ops):
     return str(start) + "".join(f"{op}{b}" for _, op, b, _ in steps), str(value), steps
 
 
-# --- the teachers, and which score is meant to catch which (README reports what happened) ---
+# --- the teachers: two pools (README: "What the demo shows" reports what each score caught) ---
 
-TEACHERS = {
-    "stepwise": "correct, one equation per step, in the student's own style: the teacher to learn from",
-    "hallucinated": "wrong intermediate results, right final answer: the minority path against the "
-                    "consensus of the others, meant for S_G (consensus)",
-    "reversed": "correct, but the last step first, so the answer must be known before any step is "
-                "written: a style the student cannot absorb, meant for S_D (difficulty)",
-    "oracle": "states the answer without reasoning towards it ('Hmm, so it is 8.'): thinking words "
-              "that carry no information gain, meant for S_MI (adaptability)",
+# A teacher's style: how it joins a chain's equations (before the first, between two, before the
+# last) and the filler it writes when it skips the reasoning. Styles differ in length and in
+# thinking-word density, as the paper's teachers do.
+STYLES = {
+    "terse": ("", ", ", ", ", "So it is {}."),
+    "stepwise": ("", ", then ", ", then ", "Hmm, so it is {}."),
+    "narrator": ("Okay, now ", ". Next ", ". Finally ", "Okay, now let me see. So it is {}."),
+    "reflective": ("First, ", ". Wait, let me check: ", ". So then ", "First, let me think. Wait, hmm. So then it is {}."),
 }
+# The flaws (data.FLAWS) and the score each is meant to be caught by:
+#   hallucination  one intermediate result wrong and carried through, the final answer right: S_G (consensus)
+#   form           the same true equations, answer first (the last step first): S_D (difficulty)
+#   filler         thinking words and the answer, no arithmetic: S_MI (adaptability)
+# "premise" (the default): every teacher writes in its own style, correct on most questions and flawed
+# on a different random subset; P(0, 1, 2 of a question's four rationales are flawed) = FLAW_COUNTS,
+# each flaw drawn uniformly. "stress": four teachers uniformly good or bad, each flawed on every
+# question in one way (teacher: (style, flaw)); only the stepwise teacher can be learned from.
+FLAW_COUNTS = (0.4, 0.4, 0.2)
+POOLS = {"premise": {t: (t, None) for t in STYLES},
+         "stress": {"stepwise": ("stepwise", None), "hallucinated": ("stepwise", "hallucination"),
+                    "reversed": ("terse", "form"), "oracle": ("stepwise", "filler")}}
 
 
-def rationale(steps, teacher, rng):
-    """One teacher's rationale for a problem's steps (see TEACHERS)."""
-    if teacher == "stepwise":
-        return ", then ".join(f"{a}{op}{b}={c}" for a, op, b, c in steps) + "."
-    if teacher == "hallucinated":  # each wrong result is off by 1 or 2 from the true one
-        last = len(steps) - 1
-        wrong = [c if j == last else (c + rng.choice((1, 2)) if c < 2 else c + rng.choice((-2, -1, 1, 2)))
-                 for j, (_, _, _, c) in enumerate(steps)]
-        return ", then ".join(f"{a}{op}{b}={w}" for (a, op, b, _), w in zip(steps, wrong)) + "."
-    if teacher == "reversed":
-        return ", ".join(f"{c}={a}{op}{b}" for a, op, b, c in reversed(steps)) + "."
-    if teacher == "oracle":
-        return f"Hmm, so it is {steps[-1][3]}."
-    raise ValueError(f"unknown synthetic teacher {teacher!r}")
+def chain(equations, style):
+    """Equations joined in a style: "First, 7*3=21. Wait, let me check: 21-5=16. So then 16+8=24." """
+    first, between, last, _ = STYLES[style]
+    return first + (between.join(equations[:-1]) + last if len(equations) > 1 else "") + equations[-1] + "."
+
+
+def hallucinate(steps, rng, carried=True):
+    """Wrong intermediate results, the final one kept. carried: one result off by 1 or 2 and carried
+    through the later steps (each computed right from the wrong value); else (the stress pool)
+    every intermediate result off by 1 or 2, the operands kept."""
+    last = len(steps) - 1
+    if not carried:
+        return [(a, op, b, c if j == last else (c + rng.choice((1, 2)) if c < 2 else c + rng.choice((-2, -1, 1, 2))))
+                for j, (a, op, b, c) in enumerate(steps)]
+    j, d = rng.choice([(j, d) for j in range(last) for d in (-2, -1, 1, 2)
+                       if all(0 <= c + d <= MAX_VALUE for *_, c in steps[j:last])])
+    return [(a + d * (k > j), op, b, c + d * (j <= k < last)) for k, (a, op, b, c) in enumerate(steps)]
+
+
+def rationale(steps, style, flaw, rng, carried=True):
+    """One rationale for a problem's steps in a style, with a flaw (data.FLAWS) or none."""
+    if flaw == "filler":
+        return STYLES[style][3].format(steps[-1][3])
+    if flaw == "form":
+        return chain([f"{c}={a}{op}{b}" for a, op, b, c in reversed(steps)], style)
+    if flaw == "hallucination":
+        steps = hallucinate(steps, rng, carried)
+    elif flaw is not None:
+        raise ValueError(f"unknown flaw {flaw!r}")
+    return chain([f"{a}{op}{b}={c}" for a, op, b, c in steps], style)
+
+
+def assign_flaws(rng, teachers, counts=FLAW_COUNTS):
+    """teacher: flaw or None for one question: how many are flawed (counts), which (uniform), which flaw (uniform)."""
+    flawed = rng.sample(teachers, rng.choices(range(len(counts)), counts)[0])
+    return {t: rng.choice(FLAWS) if t in flawed else None for t in teachers}
 
 
 def unique_problems(rng, n, ops, seen):
@@ -107,19 +141,30 @@ def one_step_facts():
             if 0 <= apply_op(a, op, b) <= MAX_VALUE and (op != "*" or 1 <= a <= 9)]
 
 
-def synth_pool(out_dir, seed=0, n_train=2000, n_test=300, n_pretrain=2000):
-    """Write out_dir/test.jsonl (three steps, no rationales), train.jsonl (three steps, every teacher)
-    and pretrain.jsonl (every one-step fact and n_pretrain two-step problems, stepwise only); no
-    question in two files. Returns (train rows, test rows)."""
-    rng, seen = random.Random(seed), set()
+def synth_pool(out_dir, seed=0, n_train=2000, n_test=300, n_pretrain=2000, pool="premise", flaw_counts=FLAW_COUNTS):
+    """Write out_dir/test.jsonl (three steps, no rationales), train.jsonl (three steps, every teacher of
+    the pool, each rationale with its "flaw" label) and pretrain.jsonl (every one-step fact and
+    n_pretrain two-step problems, clean: each in a random style of the pool's teachers, stepwise
+    only for "stress"); no question in two files. Returns (train rows, test rows)."""
+    rng, seen, teachers = random.Random(seed), set(), POOLS[pool]
     test, train_, pre = (unique_problems(rng, n, (steps,), seen) for n, steps in
                          ((n_test, 3), (n_train, 3), (n_pretrain, 2)))
-    def rows(problems, prefix, teachers):
-        return [{"id": f"{prefix}-{i:05d}", "question": q, "answer": a,
-                 **({"rationales": [{"teacher": t, "text": rationale(s, t, rng)} for t in teachers]} if teachers else {})}
+
+    def train_rationales(steps):
+        flaws = assign_flaws(rng, list(teachers), flaw_counts) if pool == "premise" else \
+            {t: flaw for t, (_, flaw) in teachers.items()}
+        return [{"teacher": t, "text": rationale(steps, style, flaws[t], rng, pool == "premise"), "flaw": flaws[t]}
+                for t, (style, _) in teachers.items()]
+
+    def pre_rationales(steps):
+        style = "stepwise" if pool == "stress" else rng.choice(list(teachers))
+        return [{"teacher": style, "text": rationale(steps, style, None, rng), "flaw": None}]
+
+    def rows(problems, prefix, make=None):
+        return [{"id": f"{prefix}-{i:05d}", "question": q, "answer": a, **({"rationales": make(s)} if make else {})}
                 for i, (q, a, s) in enumerate(problems)]
-    out = {"test": rows(test, "test", ()), "train": rows(train_, "train", list(TEACHERS)),
-           "pretrain": rows(one_step_facts() + pre, "pre", ["stepwise"])}
+    out = {"test": rows(test, "test"), "train": rows(train_, "train", train_rationales),
+           "pretrain": rows(one_step_facts() + pre, "pre", pre_rationales)}
     os.makedirs(out_dir, exist_ok=True)
     for name, r in out.items():
         write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), r)
@@ -129,7 +174,7 @@ def synth_pool(out_dir, seed=0, n_train=2000, n_test=300, n_pretrain=2000):
 # --- a character-level tokenizer, a Hugging Face tokenizer.json like any checkpoint's ---
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-ALPHABET = "0123456789+-*=,.: \nHTabcdefghijklmnopqrstuvwxyz"
+ALPHABET = "0123456789+-*=,.: \nFHOSTWabcdefghijklmnopqrstuvwxyz"
 
 
 def write_char_tokenizer(out_dir):
@@ -163,7 +208,14 @@ UNIFORM = dict(weighting="uniform", mcon_lambda=0.0)
 # this order, every seed of an arm before the next arm, so a stopped run has whole arms.
 ARMS = {"base": None, "sbs-stepwise": ("stepwise", UNIFORM), "direct-avg": ("", UNIFORM), "compact": ("", {}),
         "mcc": ("", dict(weighting="uniform")), "no-mi": ("", dict(alpha=0.0)), "no-consensus": ("", dict(beta=0.0)),
-        "no-difficulty": ("", dict(gamma=0.0)), **{f"sbs-{t}": (t, UNIFORM) for t in TEACHERS if t != "stepwise"}}
+        "no-difficulty": ("", dict(gamma=0.0))}
+
+
+def pool_arms(pool):
+    """ARMS and an SbS arm for every other teacher of the pool."""
+    return {**ARMS, **{f"sbs-{t}": (t, UNIFORM) for t in POOLS[pool] if t != "stepwise"}}
+
+
 DEFAULT_ARMS = ("base", "sbs-stepwise", "direct-avg", "compact")  # one seed; --full: three
 
 
@@ -178,7 +230,7 @@ def demo(a, rank, world, device):
     if rank == 0:  # a new demo replaces an earlier one
         for d in ("pretrain", "runs", "eval", "base"):
             shutil.rmtree(os.path.join(out, d), ignore_errors=True)
-        synth_pool(data_dir, 0, a.n_train, a.n_test, a.n_pretrain)
+        synth_pool(data_dir, 0, a.n_train, a.n_test, a.n_pretrain, a.pool)
         init = os.path.join(out, "pretrain", "init")
         config = {**STUDENT, "vocab_size": write_char_tokenizer(init)}
         torch.manual_seed(0)
@@ -201,12 +253,13 @@ def demo(a, rank, world, device):
     test_rows = [json.loads(line) for line in open(os.path.join(data_dir, "test.jsonl"))]
     if rank == 0:
         run_result(base_dir, None, test_rows, os.path.join(out, "eval", "base.jsonl"), device, (t0, 0.0))
-    for arm in [x for x in a.arms if ARMS[x]]:
-        teachers, fields = ARMS[arm]
+    arms = pool_arms(a.pool)
+    for arm in [x for x in a.arms if arms[x]]:
+        teachers, fields = arms[arm]
         for seed in range(a.seed, a.seed + a.seeds):
             cfg = TrainConfig(model=base_dir, data=os.path.join(data_dir, "train.jsonl"), teachers=teachers, seed=seed,
                               out=os.path.join(out, "runs", arm, f"seed-{seed}"), max_steps=a.max_steps, **COMMON, **DISTIL)
-            print0(f"== {arm}, seed {seed}: {a.max_steps} steps from {teachers or ', '.join(TEACHERS)}")
+            print0(f"== {arm}, seed {seed}: {a.max_steps} steps from {teachers or ', '.join(POOLS[a.pool])}")
             t_run = (time.time(), time.process_time())
             train(cfg, CompactConfig(**fields), rank, world, device)
             if rank == 0:
@@ -226,7 +279,7 @@ def run_result(model_dir, run_dir, test_rows, preds, device, t_start):
     os.makedirs(os.path.dirname(preds), exist_ok=True)
     if os.path.exists(preds):
         os.remove(preds)
-    records = evaluate(model, tok, items, preds, batch_size=100, max_new_tokens=64)
+    records = evaluate(model, tok, items, preds, batch_size=100, max_new_tokens=96)
     n, acc, _ = accuracy_sem([r["correct"] for r in records])
     dyn = teacher_dynamics([json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]) if run_dir else {}
     result = {"accuracy": acc, "n": n, "sample_output": records[0]["output"], "wall_s": round(time.time() - t_start[0], 1),
@@ -257,7 +310,7 @@ def report(a, test_rows, t0):
                       "sample_output": res[0]["sample_output"], "teachers": {t: {
                           k: sum(d[t][k] for d in dyn) / len(dyn) for k in ("weight_first", "weight_last", "s_mi", "s_g", "s_d")}
                           for t in names}}
-        if dyn and ARMS[arm][1].get("weighting") != "uniform":
+        if dyn and pool_arms(a.pool)[arm][1].get("weighting") != "uniform":
             curves[arm] = {t: [sum(x) / len(dyn) for x in zip(*(d[t]["series"]["weight"] for d in dyn))] for t in names}
     sbs = [x for x in table if x.startswith("sbs-")]
     best = max(sbs, key=lambda x: table[x]["accuracy"]) if sbs else None
@@ -293,7 +346,9 @@ def sparkline(values, width=48):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="the demo's directory (replaced by a new demo)")
-    p.add_argument("--full", action="store_true", help="every arm: " + ", ".join(ARMS))
+    p.add_argument("--pool", choices=POOLS, default="premise", help="premise: teachers each flawed on a different "
+                   "minority of questions; stress: teachers uniformly good or bad (see POOLS)")
+    p.add_argument("--full", action="store_true", help="every arm: " + ", ".join(ARMS) + ", sbs-T for every teacher")
     p.add_argument("--arms", help=f"comma-separated arms (default: {','.join(DEFAULT_ARMS)})")
     p.add_argument("--max-steps", type=int, default=300, help="distillation steps per arm and seed")
     p.add_argument("--pretrain-steps", type=int, default=1000, help="steps that make the base student")
@@ -308,9 +363,10 @@ def main(argv=None):
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     a.seeds = a.seeds or (3 if a.full else 1)
-    a.arms = list(ARMS) if a.full else (a.arms.split(",") if a.arms else list(DEFAULT_ARMS))
-    if unknown := [x for x in a.arms if x not in ARMS]:
-        p.error(f"--arms: unknown {', '.join(unknown)} (known: {', '.join(ARMS)})")
+    known = pool_arms(a.pool)
+    a.arms = list(known) if a.full else (a.arms.split(",") if a.arms else list(DEFAULT_ARMS))
+    if unknown := [x for x in a.arms if x not in known]:
+        p.error(f"--arms: unknown {', '.join(unknown)} (known with --pool {a.pool}: {', '.join(known)})")
     # One thread: a 0.4M-parameter model gains nothing from a second one, and a second thread per
     # process oversubscribes the cores (under torchrun, or next to other jobs) and runs ~5x slower.
     torch.set_num_threads(1)
