@@ -2,14 +2,16 @@
 
     python demo.py                         # default: base, SbS (stepwise), Direct Avg., COMPACT; one seed, ~5 min
     python demo.py --full                  # every arm of SPEC.md §5 (SbS per teacher, MCC, the ablations), 3 seeds
+    python demo.py --pool stress           # the stress test: teachers uniformly good or bad
     torchrun --nproc_per_node=2 demo.py    # the same through DDP (gloo)
     python train.py --demo [--max-steps N] [--out DIR]   # alias kept for scripts
 
-The task: left-to-right arithmetic on small numbers ("7*3-5+8"), read and written one
-character at a time. A tiny Qwen2-shaped student is first taught one- and two-step problems
-with worked steps (its "pretraining"; this is the base student, OUT/base/), then distilled on
-three-step problems from four teachers, each arm through train.py's own loop and scored with
-eval.py's own accuracy. OUT/report.json holds the table; OUT/weights.png the weight curves when
+The task: left-to-right arithmetic on small numbers ("7*3-5+8"), digits one token each, words
+one token each. A tiny Qwen2-shaped student is first taught one- and two-step problems with
+worked steps (its "pretraining"; this is the base student, OUT/base/), then distilled on
+three-step problems from four teachers, each correct on most questions and flawed on a different
+few (every rationale's "flaw" label is in the data), each arm through train.py's own loop and
+scored with eval.py's own accuracy. OUT/report.json holds the table; OUT/weights.png the weight curves when
 matplotlib is installed. Left out: real checkpoints (see README for the paper's recipe).
 """
 import argparse
@@ -17,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 
@@ -57,16 +60,16 @@ def make_problem(rng, n_ops):
     return str(start) + "".join(f"{op}{b}" for _, op, b, _ in steps), str(value), steps
 
 
-# --- the teachers: two pools (README: "What the demo shows" reports what each score caught) ---
+# --- the teachers: two pools ---
 
-# A teacher's style: how it joins a chain's equations (before the first, between two, before the
-# last) and the filler it writes when it skips the reasoning. Styles differ in length and in
-# thinking-word density, as the paper's teachers do.
+# A teacher's style: what opens a chain of equations, what joins two of them, and the filler it
+# writes when it skips the reasoning. Styles differ in length and in thinking-word density, as the
+# paper's teachers do; a two-step chain shows every part of its style (the base student learns all four).
 STYLES = {
-    "terse": ("", ", ", ", ", "So it is {}."),
-    "stepwise": ("", ", then ", ", then ", "Hmm, so it is {}."),
-    "narrator": ("Okay, now ", ". Next ", ". Finally ", "Okay, now let me see. So it is {}."),
-    "reflective": ("First, ", ". Wait, let me check: ", ". So then ", "First, let me think. Wait, hmm. So then it is {}."),
+    "terse": ("", ", ", "So it is {}."),  # 7*3=21, 21-5=16, 16+8=24.
+    "stepwise": ("", ", then ", "Hmm, so it is {}."),  # 7*3=21, then 21-5=16, then 16+8=24.
+    "narrator": ("Okay, now ", ". Next ", "Okay, now let me see. So it is {}."),  # Okay, now 7*3=21. Next 21-5=16...
+    "reflective": ("First, ", ". Wait, so then ", "First, let me think. Wait, hmm. So then it is {}."),
 }
 # The flaws (data.FLAWS) and the score each is meant to be caught by:
 #   hallucination  one intermediate result wrong and carried through, the final answer right: S_G (consensus)
@@ -83,9 +86,8 @@ POOLS = {"premise": {t: (t, None) for t in STYLES},
 
 
 def chain(equations, style):
-    """Equations joined in a style: "First, 7*3=21. Wait, let me check: 21-5=16. So then 16+8=24." """
-    first, between, last, _ = STYLES[style]
-    return first + (between.join(equations[:-1]) + last if len(equations) > 1 else "") + equations[-1] + "."
+    """Equations in a style: "First, 7*3=21. Wait, so then 21-5=16. Wait, so then 16+8=24." """
+    return STYLES[style][0] + STYLES[style][1].join(equations) + "."
 
 
 def hallucinate(steps, rng, carried=True):
@@ -104,7 +106,7 @@ def hallucinate(steps, rng, carried=True):
 def rationale(steps, style, flaw, rng, carried=True):
     """One rationale for a problem's steps in a style, with a flaw (data.FLAWS) or none."""
     if flaw == "filler":
-        return STYLES[style][3].format(steps[-1][3])
+        return STYLES[style][2].format(steps[-1][3])
     if flaw == "form":
         return chain([f"{c}={a}{op}{b}" for a, op, b, c in reversed(steps)], style)
     if flaw == "hallucination":
@@ -163,24 +165,33 @@ def synth_pool(out_dir, seed=0, n_train=2000, n_test=300, n_pretrain=2000, pool=
     def rows(problems, prefix, make=None):
         return [{"id": f"{prefix}-{i:05d}", "question": q, "answer": a, **({"rationales": make(s)} if make else {})}
                 for i, (q, a, s) in enumerate(problems)]
-    out = {"test": rows(test, "test"), "train": rows(train_, "train", train_rationales),
-           "pretrain": rows(one_step_facts() + pre, "pre", pre_rationales)}
+    pre = rows(one_step_facts() + pre, "pre", pre_rationales)  # drawn first: the same whatever the flaw settings
+    out = {"test": rows(test, "test"), "train": rows(train_, "train", train_rationales), "pretrain": pre}
     os.makedirs(out_dir, exist_ok=True)
     for name, r in out.items():
         write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), r)
     return out["train"], out["test"]
 
 
-# --- a character-level tokenizer, a Hugging Face tokenizer.json like any checkpoint's ---
+# --- a tokenizer.json like any checkpoint's: one token per character, and per word of the pools ---
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-ALPHABET = "0123456789+-*=,.: \nFHOSTWabcdefghijklmnopqrstuvwxyz"
+ALPHABET = "0123456789+-*=,.: \nFHNOSTWabcdefghijklmnopqrstuvwxyz"
 
 
-def write_char_tokenizer(out_dir):
-    """One token per character (a BPE without merges), ChatML specials and template."""
-    vocab = {c: i for i, c in enumerate(SPECIALS + sorted(set(ALPHABET)))}
-    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+def pool_words():
+    """Every word the pools and the answer cue write, with its leading space where it has one."""
+    texts = [x for style in STYLES.values() for x in style] + ["\nThe answer is "]
+    return sorted({w for t in texts for w in re.findall(r" ?[A-Za-z]+", t)})
+
+
+def write_tokenizer(out_dir):
+    """One token per character and one per word of the pools (" answer", " Wait", as a real BPE has
+    them: merges built left to right, so digits stay one token each); ChatML specials and template."""
+    merges = [(w[:i - 1], w[i - 1]) for w in pool_words() for i in range(2, len(w) + 1)]
+    merges = list(dict.fromkeys(merges))
+    vocab = {c: i for i, c in enumerate(SPECIALS + sorted(set(ALPHABET)) + [a + b for a, b in merges])}
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.add_special_tokens(SPECIALS)
     tok.decoder = decoders.Fuse()
     os.makedirs(out_dir, exist_ok=True)
@@ -230,9 +241,9 @@ def demo(a, rank, world, device):
     if rank == 0:  # a new demo replaces an earlier one
         for d in ("pretrain", "runs", "eval", "base"):
             shutil.rmtree(os.path.join(out, d), ignore_errors=True)
-        synth_pool(data_dir, 0, a.n_train, a.n_test, a.n_pretrain, a.pool)
+        synth_pool(data_dir, 0, a.n_train, a.n_test, a.n_pretrain, a.pool, a.flaw_counts)
         init = os.path.join(out, "pretrain", "init")
-        config = {**STUDENT, "vocab_size": write_char_tokenizer(init)}
+        config = {**STUDENT, "vocab_size": write_tokenizer(init)}
         torch.manual_seed(0)
         Transformer(ModelArgs.from_hf_config(config), config).save_pretrained(init)
         write_json(os.path.join(out, "demo.json"), vars(a))
@@ -242,7 +253,8 @@ def demo(a, rank, world, device):
         if rank == 0:
             shutil.copytree(a.base, base_dir)
     else:
-        print0(f"== base student: {a.pretrain_steps} steps on one-step facts and two-step problems (stepwise rationales)")
+        print0(f"== base student: {a.pretrain_steps} steps on one-step facts and two-step problems, clean rationales in "
+               f"{'the stepwise style' if a.pool == 'stress' else 'the four styles'}")
         pre = TrainConfig(model=os.path.join(out, "pretrain", "init"), data=os.path.join(data_dir, "pretrain.jsonl"),
                           out=os.path.join(out, "pretrain"), max_steps=a.pretrain_steps, **COMMON, **PRETRAIN)
         train(pre, CompactConfig(**UNIFORM), rank, world, device)
@@ -279,7 +291,7 @@ def run_result(model_dir, run_dir, test_rows, preds, device, t_start):
     os.makedirs(os.path.dirname(preds), exist_ok=True)
     if os.path.exists(preds):
         os.remove(preds)
-    records = evaluate(model, tok, items, preds, batch_size=100, max_new_tokens=96)
+    records = evaluate(model, tok, items, preds, batch_size=100, max_new_tokens=64)
     n, acc, _ = accuracy_sem([r["correct"] for r in records])
     dyn = teacher_dynamics([json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]) if run_dir else {}
     result = {"accuracy": acc, "n": n, "sample_output": records[0]["output"], "wall_s": round(time.time() - t_start[0], 1),
@@ -348,10 +360,12 @@ def main(argv=None):
     p.add_argument("--out", default="runs/demo", help="the demo's directory (replaced by a new demo)")
     p.add_argument("--pool", choices=POOLS, default="premise", help="premise: teachers each flawed on a different "
                    "minority of questions; stress: teachers uniformly good or bad (see POOLS)")
+    p.add_argument("--flaw-counts", default=",".join(map(str, FLAW_COUNTS)),
+                   help="premise pool: P(0, 1, 2, ... of a question's rationales are flawed), comma-separated")
     p.add_argument("--full", action="store_true", help="every arm: " + ", ".join(ARMS) + ", sbs-T for every teacher")
     p.add_argument("--arms", help=f"comma-separated arms (default: {','.join(DEFAULT_ARMS)})")
     p.add_argument("--max-steps", type=int, default=300, help="distillation steps per arm and seed")
-    p.add_argument("--pretrain-steps", type=int, default=1000, help="steps that make the base student")
+    p.add_argument("--pretrain-steps", type=int, default=1200, help="steps that make the base student")
     p.add_argument("--base", help="run the arms on this base student (an earlier demo's OUT/base) instead of pretraining one")
     p.add_argument("--seeds", type=int, help="how many seeds per arm (default: 1; 3 with --full)")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
@@ -362,6 +376,12 @@ def main(argv=None):
     for flag in ("max_steps", "pretrain_steps", "seeds", "n_train", "n_test", "n_pretrain"):
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    try:
+        a.flaw_counts = [float(x) for x in a.flaw_counts.split(",")]
+    except ValueError:
+        p.error(f"--flaw-counts: numbers expected, got {a.flaw_counts!r}")
+    if len(a.flaw_counts) > len(POOLS["premise"]) + 1 or min(a.flaw_counts) < 0 or not sum(a.flaw_counts) > 0:
+        p.error(f"--flaw-counts: at most {len(POOLS['premise']) + 1} weights >= 0, not all 0")
     a.seeds = a.seeds or (3 if a.full else 1)
     known = pool_arms(a.pool)
     a.arms = list(known) if a.full else (a.arms.split(",") if a.arms else list(DEFAULT_ARMS))

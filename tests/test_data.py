@@ -318,16 +318,26 @@ def test_premise_flaw_labels_match_the_rationales(tmp_path):
     assert sum(not inst.flaws for inst in insts) > len(insts) / 4
 
 
-def test_the_char_tokenizer_reads_like_any_checkpoint(tmp_path):
+def test_the_demo_tokenizer_reads_like_any_checkpoint(tmp_path):
     import tokenizer
-    assert demo.write_char_tokenizer(str(tmp_path)) == tokenizer.Tokenizer.from_pretrained(str(tmp_path)).vocab_size
+    assert demo.write_tokenizer(str(tmp_path)) == tokenizer.Tokenizer.from_pretrained(str(tmp_path)).vocab_size
     tok = tokenizer.Tokenizer.from_pretrained(str(tmp_path))
-    text = "7*3=21, then 21-5=16.\nThe answer is 16."
+    text = "Okay, now 7*3=21. Next 21-5=16.\nThe answer is 16."
     ids, offsets = tok.encode_with_offsets(text)
-    assert len(ids) == len(text) and tok.decode(ids) == text and offsets[3] == (3, 4)
+    assert [text[a:b] for a, b in offsets] == ["Okay", ",", " now", " ", "7", "*", "3", "=", "2", "1", ".", " Next", " ",
+                                               "2", "1", "-", "5", "=", "1", "6", ".", "\n", "The", " answer", " is", " ",
+                                               "1", "6", "."]  # a word is one token, a digit is one token
+    assert tok.decode(ids) == text and data.think_starts(text, offsets) == [t in (0, 2, 11) for t in range(len(ids))]
     prompt = tok.encode_chat([{"role": "user", "content": "7*3-5"}])
     assert tok.decode(prompt) == "<|im_start|>user\n7*3-5<|im_end|>\n<|im_start|>assistant\n"
     assert tok.eot_id == tok.token_id("<|im_end|>") and tok.eos_ids == [tok.eot_id]
+    for pool in demo.POOLS:  # every text the pools write reads back; every word of it is one token
+        rows, _ = demo.synth_pool(str(tmp_path / pool), seed=0, n_train=100, n_test=1, n_pretrain=1, pool=pool)
+        for text in {r["text"] + "\nThe answer is 1." for row in rows for r in row["rationales"]}:
+            ids, offsets = tok.encode_with_offsets(text)
+            pieces = [text[a:b] for a, b in offsets]
+            assert tok.decode(ids) == text and [p for p in pieces if p.strip(" ").isalpha()] == re.findall(r" ?[A-Za-z]+", text)
+            assert all(len(p) == 1 for p in pieces if not p.strip(" ").isalpha())
 
 
 def is_answer(text, answer):
