@@ -237,7 +237,8 @@ def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, capsys):
     assert e.value.code == 2
 
 
-@pytest.mark.parametrize("flag", [["--seeds", "0"], ["--arms", "base,nope"], ["--max-steps", "-1"]])
+@pytest.mark.parametrize("flag", [["--seeds", "0"], ["--arms", "base,nope"], ["--max-steps", "-1"], ["--flaw-counts", "0,0"],
+                                  ["--flaw-counts", "a"], ["--arms", "sbs-oracle"]])  # a teacher of the stress pool only
 def test_demo_bad_flags_exit_2(flag, capsys):
     with pytest.raises(SystemExit) as e:
         demo.main(flag)
