@@ -2,21 +2,24 @@
 
     python demo.py                         # default: base, SbS (stepwise), Direct Avg., COMPACT; one seed, ~5 min
     python demo.py --full                  # every arm of SPEC.md §5 (SbS per teacher, MCC, the ablations), 3 seeds
+    python demo.py --pool stress           # the stress test: teachers uniformly good or bad
     torchrun --nproc_per_node=2 demo.py    # the same through DDP (gloo)
     python train.py --demo [--max-steps N] [--out DIR]   # alias kept for scripts
 
-The task: left-to-right arithmetic on small numbers ("7*3-5+8"), read and written one
-character at a time. A tiny Qwen2-shaped student is first taught one- and two-step problems
-with worked steps (its "pretraining"; this is the base student, OUT/base/), then distilled on
-three-step problems from four teachers, each arm through train.py's own loop and scored with
-eval.py's own accuracy. OUT/report.json holds the table; OUT/weights.png the weight curves when
-matplotlib is installed. Left out: real checkpoints (see README for the paper's recipe).
+The task: left-to-right arithmetic on small numbers ("7*3-5+8"), digits one token each, words
+one token each. A tiny Qwen2-shaped student is first taught one- and two-step problems with
+worked steps (its "pretraining"; this is the base student, OUT/base/), then distilled on
+three-step problems from four teachers, each correct on most questions and flawed on a different
+few (every rationale's "flaw" label is in the data), each arm through train.py's own loop and
+scored with eval.py's own accuracy. OUT/report.json holds the table; OUT/weights.png the weight
+curves when matplotlib is installed. Left out: real checkpoints (see README for the paper's recipe).
 """
 import argparse
 import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 
@@ -27,8 +30,8 @@ import torch.distributed as dist
 from tokenizers import decoders, models
 
 from compact import CompactConfig
-from data import write_json, write_jsonl
 from analysis import plot, teacher_dynamics
+from data import FLAWS, write_json, write_jsonl
 from eval import accuracy_sem, evaluate, load_student
 from model import ModelArgs, Transformer
 from tokenizer import BUILTIN_TEMPLATES
@@ -57,33 +60,66 @@ def make_problem(rng, n_ops):
     return str(start) + "".join(f"{op}{b}" for _, op, b, _ in steps), str(value), steps
 
 
-# --- the teachers, and which score is meant to catch which (README reports what happened) ---
+# --- the teachers: two pools ---
 
-TEACHERS = {
-    "stepwise": "correct, one equation per step, in the student's own style: the teacher to learn from",
-    "hallucinated": "wrong intermediate results, right final answer: the minority path against the "
-                    "consensus of the others, meant for S_G (consensus)",
-    "reversed": "correct, but the last step first, so the answer must be known before any step is "
-                "written: a style the student cannot absorb, meant for S_D (difficulty)",
-    "oracle": "states the answer without reasoning towards it ('Hmm, so it is 8.'): thinking words "
-              "that carry no information gain, meant for S_MI (adaptability)",
+# A teacher's style: what opens a chain of equations, what joins two of them, and the filler it
+# writes when it skips the reasoning. Styles differ in length and in thinking-word density, as the
+# paper's teachers do; a two-step chain shows every part of its style (the base student learns all four).
+STYLES = {
+    "terse": ("", ", ", "So it is {}."),  # 7*3=21, 21-5=16, 16+8=24.
+    "stepwise": ("", ", then ", "Hmm, so it is {}."),  # 7*3=21, then 21-5=16, then 16+8=24.
+    "narrator": ("Okay, now ", ". Next ", "Okay, now let me see. So it is {}."),  # Okay, now 7*3=21. Next 21-5=16...
+    "reflective": ("First, ", ". Wait, so then ", "First, let me think. Wait, hmm. So then it is {}."),
 }
+# The flaws (data.FLAWS) and the score each is meant to be caught by:
+#   hallucination  one intermediate result wrong and carried through, the final answer right: S_G (consensus)
+#   form           the same true equations, answer first (the last step first): S_D (difficulty)
+#   filler         thinking words and the answer, no arithmetic: S_MI (adaptability)
+# "premise" (the default): every teacher writes in its own style, correct on most questions and flawed
+# on a different random subset; P(0, 1, 2 of a question's four rationales are flawed) = FLAW_COUNTS,
+# each flaw drawn uniformly. "stress": four teachers uniformly good or bad, each flawed on every
+# question in one way (teacher: (style, flaw)); only the stepwise teacher can be learned from.
+FLAW_COUNTS = (0.4, 0.4, 0.2)
+POOLS = {"premise": {t: (t, None) for t in STYLES},
+         "stress": {"stepwise": ("stepwise", None), "hallucinated": ("stepwise", "hallucination"),
+                    "reversed": ("terse", "form"), "oracle": ("stepwise", "filler")}}
 
 
-def rationale(steps, teacher, rng):
-    """One teacher's rationale for a problem's steps (see TEACHERS)."""
-    if teacher == "stepwise":
-        return ", then ".join(f"{a}{op}{b}={c}" for a, op, b, c in steps) + "."
-    if teacher == "hallucinated":  # each wrong result is off by 1 or 2 from the true one
-        last = len(steps) - 1
-        wrong = [c if j == last else (c + rng.choice((1, 2)) if c < 2 else c + rng.choice((-2, -1, 1, 2)))
-                 for j, (_, _, _, c) in enumerate(steps)]
-        return ", then ".join(f"{a}{op}{b}={w}" for (a, op, b, _), w in zip(steps, wrong)) + "."
-    if teacher == "reversed":
-        return ", ".join(f"{c}={a}{op}{b}" for a, op, b, c in reversed(steps)) + "."
-    if teacher == "oracle":
-        return f"Hmm, so it is {steps[-1][3]}."
-    raise ValueError(f"unknown synthetic teacher {teacher!r}")
+def chain(equations, style):
+    """Equations in a style: "First, 7*3=21. Wait, so then 21-5=16. Wait, so then 16+8=24." """
+    return STYLES[style][0] + STYLES[style][1].join(equations) + "."
+
+
+def hallucinate(steps, rng, carried=True):
+    """Wrong intermediate results, the final one kept. carried: one result off by 1 or 2 and carried
+    through the later steps (each computed right from the wrong value); else (the stress pool)
+    every intermediate result off by 1 or 2, the operands kept."""
+    last = len(steps) - 1
+    if not carried:
+        return [(a, op, b, c if j == last else (c + rng.choice((1, 2)) if c < 2 else c + rng.choice((-2, -1, 1, 2))))
+                for j, (a, op, b, c) in enumerate(steps)]
+    j, d = rng.choice([(j, d) for j in range(last) for d in (-2, -1, 1, 2)
+                       if all(0 <= c + d <= MAX_VALUE for *_, c in steps[j:last])])
+    return [(a + d * (k > j), op, b, c + d * (j <= k < last)) for k, (a, op, b, c) in enumerate(steps)]
+
+
+def rationale(steps, style, flaw, rng, carried=True):
+    """One rationale for a problem's steps in a style, with a flaw (data.FLAWS) or none."""
+    if flaw == "filler":
+        return STYLES[style][2].format(steps[-1][3])
+    if flaw == "form":
+        return chain([f"{c}={a}{op}{b}" for a, op, b, c in reversed(steps)], style)
+    if flaw == "hallucination":
+        steps = hallucinate(steps, rng, carried)
+    elif flaw is not None:
+        raise ValueError(f"unknown flaw {flaw!r}")
+    return chain([f"{a}{op}{b}={c}" for a, op, b, c in steps], style)
+
+
+def assign_flaws(rng, teachers, counts=FLAW_COUNTS):
+    """teacher: flaw or None for one question: how many are flawed (counts), which (uniform), which flaw (uniform)."""
+    flawed = rng.sample(teachers, rng.choices(range(len(counts)), counts)[0])
+    return {t: rng.choice(FLAWS) if t in flawed else None for t in teachers}
 
 
 def unique_problems(rng, n, ops, seen):
@@ -107,35 +143,55 @@ def one_step_facts():
             if 0 <= apply_op(a, op, b) <= MAX_VALUE and (op != "*" or 1 <= a <= 9)]
 
 
-def synth_pool(out_dir, seed=0, n_train=2000, n_test=300, n_pretrain=2000):
-    """Write out_dir/test.jsonl (three steps, no rationales), train.jsonl (three steps, every teacher)
-    and pretrain.jsonl (every one-step fact and n_pretrain two-step problems, stepwise only); no
-    question in two files. Returns (train rows, test rows)."""
-    rng, seen = random.Random(seed), set()
+def synth_pool(out_dir, seed=0, n_train=2000, n_test=300, n_pretrain=2000, pool="premise", flaw_counts=FLAW_COUNTS):
+    """Write out_dir/test.jsonl (three steps, no rationales), train.jsonl (three steps, every teacher of
+    the pool, each rationale with its "flaw" label) and pretrain.jsonl (every one-step fact and
+    n_pretrain two-step problems, clean: each in a random style of the pool's teachers, stepwise
+    only for "stress"); no question in two files. Returns (train rows, test rows)."""
+    rng, seen, teachers = random.Random(seed), set(), POOLS[pool]
     test, train_, pre = (unique_problems(rng, n, (steps,), seen) for n, steps in
                          ((n_test, 3), (n_train, 3), (n_pretrain, 2)))
-    def rows(problems, prefix, teachers):
-        return [{"id": f"{prefix}-{i:05d}", "question": q, "answer": a,
-                 **({"rationales": [{"teacher": t, "text": rationale(s, t, rng)} for t in teachers]} if teachers else {})}
+
+    def train_rationales(steps):
+        flaws = assign_flaws(rng, list(teachers), flaw_counts) if pool == "premise" else \
+            {t: flaw for t, (_, flaw) in teachers.items()}
+        return [{"teacher": t, "text": rationale(steps, style, flaws[t], rng, pool == "premise"), "flaw": flaws[t]}
+                for t, (style, _) in teachers.items()]
+
+    def pre_rationales(steps):
+        style = "stepwise" if pool == "stress" else rng.choice(list(teachers))
+        return [{"teacher": style, "text": rationale(steps, style, None, rng), "flaw": None}]
+
+    def rows(problems, prefix, make=None):
+        return [{"id": f"{prefix}-{i:05d}", "question": q, "answer": a, **({"rationales": make(s)} if make else {})}
                 for i, (q, a, s) in enumerate(problems)]
-    out = {"test": rows(test, "test", ()), "train": rows(train_, "train", list(TEACHERS)),
-           "pretrain": rows(one_step_facts() + pre, "pre", ["stepwise"])}
+    pre = rows(one_step_facts() + pre, "pre", pre_rationales)  # drawn first: the same whatever the flaw settings
+    out = {"test": rows(test, "test"), "train": rows(train_, "train", train_rationales), "pretrain": pre}
     os.makedirs(out_dir, exist_ok=True)
     for name, r in out.items():
         write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), r)
     return out["train"], out["test"]
 
 
-# --- a character-level tokenizer, a Hugging Face tokenizer.json like any checkpoint's ---
+# --- a tokenizer.json like any checkpoint's: one token per character, and per word of the pools ---
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-ALPHABET = "0123456789+-*=,.: \nHTabcdefghijklmnopqrstuvwxyz"
+ALPHABET = "0123456789+-*=,.: \nFHNOSTWabcdefghijklmnopqrstuvwxyz"
 
 
-def write_char_tokenizer(out_dir):
-    """One token per character (a BPE without merges), ChatML specials and template."""
-    vocab = {c: i for i, c in enumerate(SPECIALS + sorted(set(ALPHABET)))}
-    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+def pool_words():
+    """Every word the pools and the answer cue write, with its leading space where it has one."""
+    texts = [x for style in STYLES.values() for x in style] + ["\nThe answer is "]
+    return sorted({w for t in texts for w in re.findall(r" ?[A-Za-z]+", t)})
+
+
+def write_tokenizer(out_dir):
+    """One token per character and one per word of the pools (" answer", " Wait", as a real BPE has
+    them: merges built left to right, so digits stay one token each); ChatML specials and template."""
+    merges = [(w[:i - 1], w[i - 1]) for w in pool_words() for i in range(2, len(w) + 1)]
+    merges = list(dict.fromkeys(merges))
+    vocab = {c: i for i, c in enumerate(SPECIALS + sorted(set(ALPHABET)) + [a + b for a, b in merges])}
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.add_special_tokens(SPECIALS)
     tok.decoder = decoders.Fuse()
     os.makedirs(out_dir, exist_ok=True)
@@ -163,7 +219,14 @@ UNIFORM = dict(weighting="uniform", mcon_lambda=0.0)
 # this order, every seed of an arm before the next arm, so a stopped run has whole arms.
 ARMS = {"base": None, "sbs-stepwise": ("stepwise", UNIFORM), "direct-avg": ("", UNIFORM), "compact": ("", {}),
         "mcc": ("", dict(weighting="uniform")), "no-mi": ("", dict(alpha=0.0)), "no-consensus": ("", dict(beta=0.0)),
-        "no-difficulty": ("", dict(gamma=0.0)), **{f"sbs-{t}": (t, UNIFORM) for t in TEACHERS if t != "stepwise"}}
+        "no-difficulty": ("", dict(gamma=0.0))}
+
+
+def pool_arms(pool):
+    """ARMS and an SbS arm for every other teacher of the pool."""
+    return {**ARMS, **{f"sbs-{t}": (t, UNIFORM) for t in POOLS[pool] if t != "stepwise"}}
+
+
 DEFAULT_ARMS = ("base", "sbs-stepwise", "direct-avg", "compact")  # one seed; --full: three
 
 
@@ -178,9 +241,9 @@ def demo(a, rank, world, device):
     if rank == 0:  # a new demo replaces an earlier one
         for d in ("pretrain", "runs", "eval", "base"):
             shutil.rmtree(os.path.join(out, d), ignore_errors=True)
-        synth_pool(data_dir, 0, a.n_train, a.n_test, a.n_pretrain)
+        synth_pool(data_dir, 0, a.n_train, a.n_test, a.n_pretrain, a.pool, a.flaw_counts)
         init = os.path.join(out, "pretrain", "init")
-        config = {**STUDENT, "vocab_size": write_char_tokenizer(init)}
+        config = {**STUDENT, "vocab_size": write_tokenizer(init)}
         torch.manual_seed(0)
         Transformer(ModelArgs.from_hf_config(config), config).save_pretrained(init)
         write_json(os.path.join(out, "demo.json"), vars(a))
@@ -190,7 +253,8 @@ def demo(a, rank, world, device):
         if rank == 0:
             shutil.copytree(a.base, base_dir)
     else:
-        print0(f"== base student: {a.pretrain_steps} steps on one-step facts and two-step problems (stepwise rationales)")
+        print0(f"== base student: {a.pretrain_steps} steps on one-step facts and two-step problems, clean rationales in "
+               f"{'the stepwise style' if a.pool == 'stress' else 'the four styles'}")
         pre = TrainConfig(model=os.path.join(out, "pretrain", "init"), data=os.path.join(data_dir, "pretrain.jsonl"),
                           out=os.path.join(out, "pretrain"), max_steps=a.pretrain_steps, **COMMON, **PRETRAIN)
         train(pre, CompactConfig(**UNIFORM), rank, world, device)
@@ -201,12 +265,13 @@ def demo(a, rank, world, device):
     test_rows = [json.loads(line) for line in open(os.path.join(data_dir, "test.jsonl"))]
     if rank == 0:
         run_result(base_dir, None, test_rows, os.path.join(out, "eval", "base.jsonl"), device, (t0, 0.0))
-    for arm in [x for x in a.arms if ARMS[x]]:
-        teachers, fields = ARMS[arm]
+    arms = pool_arms(a.pool)
+    for arm in [x for x in a.arms if arms[x]]:
+        teachers, fields = arms[arm]
         for seed in range(a.seed, a.seed + a.seeds):
             cfg = TrainConfig(model=base_dir, data=os.path.join(data_dir, "train.jsonl"), teachers=teachers, seed=seed,
                               out=os.path.join(out, "runs", arm, f"seed-{seed}"), max_steps=a.max_steps, **COMMON, **DISTIL)
-            print0(f"== {arm}, seed {seed}: {a.max_steps} steps from {teachers or ', '.join(TEACHERS)}")
+            print0(f"== {arm}, seed {seed}: {a.max_steps} steps from {teachers or ', '.join(POOLS[a.pool])}")
             t_run = (time.time(), time.process_time())
             train(cfg, CompactConfig(**fields), rank, world, device)
             if rank == 0:
@@ -257,7 +322,7 @@ def report(a, test_rows, t0):
                       "sample_output": res[0]["sample_output"], "teachers": {t: {
                           k: sum(d[t][k] for d in dyn) / len(dyn) for k in ("weight_first", "weight_last", "s_mi", "s_g", "s_d")}
                           for t in names}}
-        if dyn and ARMS[arm][1].get("weighting") != "uniform":
+        if dyn and pool_arms(a.pool)[arm][1].get("weighting") != "uniform":
             curves[arm] = {t: [sum(x) / len(dyn) for x in zip(*(d[t]["series"]["weight"] for d in dyn))] for t in names}
     sbs = [x for x in table if x.startswith("sbs-")]
     best = max(sbs, key=lambda x: table[x]["accuracy"]) if sbs else None
@@ -293,10 +358,14 @@ def sparkline(values, width=48):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="the demo's directory (replaced by a new demo)")
-    p.add_argument("--full", action="store_true", help="every arm: " + ", ".join(ARMS))
+    p.add_argument("--pool", choices=POOLS, default="premise", help="premise: teachers each flawed on a different "
+                   "minority of questions; stress: teachers uniformly good or bad (see POOLS)")
+    p.add_argument("--flaw-counts", default=",".join(map(str, FLAW_COUNTS)),
+                   help="premise pool: P(0, 1, 2, ... of a question's rationales are flawed), comma-separated")
+    p.add_argument("--full", action="store_true", help="every arm: " + ", ".join(ARMS) + ", sbs-T for every teacher")
     p.add_argument("--arms", help=f"comma-separated arms (default: {','.join(DEFAULT_ARMS)})")
     p.add_argument("--max-steps", type=int, default=300, help="distillation steps per arm and seed")
-    p.add_argument("--pretrain-steps", type=int, default=1000, help="steps that make the base student")
+    p.add_argument("--pretrain-steps", type=int, default=1200, help="steps that make the base student")
     p.add_argument("--base", help="run the arms on this base student (an earlier demo's OUT/base) instead of pretraining one")
     p.add_argument("--seeds", type=int, help="how many seeds per arm (default: 1; 3 with --full)")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
@@ -307,10 +376,17 @@ def main(argv=None):
     for flag in ("max_steps", "pretrain_steps", "seeds", "n_train", "n_test", "n_pretrain"):
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    try:
+        a.flaw_counts = [float(x) for x in a.flaw_counts.split(",")]
+    except ValueError:
+        p.error(f"--flaw-counts: numbers expected, got {a.flaw_counts!r}")
+    if len(a.flaw_counts) > len(POOLS["premise"]) + 1 or min(a.flaw_counts) < 0 or not sum(a.flaw_counts) > 0:
+        p.error(f"--flaw-counts: at most {len(POOLS['premise']) + 1} weights >= 0, not all 0")
     a.seeds = a.seeds or (3 if a.full else 1)
-    a.arms = list(ARMS) if a.full else (a.arms.split(",") if a.arms else list(DEFAULT_ARMS))
-    if unknown := [x for x in a.arms if x not in ARMS]:
-        p.error(f"--arms: unknown {', '.join(unknown)} (known: {', '.join(ARMS)})")
+    known = pool_arms(a.pool)
+    a.arms = list(known) if a.full else (a.arms.split(",") if a.arms else list(DEFAULT_ARMS))
+    if unknown := [x for x in a.arms if x not in known]:
+        p.error(f"--arms: unknown {', '.join(unknown)} (known with --pool {a.pool}: {', '.join(known)})")
     # One thread: a 0.4M-parameter model gains nothing from a second one, and a second thread per
     # process oversubscribes the cores (under torchrun, or next to other jobs) and runs ~5x slower.
     torch.set_num_threads(1)

@@ -34,10 +34,11 @@ def _row(i, **kw):
 
 def test_load_multi_teacher_good(tmp_path):
     path = _write(tmp_path / "d.jsonl", [_row(0), "", _row(1, answer=2, rationales=[
-        {"teacher": "b", "text": "x"}, {"teacher": "a", "text": "y"}])])
+        {"teacher": "b", "text": "x", "flaw": "form"}, {"teacher": "a", "text": "y", "flaw": None}])])
     insts = data.load_multi_teacher(path)
     assert [i.id for i in insts] == ["q0", "q1"] and insts[1].answer == "2"
     assert insts[1].rationales == [("b", "x"), ("a", "y")]
+    assert insts[0].flaws == {} and insts[1].flaws == {"b": "form"}  # an optional label, kept where given
     assert data.teacher_names(insts) == ["a", "b"]
 
 
@@ -48,6 +49,7 @@ BAD = [
     (_row(7, rationales=[{"teacher": "a", "text": ""}]), "'text'"),
     (_row(8, rationales=[{"text": "x"}]), "'teacher'"),
     (_row(9, rationales=[{"teacher": "a", "text": "x"}, {"teacher": "a", "text": "y"}]), "twice"),
+    (_row(10, rationales=[{"teacher": "a", "text": "x", "flaw": "typo"}]), "'flaw' must be null or one of"),
     (_row(0), "duplicate id 'q0' (first on line 1)"),
 ]
 
@@ -62,7 +64,7 @@ def test_load_multi_teacher_reports_file_and_line(tmp_path, capsys):
     for lineno, (_, expected) in enumerate(BAD, 2):
         assert re.fullmatch(rf"{re.escape(path)}:{lineno}: .*{re.escape(expected)}.*",
                             problems[lineno - 2]), expected
-    assert message.startswith(f"{len(BAD)} problem(s)") and "... and 1 more" in message
+    assert message.startswith(f"{len(BAD)} problem(s)") and f"... and {len(BAD) - 10} more" in message
     kept = data.load_multi_teacher(path, skip_bad=True)
     assert [i.id for i in kept] == ["q0"] and f"skipped {len(BAD)} bad line(s)" in capsys.readouterr().err
     with pytest.raises(DataError, match="cannot read"):
@@ -298,21 +300,27 @@ def test_small_format_loaders(tmp_path):
 
 # ---- synthetic pool ---------------------------------------------------------------------
 
-def test_synth_pool(tmp_path):
-    train, test = demo.synth_pool(str(tmp_path), seed=3, n_train=40, n_test=10, n_pretrain=30)
+@pytest.mark.parametrize("pool", ["premise", "stress"])
+def test_synth_pool(tmp_path, pool):
+    train, test = demo.synth_pool(str(tmp_path), seed=3, n_train=40, n_test=10, n_pretrain=30, pool=pool)
     insts = data.load_multi_teacher(str(tmp_path / "train.jsonl"))
     held = data.load_multi_teacher(str(tmp_path / "test.jsonl"))
     pre = data.load_multi_teacher(str(tmp_path / "pretrain.jsonl"))
     assert len(insts) == 40 and len(held) == 10 and len(pre) == len(demo.one_step_facts()) + 30 and all(not h.rationales for h in held)
     questions = [{i.question for i in x} for x in (insts, held, pre)]
     assert sum(map(len, questions)) == len(set.union(*questions))  # no question twice, no question in two files
-    assert data.teacher_names(insts) == sorted(demo.TEACHERS) and data.teacher_names(pre) == ["stepwise"]
+    assert data.teacher_names(insts) == sorted(demo.POOLS[pool])
+    assert data.teacher_names(pre) == (sorted(demo.STYLES) if pool == "premise" else ["stepwise"])
+    assert all(len(i.rationales) == 1 and not i.flaws for i in pre)  # pretraining is clean
     for inst in insts + held:  # three steps; the answer is the question read left to right
         assert len(re.findall(r"[-+*]", inst.question)) == 3 and inst.task is None
         assert left_to_right(inst.question) == int(inst.answer) == eval(inst.question)  # × only comes first
     assert {len(re.findall(r"[-+*]", i.question)) for i in pre} == {1, 2}
     assert all(left_to_right(i.question) == int(i.answer) for i in pre)
-    assert demo.synth_pool(str(tmp_path / "again"), 3, 40, 10, 30) == (train, test)
+    for row, inst in zip(train, insts):  # every written rationale carries its label; the parser keeps it
+        assert all("flaw" in r for r in row["rationales"]) and inst.flaws == {
+            r["teacher"]: r["flaw"] for r in row["rationales"] if r["flaw"]}
+    assert demo.synth_pool(str(tmp_path / "again"), 3, 40, 10, 30, pool) == (train, test)
 
 
 def left_to_right(question):
@@ -324,10 +332,11 @@ def left_to_right(question):
     return value
 
 
-def test_each_synthetic_teacher_has_its_defining_property(tmp_path):
-    demo.synth_pool(str(tmp_path), seed=5, n_train=60, n_test=1, n_pretrain=1)
+def test_each_stress_teacher_has_its_defining_property(tmp_path):
+    demo.synth_pool(str(tmp_path), seed=5, n_train=60, n_test=1, n_pretrain=1, pool="stress")
     for inst in data.load_multi_teacher(str(tmp_path / "train.jsonl")):
         r = dict(inst.rationales)
+        assert inst.flaws == {"hallucinated": "hallucination", "reversed": "form", "oracle": "filler"}
         eqs = {t: re.findall(r"(\d+)([-+*])(\d+)=(\d+)", r[t]) for t in ("stepwise", "hallucinated")}
         # stepwise: every step true, chained, ending on the answer
         assert all(eval(f"{a}{op}{b}") == int(c) for a, op, b, c in eqs["stepwise"])
@@ -346,16 +355,72 @@ def test_each_synthetic_teacher_has_its_defining_property(tmp_path):
         assert sum(w in data.THINKING_WORDS for w in re.findall(r"[a-z]+", r["oracle"].lower())) >= 2
 
 
-def test_the_char_tokenizer_reads_like_any_checkpoint(tmp_path):
+def shown_flaw(text, question, answer):
+    """The flaw a synthetic rationale shows, read from its text and the question alone (None: clean),
+    asserting what every rationale of that kind must hold."""
+    start, ops = int(re.match(r"\d+", question)[0]), re.findall(r"([-+*])(\d+)", question)
+    words = re.findall(r"[a-z]+", text.lower())
+    if not re.search(r"[-+*=]", text):  # filler: no arithmetic, thinking words, then the answer
+        assert text.endswith(f" {answer}.") and any(w in data.THINKING_WORDS for w in words)
+        return "filler"
+    if answer_first := bool(re.match(r"\D*\d+=\d+[-+*]", text)):  # form: the chain read from its end
+        eqs = [(a, op, b, c) for c, a, op, b in reversed(re.findall(r"(\d+)=(\d+)([-+*])(\d+)", text))]
+        assert re.match(r"\D*(\d+)", text)[1] == answer
+    else:
+        eqs = re.findall(r"(\d+)([-+*])(\d+)=(\d+)", text)
+    assert [(op, b) for _, op, b, _ in eqs] == ops and int(eqs[0][0]) == start and eqs[-1][3] == answer
+    assert [a for a, *_ in eqs[1:]] == [c for *_, c in eqs[:-1]]  # chained: each step starts from the last result
+    wrong = [j for j, (a, op, b, c) in enumerate(eqs) if demo.apply_op(int(a), op, int(b)) != int(c)]
+    if answer_first:
+        assert not wrong  # the true equations, answer first
+        return "form"
+    assert not wrong or (len(wrong) == 2 and wrong[0] < len(eqs) - 1 == wrong[1])  # one result changed, carried
+    return "hallucination" if wrong else None
+
+
+def test_premise_flaw_labels_match_the_rationales(tmp_path):
+    """Every label is what its text shows; only a minority of a question's rationales is flawed;
+    each teacher is flawed on its own subset of questions, in every way, and writes its own style."""
+    demo.synth_pool(str(tmp_path), seed=5, n_train=400, n_test=1, n_pretrain=1)
+    insts, flawed = data.load_multi_teacher(str(tmp_path / "train.jsonl")), {t: set() for t in demo.STYLES}
+    for inst in insts:
+        assert len(inst.flaws) <= 2 and [t for t, _ in inst.rationales] == list(demo.STYLES)
+        for t, text in inst.rationales:
+            assert shown_flaw(text, inst.question, inst.answer) == inst.flaws.get(t), (t, text, inst.flaws)
+            flawed[t] |= {(inst.id, inst.flaws[t])} if t in inst.flaws else set()
+        clean = {t: text for t, text in inst.rationales if t not in inst.flaws}
+        if inst.flaws:  # a flaw is written in its teacher's style
+            assert all(text.startswith(demo.STYLES[t][0]) for t, text in inst.rationales)
+        if len(clean) == 4:  # lengths and thinking-word density differ between the styles
+            think = [sum(w in data.THINKING_WORDS for w in re.findall(r"[a-z]+", clean[t].lower())) for t in demo.STYLES]
+            assert [len(clean[t]) for t in demo.STYLES] == sorted(len(clean[t]) for t in demo.STYLES) and think == sorted(think)
+    ids = {t: {i for i, _ in f} for t, f in flawed.items()}
+    for t in demo.STYLES:  # about 20% each (FLAW_COUNTS), every flaw type, and not the same questions
+        assert 0.1 < len(ids[t]) / len(insts) < 0.35 and {f for _, f in flawed[t]} == set(data.FLAWS)
+        assert all(len(ids[t] & ids[u]) < len(ids[t]) / 2 for u in demo.STYLES if u != t)
+    assert sum(not inst.flaws for inst in insts) > len(insts) / 4
+
+
+def test_the_demo_tokenizer_reads_like_any_checkpoint(tmp_path):
     import tokenizer
-    assert demo.write_char_tokenizer(str(tmp_path)) == tokenizer.Tokenizer.from_pretrained(str(tmp_path)).vocab_size
+    assert demo.write_tokenizer(str(tmp_path)) == tokenizer.Tokenizer.from_pretrained(str(tmp_path)).vocab_size
     tok = tokenizer.Tokenizer.from_pretrained(str(tmp_path))
-    text = "7*3=21, then 21-5=16.\nThe answer is 16."
+    text = "Okay, now 7*3=21. Next 21-5=16.\nThe answer is 16."
     ids, offsets = tok.encode_with_offsets(text)
-    assert len(ids) == len(text) and tok.decode(ids) == text and offsets[3] == (3, 4)
+    assert [text[a:b] for a, b in offsets] == ["Okay", ",", " now", " ", "7", "*", "3", "=", "2", "1", ".", " Next", " ",
+                                               "2", "1", "-", "5", "=", "1", "6", ".", "\n", "The", " answer", " is", " ",
+                                               "1", "6", "."]  # a word is one token, a digit is one token
+    assert tok.decode(ids) == text and data.think_starts(text, offsets) == [t in (0, 2, 11) for t in range(len(ids))]
     prompt = tok.encode_chat([{"role": "user", "content": "7*3-5"}])
     assert tok.decode(prompt) == "<|im_start|>user\n7*3-5<|im_end|>\n<|im_start|>assistant\n"
     assert tok.eot_id == tok.token_id("<|im_end|>") and tok.eos_ids == [tok.eot_id]
+    for pool in demo.POOLS:  # every text the pools write reads back; every word of it is one token
+        rows, _ = demo.synth_pool(str(tmp_path / pool), seed=0, n_train=100, n_test=1, n_pretrain=1, pool=pool)
+        for text in {r["text"] + "\nThe answer is 1." for row in rows for r in row["rationales"]}:
+            ids, offsets = tok.encode_with_offsets(text)
+            pieces = [text[a:b] for a, b in offsets]
+            assert tok.decode(ids) == text and [p for p in pieces if p.strip(" ").isalpha()] == re.findall(r" ?[A-Za-z]+", text)
+            assert all(len(p) == 1 for p in pieces if not p.strip(" ").isalpha())
 
 
 def is_answer(text, answer):

@@ -23,9 +23,9 @@ from compact import CompactConfig
 
 @pytest.fixture(scope="module")
 def run_inputs(tmp_path_factory):
-    """A tiny synthetic pool (18 questions, so batches do not divide it) and a tiny student."""
+    """A tiny synthetic pool (the stress pool: 18 questions, so batches do not divide it) and a tiny student."""
     root = tmp_path_factory.mktemp("train")
-    rows, _ = demo.synth_pool(str(root / "data"), seed=1, n_train=18, n_test=2, n_pretrain=1)
+    rows, _ = demo.synth_pool(str(root / "data"), seed=1, n_train=18, n_test=2, n_pretrain=1, pool="stress")
     texts = [r["question"] + " " + x["text"] for r in rows for x in r["rationales"]]
     model_dir = str(root / "student")
     tokenizer.write_tokenizer(model_dir, texts, vocab_size=300)
@@ -55,14 +55,14 @@ def test_outputs_and_metrics_keys(run_inputs, tmp_path):
     assert [r["step"] for r in lines] == [1, 2, 3]
     for r in lines:
         assert {"step", "epoch", "loss", "sft", "mcon", "lr", "grad_norm", "tokens_per_s", "weight_entropy", "teachers"} <= set(r)
-        assert 0 <= r["weight_entropy"] <= math.log(len(demo.TEACHERS)) + 1e-6  # mean entropy of w over instances
-        assert set(r["teachers"]) <= set(demo.TEACHERS)
+        assert 0 <= r["weight_entropy"] <= math.log(len(demo.POOLS["stress"])) + 1e-6  # mean entropy of w over instances
+        assert set(r["teachers"]) <= set(demo.POOLS["stress"])
         for t in r["teachers"].values():
             assert {"weight", "s_mi", "s_g", "s_d", "n"} == set(t)
         assert sum(t["weight"] * t["n"] for t in r["teachers"].values()) == pytest.approx(4, rel=1e-4)
     saved = json.load(open(tmp_path / "config.json"))
     assert saved["train"]["batch_size"] == 2 and saved["compact"]["mi_budget"] == 12
-    assert set(saved["data_stats"]["dropped_per_teacher"]) <= set(demo.TEACHERS)
+    assert set(saved["data_stats"]["dropped_per_teacher"]) <= set(demo.POOLS["stress"])
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-2", "step-3"]
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
     assert result["steps"] == 3
@@ -367,7 +367,7 @@ def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, capsys):
     assert list(report["arms"]) == ["base", "sbs-stepwise", "compact"] and report["best_sbs"] == "sbs-stepwise"
     arm = report["arms"]["compact"]
     assert arm["seeds"] == [0, 1] and arm["n_per_seed"] == 12 and len(arm["per_seed"]) == 2 and arm["sem"] >= 0
-    assert set(arm["teachers"]) == set(demo.TEACHERS)
+    assert set(arm["teachers"]) == set(demo.POOLS["premise"])
     assert all(0 <= w["weight_first"] <= 1 and 0 <= w["weight_last"] <= 1 for w in arm["teachers"].values())
     assert "± SEM" in printed and "compact: mean weight per teacher" in printed
     assert any(c in printed for c in demo.BARS)
@@ -377,7 +377,8 @@ def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, capsys):
     assert e.value.code == 2
 
 
-@pytest.mark.parametrize("flag", [["--seeds", "0"], ["--arms", "base,nope"], ["--max-steps", "-1"]])
+@pytest.mark.parametrize("flag", [["--seeds", "0"], ["--arms", "base,nope"], ["--max-steps", "-1"], ["--flaw-counts", "0,0"],
+                                  ["--flaw-counts", "a"], ["--arms", "sbs-oracle"]])  # a teacher of the stress pool only
 def test_demo_bad_flags_exit_2(flag, capsys):
     with pytest.raises(SystemExit) as e:
         demo.main(flag)
