@@ -31,8 +31,8 @@ from tokenizers import decoders, models
 
 from compact import CompactConfig
 from analysis import plot, teacher_dynamics
-from data import FLAWS, write_json, write_jsonl
-from eval import accuracy_sem, evaluate, load_student
+from data import FLAWS, load_multi_teacher, write_json, write_jsonl
+from eval import HIGHER_IS_CLEAN, accuracy_sem, evaluate, load_student, reading_aurocs
 from model import ModelArgs, Transformer
 from tokenizer import BUILTIN_TEMPLATES
 from train import TrainConfig, print0, run_job, train
@@ -167,6 +167,8 @@ def synth_pool(out_dir, seed=0, n_train=2000, n_test=300, n_pretrain=2000, pool=
                 for i, (q, a, s) in enumerate(problems)]
     pre = rows(one_step_facts() + pre, "pre", pre_rationales)  # drawn first: the same whatever the flaw settings
     out = {"test": rows(test, "test"), "train": rows(train_, "train", train_rationales), "pretrain": pre}
+    out["train_clean"] = [{**r, "rationales": [x for x in r["rationales"] if not x["flaw"]]} for r in out["train"]]
+    out["train_clean"] = [r for r in out["train_clean"] if r["rationales"]]  # the oracle's data: clean ones only
     os.makedirs(out_dir, exist_ok=True)
     for name, r in out.items():
         write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), r)
@@ -219,7 +221,7 @@ UNIFORM = dict(weighting="uniform", mcon_lambda=0.0)
 # this order, every seed of an arm before the next arm, so a stopped run has whole arms.
 ARMS = {"base": None, "sbs-stepwise": ("stepwise", UNIFORM), "direct-avg": ("", UNIFORM), "compact": ("", {}),
         "mcc": ("", dict(weighting="uniform")), "no-mi": ("", dict(alpha=0.0)), "no-consensus": ("", dict(beta=0.0)),
-        "no-difficulty": ("", dict(gamma=0.0))}
+        "no-difficulty": ("", dict(gamma=0.0)), "clean-only": ("", UNIFORM)}  # clean-only: the flaws left out
 
 
 def pool_arms(pool):
@@ -269,7 +271,8 @@ def demo(a, rank, world, device):
     for arm in [x for x in a.arms if arms[x]]:
         teachers, fields = arms[arm]
         for seed in range(a.seed, a.seed + a.seeds):
-            cfg = TrainConfig(model=base_dir, data=os.path.join(data_dir, "train.jsonl"), teachers=teachers, seed=seed,
+            data = os.path.join(data_dir, "train_clean.jsonl" if arm == "clean-only" else "train.jsonl")
+            cfg = TrainConfig(model=base_dir, data=data, teachers=teachers, seed=seed,
                               out=os.path.join(out, "runs", arm, f"seed-{seed}"), max_steps=a.max_steps, **COMMON, **DISTIL)
             print0(f"== {arm}, seed {seed}: {a.max_steps} steps from {teachers or ', '.join(POOLS[a.pool])}")
             t_run = (time.time(), time.process_time())
@@ -324,6 +327,7 @@ def report(a, test_rows, t0):
                           for t in names}}
         if dyn and pool_arms(a.pool)[arm][1].get("weighting") != "uniform":
             curves[arm] = {t: [sum(x) / len(dyn) for x in zip(*(d[t]["series"]["weight"] for d in dyn))] for t in names}
+            table[arm]["auroc"] = caught(a, arm, seeds[:len(res)])
     sbs = [x for x in table if x.startswith("sbs-")]
     best = max(sbs, key=lambda x: table[x]["accuracy"]) if sbs else None
     write_json(os.path.join(a.out, "report.json"), {"arms": table, "best_sbs": best, "settings": vars(a),
@@ -333,6 +337,12 @@ def report(a, test_rows, t0):
         print0(f"{arm + (' (SbS best)' if arm == best and len(sbs) > 1 else ''):<24} {r['accuracy']:>9.3f} {r['sem']:>7.3f}  "
                f"{' '.join(f'{x:.3f}' for x in r['per_seed']):<22} {r['sample_output'][:60]!r}")
     for arm, series in curves.items():
+        print0(f"\n{arm}: within-instance AUROC against the flaw labels, base student → distilled (S_D: lower)")
+        early, late = table[arm]["auroc"]["early"], table[arm]["auroc"]["late"]
+        fmt = lambda v: "  -" if v is None else f"{v:.2f}"
+        for k in HIGHER_IS_CLEAN:
+            print0(f"{k:<8} " + " | ".join(f"{(f + '/all').split('/')[1]} {fmt(early[f])} → {fmt(late[f])}"
+                                           for f in early if f.split("/")[0] == k))
         print0(f"\n{arm}: mean weight per teacher over training (mean of {len(seeds)} seeds; ▁ = 0, █ = 1)")
         for t, w in series.items():
             d = table[arm]["teachers"][t]
@@ -343,6 +353,17 @@ def report(a, test_rows, t0):
             t: (list(range(1, len(w) + 1)), w) for t, w in s.items()} for arm, s in curves.items()})
         print0(f"\nwrote {png or 'no PNG (pip install matplotlib)'}, {os.path.join(a.out, 'report.json')}")
     print0(f"demo: {(time.time() - t0) / 60:.1f} min")
+
+
+def caught(a, arm, seeds, n=300):
+    """What each score caught (issue 20): within-instance AUROC of S_MI, S_G, S_D and the arm's weight against
+    the flaw labels of the first n training questions, under the base student ("early") and, averaged over
+    seeds, the arm's distilled students ("late"); S_MI exact (eval.reading_aurocs)."""
+    instances = load_multi_teacher(os.path.join(a.out, "data", "train.jsonl"))[:n]
+    auroc = lambda path: reading_aurocs(*load_student(path), instances, 50, {arm: pool_arms(a.pool)[arm][1]})[arm]
+    late = [auroc(os.path.join(a.out, "runs", arm, f"seed-{s}", "model")) for s in seeds]
+    return {"early": auroc(os.path.join(a.out, "base")),
+            "late": {k: sum(x[k] for x in late) / len(late) if None not in [x[k] for x in late] else None for k in late[0]}}
 
 
 BARS = "▁▂▃▄▅▆▇█"

@@ -357,19 +357,26 @@ def test_bad_data_exits_2_without_traceback(run_inputs, tmp_path):
 def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, capsys):
     import train as t
     t.main(["--demo", "--out", str(tmp_path), "--max-steps", "2", "--pretrain-steps", "2", "--seeds", "2", "--arms",
-            "base,sbs-stepwise,compact", "--n-train", "24", "--n-test", "12", "--n-pretrain", "24"])
+            "base,sbs-stepwise,compact,clean-only", "--n-train", "24", "--n-test", "12", "--n-pretrain", "24"])
     printed = capsys.readouterr().out
     for name in ("data/train.jsonl", "data/test.jsonl", "data/pretrain.jsonl", "base/config.json", "base/tokenizer.json",
                  "base/model.safetensors", "eval/base.jsonl", "eval/base.json", "eval/compact-seed-1.jsonl",
                  "runs/compact/seed-0/metrics.jsonl", "runs/compact/seed-1/result.json", "runs/sbs-stepwise/seed-1/model/model.safetensors", "report.json"):
         assert (tmp_path / name).exists(), name
     report = json.load(open(tmp_path / "report.json"))
-    assert list(report["arms"]) == ["base", "sbs-stepwise", "compact"] and report["best_sbs"] == "sbs-stepwise"
+    assert list(report["arms"]) == ["base", "sbs-stepwise", "compact", "clean-only"]
+    assert report["best_sbs"] == "sbs-stepwise"
     arm = report["arms"]["compact"]
     assert arm["seeds"] == [0, 1] and arm["n_per_seed"] == 12 and len(arm["per_seed"]) == 2 and arm["sem"] >= 0
     assert set(arm["teachers"]) == set(demo.POOLS["premise"])
     assert all(0 <= w["weight_first"] <= 1 and 0 <= w["weight_last"] <= 1 for w in arm["teachers"].values())
-    assert "± SEM" in printed and "compact: mean weight per teacher" in printed
+    for when in ("early", "late"):  # what each score caught, as within-instance AUROC, per flaw too
+        auroc = arm["auroc"][when]
+        assert {"s_mi", "s_g", "s_d", "weight", "s_d/form", "weight/filler"} <= set(auroc)
+        assert all(v is None or 0 <= v <= 1 for v in auroc.values()) and auroc["s_d"] is not None
+    clean = [r for line in open(tmp_path / "data" / "train_clean.jsonl") for r in json.loads(line)["rationales"]]
+    assert clean and not any(r["flaw"] for r in clean) and "auroc" not in report["arms"]["clean-only"]
+    assert "± SEM" in printed and "compact: mean weight per teacher" in printed and "AUROC" in printed
     assert any(c in printed for c in demo.BARS)
     assert len((tmp_path / "eval" / "compact-seed-0.jsonl").read_text().splitlines()) == 12
     with pytest.raises(SystemExit) as e:  # a second demo may replace the first, but never another directory
