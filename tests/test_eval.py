@@ -325,3 +325,23 @@ def test_readings_command_writes_every_reading_for_each_set(tmp_path, student_di
     with pytest.raises(SystemExit) as e:
         ev.main(["readings", "--set", "nope", "--out", str(out)])
     assert e.value.code == 2
+
+
+def test_readings_shortcuts_equal_scoring_each_reading_in_full(tmp_path, student_dir):
+    """reading_aurocs reuses one probe pass for every reading: its AUROCs equal those of scoring the instances
+    under each reading's own CompactConfig (exact S_MI), rationales of different lengths included."""
+    from compact import CompactConfig
+    from eval import load_student, rationale_scores, reading_aurocs, within_auroc
+    tok_model, tok = load_student(student_dir)
+    insts = [data.Instance(f"q{i}", f"What is {i} + 2?", str(i + 2), None, [
+        ("a", f"So {i} + 2 = {i + 2}, and then we check it twice: {i + 2}."), ("b", f"{i} + 2 = {i + 3}."),
+        ("c", "Hmm.")], {"b": "hallucination", "c": "filler"} if i % 2 else {"b": "hallucination"}) for i in range(6)]
+    readings = {k: ev.READINGS[k] for k in ("S_MI not divided by |R|", "S_G at the last rationale token", "z-floor 0")}
+    got = reading_aurocs(tok_model, tok, insts, 4, readings)
+    encoded, info = data.encode_dataset(insts, tok, max_len=10**6)
+    labels = [[i.flaws.get(info["teachers"][t]) is not None for t in e.teacher] for i, e in zip(insts, encoded)]
+    for name, kw in readings.items():
+        full = rationale_scores(tok_model, encoded, CompactConfig(mi_budget=0, **kw), 4)
+        for k, up in ev.HIGHER_IS_CLEAN.items():
+            want = within_auroc([list(zip(s[k], ls)) for s, ls in zip(full, labels)], up)
+            assert got[name][k] == pytest.approx(want, abs=1e-9), (name, k)
