@@ -1,9 +1,9 @@
-"""The CPU demo: four synthetic teachers, a tiny student that learns arithmetic, COMPACT against the baselines.
+"""The CPU demo: four synthetic teachers, a tiny student that learns arithmetic, COMPACT against baselines.
 
-    python demo.py                         # default: base, SbS (stepwise), Direct Avg., COMPACT; one seed, ~5 min
-    python demo.py --full                  # every arm of SPEC.md §5 (SbS per teacher, MCC, the ablations), 3 seeds
-    python demo.py --pool stress           # the stress test: teachers uniformly good or bad
-    torchrun --nproc_per_node=2 demo.py    # the same through DDP (gloo)
+    python demo.py                       # base, SbS (stepwise), Direct Avg., COMPACT; one seed, ~5 min
+    python demo.py --full                # every arm of SPEC.md §5 (SbS per teacher, MCC, ablations), 3 seeds
+    python demo.py --pool stress         # the stress test: teachers uniformly good or bad
+    torchrun --nproc_per_node=2 demo.py  # the same through DDP (gloo)
     python train.py --demo [--max-steps N] [--out DIR]   # alias kept for scripts
 
 The task: left-to-right arithmetic on small numbers ("7*3-5+8"), digits one token each, words
@@ -68,7 +68,8 @@ def make_problem(rng, n_ops):
 STYLES = {
     "terse": ("", ", ", "So it is {}."),  # 7*3=21, 21-5=16, 16+8=24.
     "stepwise": ("", ", then ", "Hmm, so it is {}."),  # 7*3=21, then 21-5=16, then 16+8=24.
-    "narrator": ("Okay, now ", ". Next ", "Okay, now let me see. So it is {}."),  # Okay, now 7*3=21. Next 21-5=16...
+    # Okay, now 7*3=21. Next 21-5=16. Next 16+8=24.
+    "narrator": ("Okay, now ", ". Next ", "Okay, now let me see. So it is {}."),
     "reflective": ("First, ", ". Wait, so then ", "First, let me think. Wait, hmm. So then it is {}."),
 }
 # The flaws (data.FLAWS) and the score each is meant to be caught by:
@@ -117,7 +118,8 @@ def rationale(steps, style, flaw, rng, carried=True):
 
 
 def assign_flaws(rng, teachers, counts=FLAW_COUNTS):
-    """teacher: flaw or None for one question: how many are flawed (counts), which (uniform), which flaw (uniform)."""
+    """teacher: flaw or None for one question: how many are flawed (counts), which (uniform), which
+    flaw (uniform)."""
     flawed = rng.sample(teachers, rng.choices(range(len(counts)), counts)[0])
     return {t: rng.choice(FLAWS) if t in flawed else None for t in teachers}
 
@@ -165,7 +167,8 @@ def synth_pool(out_dir, seed=0, n_train=2000, n_test=300, n_pretrain=2000, pool=
     def rows(problems, prefix, make=None):
         return [{"id": f"{prefix}-{i:05d}", "question": q, "answer": a, **({"rationales": make(s)} if make else {})}
                 for i, (q, a, s) in enumerate(problems)]
-    pre = rows(one_step_facts() + pre, "pre", pre_rationales)  # drawn first: the same whatever the flaw settings
+    # drawn first: the same whatever the flaw settings
+    pre = rows(one_step_facts() + pre, "pre", pre_rationales)
     out = {"test": rows(test, "test"), "train": rows(train_, "train", train_rationales), "pretrain": pre}
     out["train_clean"] = [{**r, "rationales": [x for x in r["rationales"] if not x["flaw"]]} for r in out["train"]]
     out["train_clean"] = [r for r in out["train_clean"] if r["rationales"]]  # the oracle's data: clean ones only
@@ -356,9 +359,9 @@ def report(a, test_rows, t0):
 
 
 def caught(a, arm, seeds, n=300):
-    """What each score caught (issue 20): within-instance AUROC of S_MI, S_G, S_D and the arm's weight against
-    the flaw labels of the first n training questions, under the base student ("early") and, averaged over
-    seeds, the arm's distilled students ("late"); S_MI exact (eval.reading_aurocs)."""
+    """What each score caught (issue 20): within-instance AUROC of S_MI, S_G, S_D and the arm's weight
+    against the flaw labels of the first n training questions, under the base student ("early") and,
+    averaged over seeds, the arm's distilled students ("late"); S_MI exact (eval.reading_aurocs)."""
     instances = load_multi_teacher(os.path.join(a.out, "data", "train.jsonl"))[:n]
     auroc = lambda path: reading_aurocs(*load_student(path), instances, 50, {arm: pool_arms(a.pool)[arm][1]})[arm]
     late = [auroc(os.path.join(a.out, "runs", arm, f"seed-{s}", "model")) for s in seeds]
@@ -379,20 +382,20 @@ def sparkline(values, width=48):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="the demo's directory (replaced by a new demo)")
-    p.add_argument("--pool", choices=POOLS, default="premise", help="premise: teachers each flawed on a different "
-                   "minority of questions; stress: teachers uniformly good or bad (see POOLS)")
+    p.add_argument("--pool", choices=POOLS, default="premise", help="premise: teachers each flawed on a "
+                   "different minority of questions; stress: teachers uniformly good or bad (see POOLS)")
     p.add_argument("--flaw-counts", default=",".join(map(str, FLAW_COUNTS)),
-                   help="premise pool: P(0, 1, 2, ... of a question's rationales are flawed), comma-separated")
-    p.add_argument("--full", action="store_true", help="every arm: " + ", ".join(ARMS) + ", sbs-T for every teacher")
+                   help="premise pool: P(0, 1, 2, ... of a question's rationales flawed), comma-separated")
+    p.add_argument("--full", action="store_true", help=f"every arm: {', '.join(ARMS)}, sbs-T per teacher")
     p.add_argument("--arms", help=f"comma-separated arms (default: {','.join(DEFAULT_ARMS)})")
     p.add_argument("--max-steps", type=int, default=300, help="distillation steps per arm and seed")
     p.add_argument("--pretrain-steps", type=int, default=1200, help="steps that make the base student")
-    p.add_argument("--base", help="run the arms on this base student (an earlier demo's OUT/base) instead of pretraining one")
+    p.add_argument("--base", help="an earlier demo's OUT/base: the arms run on it, nothing is pretrained")
     p.add_argument("--seeds", type=int, help="how many seeds per arm (default: 1; 3 with --full)")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
     p.add_argument("--n-train", type=int, default=2000, help="three-step training problems")
-    p.add_argument("--n-test", type=int, default=300, help="held-out three-step problems (the same for every seed)")
-    p.add_argument("--n-pretrain", type=int, default=2000, help="one- and two-step problems for the base student")
+    p.add_argument("--n-test", type=int, default=300, help="held-out three-step problems, same for all seeds")
+    p.add_argument("--n-pretrain", type=int, default=2000, help="two-step problems for the base student")
     a = p.parse_args(argv)
     for flag in ("max_steps", "pretrain_steps", "seeds", "n_train", "n_test", "n_pretrain"):
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
