@@ -97,7 +97,7 @@ def hallucinate(steps, rng, carried=True):
     every intermediate result off by 1 or 2, the operands kept."""
     last = len(steps) - 1
     if not carried:
-        return [(a, op, b, c if j == last else (c + rng.choice((1, 2)) if c < 2 else c + rng.choice((-2, -1, 1, 2))))
+        return [(a, op, b, c if j == last else c + rng.choice((1, 2) if c < 2 else (-2, -1, 1, 2)))
                 for j, (a, op, b, c) in enumerate(steps)]
     j, d = rng.choice([(j, d) for j in range(last) for d in (-2, -1, 1, 2)
                        if all(0 <= c + d <= MAX_VALUE for *_, c in steps[j:last])])
@@ -145,7 +145,8 @@ def one_step_facts():
             if 0 <= apply_op(a, op, b) <= MAX_VALUE and (op != "*" or 1 <= a <= 9)]
 
 
-def synth_pool(out_dir, seed=0, n_train=2000, n_test=300, n_pretrain=2000, pool="premise", flaw_counts=FLAW_COUNTS):
+def synth_pool(out_dir, seed=0, n_train=2000, n_test=300, n_pretrain=2000, pool="premise",
+               flaw_counts=FLAW_COUNTS):
     """Write out_dir/test.jsonl (three steps, no rationales), train.jsonl (three steps, every teacher of
     the pool, each rationale with its "flaw" label) and pretrain.jsonl (every one-step fact and
     n_pretrain two-step problems, clean: each in a random style of the pool's teachers, stepwise
@@ -157,23 +158,23 @@ def synth_pool(out_dir, seed=0, n_train=2000, n_test=300, n_pretrain=2000, pool=
     def train_rationales(steps):
         flaws = assign_flaws(rng, list(teachers), flaw_counts) if pool == "premise" else \
             {t: flaw for t, (_, flaw) in teachers.items()}
-        return [{"teacher": t, "text": rationale(steps, style, flaws[t], rng, pool == "premise"), "flaw": flaws[t]}
-                for t, (style, _) in teachers.items()]
+        return [{"teacher": t, "text": rationale(steps, style, flaws[t], rng, pool == "premise"),
+                 "flaw": flaws[t]} for t, (style, _) in teachers.items()]
 
     def pre_rationales(steps):
         style = "stepwise" if pool == "stress" else rng.choice(list(teachers))
         return [{"teacher": style, "text": rationale(steps, style, None, rng), "flaw": None}]
 
     def rows(problems, prefix, make=None):
-        return [{"id": f"{prefix}-{i:05d}", "question": q, "answer": a, **({"rationales": make(s)} if make else {})}
-                for i, (q, a, s) in enumerate(problems)]
+        return [{"id": f"{prefix}-{i:05d}", "question": q, "answer": a,
+                 **({"rationales": make(s)} if make else {})} for i, (q, a, s) in enumerate(problems)]
     # drawn first: the same whatever the flaw settings
     pre = rows(one_step_facts() + pre, "pre", pre_rationales)
     out = {"test": rows(test, "test"), "train": rows(train_, "train", train_rationales), "pretrain": pre}
-    out["train_clean"] = [{**r, "rationales": [x for x in r["rationales"] if not x["flaw"]]} for r in out["train"]]
-    out["train_clean"] = [r for r in out["train_clean"] if r["rationales"]]  # the oracle's data: clean ones only
-    os.makedirs(out_dir, exist_ok=True)
-    for name, r in out.items():
+    # the clean-only arm's data: each question's clean rationales; questions without any are dropped
+    clean = ({**r, "rationales": [x for x in r["rationales"] if not x["flaw"]]} for r in out["train"])
+    out["train_clean"] = [r for r in clean if r["rationales"]]
+    for name, r in out.items():  # write_jsonl makes out_dir
         write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), r)
     return out["train"], out["test"]
 
@@ -193,8 +194,7 @@ def pool_words():
 def write_tokenizer(out_dir):
     """One token per character and one per word of the pools (" answer", " Wait", as a real BPE has
     them: merges built left to right, so digits stay one token each); ChatML specials and template."""
-    merges = [(w[:i - 1], w[i - 1]) for w in pool_words() for i in range(2, len(w) + 1)]
-    merges = list(dict.fromkeys(merges))
+    merges = list(dict.fromkeys((w[:i - 1], w[i - 1]) for w in pool_words() for i in range(2, len(w) + 1)))
     vocab = {c: i for i, c in enumerate(SPECIALS + sorted(set(ALPHABET)) + [a + b for a, b in merges])}
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.add_special_tokens(SPECIALS)
@@ -223,8 +223,9 @@ UNIFORM = dict(weighting="uniform", mcon_lambda=0.0)
 # name: (teachers, CompactConfig fields), SPEC.md §5; "sbs-T" is SbS-KD from teacher T alone. Run in
 # this order, every seed of an arm before the next arm, so a stopped run has whole arms.
 ARMS = {"base": None, "sbs-stepwise": ("stepwise", UNIFORM), "direct-avg": ("", UNIFORM), "compact": ("", {}),
-        "mcc": ("", dict(weighting="uniform")), "no-mi": ("", dict(alpha=0.0)), "no-consensus": ("", dict(beta=0.0)),
-        "no-difficulty": ("", dict(gamma=0.0)), "clean-only": ("", UNIFORM)}  # clean-only: the flaws left out
+        "mcc": ("", dict(weighting="uniform")), "no-mi": ("", dict(alpha=0.0)),
+        "no-consensus": ("", dict(beta=0.0)), "no-difficulty": ("", dict(gamma=0.0)),
+        "clean-only": ("", UNIFORM)}  # clean-only: the flaws left out
 
 
 def pool_arms(pool):
