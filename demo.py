@@ -31,7 +31,7 @@ from tokenizers import decoders, models
 
 from compact import CompactConfig
 from analysis import plot, teacher_dynamics
-from data import FLAWS, load_multi_teacher, write_json, write_jsonl
+from data import FLAWS, load_multi_teacher, read_jsonl, write_json, write_jsonl
 from eval import HIGHER_IS_CLEAN, accuracy_sem, evaluate, load_student, reading_aurocs
 from model import ModelArgs, Transformer
 from tokenizer import BUILTIN_TEMPLATES
@@ -236,48 +236,50 @@ def pool_arms(pool):
 DEFAULT_ARMS = ("base", "sbs-stepwise", "direct-avg", "compact")  # one seed; --full: three
 
 
+def barrier():
+    """dist.barrier() under torchrun; nothing in a plain process."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def demo(a, rank, world, device):
     """Pool and tokenizer → pretraining (the base student) → every arm × seed → the report (rank 0)."""
     out, data_dir, base_dir = a.out, os.path.join(a.out, "data"), os.path.join(a.out, "base")
+    init = os.path.join(out, "pretrain", "init")
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "demo.json")):
         raise ValueError(f"--out {out} is not empty and holds no earlier demo: choose another --out")
-    if dist.is_initialized():
-        dist.barrier()  # every rank has checked before rank 0 writes
+    barrier()  # every rank has checked before rank 0 writes
     t0 = time.time()
     if rank == 0:  # a new demo replaces an earlier one
         for d in ("pretrain", "runs", "eval", "base"):
             shutil.rmtree(os.path.join(out, d), ignore_errors=True)
         synth_pool(data_dir, 0, a.n_train, a.n_test, a.n_pretrain, a.pool, a.flaw_counts)
-        init = os.path.join(out, "pretrain", "init")
         config = {**STUDENT, "vocab_size": write_tokenizer(init)}
         torch.manual_seed(0)
         Transformer(ModelArgs.from_hf_config(config), config).save_pretrained(init)
         write_json(os.path.join(out, "demo.json"), vars(a))
-    if dist.is_initialized():
-        dist.barrier()
-    if a.base:  # an earlier demo's base student: the arms run on it, nothing is pretrained
-        if rank == 0:
-            shutil.copytree(a.base, base_dir)
-    else:
-        print0(f"== base student: {a.pretrain_steps} steps on one-step facts and two-step problems, clean rationales in "
-               f"{'the stepwise style' if a.pool == 'stress' else 'the four styles'}")
-        pre = TrainConfig(model=os.path.join(out, "pretrain", "init"), data=os.path.join(data_dir, "pretrain.jsonl"),
-                          out=os.path.join(out, "pretrain"), max_steps=a.pretrain_steps, **COMMON, **PRETRAIN)
+    barrier()
+    base = a.base  # an earlier demo's base student: the arms run on it, nothing is pretrained
+    if not base:
+        print0(f"== base student: {a.pretrain_steps} steps on one-step facts and two-step problems, clean "
+               f"rationales in {'the stepwise style' if a.pool == 'stress' else 'the four styles'}")
+        pre = TrainConfig(model=init, out=os.path.join(out, "pretrain"), max_steps=a.pretrain_steps,
+                          data=os.path.join(data_dir, "pretrain.jsonl"), **COMMON, **PRETRAIN)
         train(pre, CompactConfig(**UNIFORM), rank, world, device)
-        if rank == 0:
-            shutil.copytree(os.path.join(pre.out, "model"), base_dir)  # with the tokenizer (save_weights)
-    if dist.is_initialized():
-        dist.barrier()  # nobody reads OUT/base before it is complete
-    test_rows = [json.loads(line) for line in open(os.path.join(data_dir, "test.jsonl"))]
+        base = os.path.join(pre.out, "model")  # with the tokenizer (save_weights)
+    if rank == 0:
+        shutil.copytree(base, base_dir)
+    barrier()  # nobody reads OUT/base before it is complete
+    test_rows = [row for _, row in read_jsonl(os.path.join(data_dir, "test.jsonl"))]
     if rank == 0:
         run_result(base_dir, None, test_rows, os.path.join(out, "eval", "base.jsonl"), device, (t0, 0.0))
     arms = pool_arms(a.pool)
     for arm in [x for x in a.arms if arms[x]]:
         teachers, fields = arms[arm]
+        data = os.path.join(data_dir, "train_clean.jsonl" if arm == "clean-only" else "train.jsonl")
         for seed in range(a.seed, a.seed + a.seeds):
-            data = os.path.join(data_dir, "train_clean.jsonl" if arm == "clean-only" else "train.jsonl")
-            cfg = TrainConfig(model=base_dir, data=data, teachers=teachers, seed=seed,
-                              out=os.path.join(out, "runs", arm, f"seed-{seed}"), max_steps=a.max_steps, **COMMON, **DISTIL)
+            cfg = TrainConfig(model=base_dir, data=data, teachers=teachers, seed=seed, max_steps=a.max_steps,
+                              out=os.path.join(out, "runs", arm, f"seed-{seed}"), **COMMON, **DISTIL)
             print0(f"== {arm}, seed {seed}: {a.max_steps} steps from {teachers or ', '.join(POOLS[a.pool])}")
             t_run = (time.time(), time.process_time())
             train(cfg, CompactConfig(**fields), rank, world, device)
@@ -286,13 +288,13 @@ def demo(a, rank, world, device):
                            os.path.join(out, "eval", f"{arm}-seed-{seed}.jsonl"), device, t_run)
     if rank == 0:
         report(a, test_rows, t0)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
 
 
-def run_result(model_dir, run_dir, test_rows, preds, device, t_start):
+def run_result(model_dir, run_dir, test_rows, preds, device, start):
     """Held-out accuracy with eval.py's loop (greedy, batched, answers checked by data.py), and the
-    run's teacher weights; written to RUN/result.json (OUT/eval/base.json for the base student)."""
+    run's teacher weights; written to RUN/result.json (OUT/eval/base.json for the base student).
+    start: (time.time(), time.process_time()) when the run began."""
     model, tok = load_student(model_dir, None, device=device)
     items = [{"id": r["id"], "prompt": r["question"], "answer": r["answer"], "task": None} for r in test_rows]
     os.makedirs(os.path.dirname(preds), exist_ok=True)
@@ -300,12 +302,14 @@ def run_result(model_dir, run_dir, test_rows, preds, device, t_start):
         os.remove(preds)
     records = evaluate(model, tok, items, preds, batch_size=100, max_new_tokens=64)
     n, acc, _ = accuracy_sem([r["correct"] for r in records])
-    dyn = teacher_dynamics([json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]) if run_dir else {}
-    result = {"accuracy": acc, "n": n, "sample_output": records[0]["output"], "wall_s": round(time.time() - t_start[0], 1),
-              "cpu_s": round(time.process_time() - t_start[1], 1),
+    metrics = [r for _, r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))] if run_dir else []
+    dyn = teacher_dynamics(metrics)  # {} for the base student
+    result = {"accuracy": acc, "n": n, "sample_output": records[0]["output"],
+              "wall_s": round(time.time() - start[0], 1), "cpu_s": round(time.process_time() - start[1], 1),
               "teachers": {t: {k: v for k, v in d.items() if k != "steps"} for t, d in dyn.items()}}
     write_json(os.path.join(run_dir, "result.json") if run_dir else preds[:-len(".jsonl")] + ".json", result)
-    print0(f"   held-out accuracy {acc:.3f} (n = {n}) | {result['wall_s']}s | first answer {result['sample_output'][:50]!r}")
+    print0(f"   held-out accuracy {acc:.3f} (n = {n}) | {result['wall_s']}s | "
+           f"first answer {result['sample_output'][:50]!r}")
 
 
 def report(a, test_rows, t0):
