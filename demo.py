@@ -30,8 +30,8 @@ import torch.distributed as dist
 from tokenizers import decoders, models
 
 from compact import CompactConfig
-from analysis import plot, teacher_dynamics
-from data import FLAWS, load_multi_teacher, read_jsonl, write_json, write_jsonl
+from analysis import plot, sem, teacher_dynamics
+from data import FLAWS, load_multi_teacher, read_jsonl, write_json, write_jsonl, write_text
 from eval import HIGHER_IS_CLEAN, accuracy_sem, evaluate, load_student, reading_aurocs
 from model import ModelArgs, Transformer
 from tokenizer import BUILTIN_TEMPLATES
@@ -199,8 +199,7 @@ def write_tokenizer(out_dir):
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.add_special_tokens(SPECIALS)
     tok.decoder = decoders.Fuse()
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    write_text(os.path.join(out_dir, "tokenizer.json"), tok.to_str(pretty=True))  # as tok.save, atomically
     write_json(os.path.join(out_dir, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>", "clean_up_tokenization_spaces": False, "model_max_length": 512,
@@ -287,7 +286,7 @@ def demo(a, rank, world, device):
                 run_result(os.path.join(cfg.out, "model"), cfg.out, test_rows,
                            os.path.join(out, "eval", f"{arm}-seed-{seed}.jsonl"), device, t_run)
     if rank == 0:
-        report(a, test_rows, t0)
+        report(a, len(test_rows), t0)
     barrier()
 
 
@@ -312,9 +311,15 @@ def run_result(model_dir, run_dir, test_rows, preds, device, start):
            f"first answer {result['sample_output'][:50]!r}")
 
 
-def report(a, test_rows, t0):
+def mean(values):
+    """sum(values) / len(values); None if any is None (an AUROC that a seed could not compute)."""
+    return None if None in values else sum(values) / len(values)
+
+
+def report(a, n_test, t0):
     """Accuracy per arm (mean ± SEM over seeds), weights per teacher, the chart; OUT/report.json."""
     seeds, table, curves = list(range(a.seed, a.seed + a.seeds)), {}, {}
+    stats = ("weight_first", "weight_last", "s_mi", "s_g", "s_d")  # per teacher, averaged over seeds
     for arm in a.arms:
         paths = [os.path.join(a.out, "eval", "base.json")] if arm == "base" else \
             [os.path.join(a.out, "runs", arm, f"seed-{s}", "result.json") for s in seeds]
@@ -322,30 +327,31 @@ def report(a, test_rows, t0):
         if not res:
             continue
         accs = [r["accuracy"] for r in res]
-        mean = sum(accs) / len(accs)
-        # One base student: its SEM is the binomial one; an arm's is the spread over its seeds.
-        sem = math.sqrt(mean * (1 - mean) / res[0]["n"]) if arm == "base" else \
-            math.sqrt(sum((x - mean) ** 2 for x in accs) / max(1, len(accs) - 1) / len(accs))
+        acc = mean(accs)
+        # One base student: its SEM is the binomial one; an arm's is the spread over its seeds (0 for one).
+        err = math.sqrt(acc * (1 - acc) / res[0]["n"]) if arm == "base" else (sem(accs, 1) or 0.0)
         dyn = [r["teachers"] for r in res if r["teachers"]]
         names = sorted({t for d in dyn for t in d})
-        table[arm] = {"accuracy": mean, "sem": sem, "per_seed": accs, "n_per_seed": res[0]["n"],
-                      "seeds": [None] if arm == "base" else seeds[:len(res)], "minutes": round(sum(r["wall_s"] for r in res) / 60, 2),
-                      "sample_output": res[0]["sample_output"], "teachers": {t: {
-                          k: sum(d[t][k] for d in dyn) / len(dyn) for k in ("weight_first", "weight_last", "s_mi", "s_g", "s_d")}
-                          for t in names}}
+        table[arm] = {"accuracy": acc, "sem": err, "per_seed": accs, "n_per_seed": res[0]["n"],
+                      "seeds": [None] if arm == "base" else seeds[:len(res)],
+                      "minutes": round(sum(r["wall_s"] for r in res) / 60, 2),
+                      "sample_output": res[0]["sample_output"],
+                      "teachers": {t: {k: mean([d[t][k] for d in dyn]) for k in stats} for t in names}}
         if dyn and pool_arms(a.pool)[arm][1].get("weighting") != "uniform":
-            curves[arm] = {t: [sum(x) / len(dyn) for x in zip(*(d[t]["series"]["weight"] for d in dyn))] for t in names}
+            curves[arm] = {t: [mean(x) for x in zip(*(d[t]["series"]["weight"] for d in dyn))] for t in names}
             table[arm]["auroc"] = caught(a, arm, seeds[:len(res)])
     sbs = [x for x in table if x.startswith("sbs-")]
-    best = max(sbs, key=lambda x: table[x]["accuracy"]) if sbs else None
+    best = max(sbs, key=lambda x: table[x]["accuracy"], default=None)
     write_json(os.path.join(a.out, "report.json"), {"arms": table, "best_sbs": best, "settings": vars(a),
                                                      "minutes": round((time.time() - t0) / 60, 2)})
-    print0(f"\n{'arm':<24} {'accuracy':>9} {'± SEM':>7}  per seed (n = {len(test_rows)} each)   first test answer")
+    print0(f"\n{'arm':<24} {'accuracy':>9} {'± SEM':>7}  per seed (n = {n_test} each)   first test answer")
     for arm, r in table.items():
-        print0(f"{arm + (' (SbS best)' if arm == best and len(sbs) > 1 else ''):<24} {r['accuracy']:>9.3f} {r['sem']:>7.3f}  "
+        label = arm + (" (SbS best)" if arm == best and len(sbs) > 1 else "")
+        print0(f"{label:<24} {r['accuracy']:>9.3f} {r['sem']:>7.3f}  "
                f"{' '.join(f'{x:.3f}' for x in r['per_seed']):<22} {r['sample_output'][:60]!r}")
     for arm, series in curves.items():
-        print0(f"\n{arm}: within-instance AUROC against the flaw labels, base student → distilled (S_D: lower)")
+        print0(f"\n{arm}: within-instance AUROC against the flaw labels, base student → distilled "
+               "(S_D: lower)")
         early, late = table[arm]["auroc"]["early"], table[arm]["auroc"]["late"]
         fmt = lambda v: "  -" if v is None else f"{v:.2f}"
         for k in HIGHER_IS_CLEAN:
@@ -354,8 +360,8 @@ def report(a, test_rows, t0):
         print0(f"\n{arm}: mean weight per teacher over training (mean of {len(seeds)} seeds; ▁ = 0, █ = 1)")
         for t, w in series.items():
             d = table[arm]["teachers"][t]
-            print0(f"{t:<13} {sparkline(w)}  {d['weight_first']:.2f} → {d['weight_last']:.2f}   S_MI {d['s_mi']:.4f}  "
-                   f"S_G {d['s_g']:.3f}  S_D {d['s_d']:.3f}")
+            print0(f"{t:<13} {sparkline(w)}  {d['weight_first']:.2f} → {d['weight_last']:.2f}   "
+                   f"S_MI {d['s_mi']:.4f}  S_G {d['s_g']:.3f}  S_D {d['s_d']:.3f}")
     if curves:
         png = plot(os.path.join(a.out, "weights.png"), "optimizer step", {f"weight ({arm})": {
             t: (list(range(1, len(w) + 1)), w) for t, w in s.items()} for arm, s in curves.items()})
@@ -368,10 +374,11 @@ def caught(a, arm, seeds, n=300):
     against the flaw labels of the first n training questions, under the base student ("early") and,
     averaged over seeds, the arm's distilled students ("late"); S_MI exact (eval.reading_aurocs)."""
     instances = load_multi_teacher(os.path.join(a.out, "data", "train.jsonl"))[:n]
-    auroc = lambda path: reading_aurocs(*load_student(path), instances, 50, {arm: pool_arms(a.pool)[arm][1]})[arm]
+    readings = {arm: pool_arms(a.pool)[arm][1]}  # the arm's CompactConfig fields
+    auroc = lambda path: reading_aurocs(*load_student(path), instances, 50, readings)[arm]
     late = [auroc(os.path.join(a.out, "runs", arm, f"seed-{s}", "model")) for s in seeds]
     return {"early": auroc(os.path.join(a.out, "base")),
-            "late": {k: sum(x[k] for x in late) / len(late) if None not in [x[k] for x in late] else None for k in late[0]}}
+            "late": {k: mean([x[k] for x in late]) for k in late[0]}}
 
 
 BARS = "▁▂▃▄▅▆▇█"
