@@ -1,9 +1,9 @@
-"""The CPU demo: four synthetic teachers, a tiny student that learns arithmetic, COMPACT against the baselines.
+"""The CPU demo: four synthetic teachers, a tiny student that learns arithmetic, COMPACT against baselines.
 
-    python demo.py                         # default: base, SbS (stepwise), Direct Avg., COMPACT; one seed, ~5 min
-    python demo.py --full                  # every arm of SPEC.md §5 (SbS per teacher, MCC, the ablations), 3 seeds
-    python demo.py --pool stress           # the stress test: teachers uniformly good or bad
-    torchrun --nproc_per_node=2 demo.py    # the same through DDP (gloo)
+    python demo.py                       # base, SbS (stepwise), Direct Avg., COMPACT; one seed, ~5 min
+    python demo.py --full                # every arm of SPEC.md §5 (SbS per teacher, MCC, ablations), 3 seeds
+    python demo.py --pool stress         # the stress test: teachers uniformly good or bad
+    torchrun --nproc_per_node=2 demo.py  # the same through DDP (gloo)
     python train.py --demo [--max-steps N] [--out DIR]   # alias kept for scripts
 
 The task: left-to-right arithmetic on small numbers ("7*3-5+8"), digits one token each, words
@@ -30,8 +30,8 @@ import torch.distributed as dist
 from tokenizers import decoders, models
 
 from compact import CompactConfig
-from analysis import plot, teacher_dynamics
-from data import FLAWS, load_multi_teacher, write_json, write_jsonl
+from analysis import plot, sem, teacher_dynamics
+from data import FLAWS, load_multi_teacher, read_jsonl, write_json, write_jsonl, write_text
 from eval import HIGHER_IS_CLEAN, accuracy_sem, evaluate, load_student, reading_aurocs
 from model import ModelArgs, Transformer
 from tokenizer import BUILTIN_TEMPLATES
@@ -68,7 +68,8 @@ def make_problem(rng, n_ops):
 STYLES = {
     "terse": ("", ", ", "So it is {}."),  # 7*3=21, 21-5=16, 16+8=24.
     "stepwise": ("", ", then ", "Hmm, so it is {}."),  # 7*3=21, then 21-5=16, then 16+8=24.
-    "narrator": ("Okay, now ", ". Next ", "Okay, now let me see. So it is {}."),  # Okay, now 7*3=21. Next 21-5=16...
+    # Okay, now 7*3=21. Next 21-5=16. Next 16+8=24.
+    "narrator": ("Okay, now ", ". Next ", "Okay, now let me see. So it is {}."),
     "reflective": ("First, ", ". Wait, so then ", "First, let me think. Wait, hmm. So then it is {}."),
 }
 # The flaws (data.FLAWS) and the score each is meant to be caught by:
@@ -96,7 +97,7 @@ def hallucinate(steps, rng, carried=True):
     every intermediate result off by 1 or 2, the operands kept."""
     last = len(steps) - 1
     if not carried:
-        return [(a, op, b, c if j == last else (c + rng.choice((1, 2)) if c < 2 else c + rng.choice((-2, -1, 1, 2))))
+        return [(a, op, b, c if j == last else c + rng.choice((1, 2) if c < 2 else (-2, -1, 1, 2)))
                 for j, (a, op, b, c) in enumerate(steps)]
     j, d = rng.choice([(j, d) for j in range(last) for d in (-2, -1, 1, 2)
                        if all(0 <= c + d <= MAX_VALUE for *_, c in steps[j:last])])
@@ -117,7 +118,8 @@ def rationale(steps, style, flaw, rng, carried=True):
 
 
 def assign_flaws(rng, teachers, counts=FLAW_COUNTS):
-    """teacher: flaw or None for one question: how many are flawed (counts), which (uniform), which flaw (uniform)."""
+    """teacher: flaw or None for one question: how many are flawed (counts), which (uniform), which
+    flaw (uniform)."""
     flawed = rng.sample(teachers, rng.choices(range(len(counts)), counts)[0])
     return {t: rng.choice(FLAWS) if t in flawed else None for t in teachers}
 
@@ -143,7 +145,8 @@ def one_step_facts():
             if 0 <= apply_op(a, op, b) <= MAX_VALUE and (op != "*" or 1 <= a <= 9)]
 
 
-def synth_pool(out_dir, seed=0, n_train=2000, n_test=300, n_pretrain=2000, pool="premise", flaw_counts=FLAW_COUNTS):
+def synth_pool(out_dir, seed=0, n_train=2000, n_test=300, n_pretrain=2000, pool="premise",
+               flaw_counts=FLAW_COUNTS):
     """Write out_dir/test.jsonl (three steps, no rationales), train.jsonl (three steps, every teacher of
     the pool, each rationale with its "flaw" label) and pretrain.jsonl (every one-step fact and
     n_pretrain two-step problems, clean: each in a random style of the pool's teachers, stepwise
@@ -155,22 +158,23 @@ def synth_pool(out_dir, seed=0, n_train=2000, n_test=300, n_pretrain=2000, pool=
     def train_rationales(steps):
         flaws = assign_flaws(rng, list(teachers), flaw_counts) if pool == "premise" else \
             {t: flaw for t, (_, flaw) in teachers.items()}
-        return [{"teacher": t, "text": rationale(steps, style, flaws[t], rng, pool == "premise"), "flaw": flaws[t]}
-                for t, (style, _) in teachers.items()]
+        return [{"teacher": t, "text": rationale(steps, style, flaws[t], rng, pool == "premise"),
+                 "flaw": flaws[t]} for t, (style, _) in teachers.items()]
 
     def pre_rationales(steps):
         style = "stepwise" if pool == "stress" else rng.choice(list(teachers))
         return [{"teacher": style, "text": rationale(steps, style, None, rng), "flaw": None}]
 
     def rows(problems, prefix, make=None):
-        return [{"id": f"{prefix}-{i:05d}", "question": q, "answer": a, **({"rationales": make(s)} if make else {})}
-                for i, (q, a, s) in enumerate(problems)]
-    pre = rows(one_step_facts() + pre, "pre", pre_rationales)  # drawn first: the same whatever the flaw settings
+        return [{"id": f"{prefix}-{i:05d}", "question": q, "answer": a,
+                 **({"rationales": make(s)} if make else {})} for i, (q, a, s) in enumerate(problems)]
+    # drawn first: the same whatever the flaw settings
+    pre = rows(one_step_facts() + pre, "pre", pre_rationales)
     out = {"test": rows(test, "test"), "train": rows(train_, "train", train_rationales), "pretrain": pre}
-    out["train_clean"] = [{**r, "rationales": [x for x in r["rationales"] if not x["flaw"]]} for r in out["train"]]
-    out["train_clean"] = [r for r in out["train_clean"] if r["rationales"]]  # the oracle's data: clean ones only
-    os.makedirs(out_dir, exist_ok=True)
-    for name, r in out.items():
+    # the clean-only arm's data: each question's clean rationales; questions without any are dropped
+    clean = ({**r, "rationales": [x for x in r["rationales"] if not x["flaw"]]} for r in out["train"])
+    out["train_clean"] = [r for r in clean if r["rationales"]]
+    for name, r in out.items():  # write_jsonl makes out_dir
         write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), r)
     return out["train"], out["test"]
 
@@ -190,14 +194,12 @@ def pool_words():
 def write_tokenizer(out_dir):
     """One token per character and one per word of the pools (" answer", " Wait", as a real BPE has
     them: merges built left to right, so digits stay one token each); ChatML specials and template."""
-    merges = [(w[:i - 1], w[i - 1]) for w in pool_words() for i in range(2, len(w) + 1)]
-    merges = list(dict.fromkeys(merges))
+    merges = list(dict.fromkeys((w[:i - 1], w[i - 1]) for w in pool_words() for i in range(2, len(w) + 1)))
     vocab = {c: i for i, c in enumerate(SPECIALS + sorted(set(ALPHABET)) + [a + b for a, b in merges])}
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.add_special_tokens(SPECIALS)
     tok.decoder = decoders.Fuse()
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    write_text(os.path.join(out_dir, "tokenizer.json"), tok.to_str(pretty=True))  # as tok.save, atomically
     write_json(os.path.join(out_dir, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>", "clean_up_tokenization_spaces": False, "model_max_length": 512,
@@ -220,8 +222,9 @@ UNIFORM = dict(weighting="uniform", mcon_lambda=0.0)
 # name: (teachers, CompactConfig fields), SPEC.md §5; "sbs-T" is SbS-KD from teacher T alone. Run in
 # this order, every seed of an arm before the next arm, so a stopped run has whole arms.
 ARMS = {"base": None, "sbs-stepwise": ("stepwise", UNIFORM), "direct-avg": ("", UNIFORM), "compact": ("", {}),
-        "mcc": ("", dict(weighting="uniform")), "no-mi": ("", dict(alpha=0.0)), "no-consensus": ("", dict(beta=0.0)),
-        "no-difficulty": ("", dict(gamma=0.0)), "clean-only": ("", UNIFORM)}  # clean-only: the flaws left out
+        "mcc": ("", dict(weighting="uniform")), "no-mi": ("", dict(alpha=0.0)),
+        "no-consensus": ("", dict(beta=0.0)), "no-difficulty": ("", dict(gamma=0.0)),
+        "clean-only": ("", UNIFORM)}  # clean-only: the flaws left out
 
 
 def pool_arms(pool):
@@ -232,48 +235,50 @@ def pool_arms(pool):
 DEFAULT_ARMS = ("base", "sbs-stepwise", "direct-avg", "compact")  # one seed; --full: three
 
 
+def barrier():
+    """dist.barrier() under torchrun; nothing in a plain process."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def demo(a, rank, world, device):
     """Pool and tokenizer → pretraining (the base student) → every arm × seed → the report (rank 0)."""
     out, data_dir, base_dir = a.out, os.path.join(a.out, "data"), os.path.join(a.out, "base")
+    init = os.path.join(out, "pretrain", "init")
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "demo.json")):
         raise ValueError(f"--out {out} is not empty and holds no earlier demo: choose another --out")
-    if dist.is_initialized():
-        dist.barrier()  # every rank has checked before rank 0 writes
+    barrier()  # every rank has checked before rank 0 writes
     t0 = time.time()
     if rank == 0:  # a new demo replaces an earlier one
         for d in ("pretrain", "runs", "eval", "base"):
             shutil.rmtree(os.path.join(out, d), ignore_errors=True)
         synth_pool(data_dir, 0, a.n_train, a.n_test, a.n_pretrain, a.pool, a.flaw_counts)
-        init = os.path.join(out, "pretrain", "init")
         config = {**STUDENT, "vocab_size": write_tokenizer(init)}
         torch.manual_seed(0)
         Transformer(ModelArgs.from_hf_config(config), config).save_pretrained(init)
         write_json(os.path.join(out, "demo.json"), vars(a))
-    if dist.is_initialized():
-        dist.barrier()
-    if a.base:  # an earlier demo's base student: the arms run on it, nothing is pretrained
-        if rank == 0:
-            shutil.copytree(a.base, base_dir)
-    else:
-        print0(f"== base student: {a.pretrain_steps} steps on one-step facts and two-step problems, clean rationales in "
-               f"{'the stepwise style' if a.pool == 'stress' else 'the four styles'}")
-        pre = TrainConfig(model=os.path.join(out, "pretrain", "init"), data=os.path.join(data_dir, "pretrain.jsonl"),
-                          out=os.path.join(out, "pretrain"), max_steps=a.pretrain_steps, **COMMON, **PRETRAIN)
+    barrier()
+    base = a.base  # an earlier demo's base student: the arms run on it, nothing is pretrained
+    if not base:
+        print0(f"== base student: {a.pretrain_steps} steps on one-step facts and two-step problems, clean "
+               f"rationales in {'the stepwise style' if a.pool == 'stress' else 'the four styles'}")
+        pre = TrainConfig(model=init, out=os.path.join(out, "pretrain"), max_steps=a.pretrain_steps,
+                          data=os.path.join(data_dir, "pretrain.jsonl"), **COMMON, **PRETRAIN)
         train(pre, CompactConfig(**UNIFORM), rank, world, device)
-        if rank == 0:
-            shutil.copytree(os.path.join(pre.out, "model"), base_dir)  # with the tokenizer (save_weights)
-    if dist.is_initialized():
-        dist.barrier()  # nobody reads OUT/base before it is complete
-    test_rows = [json.loads(line) for line in open(os.path.join(data_dir, "test.jsonl"))]
+        base = os.path.join(pre.out, "model")  # with the tokenizer (save_weights)
+    if rank == 0:
+        shutil.copytree(base, base_dir)
+    barrier()  # nobody reads OUT/base before it is complete
+    test_rows = [row for _, row in read_jsonl(os.path.join(data_dir, "test.jsonl"))]
     if rank == 0:
         run_result(base_dir, None, test_rows, os.path.join(out, "eval", "base.jsonl"), device, (t0, 0.0))
     arms = pool_arms(a.pool)
     for arm in [x for x in a.arms if arms[x]]:
         teachers, fields = arms[arm]
+        data = os.path.join(data_dir, "train_clean.jsonl" if arm == "clean-only" else "train.jsonl")
         for seed in range(a.seed, a.seed + a.seeds):
-            data = os.path.join(data_dir, "train_clean.jsonl" if arm == "clean-only" else "train.jsonl")
-            cfg = TrainConfig(model=base_dir, data=data, teachers=teachers, seed=seed,
-                              out=os.path.join(out, "runs", arm, f"seed-{seed}"), max_steps=a.max_steps, **COMMON, **DISTIL)
+            cfg = TrainConfig(model=base_dir, data=data, teachers=teachers, seed=seed, max_steps=a.max_steps,
+                              out=os.path.join(out, "runs", arm, f"seed-{seed}"), **COMMON, **DISTIL)
             print0(f"== {arm}, seed {seed}: {a.max_steps} steps from {teachers or ', '.join(POOLS[a.pool])}")
             t_run = (time.time(), time.process_time())
             train(cfg, CompactConfig(**fields), rank, world, device)
@@ -281,14 +286,14 @@ def demo(a, rank, world, device):
                 run_result(os.path.join(cfg.out, "model"), cfg.out, test_rows,
                            os.path.join(out, "eval", f"{arm}-seed-{seed}.jsonl"), device, t_run)
     if rank == 0:
-        report(a, test_rows, t0)
-    if dist.is_initialized():
-        dist.barrier()
+        report(a, len(test_rows), t0)
+    barrier()
 
 
-def run_result(model_dir, run_dir, test_rows, preds, device, t_start):
+def run_result(model_dir, run_dir, test_rows, preds, device, start):
     """Held-out accuracy with eval.py's loop (greedy, batched, answers checked by data.py), and the
-    run's teacher weights; written to RUN/result.json (OUT/eval/base.json for the base student)."""
+    run's teacher weights; written to RUN/result.json (OUT/eval/base.json for the base student).
+    start: (time.time(), time.process_time()) when the run began."""
     model, tok = load_student(model_dir, None, device=device)
     items = [{"id": r["id"], "prompt": r["question"], "answer": r["answer"], "task": None} for r in test_rows]
     os.makedirs(os.path.dirname(preds), exist_ok=True)
@@ -296,17 +301,25 @@ def run_result(model_dir, run_dir, test_rows, preds, device, t_start):
         os.remove(preds)
     records = evaluate(model, tok, items, preds, batch_size=100, max_new_tokens=64)
     n, acc, _ = accuracy_sem([r["correct"] for r in records])
-    dyn = teacher_dynamics([json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]) if run_dir else {}
-    result = {"accuracy": acc, "n": n, "sample_output": records[0]["output"], "wall_s": round(time.time() - t_start[0], 1),
-              "cpu_s": round(time.process_time() - t_start[1], 1),
+    metrics = [r for _, r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))] if run_dir else []
+    dyn = teacher_dynamics(metrics)  # {} for the base student
+    result = {"accuracy": acc, "n": n, "sample_output": records[0]["output"],
+              "wall_s": round(time.time() - start[0], 1), "cpu_s": round(time.process_time() - start[1], 1),
               "teachers": {t: {k: v for k, v in d.items() if k != "steps"} for t, d in dyn.items()}}
     write_json(os.path.join(run_dir, "result.json") if run_dir else preds[:-len(".jsonl")] + ".json", result)
-    print0(f"   held-out accuracy {acc:.3f} (n = {n}) | {result['wall_s']}s | first answer {result['sample_output'][:50]!r}")
+    print0(f"   held-out accuracy {acc:.3f} (n = {n}) | {result['wall_s']}s | "
+           f"first answer {result['sample_output'][:50]!r}")
 
 
-def report(a, test_rows, t0):
+def mean(values):
+    """sum(values) / len(values); None if any is None (an AUROC that a seed could not compute)."""
+    return None if None in values else sum(values) / len(values)
+
+
+def report(a, n_test, t0):
     """Accuracy per arm (mean ± SEM over seeds), weights per teacher, the chart; OUT/report.json."""
     seeds, table, curves = list(range(a.seed, a.seed + a.seeds)), {}, {}
+    stats = ("weight_first", "weight_last", "s_mi", "s_g", "s_d")  # per teacher, averaged over seeds
     for arm in a.arms:
         paths = [os.path.join(a.out, "eval", "base.json")] if arm == "base" else \
             [os.path.join(a.out, "runs", arm, f"seed-{s}", "result.json") for s in seeds]
@@ -314,30 +327,31 @@ def report(a, test_rows, t0):
         if not res:
             continue
         accs = [r["accuracy"] for r in res]
-        mean = sum(accs) / len(accs)
-        # One base student: its SEM is the binomial one; an arm's is the spread over its seeds.
-        sem = math.sqrt(mean * (1 - mean) / res[0]["n"]) if arm == "base" else \
-            math.sqrt(sum((x - mean) ** 2 for x in accs) / max(1, len(accs) - 1) / len(accs))
+        acc = mean(accs)
+        # One base student: its SEM is the binomial one; an arm's is the spread over its seeds (0 for one).
+        err = math.sqrt(acc * (1 - acc) / res[0]["n"]) if arm == "base" else (sem(accs, 1) or 0.0)
         dyn = [r["teachers"] for r in res if r["teachers"]]
         names = sorted({t for d in dyn for t in d})
-        table[arm] = {"accuracy": mean, "sem": sem, "per_seed": accs, "n_per_seed": res[0]["n"],
-                      "seeds": [None] if arm == "base" else seeds[:len(res)], "minutes": round(sum(r["wall_s"] for r in res) / 60, 2),
-                      "sample_output": res[0]["sample_output"], "teachers": {t: {
-                          k: sum(d[t][k] for d in dyn) / len(dyn) for k in ("weight_first", "weight_last", "s_mi", "s_g", "s_d")}
-                          for t in names}}
+        table[arm] = {"accuracy": acc, "sem": err, "per_seed": accs, "n_per_seed": res[0]["n"],
+                      "seeds": [None] if arm == "base" else seeds[:len(res)],
+                      "minutes": round(sum(r["wall_s"] for r in res) / 60, 2),
+                      "sample_output": res[0]["sample_output"],
+                      "teachers": {t: {k: mean([d[t][k] for d in dyn]) for k in stats} for t in names}}
         if dyn and pool_arms(a.pool)[arm][1].get("weighting") != "uniform":
-            curves[arm] = {t: [sum(x) / len(dyn) for x in zip(*(d[t]["series"]["weight"] for d in dyn))] for t in names}
+            curves[arm] = {t: [mean(x) for x in zip(*(d[t]["series"]["weight"] for d in dyn))] for t in names}
             table[arm]["auroc"] = caught(a, arm, seeds[:len(res)])
     sbs = [x for x in table if x.startswith("sbs-")]
-    best = max(sbs, key=lambda x: table[x]["accuracy"]) if sbs else None
+    best = max(sbs, key=lambda x: table[x]["accuracy"], default=None)
     write_json(os.path.join(a.out, "report.json"), {"arms": table, "best_sbs": best, "settings": vars(a),
                                                      "minutes": round((time.time() - t0) / 60, 2)})
-    print0(f"\n{'arm':<24} {'accuracy':>9} {'± SEM':>7}  per seed (n = {len(test_rows)} each)   first test answer")
+    print0(f"\n{'arm':<24} {'accuracy':>9} {'± SEM':>7}  per seed (n = {n_test} each)   first test answer")
     for arm, r in table.items():
-        print0(f"{arm + (' (SbS best)' if arm == best and len(sbs) > 1 else ''):<24} {r['accuracy']:>9.3f} {r['sem']:>7.3f}  "
+        label = arm + (" (SbS best)" if arm == best and len(sbs) > 1 else "")
+        print0(f"{label:<24} {r['accuracy']:>9.3f} {r['sem']:>7.3f}  "
                f"{' '.join(f'{x:.3f}' for x in r['per_seed']):<22} {r['sample_output'][:60]!r}")
     for arm, series in curves.items():
-        print0(f"\n{arm}: within-instance AUROC against the flaw labels, base student → distilled (S_D: lower)")
+        print0(f"\n{arm}: within-instance AUROC against the flaw labels, base student → distilled "
+               "(S_D: lower)")
         early, late = table[arm]["auroc"]["early"], table[arm]["auroc"]["late"]
         fmt = lambda v: "  -" if v is None else f"{v:.2f}"
         for k in HIGHER_IS_CLEAN:
@@ -346,8 +360,8 @@ def report(a, test_rows, t0):
         print0(f"\n{arm}: mean weight per teacher over training (mean of {len(seeds)} seeds; ▁ = 0, █ = 1)")
         for t, w in series.items():
             d = table[arm]["teachers"][t]
-            print0(f"{t:<13} {sparkline(w)}  {d['weight_first']:.2f} → {d['weight_last']:.2f}   S_MI {d['s_mi']:.4f}  "
-                   f"S_G {d['s_g']:.3f}  S_D {d['s_d']:.3f}")
+            print0(f"{t:<13} {sparkline(w)}  {d['weight_first']:.2f} → {d['weight_last']:.2f}   "
+                   f"S_MI {d['s_mi']:.4f}  S_G {d['s_g']:.3f}  S_D {d['s_d']:.3f}")
     if curves:
         png = plot(os.path.join(a.out, "weights.png"), "optimizer step", {f"weight ({arm})": {
             t: (list(range(1, len(w) + 1)), w) for t, w in s.items()} for arm, s in curves.items()})
@@ -356,14 +370,15 @@ def report(a, test_rows, t0):
 
 
 def caught(a, arm, seeds, n=300):
-    """What each score caught (issue 20): within-instance AUROC of S_MI, S_G, S_D and the arm's weight against
-    the flaw labels of the first n training questions, under the base student ("early") and, averaged over
-    seeds, the arm's distilled students ("late"); S_MI exact (eval.reading_aurocs)."""
+    """What each score caught (issue 20): within-instance AUROC of S_MI, S_G, S_D and the arm's weight
+    against the flaw labels of the first n training questions, under the base student ("early") and,
+    averaged over seeds, the arm's distilled students ("late"); S_MI exact (eval.reading_aurocs)."""
     instances = load_multi_teacher(os.path.join(a.out, "data", "train.jsonl"))[:n]
-    auroc = lambda path: reading_aurocs(*load_student(path), instances, 50, {arm: pool_arms(a.pool)[arm][1]})[arm]
+    readings = {arm: pool_arms(a.pool)[arm][1]}  # the arm's CompactConfig fields
+    auroc = lambda path: reading_aurocs(*load_student(path), instances, 50, readings)[arm]
     late = [auroc(os.path.join(a.out, "runs", arm, f"seed-{s}", "model")) for s in seeds]
     return {"early": auroc(os.path.join(a.out, "base")),
-            "late": {k: sum(x[k] for x in late) / len(late) if None not in [x[k] for x in late] else None for k in late[0]}}
+            "late": {k: mean([x[k] for x in late]) for k in late[0]}}
 
 
 BARS = "▁▂▃▄▅▆▇█"
@@ -379,20 +394,20 @@ def sparkline(values, width=48):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="the demo's directory (replaced by a new demo)")
-    p.add_argument("--pool", choices=POOLS, default="premise", help="premise: teachers each flawed on a different "
-                   "minority of questions; stress: teachers uniformly good or bad (see POOLS)")
+    p.add_argument("--pool", choices=POOLS, default="premise", help="premise: teachers each flawed on a "
+                   "different minority of questions; stress: teachers uniformly good or bad (see POOLS)")
     p.add_argument("--flaw-counts", default=",".join(map(str, FLAW_COUNTS)),
-                   help="premise pool: P(0, 1, 2, ... of a question's rationales are flawed), comma-separated")
-    p.add_argument("--full", action="store_true", help="every arm: " + ", ".join(ARMS) + ", sbs-T for every teacher")
+                   help="premise pool: P(0, 1, 2, ... of a question's rationales flawed), comma-separated")
+    p.add_argument("--full", action="store_true", help=f"every arm: {', '.join(ARMS)}, sbs-T per teacher")
     p.add_argument("--arms", help=f"comma-separated arms (default: {','.join(DEFAULT_ARMS)})")
     p.add_argument("--max-steps", type=int, default=300, help="distillation steps per arm and seed")
     p.add_argument("--pretrain-steps", type=int, default=1200, help="steps that make the base student")
-    p.add_argument("--base", help="run the arms on this base student (an earlier demo's OUT/base) instead of pretraining one")
+    p.add_argument("--base", help="an earlier demo's OUT/base: the arms run on it, nothing is pretrained")
     p.add_argument("--seeds", type=int, help="how many seeds per arm (default: 1; 3 with --full)")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
     p.add_argument("--n-train", type=int, default=2000, help="three-step training problems")
-    p.add_argument("--n-test", type=int, default=300, help="held-out three-step problems (the same for every seed)")
-    p.add_argument("--n-pretrain", type=int, default=2000, help="one- and two-step problems for the base student")
+    p.add_argument("--n-test", type=int, default=300, help="held-out three-step problems, same for all seeds")
+    p.add_argument("--n-pretrain", type=int, default=2000, help="two-step problems for the base student")
     a = p.parse_args(argv)
     for flag in ("max_steps", "pretrain_steps", "seeds", "n_train", "n_test", "n_pretrain"):
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
