@@ -256,7 +256,7 @@ def information_trace(model, tok, inst, teacher):
     info = probe_information(model, aux.kv, batch, plan)  # (1, 1 + |R|)
     text = dict(inst.rationales)[teacher].strip()
     _, offsets = tok.encode_with_offsets(text)  # encode_instance tokenizes the stripped text the same way
-    s_mi = float(mi_estimate(info, plan)[0] / n_rat[0].clamp(min=1))
+    s_mi = float(mi_estimate(info, plan)[0])  # as compact.py's default scores it (mi_norm "none": the sum)
     return info[0].float().cpu(), think[0].cpu(), [text[s:e] for s, e in offsets], s_mi
 
 

@@ -28,6 +28,7 @@ class CompactConfig:
     S_MI is exact Eq. 3 with mi_budget = 0, else an unbiased estimate from probe_budget(|R|) =
     min(256, max(96, ⌈0.4 |R|⌉)) probes per branch, exact below 96 tokens: the cheapest law measured that met
     Kendall tau 0.8 and 15% error on the long branch against exact Eq. 3 (bench.py mi_agreement, README).
+    mi_norm "none" (the sum; SPEC writes 1/|R|) caught flaws best on both sets of eval.py readings (README).
     """
     weighting: str = "compact"  # "compact" (Eq. 7) or "uniform" (w_k = 1/K_valid, "Direct Avg.")
     alpha: float = 1.0  # weight of Z(S_MI); 0 switches it off and skips the probe pass (--no-mi)
@@ -43,7 +44,7 @@ class CompactConfig:
     z_floor: float = 0.01  # Z's std is floored at z_floor · mean|s| (SPEC §3.4); 0 = the plain z-score
     think_weight: float = 1.0  # m_t for a token that starts a thinking word
     other_weight: float = 0.1  # m_t for every other rationale token
-    mi_norm: str = "length"  # S_MI divided by |R| (Eq. 3), or "none": the plain sum
+    mi_norm: str = "none"  # S_MI the plain sum of Eq. 3, or "length": divided by |R| as SPEC §3.1 writes it
     sg_feature: str = "eot"  # S_G's e_k: the "eot" state, the "last" rationale token's, the rationale "mean"
     sg_self_loops: bool = False  # S_G's graph keeps i -> i edges (SPEC §3.2's Decision removes them)
     sg_heads: str = "mean"  # A = the "mean" of per-head attentions, or one "joint" attention over all heads
@@ -110,7 +111,7 @@ def graph_features(x, batch, feature="eot"):
 
 
 def adaptability_scores(raw, kv, batch, cfg, rng_key=()):
-    """S_MI (SPEC §3.1, Eq. 2-3): (1/|R_k|) Σ_t m_t max(I_t − I_{t−1}, 0) per branch ("none": the sum).
+    """S_MI (SPEC §3.1, Eq. 2-3): Σ_t m_t max(I_t − I_{t−1}, 0) per branch ("length": times 1/|R_k|).
 
     probe_plan says which prefixes I_t to read and what each counts for: all, or past the budget an unbiased
     sample drawn per instance from rng_key (train.py: seed, step, rank, micro-batch), shared by its branches.

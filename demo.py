@@ -23,7 +23,6 @@ import re
 import shutil
 import time
 
-
 import tokenizers
 import torch
 import torch.distributed as dist
@@ -370,15 +369,15 @@ def report(a, n_test, t0):
 
 
 def caught(a, arm, seeds, n=300):
-    """What each score caught (issue 20): within-instance AUROC of S_MI, S_G, S_D and the arm's weight
-    against the flaw labels of the first n training questions, under the base student ("early") and,
+    """What each score caught: within-instance AUROC of S_MI, S_G, S_D and the arm's weight against the
+    flaw labels of the first n training questions, under the base student ("early", with its "se") and,
     averaged over seeds, the arm's distilled students ("late"); S_MI exact (eval.reading_aurocs)."""
     instances = load_multi_teacher(os.path.join(a.out, "data", "train.jsonl"))[:n]
     readings = {arm: pool_arms(a.pool)[arm][1]}  # the arm's CompactConfig fields
     auroc = lambda path: reading_aurocs(*load_student(path), instances, 50, readings)[arm]
     late = [auroc(os.path.join(a.out, "runs", arm, f"seed-{s}", "model")) for s in seeds]
     return {"early": auroc(os.path.join(a.out, "base")),
-            "late": {k: mean([x[k] for x in late]) for k in late[0]}}
+            "late": {k: mean([x[k] for x in late]) for k in late[0] if k != "se"}}
 
 
 BARS = "▁▂▃▄▅▆▇█"

@@ -283,10 +283,10 @@ def run_rationales(a, rank=0, world=1, device="cpu", held=None):
 # --- what each score catches: within-instance AUROC against flaw labels, every reading of SPEC's Decisions
 
 READINGS = {  # reading: CompactConfig fields; the paper leaves each of these open (SPEC's Decisions)
-    "default": {}, "S_G at the last rationale token": dict(sg_feature="last"),
+    "default": {}, "S_MI divided by |R| (SPEC's Eq. 3)": dict(mi_norm="length"),
+    "S_G at the last rationale token": dict(sg_feature="last"),
     "S_G at the rationale mean": dict(sg_feature="mean"), "S_G with self-loops": dict(sg_self_loops=True),
-    "S_G one attention over all heads": dict(sg_heads="joint"),
-    "S_MI not divided by |R|": dict(mi_norm="none"), "temperature 0.5": dict(temperature=0.5),
+    "S_G one attention over all heads": dict(sg_heads="joint"), "temperature 0.5": dict(temperature=0.5),
     "temperature 2": dict(temperature=2.0), "z-floor 0": dict(z_floor=0.0)}
 HIGHER_IS_CLEAN = {"s_mi": True, "s_g": True, "s_d": False, "weight": True}  # S_D: lower is better
 
@@ -310,17 +310,25 @@ def within_auroc(groups, higher=True):
     return sum(0.5 if c == f else float((c > f) == higher) for c, f in pairs) / len(pairs) if pairs else None
 
 
+def auroc_se(groups, higher=True):
+    """within_auroc's standard error over questions: the jackknife, leaving one question out at a time."""
+    groups = [g for g in groups if any(f for _, f in g) and not all(f for _, f in g)]
+    loo = [within_auroc(groups[:i] + groups[i + 1:], higher) for i in range(len(groups))]
+    return math.sqrt((len(loo) - 1) * torch.tensor(loo).var(correction=0).item()) if len(loo) > 1 else None
+
+
 def reading_aurocs(model, tok, instances, batch_size=4, readings=READINGS):
     """{reading: {score: AUROC, "score/flaw": AUROC}} of labelled instances (Instance.flaws) under the
-    student. S_MI is exact Eq. 3, so readings are compared without the estimator's noise; one probe pass
-    serves every reading (S_G's readings rescore with alpha 0; mi_norm "none" is |R| times the default's
-    S_MI)."""
+    student, and "se": {score: auroc_se}. S_MI is exact Eq. 3, so readings are compared without the
+    estimator's noise; one probe pass serves every reading (S_G's readings rescore with alpha 0; mi_norm
+    "none" is |R| times "length")."""
     encoded, info = encode_dataset(instances, tok, max_len=10**6)
-    flaws = {i.id: i.flaws for i in instances}
-    labels = [[flaws[e.id].get(info["teachers"][t]) for t in e.teacher] for e in encoded]
+    by_id = {i.id: i.flaws for i in instances}
+    labels = [[by_id[e.id].get(info["teachers"][t]) for t in e.teacher] for e in encoded]
     lengths = [[codes.count(RATIONALE) for _, codes, _ in e.branches] for e in encoded]
+    flaws = sorted({f for ls in labels for f in ls if f})
     exact = CompactConfig(mi_budget=0)
-    base, table = rationale_scores(model, encoded, exact, batch_size), {}
+    base, table = rationale_scores(model, encoded, replace(exact, mi_norm="length"), batch_size), {}
     for name, kw in readings.items():
         cfg = replace(exact, **kw)
         s_g = rationale_scores(model, encoded, replace(cfg, alpha=0.0), batch_size) if any(
@@ -331,11 +339,12 @@ def reading_aurocs(model, tok, instances, batch_size=4, readings=READINGS):
             scores = (torch.tensor([x]) for x in (s_mi, g["s_g"], s["s_d"]))
             w = fuse_weights(*scores, torch.ones(1, len(n), dtype=bool), cfg)
             rows.append({"s_mi": s_mi, "s_g": g["s_g"], "s_d": s["s_d"], "weight": w[0].tolist()})
-        table[name] = {}
-        for flaw in [None] + sorted({f for ls in labels for f in ls if f}):  # all flaws, then each alone
-            table[name].update({k if flaw is None else f"{k}/{flaw}": within_auroc(
-                [[(x, f is not None) for x, f in zip(r[k], ls) if flaw in (None, f) or f is None]
-                 for r, ls in zip(rows, labels)], up) for k, up in HIGHER_IS_CLEAN.items()})
+        def pairs(k, flaw):  # [(score k, flawed)] per question, of the clean and `flaw` (None: every flaw)
+            return [[(x, f is not None) for x, f in zip(r[k], fs) if not flaw or f in (None, flaw)]
+                    for r, fs in zip(rows, labels)]
+        table[name] = {k if flaw is None else f"{k}/{flaw}": within_auroc(pairs(k, flaw), up)
+                       for flaw in [None] + flaws for k, up in HIGHER_IS_CLEAN.items()}
+        table[name]["se"] = {k: auroc_se(pairs(k, None), up) for k, up in HIGHER_IS_CLEAN.items()}
     return table
 
 
@@ -378,12 +387,19 @@ def run_readings(a):
         labelled = "rationales" in read_jsonl(path)[0][1]
         instances = load_multi_teacher(path) if labelled else gsm8k_flaw_set(path, a.limit or 100)
         sets[name] = reading_aurocs(model, tok, instances[:a.limit], a.batch_size)
-    fmt = lambda v: "—" if v is None else f"{v:.3f}"
+    fmt = lambda v, e=None: "—" if v is None else f"{v:.3f}" + ("" if e is None else f" ± {e:.3f}")
     cols = [(s, k) for s in sets for k in HIGHER_IS_CLEAN]
     lines = ["| reading | " + " | ".join(f"{s}: {k}" for s, k in cols) + " |",
              "| --- " * (1 + len(cols)) + "|"]
-    lines += [f"| {r} | " + " | ".join(fmt(sets[s][r][k]) for s, k in cols) + " |" for r in READINGS]
-    note = "Within-instance AUROC against the flaw labels (clean above flawed = 1; S_D: lower)."
+    lines += [f"| {r} | " + " | ".join(fmt(sets[s][r][k], sets[s][r]["se"][k]) for s, k in cols) + " |"
+              for r in READINGS]
+    lines += ["", "| default, per flaw | " + " | ".join(HIGHER_IS_CLEAN) + " |", "| --- " * 5 + "|"]
+    for s, t in sets.items():
+        for flaw in sorted({f.split("/")[1] for f in t["default"] if "/" in f}):
+            cells = (fmt(t["default"][f"{k}/{flaw}"]) for k in HIGHER_IS_CLEAN)
+            lines.append(f"| {s}: {flaw} | " + " | ".join(cells) + " |")
+    note = ("Within-instance AUROC against the flaw labels (clean above flawed = 1; S_D: lower), "
+            "± its jackknife standard error over questions.")
     text = "\n".join(lines) + f"\n\n{note}\n"
     write_text(os.path.join(a.out, "readings.md"), text)
     write_json(os.path.join(a.out, "readings.json"), {"settings": vars(a), "sets": sets})
@@ -425,8 +441,7 @@ def build_parser():
                      help="the task's file in its public format; repeat, in --task order")
     acc.add_argument("--max-new-tokens", type=int, default=1024)
     acc.add_argument("--out", required=True, help="predictions JSONL (several tasks: OUT-STEM-TASK.jsonl)")
-    r = sub.add_parser("rationales", help="teacher rationales: N samples per question (resumable, "
-                                          "torchrun-aware)")
+    r = sub.add_parser("rationales", help="teacher rationales, N samples per question (resumable, torchrun)")
     student_flags(r, batch_size=16)
     r.add_argument("--questions", help="JSONL of {id, question, answer[, task]}, as data.py build reads it")
     r.add_argument("--task", help="task of questions without one; with --data, the benchmark's")
@@ -438,8 +453,7 @@ def build_parser():
     r.add_argument("--max-new-tokens", type=int, default=4096)
     r.add_argument("--out", required=True,
                    help="rationales JSONL (OUT-STEM.questions.jsonl and .summary.json beside)")
-    rd = sub.add_parser("readings", help="AUROC of each score and the weight against flaw labels, every "
-                                         "reading")
+    rd = sub.add_parser("readings", help="what each score catches: AUROCs against flaw labels, every reading")
     rd.add_argument("--set", action="append", required=True, metavar="NAME=MODEL_DIR:DATA",
                     help="a student and a labelled multi-teacher file (or a GSM8K benchmark file); repeat")
     student_flags(rd, batch_size=4, model=False)

@@ -87,7 +87,7 @@ def naive_s_mi(model, instances, cfg):
             info = [naive_info(model, prompt, answer, rat, t) for t in range(len(rat) + 1)]
             for t in range(1, len(rat) + 1):
                 m = cfg.think_weight if t - 1 in think else cfg.other_weight
-                ref[b, k] += m * max(info[t] - info[t - 1], 0) / len(rat)
+                ref[b, k] += m * max(info[t] - info[t - 1], 0) / (len(rat) if cfg.mi_norm == "length" else 1)
     return ref
 
 
@@ -530,7 +530,7 @@ def test_token_nll_under_bf16_autocast(trainable):
 
 
 
-READINGS = {"mi_norm": ("none", "s_mi"), "sg_feature": ("last", "s_g"), "sg_self_loops": (True, "s_g"),
+READINGS = {"mi_norm": ("length", "s_mi"), "sg_feature": ("last", "s_g"), "sg_self_loops": (True, "s_g"),
             "sg_heads": ("joint", "s_g")}
 
 
@@ -547,9 +547,9 @@ def test_each_reading_changes_its_score_and_only_that(flag):
         _, alt = compact_loss(model, batch, replace(base, **{flag: value}))
     for key in ("s_mi", "s_g", "s_d", "l_sft", "l_mcon"):
         assert torch.equal(st[key], alt[key]) != (key == score), key
-    if flag == "mi_norm":  # the plain sum: |R| times the per-token score
+    if flag == "mi_norm":  # the sum over |R|: the per-token score
         n = torch.tensor([[len(r) for r, _ in br] + [0] * (4 - len(br)) for *_, br in instances], dtype=torch.float)
-        assert_close(alt["s_mi"], st["s_mi"] * n)
+        assert_close(alt["s_mi"] * n, st["s_mi"])
     else:
         with torch.no_grad():
             want = reference_scores(model, instances, **{"feature": value} if flag == "sg_feature" else

@@ -290,6 +290,14 @@ def test_within_instance_auroc_by_hand():
     assert ev.within_auroc([[(1.0, False)], [(0.0, True)]]) is None  # no question holds both
 
 
+def test_auroc_standard_error_by_hand():
+    # pairs won 1/1, 0/1, 1/2 (AUROC 2/4); leaving each out: 1/3, 2/3, 1/2, mean 1/2, squares 1/36 + 1/36 + 0
+    groups = [[(0.9, False), (0.1, True)], [(0.2, False), (0.8, True)], [(0.5, False), (0.4, True), (0.6, True)],
+              [(0.3, False)]]  # no pair: left out
+    assert ev.auroc_se(groups) == pytest.approx(((3 - 1) / 3 * 2 / 36) ** 0.5)  # = 1/√27
+    assert ev.auroc_se(groups[:1]) is None
+
+
 def test_gsm8k_flaw_set_labels_match_the_rationales(benchmarks_dir):
     import re
     for inst in ev.gsm8k_flaw_set(os.path.join(benchmarks_dir, "gsm8k_test.jsonl"), 30):
@@ -321,7 +329,9 @@ def test_readings_command_writes_every_reading_for_each_set(tmp_path, student_di
     assert all(sets["pool"][r]["s_d"] == sets["pool"]["default"]["s_d"] for r in same)  # S_D reads no flag
     assert sets["pool"]["temperature 2"]["weight"] is not None
     table = capsys.readouterr().out
-    assert table == (out / "readings.md").read_text() and table.count("\n| ") == len(ev.READINGS) + 1
+    first, per_flaw = table.split("\n\n")[:2]
+    assert table == (out / "readings.md").read_text() and first.count("\n| ") == len(ev.READINGS) + 1
+    assert per_flaw.count("\n| pool: ") == 2 and " ± " in first  # hallucination, filler; SEs shown
     with pytest.raises(SystemExit) as e:
         ev.main(["readings", "--set", "nope", "--out", str(out)])
     assert e.value.code == 2
@@ -336,7 +346,8 @@ def test_readings_shortcuts_equal_scoring_each_reading_in_full(tmp_path, student
     insts = [data.Instance(f"q{i}", f"What is {i} + 2?", str(i + 2), None, [
         ("a", f"So {i} + 2 = {i + 2}, and then we check it twice: {i + 2}."), ("b", f"{i} + 2 = {i + 3}."),
         ("c", "Hmm.")], {"b": "hallucination", "c": "filler"} if i % 2 else {"b": "hallucination"}) for i in range(6)]
-    readings = {k: ev.READINGS[k] for k in ("S_MI not divided by |R|", "S_G at the last rationale token", "z-floor 0")}
+    readings = {k: ev.READINGS[k] for k in ("default", "S_MI divided by |R| (SPEC's Eq. 3)",
+                                            "S_G at the last rationale token", "z-floor 0")}
     got = reading_aurocs(tok_model, tok, insts, 4, readings)
     encoded, info = data.encode_dataset(insts, tok, max_len=10**6)
     labels = [[i.flaws.get(info["teachers"][t]) is not None for t in e.teacher] for i, e in zip(insts, encoded)]
