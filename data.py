@@ -16,13 +16,14 @@ beyond what the checkpoint's own template renders, and generation itself (model.
 """
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
 import random
 import re
-import sys
 import shutil
+import sys
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -119,12 +120,15 @@ def user_errors(prog):
 
 
 def add_config_args(parser, cls):
-    """One flag per field of the dataclass cls (`max_len` -> `--max-len`; a bool is a switch),
-    default = the field's default."""
+    """One flag per field of the dataclass cls (`max_len` -> `--max-len`; a bool is a switch), default =
+    the field's default, help = the comment after the field in cls's source."""
+    notes = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
     for f in fields(cls):
-        kind = dict(action="store_true") if f.type in (bool, "bool") else \
+        switch = f.type in (bool, "bool")
+        kind = dict(action="store_true") if switch else \
             dict(type=f.type if isinstance(f.type, type) else type(f.default), default=f.default)
-        parser.add_argument("--" + f.name.replace("_", "-"), **kind)
+        note = notes.get(f.name, "").replace("%", "%%") + ("" if switch else " (default: %(default)r)")
+        parser.add_argument("--" + f.name.replace("_", "-"), help=note.strip(), **kind)
 
 
 def config_from_args(cls, args):
@@ -651,8 +655,7 @@ def collate(batch, pad_id=0):
             rationale.append([c0 + i for i, c in enumerate(b_codes[L:]) if c == RATIONALE])
             answer.append([c0 + i for i, c in enumerate(b_codes[L:]) if c == ANSWER])
     codes = torch.tensor(codes)
-    table = lambda rows: torch.tensor([r + [-1] * (max(map(len, rows)) - len(r)) for r in rows],
-                                      dtype=torch.long)
+    table = lambda rows: torch.tensor([r + [-1] * (max(map(len, rows)) - len(r)) for r in rows]).long()
     return {"input_ids": torch.tensor(ids), "position_ids": torch.tensor(pos), "prev": torch.tensor(prev),
             "branch": torch.tensor(branch), "sft_mask": codes > PROMPT, "rationale_mask": codes == RATIONALE,
             "answer_mask": codes == ANSWER, "think_mask": torch.tensor(think, dtype=torch.bool),
@@ -794,8 +797,7 @@ def read_generations(path, ids=()):
             out += _batch_choices(path, lineno, row, ids)
             continue
         if not isinstance(row, dict) or not ("id" in row or "question" in row):
-            raise DataError(f"{path}:{lineno}: a generation needs 'id' or 'question' (or a batch line's "
-                            "'custom_id')")
+            raise DataError(f"{path}:{lineno}: a generation needs 'id' or 'question' (or batch 'custom_id')")
         sample = row.get("sample", 0)
         if not isinstance(sample, int) or isinstance(sample, bool):
             raise DataError(f"{path}:{lineno}: 'sample' must be an integer")
@@ -836,8 +838,7 @@ def build(questions_path, teachers, task, out_path, min_teachers=1, max_len=None
     if min_teachers < 1:
         raise DataError(f"--min-teachers {min_teachers}: must be at least 1 (an instance needs a rationale)")
     if (max_len is None) != (model_dir is None) or (max_len is not None and max_len < 1):
-        raise DataError("--max-len N (>= 1) and --model DIR go together: the student's tokenizer counts the "
-                        "tokens")
+        raise DataError("--max-len N (>= 1) and --model DIR go together (the student's tokenizer counts)")
     tok = Tokenizer.from_pretrained(model_dir) if model_dir else None
     questions = read_questions(questions_path, task)
     if not questions:
@@ -903,8 +904,7 @@ def main(argv=None):
     b.add_argument("--task", choices=TASKS, help="answer checking for questions without a task")
     b.add_argument("--out", required=True)
     b.add_argument("--min-teachers", type=int, default=1, help="drop instances with fewer rationales")
-    b.add_argument("--max-len", type=int,
-                   help="drop rationales whose branch is longer (train.py's --max-len)")
+    b.add_argument("--max-len", type=int, help="drop rationales whose branch is longer (train.py --max-len)")
     b.add_argument("--model", help="the student's tokenizer directory, which counts --max-len tokens")
     c = sub.add_parser("check", help="validate a multi-teacher file and print statistics")
     c.add_argument("file")

@@ -492,8 +492,7 @@ def _memory_mb(device):
 
 def parse_args(argv=None):
     """TrainConfig and CompactConfig from the command line; one flag per dataclass field."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_args(p, TrainConfig)
     add_config_args(p, CompactConfig)
     for name, key in (("mi", "alpha"), ("consensus", "beta"), ("difficulty", "gamma")):

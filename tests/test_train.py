@@ -76,6 +76,16 @@ def test_ablation_flags_map_to_the_config():
     assert e.value.code == 2
 
 
+def test_help_gives_every_flag_its_field_comment_and_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert e.value.code == 0
+    assert "--warmup WARMUP linear warmup, as a fraction of all steps (default: 0.03)" in text
+    assert "--mi-norm MI_NORM S_MI the plain sum of Eq. 3" in text and "(default: 'none')" in text
+    assert "--resume continue from the last complete checkpoint in OUT/checkpoints --max-bad-steps" in text
+
+
 def sgd_update(model_dir, data_file, rank, world, batch_size, grad_accum):
     """One train_step with SGD(lr=1) from a seeded LoRA with random B: the update is the gradient."""
     import contextlib
