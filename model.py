@@ -15,7 +15,7 @@ parallelism, quantisation. Unsupported config values raise instead of being igno
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -47,6 +47,9 @@ class ModelArgs:
     initializer_range: float = 0.02
 
     def __post_init__(self):
+        for f in fields(self):  # a wrong type (a hand-edited config.json) fails here, naming the key
+            if f.type in (int, float) and type(v := getattr(self, f.name)) not in (int, f.type):
+                raise ValueError(f"{f.name}: expected {f.type.__name__}, got {v!r}")
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
@@ -139,10 +142,9 @@ class KVCache:
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
         """Append k, v [N, G, T, D]; return everything held so far [N, G, len, D]."""
-        end = self.len + k.size(2)
-        self.k[:, :, self.len:end], self.v[:, :, self.len:end] = k, v
-        self.len = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        start, self.len = self.len, self.len + k.size(2)
+        self.k[:, :, start:self.len], self.v[:, :, start:self.len] = k, v
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
 
 
 # --- packed rows: each prompt once, then its branches, no padding ---
@@ -318,15 +320,14 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, position_ids)
         x, kvs = self.model.embed_tokens(input_ids), []  # (N, T, C)
         for i, layer in enumerate(self.model.layers):
-            x_last = x
-            args = (x, cos, sin, mask, cache[i] if cache is not None else None, segments)
+            inputs = (x, cos, sin, mask, cache[i] if cache is not None else None, segments)
             recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-            x, kv = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
+            x, kv = checkpoint(layer, *inputs, use_reentrant=False) if recompute else layer(*inputs)
             kvs.append(kv)
         x = self.model.norm(x)
         out = x if return_hidden else self.lm_head(x)
-        # Recomputing one RMSNorm is cheaper than threading it out of the checkpointed block.
-        return (out, Aux(kvs, self.model.layers[-1].input_layernorm(x_last))) if return_aux else out
+        # inputs[0] entered the last block; recomputing its RMSNorm is cheaper than threading it out.
+        return (out, Aux(kvs, self.model.layers[-1].input_layernorm(inputs[0]))) if return_aux else out
 
     # --- checkpoints ---
 
@@ -424,8 +425,7 @@ def _weight_files(path):
         return files
     if os.path.isfile(single := os.path.join(path, "model.safetensors")):
         return [single]
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                            "(weights load only from safetensors)")
+    raise FileNotFoundError(f"{path}: no model.safetensors[.index.json] (weights load only from safetensors)")
 
 
 # --- generation: prefill, decode_one_token, sample ---
