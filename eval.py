@@ -283,7 +283,7 @@ def run_rationales(a, rank=0, world=1, device="cpu", held=None):
 # --- what each score catches: within-instance AUROC against flaw labels, every reading of SPEC's Decisions
 
 READINGS = {  # reading: CompactConfig fields; the paper leaves each of these open (SPEC's Decisions)
-    "default": {}, "S_MI divided by |R| (SPEC's Eq. 3)": dict(mi_norm="length"),
+    "default": {}, "S_MI divided by its length (SPEC's Eq. 3)": dict(mi_norm="length"),
     "S_G at the last rationale token": dict(sg_feature="last"),
     "S_G at the rationale mean": dict(sg_feature="mean"), "S_G with self-loops": dict(sg_self_loops=True),
     "S_G one attention over all heads": dict(sg_heads="joint"), "temperature 0.5": dict(temperature=0.5),

@@ -346,7 +346,7 @@ def test_readings_shortcuts_equal_scoring_each_reading_in_full(tmp_path, student
     insts = [data.Instance(f"q{i}", f"What is {i} + 2?", str(i + 2), None, [
         ("a", f"So {i} + 2 = {i + 2}, and then we check it twice: {i + 2}."), ("b", f"{i} + 2 = {i + 3}."),
         ("c", "Hmm.")], {"b": "hallucination", "c": "filler"} if i % 2 else {"b": "hallucination"}) for i in range(6)]
-    readings = {k: ev.READINGS[k] for k in ("default", "S_MI divided by |R| (SPEC's Eq. 3)",
+    readings = {k: ev.READINGS[k] for k in ("default", "S_MI divided by its length (SPEC's Eq. 3)",
                                             "S_G at the last rationale token", "z-floor 0")}
     got = reading_aurocs(tok_model, tok, insts, 4, readings)
     encoded, info = data.encode_dataset(insts, tok, max_len=10**6)
