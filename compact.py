@@ -48,12 +48,14 @@ class CompactConfig:
     sg_feature: str = "eot"  # S_G's e_k: the "eot" state, the "last" rationale token's, the rationale "mean"
     sg_self_loops: bool = False  # S_G's graph keeps i -> i edges (SPEC §3.2's Decision removes them)
     sg_heads: str = "mean"  # A = the "mean" of per-head attentions, or one "joint" attention over all heads
+    sg_similarity: str = "qk"  # S_G's q·κ through W_Q, W_K (Eq. 4), or "cosine" of e: beyond the paper
 
     def __post_init__(self):
-        for name, allowed in (("weighting", ("compact", "uniform")), ("mi_norm", ("length", "none")),
-                              ("sg_feature", ("eot", "last", "mean")), ("sg_heads", ("mean", "joint"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        choices = dict(weighting="compact uniform", mi_norm="length none", sg_feature="eot last mean",
+                       sg_heads="mean joint", sg_similarity="qk cosine")
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed.split():
+                raise ValueError(f"{name} must be one of: {allowed}; got {getattr(self, name)!r}")
         if min(self.alpha, self.beta, self.gamma, self.mcon_lambda, self.think_weight, self.other_weight) < 0:
             raise ValueError("alpha, beta, gamma, mcon_lambda, think_weight and other_weight must be >= 0")
         if not self.temperature > 0:
@@ -76,18 +78,21 @@ def difficulty_scores(nll, rationale_rows):
     return (nll[rationale_rows.clamp(min=0)] * m).sum(-1) / m.sum(-1).clamp(min=1)
 
 
-def consensus_scores(e, branch_mask, q_proj, k_proj, head_dim, self_loops=False, heads="mean"):
+def consensus_scores(e, branch_mask, q_proj, k_proj, head_dim, self_loops=False, heads="mean", sim="qk"):
     """S_G (SPEC §3.2, Eq. 4-5): incoming attention of each branch in the graph of branches, [B, K].
 
     e [B, K, C]: each branch's path vector (graph_features); q = W_Q e + b, κ = W_K e + b, KV heads repeated,
     no RoPE. Per head A_ij = softmax_j(q_i·κ_j/√D) over valid j ≠ i (Decision: no self-loops; self_loops lets
     j = i vote), A = mean over heads ("joint": one softmax of Σ_h q_i·κ_j/√(HD)), S_G,k = Σ_i A_ik.
+    sim "cosine" (beyond the paper): q = κ = e / rms(e), one head, so the logit is √C·cos(e_i, e_j).
     """
-    B, K, _ = e.shape
+    B, K, C = e.shape
     q = q_proj(e).float().view(B, K, -1, head_dim)  # (B, K, H, D)
     kappa = k_proj(e).float().view(B, K, -1, head_dim)  # (B, K, G, D)
     kappa = kappa.repeat_interleave(q.shape[2] // kappa.shape[2], dim=2)  # (B, K, H, D)
-    if heads == "joint":
+    if sim == "cosine":  # no learned projection: a symmetric similarity
+        q = kappa = F.rms_norm(e.float(), (C,))[:, :, None]  # (B, K, 1, C)
+    elif heads == "joint":
         q, kappa = q.flatten(2)[:, :, None], kappa.flatten(2)[:, :, None]  # (B, K, 1, HD): one head
     with full_precision(e):
         logits = torch.einsum("bihd,bjhd->bhij", q, kappa) / math.sqrt(q.shape[-1])  # (B, H, K, K)
@@ -163,8 +168,7 @@ def probe_plan(n_rat, think, cfg, rng_key=(), instance=None):
     probed = plan[0] & (t <= n_rat[:, None]) & (n_rat[:, None] > 0)
     Q = int(probed.sum(-1).max())
     prefix = torch.where(probed, t, t.numel() + t).sort(-1).values[:, :Q]  # probed prefixes first, in order
-    valid = prefix < t.numel()
-    prefix = torch.where(valid, prefix, 0)
+    prefix = torch.where(valid := prefix < t.numel(), prefix, 0)
     pick = lambda x: torch.where(valid, x.gather(1, prefix), 0.0)
     return Plan(prefix, valid, *map(pick, plan[1:]))
 
@@ -246,8 +250,7 @@ def fuse_weights(s_mi, s_g, s_d, branch_mask, cfg):
     Z(s) = (s − mean) / max(std, z_floor · mean|s|, 1e-6) over the instance's valid branches (population
     std). Padding branches get weight 0; uniform weighting gives exactly 1/K_valid.
     """
-    m = branch_mask.float()
-    n = m.sum(-1, keepdim=True).clamp(min=1)
+    m, n = branch_mask.float(), branch_mask.sum(-1, keepdim=True).clamp(min=1)
     if cfg.weighting == "uniform":
         return m / n
     def z(s):
@@ -268,8 +271,7 @@ def mcon_loss(logp, answer_valid, branch_mask, detach=False):
     BKL(k,i) = mean_j ½[KL(P_k‖P_i) + KL(P_i‖P_k)], from Σ_v P log P and cross terms: no [K, K, V] tensor.
     detach: the other side is a fixed target. 0 with no valid partner.
     """
-    K = logp.shape[1]
-    p = logp.exp()
+    K, p = logp.shape[1], logp.exp()
     p_o, logp_o = (p.detach(), logp.detach()) if detach else (p, logp)
     neg_ent, neg_ent_o = (p * logp).sum(-1), (p_o * logp_o).sum(-1)  # (B, K, J)
     with full_precision(logp):  # BKL is a small difference of large sums over V
@@ -328,7 +330,7 @@ def compact_loss(model, batch, cfg, n_instances=None, rng_key=()):
         e = table(graph_features(aux.final_attn_input.detach()[0], batch, cfg.sg_feature))  # (B, K, C)
         attn = raw.model.layers[-1].self_attn
         s_g = consensus_scores(e, bm, attn.q_proj, attn.k_proj, raw.args.head_dim, cfg.sg_self_loops,
-                               cfg.sg_heads)
+                               cfg.sg_heads, cfg.sg_similarity)
         s_mi = torch.zeros(B, K, device=dev)
         if cfg.weighting == "compact" and cfg.alpha > 0:  # the only score that costs a pass
             kv = [(k.detach(), v.detach()) for k, v in aux.kv]
@@ -385,8 +387,7 @@ def sampled_plan(n_rat, think, cfg, u_think, u_run):
     N, R = think.shape
     theta, o, dev = cfg.think_weight, cfg.other_weight, think.device
     rat = torch.arange(R, device=dev) < n_rat[:, None]  # (N, R): token r + 1 exists
-    think = think & rat
-    other = rat & ~think
+    think, other = think & rat, rat & ~think
     run = torch.arange(R, device=dev) // MI_RUN  # (R,): each token's run
     has_other = torch.zeros(N, u_run.shape[1], device=dev).index_add_(1, run, other.float()) > 0  # (N, runs)
     budget = probe_budget(n_rat, cfg)

@@ -157,9 +157,7 @@ def read_records(path):
 def merge_records(out, order):
     """Fold OUT and its part files into OUT, in `order` of keys (unknown keys last), atomically."""
     parts = sorted(glob.glob(glob.escape(out) + ".part*"))
-    records = read_records(out)
-    for p in parts:
-        records.update(read_records(p))
+    records = {k: r for path in [out, *parts] for k, r in read_records(path).items()}  # part files win
     rank = {k: n for n, k in enumerate(order)}
     write_jsonl(out, [r for _, r in sorted(records.items(), key=lambda kr: rank.get(kr[0], len(rank)))])
     for p in parts:
@@ -282,12 +280,14 @@ def run_rationales(a, rank=0, world=1, device="cpu", held=None):
 
 # --- what each score catches: within-instance AUROC against flaw labels, every reading of SPEC's Decisions
 
-READINGS = {  # reading: CompactConfig fields; the paper leaves each of these open (SPEC's Decisions)
+READINGS = {  # reading: CompactConfig fields; the paper leaves each of these open (SPEC's Decisions),
     "default": {}, "S_MI divided by its length (SPEC's Eq. 3)": dict(mi_norm="length"),
     "S_G at the last rationale token": dict(sg_feature="last"),
     "S_G at the rationale mean": dict(sg_feature="mean"), "S_G with self-loops": dict(sg_self_loops=True),
     "S_G one attention over all heads": dict(sg_heads="joint"), "temperature 0.5": dict(temperature=0.5),
-    "temperature 2": dict(temperature=2.0), "z-floor 0": dict(z_floor=0.0)}
+    "temperature 2": dict(temperature=2.0), "z-floor 0": dict(z_floor=0.0),  # then two beyond the paper:
+    "S_G cosine of eot states (beyond the paper)": dict(sg_similarity="cosine"),
+    "S_G cosine of rationale means (beyond the paper)": dict(sg_similarity="cosine", sg_feature="mean")}
 HIGHER_IS_CLEAN = {"s_mi": True, "s_g": True, "s_d": False, "weight": True}  # S_D: lower is better
 
 
@@ -398,9 +398,8 @@ def run_readings(a):
         for flaw in sorted({f.split("/")[1] for f in t["default"] if "/" in f}):
             cells = (fmt(t["default"][f"{k}/{flaw}"]) for k in HIGHER_IS_CLEAN)
             lines.append(f"| {s}: {flaw} | " + " | ".join(cells) + " |")
-    note = ("Within-instance AUROC against the flaw labels (clean above flawed = 1; S_D: lower), "
-            "± its jackknife standard error over questions.")
-    text = "\n".join(lines) + f"\n\n{note}\n"
+    text = "\n".join(lines) + ("\n\nWithin-instance AUROC against the flaw labels (clean above flawed = 1; "
+                                "S_D: lower), ± its jackknife standard error over questions.\n")
     write_text(os.path.join(a.out, "readings.md"), text)
     write_json(os.path.join(a.out, "readings.json"), {"settings": vars(a), "sets": sets})
     print(text, end="")

@@ -111,10 +111,10 @@ def slow_branch_losses(model, instances):
     return l_sft, l_mcon
 
 
-def reference_scores(model, instances, feature="eot", self_loops=False, heads="mean"):
+def reference_scores(model, instances, feature="eot", self_loops=False, heads="mean", similarity="qk"):
     """S_D and S_G of every branch from plain calls on the branch alone: S_D from full logits, S_G from the
     blocks run one by one up to the last layer's input norm, at the eot (or the readings: the last rationale
-    token, the mean over the rationale; self-loops; one joint attention over all heads)."""
+    token, the mean over the rationale; self-loops; one joint attention over all heads; cosine similarity)."""
     B, K = len(instances), max(len(br) for *_, br in instances)
     s_d, s_g = torch.zeros(B, K), torch.zeros(B, K)
     attn, D = model.model.layers[-1].self_attn, model.args.head_dim
@@ -138,6 +138,9 @@ def reference_scores(model, instances, feature="eot", self_loops=False, heads="m
             kappa = {j: attn.k_proj(e[j]).view(G, D).repeat_interleave(H // G, 0) for j in others}  # (H, D)
             if heads == "joint":  # one attention over the concatenated heads
                 q, kappa = q.flatten()[None], {j: v.flatten()[None] for j, v in kappa.items()}
+            if similarity == "cosine":  # logits √C cos(e_i, e_j), one head
+                C = len(e[i])
+                q, kappa = e[i][None] / e[i].norm() * C ** 0.5, {j: e[j][None] / e[j].norm() * C ** 0.5 for j in others}
             for h in range(len(q)):
                 logits = torch.stack([q[h] @ kappa[j][h] for j in others]) / math.sqrt(q.shape[1])
                 for j, a in zip(others, torch.softmax(logits, 0)):
@@ -150,7 +153,7 @@ def reference_scores(model, instances, feature="eot", self_loops=False, heads="m
 def test_config_validation():
     CompactConfig(weighting="uniform", alpha=0, mi_budget=0, z_floor=0)
     for bad in (dict(weighting="avg"), dict(temperature=0), dict(alpha=-1), dict(mi_budget=-1), dict(mi_budget=5),
-                dict(mi_think_share=1.5), dict(z_floor=-0.1)):
+                dict(mi_think_share=1.5), dict(z_floor=-0.1), dict(sg_similarity="dot")):
         with pytest.raises(ValueError):
             CompactConfig(**bad)
 
@@ -204,6 +207,14 @@ def test_fuse_weights_directions():
     assert (fuse_weights(zero, s, zero, bm, CompactConfig()).diff() > 0).all()  # more central: heavier
     assert (fuse_weights(zero, zero, s, bm, CompactConfig()).diff() < 0).all()  # harder: lighter
     assert torch.equal(fuse_weights(s, s, s, bm, CompactConfig(alpha=0, beta=0, gamma=0)), torch.full((1, 3), 1 / 3))
+
+
+def test_consensus_cosine_hand():
+    """sim="cosine" (beyond the paper): logits √C cos(e_i, e_j); two equal branches outvote the orthogonal one."""
+    e, never = torch.tensor([[[3.0, 0.0], [1.0, 0.0], [0.0, 2.0]]]), nn.Linear(2, 2)  # projections unused
+    sigma = 1 / (1 + math.exp(-math.sqrt(2)))  # softmax([√2, 0])[0]
+    want = torch.tensor([[sigma + 0.5, sigma + 0.5, 2 * (1 - sigma)]])
+    assert_close(consensus_scores(e, torch.ones(1, 3, dtype=torch.bool), never, never, 1, sim="cosine"), want)
 
 
 def test_difficulty_scores_hand():
@@ -531,7 +542,7 @@ def test_token_nll_under_bf16_autocast(trainable):
 
 
 READINGS = {"mi_norm": ("length", "s_mi"), "sg_feature": ("last", "s_g"), "sg_self_loops": (True, "s_g"),
-            "sg_heads": ("joint", "s_g")}
+            "sg_heads": ("joint", "s_g"), "sg_similarity": ("cosine", "s_g")}
 
 
 @pytest.mark.parametrize("flag", list(READINGS) + ["sg_feature=mean"])
@@ -553,7 +564,8 @@ def test_each_reading_changes_its_score_and_only_that(flag):
     else:
         with torch.no_grad():
             want = reference_scores(model, instances, **{"feature": value} if flag == "sg_feature" else
-                                    {"self_loops": True} if flag == "sg_self_loops" else {"heads": value})[1]
+                                    {"self_loops": True} if flag == "sg_self_loops" else
+                                    {"similarity": value} if flag == "sg_similarity" else {"heads": value})[1]
         assert_close(alt["s_g"], want)
 
 
