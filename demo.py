@@ -222,8 +222,8 @@ UNIFORM = dict(weighting="uniform", mcon_lambda=0.0)
 # this order, every seed of an arm before the next arm, so a stopped run has whole arms.
 ARMS = {"base": None, "sbs-stepwise": ("stepwise", UNIFORM), "direct-avg": ("", UNIFORM), "compact": ("", {}),
         "mcc": ("", dict(weighting="uniform")), "no-mi": ("", dict(alpha=0.0)),
-        "no-consensus": ("", dict(beta=0.0)), "no-difficulty": ("", dict(gamma=0.0)),
-        "clean-only": ("", UNIFORM)}  # clean-only: the flaws left out
+        "no-consensus": ("", dict(beta=0)), "no-difficulty": ("", dict(gamma=0)), "clean-only": ("", UNIFORM),
+        "compact-cosine": ("", dict(sg_similarity="cosine"))}  # clean-only: no flaws; S_G beyond the paper
 
 
 def pool_arms(pool):
