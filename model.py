@@ -48,8 +48,8 @@ class ModelArgs:
 
     def __post_init__(self):
         for f in fields(self):  # a wrong type (a hand-edited config.json) fails here, naming the key
-            if f.type in (int, float) and type(v := getattr(self, f.name)) not in (int, f.type):
-                raise ValueError(f"{f.name}: expected {f.type.__name__}, got {v!r}")
+            if f.type in (int, float) and (type(v := getattr(self, f.name)) not in (int, f.type) or v < 0):
+                raise ValueError(f"{f.name}: expected a non-negative {f.type.__name__}, got {v!r}")
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")

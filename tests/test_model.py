@@ -258,7 +258,7 @@ def test_config_and_weight_file_problems_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in tiny_config().items() if k != "vocab_size"}))
     with pytest.raises(ValueError, match="config.json: missing 'vocab_size'"):
         Transformer.from_pretrained(str(tmp_path))
-    for key, value in (("hidden_size", "64"), ("num_hidden_layers", 2.0), ("rms_norm_eps", "1e-6")):
+    for key, value in (("hidden_size", "64"), ("num_hidden_layers", 2.0), ("rms_norm_eps", "1e-6"), ("vocab_size", -5)):
         (tmp_path / "config.json").write_text(json.dumps({**tiny_config(), key: value}))
         with pytest.raises(ValueError, match=f"config.json: {key}: expected"):  # not a TypeError from deep inside
             Transformer.from_pretrained(str(tmp_path))
