@@ -110,9 +110,9 @@ def graph_features(x, batch, feature="eot"):
     n = (rows >= 0).sum(-1)
     if feature == "eot" or rows.shape[1] == 0:
         return eot
-    last = x[rows.gather(1, (n - 1).clamp(min=0)[:, None])[:, 0]]
-    mean = (x[rows.clamp(min=0)] * (rows >= 0)[..., None]).sum(1) / n.clamp(min=1)[:, None]
-    return torch.where((n > 0)[:, None], last if feature == "last" else mean, eot)
+    e = x[rows.gather(1, (n - 1).clamp(min=0)[:, None])[:, 0]] if feature == "last" else \
+        (x[rows.clamp(min=0)] * (rows >= 0)[..., None]).sum(1) / n.clamp(min=1)[:, None]
+    return torch.where((n > 0)[:, None], e, eot)
 
 
 def adaptability_scores(raw, kv, batch, cfg, rng_key=()):
@@ -123,9 +123,8 @@ def adaptability_scores(raw, kv, batch, cfg, rng_key=()):
     kv: the training pass's per-layer K/V, detached. -> [N]
     """
     n_rat, think = rationale_view(batch)
-    K = batch["branch_mask"].shape[1]
-    plan = probe_plan(n_rat, think, cfg, rng_key, instance=(batch["slot"] // K).tolist())
-    if not bool(plan.valid.any()):  # no rationale anywhere: nothing to probe
+    plan = probe_plan(n_rat, think, cfg, rng_key, (batch["slot"] // batch["branch_mask"].shape[1]).tolist())
+    if plan.prefix.shape[1] == 0:  # no rationale anywhere: nothing to probe (Q = 0, no host sync)
         return torch.zeros(len(n_rat), device=n_rat.device)
     s = mi_estimate(probe_information(raw, kv, batch, plan), plan)
     return s / n_rat.clamp(min=1) if cfg.mi_norm == "length" else s
@@ -215,13 +214,13 @@ def probe_information(raw, kv, batch, plan):
     under bf16 autocast: max(ΔI, 0) would turn rounding noise into gain.
     """
     lay, dev, S = batch["layout"], plan.prefix.device, len(batch["input_ids"])
-    instance = (batch["slot"] // batch["branch_mask"].shape[1]).tolist()
+    instance, counts = (batch["slot"] // batch["branch_mask"].shape[1]).tolist(), plan.valid.sum(-1).tolist()
     ids, pos, segments, rows, targets, where = [], [], [], [], [], []
     for n, (prefixes, (c0, c1), b) in enumerate(zip(plan.prefix.tolist(), lay["branches"], instance)):
         (p0, p1), (probe, scored) = lay["prompts"][b], lay["probes"][b]
         if scored[0]:
             raise ValueError("the probe's first token must be the cue, not an answer token")
-        P, ts, L = len(probe) - 1, prefixes[:int(plan.valid[n].sum())], p1 - p0
+        P, ts, L = len(probe) - 1, prefixes[:counts[n]], p1 - p0
         per = max(1, min(PROBE_QUERIES, L + c1 - c0) // P)  # own keys <= main keys: little masked waste
         for i in range(0, len(ts), per):
             chunk, s0 = ts[i:i + per], len(ids)
@@ -229,7 +228,8 @@ def probe_information(raw, kv, batch, plan):
                 rows += [len(ids) + j for j in range(P) if scored[j + 1]]  # token j predicts token j + 1
                 targets += [probe[j + 1] for j in range(P) if scored[j + 1]]
                 where += [(n, q)] * sum(scored[1:])
-                ids, pos = ids + probe[:P], pos + list(range(L + t, L + t + P))
+                ids += probe[:P]  # in place: the row grows across every branch
+                pos += range(L + t, L + t + P)
             kv_spans = ((p0, p1), (c0, c1), (S + s0, S + len(ids)))  # prompt, branch (cached), these blocks
             segments.append(Segment(((s0, len(ids)),), kv_spans, probe_block_mask(chunk, L, c1 - c0, P, dev),
                                     len(ids) - s0))
@@ -358,8 +358,8 @@ def teacher_sums(stats, teacher, branch_mask, n_teachers):
 
 def teacher_means(sums, names):
     """{teacher: {stat: mean, "n": branches}} from teacher_sums' totals, teachers with branches only."""
-    return {name: {**{k: (row[j] / row[-1]).item() for j, k in enumerate(TEACHER_STATS)}, "n": int(row[-1])}
-            for name, row in zip(names, sums) if row[-1] > 0}
+    return {name: {**{k: row[j] / row[-1] for j, k in enumerate(TEACHER_STATS)}, "n": int(row[-1])}
+            for name, row in zip(names, sums.tolist()) if row[-1] > 0}  # one host copy
 
 
 # --- S_MI under a probe budget (SPEC §3.1, Revised) ---
