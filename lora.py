@@ -163,12 +163,13 @@ def read_adapter(path):
     return cfg, {k[len(PREFIX):]: v for k, v in tensors.items()}
 
 
-def load_adapter(model, path):
-    """Load a PEFT LoRA directory into the model, wrapping it with the directory's settings first."""
+def load_adapter(model, path, dropout=None):
+    """Load a PEFT LoRA directory into the model, wrapping it with the directory's settings first (its
+    dropout unless `dropout` is given: a run that continues training the adapter)."""
     cfg, tensors = read_adapter(path)
     if not lora_modules(model):
-        apply_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), cfg["target_modules"],
-                   cfg.get("use_rslora", False))
+        p = cfg.get("lora_dropout", 0.0) if dropout is None else dropout
+        apply_lora(model, cfg["r"], cfg["lora_alpha"], p, cfg["target_modules"], cfg.get("use_rslora", False))
     want, have = ({"r": c["r"], "lora_alpha": c["lora_alpha"], "use_rslora": c.get("use_rslora", False),
                    "target_modules": sorted(c["target_modules"])} for c in (cfg, model.lora_config))
     if want != have:

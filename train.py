@@ -192,16 +192,20 @@ def save_checkpoint(raw, optimizer, step, cfg, run):
 def save_weights(raw, path, cfg, trainer=None):
     """The trained weights into `path`: a PEFT adapter, or with --full-ft a complete model directory; then a
     checkpoint's `trainer` state as trainer.pt. Callers replace the directory whole (atomic_path), once."""
+    free = lambda e: OSError(f"{shutil.disk_usage(os.path.dirname(path)).free:,} bytes free there; {e}")
     try:
         if cfg.full_ft:
             raw.save_pretrained(path)
             copy_tokenizer(cfg.model, path)
         else:
             save_adapter(raw, path, base_model=cfg.model)
+    except SafetensorError as e:  # how safetensors says a write failed (disk full)
+        raise free(e) from e
+    try:
         if trainer is not None:
             torch.save(trainer, os.path.join(path, "trainer.pt"))
-    except (RuntimeError, SafetensorError) as e:  # how torch and safetensors say a write failed (disk full)
-        raise OSError(f"{shutil.disk_usage(os.path.dirname(path)).free:,} bytes free there; {e}") from e
+    except RuntimeError as e:  # how torch.save says it; only around it: elsewhere a RuntimeError is a bug
+        raise free(e) from e
 
 
 def checkpoint_steps(out):
@@ -296,7 +300,7 @@ def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg
     # the norm is already global: not summed
     summed = all_sum(torch.cat([totals, teachers.flatten(), torch.tensor([float(stop)], device=device)]))
     summed = torch.cat([summed, grad_norm.float().view(1)]).cpu()  # the step's one host sync
-    out = dict(zip(sums, summed[:5].tolist()), teachers=summed[5:-2].view_as(teachers),
+    out = dict(zip(sums, summed[:len(sums)].tolist()), teachers=summed[len(sums):-2].view_as(teachers),
                grad_norm=summed[-1].item(), stop=summed[-2].item() > 0)
     out["finite"] = math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])
     if out["finite"]:
@@ -311,14 +315,10 @@ def build_model(cfg, device, resume_dir=None):
     dtype = torch.bfloat16 if device.type == "cuda" and not cfg.full_ft else torch.float32
     source = resume_dir if (cfg.full_ft and resume_dir) else cfg.model
     model = Transformer.from_pretrained(source, dtype=dtype, device=device)
-    if cfg.init_adapter:  # its own settings with this run's dropout; its weights, so step 0 is its model
-        init, _ = read_adapter(cfg.init_adapter)
-        apply_lora(model, init["r"], init["lora_alpha"], cfg.lora_dropout, init["target_modules"],
-                   init.get("use_rslora", False))
+    if not cfg.full_ft and (resume_dir or cfg.init_adapter):  # its settings and weights, this run's dropout:
+        load_adapter(model, resume_dir or cfg.init_adapter, cfg.lora_dropout)  # step 0 is the adapter's model
     elif not cfg.full_ft:
         apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-    if not cfg.full_ft and (resume_dir or cfg.init_adapter):  # a resumed run's weights are its checkpoint's
-        load_adapter(model, resume_dir or cfg.init_adapter)
     model.gradient_checkpointing = cfg.grad_checkpointing
     model = model.to(device)
     return compile_blocks(model) if cfg.compile else model
