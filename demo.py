@@ -25,13 +25,12 @@ import time
 
 import tokenizers
 import torch
-import torch.distributed as dist
 from tokenizers import decoders, models
 
 from compact import CompactConfig
 from analysis import plot, sem, teacher_dynamics
 from data import FLAWS, load_multi_teacher, read_jsonl, write_json, write_jsonl, write_text
-from eval import HIGHER_IS_CLEAN, accuracy_sem, evaluate, load_student, reading_aurocs
+from eval import HIGHER_IS_CLEAN, accuracy_sem, barrier, evaluate, load_student, reading_aurocs
 from model import ModelArgs, Transformer
 from tokenizer import BUILTIN_TEMPLATES
 from train import TrainConfig, print0, run_job, train
@@ -234,12 +233,6 @@ def pool_arms(pool):
 DEFAULT_ARMS = ("base", "sbs-stepwise", "direct-avg", "compact")  # one seed; --full: three
 
 
-def barrier():
-    """dist.barrier() under torchrun; nothing in a plain process."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def demo(a, rank, world, device):
     """Pool and tokenizer → pretraining (the base student) → every arm × seed → the report (rank 0)."""
     out, data_dir, base_dir = a.out, os.path.join(a.out, "data"), os.path.join(a.out, "base")
@@ -325,8 +318,7 @@ def report(a, n_test, t0):
         res = [json.load(open(p)) for p in paths if os.path.isfile(p)]
         if not res:
             continue
-        accs = [r["accuracy"] for r in res]
-        acc = mean(accs)
+        acc = mean(accs := [r["accuracy"] for r in res])
         # One base student: its SEM is the binomial one; an arm's is the spread over its seeds (0 for one).
         err = math.sqrt(acc * (1 - acc) / res[0]["n"]) if arm == "base" else (sem(accs, 1) or 0.0)
         dyn = [r["teachers"] for r in res if r["teachers"]]
@@ -338,7 +330,8 @@ def report(a, n_test, t0):
                       "teachers": {t: {k: mean([d[t][k] for d in dyn]) for k in stats} for t in names}}
         if dyn and pool_arms(a.pool)[arm][1].get("weighting") != "uniform":
             curves[arm] = {t: [mean(x) for x in zip(*(d[t]["series"]["weight"] for d in dyn))] for t in names}
-            table[arm]["auroc"] = caught(a, arm, seeds[:len(res)])
+    for arm, auroc in (caught(a, {x: table[x]["seeds"] for x in curves}) if curves else {}).items():
+        table[arm]["auroc"] = auroc
     sbs = [x for x in table if x.startswith("sbs-")]
     best = max(sbs, key=lambda x: table[x]["accuracy"], default=None)
     write_json(os.path.join(a.out, "report.json"), {"arms": table, "best_sbs": best, "settings": vars(a),
@@ -368,16 +361,20 @@ def report(a, n_test, t0):
     print0(f"demo: {(time.time() - t0) / 60:.1f} min")
 
 
-def caught(a, arm, seeds, n=300):
-    """What each score caught: within-instance AUROC of S_MI, S_G, S_D and the arm's weight against the
-    flaw labels of the first n training questions, under the base student ("early", with its "se") and,
-    averaged over seeds, the arm's distilled students ("late"); S_MI exact (eval.reading_aurocs)."""
+def caught(a, arms, n=300):
+    """What each score caught, per arm of {arm: seeds}: within-instance AUROC of S_MI, S_G, S_D and the arm's
+    weight against the flaw labels of the first n training questions, under the base student ("early", with
+    its "se"; one scoring pass serves every arm) and, averaged over seeds, the arm's distilled students
+    ("late"); S_MI exact (eval.reading_aurocs, each arm's CompactConfig fields its reading)."""
     instances = load_multi_teacher(os.path.join(a.out, "data", "train.jsonl"))[:n]
-    readings = {arm: pool_arms(a.pool)[arm][1]}  # the arm's CompactConfig fields
-    auroc = lambda path: reading_aurocs(*load_student(path), instances, 50, readings)[arm]
-    late = [auroc(os.path.join(a.out, "runs", arm, f"seed-{s}", "model")) for s in seeds]
-    return {"early": auroc(os.path.join(a.out, "base")),
-            "late": {k: mean([x[k] for x in late]) for k in late[0] if k != "se"}}
+    auroc = lambda path, *names: reading_aurocs(*load_student(path), instances, 50,
+                                                {x: pool_arms(a.pool)[x][1] for x in names})
+    early, out = auroc(os.path.join(a.out, "base"), *arms), {}
+    for arm, seeds in arms.items():
+        late = [auroc(os.path.join(a.out, "runs", arm, f"seed-{s}", "model"), arm)[arm] for s in seeds]
+        out[arm] = {"early": early[arm],
+                    "late": {k: mean([x[k] for x in late]) for k in late[0] if k != "se"}}
+    return out
 
 
 BARS = "▁▂▃▄▅▆▇█"

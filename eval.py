@@ -164,8 +164,9 @@ def merge_records(out, order):
         os.remove(p)
 
 
-def _barrier(world):
-    if world > 1:
+def barrier():
+    """dist.barrier() under torchrun; nothing in a plain process."""
+    if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
@@ -185,7 +186,7 @@ def run_sharded(jobs, out, work, batch_size, rank=0, world=1, log=None, label=""
         raise DataError(f"{label}: duplicate item ids in the data; resuming needs unique ones")
     if rank == 0:
         merge_records(out, keys)
-    _barrier(world)
+    barrier()
     done = read_records(out)
     stale = sum(j["key"] in done and done[j["key"]].get("stamp") != j["stamp"] for j in jobs)
     if log and stale:
@@ -202,10 +203,10 @@ def run_sharded(jobs, out, work, batch_size, rank=0, world=1, log=None, label=""
             eta = int(dt / n * (len(mine) - n))
             log(f"{label} {'rank 0: ' if world > 1 else ''}{n}/{len(mine)} | {n / dt:.2f} items/s"
                 f" | eta {eta // 3600}h{eta // 60 % 60:02d}m{eta % 60:02d}s")
-    _barrier(world)
+    barrier()
     if rank == 0:
         merge_records(out, keys)
-    _barrier(world)
+    barrier()
     records = read_records(out)
     return [records[k] for k in keys if k in records]
 
@@ -225,7 +226,7 @@ def start_run(a, outs, settings, rank, world, device, held=None):
     if held is not None:
         from train import hold_lock
         held.enter_context(hold_lock(a.out, rank, device, a.out + ".lock"))
-    _barrier(world)  # every rank has read the old settings before rank 0 writes the new
+    barrier()  # every rank has read the old settings before rank 0 writes the new
     if rank == 0:
         write_json(summary, {"settings": vars(a), "generation": settings, "results": None})
     return model, tok
