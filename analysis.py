@@ -27,12 +27,11 @@ import torch
 from compact import (TEACHER_STATS, CompactConfig, mi_estimate, packed_forward, probe_information, probe_plan,
                      rationale_view)
 from data import (DataError, TASKS, add_config_args, collate, config_from_args, encode_instance,
-                  load_benchmark, load_multi_teacher, read_json, read_jsonl, to_device, user_errors,
-                  write_json, write_jsonl, write_text)
+                  load_benchmark, load_data, load_multi_teacher, read_json, read_jsonl, to_device,
+                  user_errors, write_json, write_jsonl, write_text)
 from eval import (TASK_ALIASES, chat_prompt, check_student_flags, load_student, rationale_scores,
                   student_flags, task_name)
 from lora import load_adapter
-from train import load_data
 
 # --- Table 1: accuracy per benchmark, average gains over the baseline, SEMs ---
 

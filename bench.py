@@ -410,7 +410,8 @@ def mi_agreement(c: BenchConfig) -> dict:
     rows = lambda tok: [collate([e]) for e in encode_dataset(instances, tok, max_len=10**6)[0]]
     tiny = BenchConfig(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab=tok.vocab_size)
     torch.manual_seed(c.seed)
-    students = {"tiny": (train_student(random_qwen2(tiny), rows(tok), c.mi_train_steps), rows(tok))}
+    batches = rows(tok)  # train_student leaves them as they are
+    students = {"tiny": (train_student(random_qwen2(tiny), batches, c.mi_train_steps), batches)}
     if c.mi_model:
         model, tok = load_student(c.mi_model)
         students["real"] = model, rows(tok)
