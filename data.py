@@ -621,14 +621,14 @@ def load_data(model, data, max_len, teachers="", thinking_words="", skip_bad=Fal
     return tok, encoded, stats
 
 
-def collate(batch, pad_id=0):
+def collate(batch):
     """EncodedInstances -> one packed row (SPEC §9 as revised: no padding, each prompt once; model.py's
     diagram). [S] per token: input_ids, position_ids (within its branch's own sequence), prev (the row whose
     logits predict it; a branch's first token: its prompt's last), branch (0..N−1; −1: prompt),
     sft/rationale/answer/think masks. [N] per branch: slot (b·K + k in [B, K] tables), last_rows (its eot);
     rationale_rows [N, R] and answer_rows [N, J] in order, −1 = none. [B, K]: branch_mask, teacher. layout
     (host lists): prompts and branches as (start, end) rows, probes (cue ⊕ y ids, answer mask) per instance,
-    the model.Segments. pad_id is not needed."""
+    the model.Segments."""
     B, K = len(batch), max(len(e.branches) for e in batch)
     ids, pos, prev, branch, codes, think = ([] for _ in range(6))
     prompts, spans, slot, rationale, answer = [], [], [], [], []

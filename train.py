@@ -379,7 +379,7 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
             if pos == 0 or step == start:  # this rank's share of the epoch's seeded permutation
                 order = shard_indices(len(encoded), epoch, cfg.seed, rank, world, per_rank_step)
             mine = order[pos * per_rank_step:(pos + 1) * per_rank_step]
-            micro = [collate([encoded[j] for j in mine[m:m + cfg.batch_size]], tok.pad_id)
+            micro = [collate([encoded[j] for j in mine[m:m + cfg.batch_size]])
                      for m in range(0, per_rank_step, cfg.batch_size)]
             torch.manual_seed(derive_seed(cfg.seed, step, rank))  # dropout: a function of (seed, step, rank)
             t0, lr = time.time(), lr_at(step, total, cfg)

@@ -106,7 +106,7 @@ def sgd_update(model_dir, data_file, rank, world, batch_size, grad_accum):
         model = torch.nn.parallel.DistributedDataParallel(model)
     per_rank = batch_size * grad_accum
     mine = data.shard_indices(len(encoded), 0, 0, rank, world, per_rank)[:per_rank]
-    micro = [data.collate([encoded[j] for j in mine[m * batch_size:(m + 1) * batch_size]], tok.pad_id)
+    micro = [data.collate([encoded[j] for j in mine[m * batch_size:(m + 1) * batch_size]])
              for m in range(grad_accum)]
     params = [p for p in raw.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1.0)
@@ -456,7 +456,7 @@ def test_on_the_synthetic_pool_the_teacher_the_student_learned_from_is_the_easie
     student = Transformer.from_pretrained(str(tmp_path / "model"), dtype=torch.float32).eval()
     tok = tokenizer.Tokenizer.from_pretrained(str(tmp_path / "model"))
     encoded, stats = data.encode_dataset(data.load_multi_teacher(data_file), tok, max_len=400)
-    batch = data.collate(encoded[:8], tok.pad_id)
+    batch = data.collate(encoded[:8])
     with torch.no_grad():
         _, s = compact_loss(student, batch, CompactConfig(alpha=0.0, beta=0.0))  # the weights follow S_D alone
     mean = {name: s["s_d"][batch["teacher"] == i].mean().item() for i, name in enumerate(stats["teachers"])}
