@@ -15,12 +15,14 @@ Left out: tensor/pipeline parallelism, FSDP, mixed-precision other than bf16 aut
 import argparse
 import contextlib
 import fcntl
+import gc
 import math
 import os
 import shutil
 import signal
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import asdict, dataclass, replace
 
@@ -105,7 +107,15 @@ def setup_dist(device_type=None):
 
 
 def cleanup_dist():
+    """Destroy the process group, first freeing what the job's traceback (if any) holds: a DDP model that
+    outlived the group into the interpreter's exit would destroy gloo's last reference with the GIL held,
+    while gloo's worker waits for the GIL to free its last tensor: a deadlock at exit."""
     if dist.is_initialized():
+        e = sys.exc_info()[1]
+        while e is not None:
+            traceback.clear_frames(e.__traceback__)
+            e = e.__context__
+        gc.collect()  # a process's first DDP sits in a reference cycle
         dist.destroy_process_group()
 
 

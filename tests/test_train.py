@@ -260,6 +260,36 @@ def test_two_ranks_stop_together_on_a_lock_held_elsewhere_and_on_a_sigterm_to_on
     assert os.listdir(out / "checkpoints") == [f"step-{stopped}"]
 
 
+def test_cleanup_dist_frees_the_ddp_model_an_error_holds_before_it_destroys_the_group(tmp_path, monkeypatch):
+    """The model in a failed job's traceback, freed only at the interpreter's exit after the group, once hung
+    a rank there (gloo's destructor joined its worker with the GIL held); it must be gone first."""
+    import gc
+    import weakref
+    import torch.distributed as dist
+    import train as t
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    model, alive, destroy = [], [], dist.destroy_process_group
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: (alive.append(model[0]() is not None), destroy()))
+
+    def job():
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        ddp.__dict__["cycle"] = [ddp]  # as a process's first DDP sits in one (a traceback torch keeps)
+        model.append(weakref.ref(ddp))
+        raise data.DataError("bad input")
+
+    gc.disable()  # DDP's cycles must go in cleanup_dist's own collection
+    try:
+        with pytest.raises(SystemExit):
+            try:
+                with data.user_errors("train.py"):
+                    job()
+            finally:
+                t.cleanup_dist()
+    finally:
+        gc.enable()
+    assert alive == [False] and not dist.is_initialized()
+
+
 def test_lock_file_is_exclusive_names_its_holder_and_ends_with_its_stack(tmp_path):
     import contextlib
     import train as t
