@@ -50,9 +50,9 @@ class ModelArgs:
         for f in fields(self):  # a wrong type (a hand-edited config.json) fails here, naming the key
             if f.type in (int, float) and (type(v := getattr(self, f.name)) not in (int, f.type) or v < 0):
                 raise ValueError(f"{f.name}: expected a non-negative {f.type.__name__}, got {v!r}")
+        if 0 in (h := (self.num_attention_heads, self.num_key_value_heads)) or h[0] % h[1]:  # (H, G)
+            raise ValueError(f"num_attention_heads must be a positive multiple of num_key_value_heads: {h}")
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":

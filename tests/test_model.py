@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -261,6 +262,11 @@ def test_config_and_weight_file_problems_name_the_file(tmp_path):
     for key, value in (("hidden_size", "64"), ("num_hidden_layers", 2.0), ("rms_norm_eps", "1e-6"), ("vocab_size", -5)):
         (tmp_path / "config.json").write_text(json.dumps({**tiny_config(), key: value}))
         with pytest.raises(ValueError, match=f"config.json: {key}: expected"):  # not a TypeError from deep inside
+            Transformer.from_pretrained(str(tmp_path))
+    for heads in ((0, 2), (4, 3)):  # a zero was a ZeroDivisionError from inside (0 KV heads reads as absent: H)
+        (tmp_path / "config.json").write_text(json.dumps({**tiny_config(), "num_attention_heads": heads[0],
+                                                          "num_key_value_heads": heads[1]}))
+        with pytest.raises(ValueError, match=rf"config.json: num_attention_heads must be a positive .*{re.escape(str(heads))}"):
             Transformer.from_pretrained(str(tmp_path))
 
 
