@@ -470,6 +470,7 @@ def main(argv=None):
         sys.argv = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "analysis.py"), *argv]
         return runpy.run_path(sys.argv[0], run_name="__main__")
     a = build_parser().parse_args(argv)
+    from train import cleanup_dist, setup_dist  # torchrun's process group, as training sets it up and ends it
     with user_errors(f"eval.py {a.command}"):
         try:
             check_student_flags(a, ("batch_size", "limit", "max_new_tokens", "samples"))
@@ -484,14 +485,12 @@ def main(argv=None):
             inputs = [("--data", d) for d in (a.data if isinstance(a.data, list) else [a.data])] + [
                 ("--questions", vars(a).get("questions")), ("--model", a.model), ("--adapter", a.adapter)]
             check_outputs([("--out", o) for o in outs], inputs)
-            from train import setup_dist  # torchrun's process group, as training sets it up
             rank, world, device = setup_dist(a.device)
             run = run_accuracy if a.command == "accuracy" else run_rationales
             with contextlib.ExitStack() as held:  # start_run takes OUT's lock into it, before the first write
                 return run(a, rank, world, device, held)
         finally:
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+            cleanup_dist()
 
 
 if __name__ == "__main__":

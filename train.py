@@ -349,7 +349,7 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
     from the first write (hold_lock). SIGTERM or SIGINT (stop_on_signals) ends it after the step under way,
     with a checkpoint, in SystemExit(128 + the signal)."""
     t_start, cuda = time.time(), device.type == "cuda"
-    tok, encoded, data_stats = load_data(cfg.model, cfg.data, cfg.max_len, cfg.teachers, cfg.thinking_words,
+    _, encoded, data_stats = load_data(cfg.model, cfg.data, cfg.max_len, cfg.teachers, cfg.thinking_words,
                                          cfg.skip_bad, rank=rank)
     teachers = data_stats["teachers"]
     per_rank_step = cfg.batch_size * cfg.grad_accum

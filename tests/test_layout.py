@@ -59,7 +59,7 @@ BUDGET = {"model": 350, "lora": 150, "compact": 300, "train": 350, "eval": 350, 
           "data": 650, "bench": 350, "analysis": 350}
 # Over budget, and held where they stand so they can only shrink: the reliability and pipeline features fill
 # train.py and data.py, PEFT-format checks and the CLIs lora.py, the readings command's tables eval.py.
-CEILING = {"train": 395, "data": 670, "lora": 182, "eval": 357}
+CEILING = {"train": 395, "data": 670, "lora": 182, "eval": 356}
 
 
 def code_lines(path):
