@@ -8,15 +8,18 @@ trace, teacher weight dynamics, and the scores COMPACT gives a multi-teacher fil
         --out trace/
     python analysis.py weights RUN_DIR
     python analysis.py score --model DIR --data multi.jsonl --out scores.jsonl [--limit 500] [COMPACT flags]
+    python analysis.py readings --set demo=runs/demo/base:runs/demo/data/train.jsonl \
+        --set gsm8k=DIR:gsm8k_test.jsonl --out readings/
 
-`eval.py table|pca-shift|mi-trace|weights` runs the same commands. Plots need matplotlib; without it the
-numbers are still written. Left out: sampling metrics (pass@k, majority vote), significance tests.
+readings: what each COMPACT score catches, the within-instance AUROC against flaw labels, for every
+reading of SPEC's Decisions. Plots need matplotlib; without it the numbers are still written. Left out: sampling metrics (pass@k, majority vote), significance tests.
 """
 import argparse
 import csv
 import glob
 import math
 import os
+import random
 import re
 import statistics
 import sys
@@ -24,13 +27,14 @@ from dataclasses import asdict, replace
 
 import torch
 
-from compact import (TEACHER_STATS, CompactConfig, mi_estimate, packed_forward, probe_information, probe_plan,
-                     rationale_view)
-from data import (DataError, TASKS, add_config_args, collate, config_from_args, encode_instance,
-                  load_benchmark, load_data, load_multi_teacher, read_json, read_jsonl, to_device,
-                  user_errors, write_json, write_jsonl, write_text)
-from eval import (TASK_ALIASES, chat_prompt, check_student_flags, load_student, rationale_scores,
-                  student_flags, task_name)
+from common import (DataError, add_config_args, config_from_args, read_json, read_jsonl,
+                    user_errors, write_json, write_jsonl, write_text)
+from compact import (TEACHER_STATS, CompactConfig, compact_loss, fuse_weights, mi_estimate,
+                     packed_forward, probe_information, probe_plan, rationale_view)
+from data import (RATIONALE, TASKS, Instance, collate, encode_dataset, encode_instance,
+                  load_benchmark, load_data, load_multi_teacher, to_device)
+from eval import (TASK_ALIASES, chat_prompt, check_student_flags, load_student, student_flags,
+                  task_name)
 from lora import load_adapter
 
 # --- Table 1: accuracy per benchmark, average gains over the baseline, SEMs ---
@@ -378,6 +382,134 @@ def run_score(a):
     return summary
 
 
+# --- what each score catches: within-instance AUROC against flaw labels, every reading of SPEC's Decisions
+
+READINGS = {  # reading: CompactConfig fields; the paper leaves each of these open (SPEC's Decisions),
+    "default": {}, "S_MI divided by its length (SPEC's Eq. 3)": dict(mi_norm="length"),
+    "S_G at the last rationale token": dict(sg_feature="last"),
+    "S_G at the rationale mean": dict(sg_feature="mean"), "S_G with self-loops": dict(sg_self_loops=True),
+    "S_G one attention over all heads": dict(sg_heads="joint"), "temperature 0.5": dict(temperature=0.5),
+    "temperature 2": dict(temperature=2.0), "z-floor 0": dict(z_floor=0.0),  # then two beyond the paper:
+    "S_G cosine of eot states (beyond the paper)": dict(sg_similarity="cosine"),
+    "S_G cosine of rationale means (beyond the paper)": dict(sg_similarity="cosine", sg_feature="mean")}
+HIGHER_IS_CLEAN = {"s_mi": True, "s_g": True, "s_d": False, "weight": True}  # S_D: lower is better
+
+
+@torch.no_grad()
+def rationale_scores(model, encoded, cfg, batch_size=4):
+    """Per instance {s_mi, s_g, s_d, weight: [per branch]}: compact_loss's scores under cfg with no training
+    (the student's mode, eval: no LoRA dropout; no consistency logits; S_MI's sample fixed per batch)."""
+    out, device, cfg = [], model.lm_head.weight.device, replace(cfg, mcon_lambda=0.0)
+    for i in range(0, len(encoded), batch_size):
+        part = encoded[i:i + batch_size]
+        _, st = compact_loss(model, to_device(collate(part), device), cfg, rng_key=(i,))
+        out += [{k: st[k][b, :len(e.teacher)].tolist() for k in HIGHER_IS_CLEAN} for b, e in enumerate(part)]
+    return out
+
+
+def within_auroc(groups, higher=True):
+    """Over every (clean, flawed) pair of rationales of one question, how often the clean one scores better
+    (ties count ½); groups: [(score, flawed)] per question. None without a pair."""
+    pairs = [(c, f) for g in groups for c, cf in g if not cf for f, ff in g if ff]
+    return sum(0.5 if c == f else float((c > f) == higher) for c, f in pairs) / len(pairs) if pairs else None
+
+
+def auroc_se(groups, higher=True):
+    """within_auroc's standard error over questions: the jackknife, leaving one question out at a time."""
+    groups = [g for g in groups if any(f for _, f in g) and not all(f for _, f in g)]
+    loo = [within_auroc(groups[:i] + groups[i + 1:], higher) for i in range(len(groups))]
+    return math.sqrt((len(loo) - 1) * torch.tensor(loo).var(correction=0).item()) if len(loo) > 1 else None
+
+
+def reading_aurocs(model, tok, instances, batch_size=4, readings=READINGS):
+    """{reading: {score: AUROC, "score/flaw": AUROC}} of labelled instances (Instance.flaws) under the
+    student, and "se": {score: auroc_se}. S_MI is exact Eq. 3, so readings are compared without the
+    estimator's noise; one probe pass serves every reading (S_G's readings rescore with alpha 0; mi_norm
+    "none" is |R| times "length")."""
+    encoded, info = encode_dataset(instances, tok, max_len=10**6)
+    by_id = {i.id: i.flaws for i in instances}
+    labels = [[by_id[e.id].get(info["teachers"][t]) for t in e.teacher] for e in encoded]
+    lengths = [[codes.count(RATIONALE) for _, codes, _ in e.branches] for e in encoded]
+    flaws = sorted({f for ls in labels for f in ls if f})
+    exact = CompactConfig(mi_budget=0)
+    base, table = rationale_scores(model, encoded, replace(exact, mi_norm="length"), batch_size), {}
+    for name, kw in readings.items():
+        cfg = replace(exact, **kw)
+        s_g = rationale_scores(model, encoded, replace(cfg, alpha=0.0), batch_size) if any(
+            k.startswith("sg_") for k in kw) else base
+        rows = []
+        for s, g, n in zip(base, s_g, lengths):
+            s_mi = [x * r for x, r in zip(s["s_mi"], n)] if cfg.mi_norm == "none" else s["s_mi"]
+            scores = (torch.tensor([x]) for x in (s_mi, g["s_g"], s["s_d"]))
+            w = fuse_weights(*scores, torch.ones(1, len(n), dtype=bool), cfg)
+            rows.append({"s_mi": s_mi, "s_g": g["s_g"], "s_d": s["s_d"], "weight": w[0].tolist()})
+        def pairs(k, flaw):  # [(score k, flawed)] per question, of the clean and `flaw` (None: every flaw)
+            return [[(x, f is not None) for x, f in zip(r[k], fs) if not flaw or f in (None, flaw)]
+                    for r, fs in zip(rows, labels)]
+        table[name] = {k if flaw is None else f"{k}/{flaw}": within_auroc(pairs(k, flaw), up)
+                       for flaw in [None] + flaws for k, up in HIGHER_IS_CLEAN.items()}
+        table[name]["se"] = {k: auroc_se(pairs(k, None), up) for k, up in HIGHER_IS_CLEAN.items()}
+    return table
+
+
+def gsm8k_flaw_set(path, n, seed=0):
+    """GSM8K test questions as labelled multi-teacher instances: the human solution (clean), a copy with
+    one intermediate result changed and carried through the later steps, the final answer kept
+    ("hallucination"), and a terse answer-only copy ("filler"). Questions of one computation have no
+    intermediate: skipped."""
+    rng, out = random.Random(seed), []
+    for _, row in read_jsonl(path):
+        calc = list(re.finditer(r"<<[^=>]*=([^>]*)>>([\d,.]*\d)", row["answer"]))
+        if len(calc) < 2 or len(out) == n:
+            continue
+        parts = row["answer"].split("####")
+        body, answer = parts[0], parts[-1].strip().replace(",", "")
+        j = rng.randrange(len(calc) - 1)  # not the last: that one states the final answer
+        shown, last = calc[j].group(2), calc[-1].start(2)
+        value = float(shown.replace(",", ""))
+        wrong = value + rng.choice((-2, -1, 1, 2)) * max(1, round(abs(value) * 0.1))
+        wrong = f"{wrong:,.0f}" if "," in shown else f"{wrong:.0f}" if wrong.is_integer() else f"{wrong:g}"
+        carried = body[:calc[j].start(2)] + re.sub(rf"(?<![\d.,]){re.escape(shown)}(?![\d]|,\d)", wrong,
+                                                    body[calc[j].start(2):last]) + body[last:]
+        clean = lambda text: re.sub(r"<<[^>]*>>", "", text).strip()
+        out.append(Instance(f"gsm8k-{len(out)}", row["question"], answer, "gsm8k", [
+            ("human", clean(body)), ("carried", clean(carried)), ("terse", f"So the answer is {answer}.")],
+            {"carried": "hallucination", "terse": "filler"}))
+    return out
+
+
+def run_readings(a):
+    """The AUROC table of every reading on each --set NAME=MODEL:DATA (DATA: a labelled multi-teacher file,
+    or a GSM8K benchmark file, made into gsm8k_flaw_set's --limit questions, 100 by default)."""
+    sets = {}
+    for spec in a.set:
+        name, eq, rest = spec.partition("=")
+        model_dir, colon, path = rest.rpartition(":")
+        if not (eq and colon and name and model_dir and path):
+            raise DataError(f"--set {spec!r}: expected NAME=MODEL_DIR:DATA")
+        model, tok = load_student(model_dir, None, a.dtype, a.device)
+        labelled = "rationales" in read_jsonl(path)[0][1]
+        instances = load_multi_teacher(path) if labelled else gsm8k_flaw_set(path, a.limit or 100)
+        sets[name] = reading_aurocs(model, tok, instances[:a.limit], a.batch_size)
+    fmt = lambda v, e=None: "—" if v is None else f"{v:.3f}" + ("" if e is None else f" ± {e:.3f}")
+    cols = [(s, k) for s in sets for k in HIGHER_IS_CLEAN]
+    lines = ["| reading | " + " | ".join(f"{s}: {k}" for s, k in cols) + " |",
+             "| --- " * (1 + len(cols)) + "|"]
+    lines += [f"| {r} | " + " | ".join(fmt(sets[s][r][k], sets[s][r]["se"][k]) for s, k in cols) + " |"
+              for r in READINGS]
+    lines += ["", "| default, per flaw | " + " | ".join(HIGHER_IS_CLEAN) + " |", "| --- " * 5 + "|"]
+    for s, t in sets.items():
+        for flaw in sorted({f.split("/")[1] for f in t["default"] if "/" in f}):
+            cells = (fmt(t["default"][f"{k}/{flaw}"]) for k in HIGHER_IS_CLEAN)
+            lines.append(f"| {s}: {flaw} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + ("\n\nWithin-instance AUROC against the flaw labels (clean above flawed = 1; "
+                                "S_D: lower), ± its jackknife standard error over questions.\n")
+    write_text(os.path.join(a.out, "readings.md"), text)
+    write_json(os.path.join(a.out, "readings.json"), {"settings": vars(a), "sets": sets})
+    print(text, end="")
+    return sets
+
+
 # --- plots and the command line ---
 
 def plot(path, xlabel, panels, marks=()):
@@ -436,16 +568,21 @@ def build_parser():
     s.add_argument("--out", required=True, help="scores JSONL, one line per rationale")
     s.add_argument("--max-len", type=int, default=2048, help="longer branches are left out")
     add_config_args(s, CompactConfig)
+    rd = sub.add_parser("readings", help="what each score catches: AUROCs against flaw labels, every reading")
+    rd.add_argument("--set", action="append", required=True, metavar="NAME=MODEL_DIR:DATA",
+                    help="a student and a labelled multi-teacher file (or a GSM8K benchmark file); repeat")
+    student_flags(rd, batch_size=4, model=False)
+    rd.add_argument("--out", required=True, help="directory for readings.md and readings.json")
     return p
 
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
     with user_errors(f"analysis.py {a.command}"):
-        if a.command in ("pca-shift", "mi-trace", "score"):
+        if a.command in ("pca-shift", "mi-trace", "score", "readings"):
             check_student_flags(a, ("batch_size", "limit", "max_len"))
         return {"table": run_table, "pca-shift": run_pca_shift, "mi-trace": run_mi_trace,
-                "weights": run_weights, "score": run_score}[a.command](a)
+                "weights": run_weights, "score": run_score, "readings": run_readings}[a.command](a)
 
 
 if __name__ == "__main__":

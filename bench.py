@@ -39,8 +39,9 @@ import torch
 
 from compact import (CompactConfig, mi_estimate, packed_forward, probe_information, probe_plan,
                      rationale_view, token_nll)
-from data import (ANSWER, CLOSE, CUE, EOT, PROMPT, RATIONALE, EncodedInstance, Instance, add_config_args,
-                  collate, config_from_args, encode_dataset, to_device)
+from common import add_config_args, config_from_args
+from data import (ANSWER, CLOSE, CUE, EOT, PROMPT, RATIONALE, EncodedInstance, Instance, collate,
+                  encode_dataset, to_device)
 from lora import TARGETS, apply_lora
 from model import ModelArgs, Transformer, compile_blocks
 from train import TrainConfig, train_step

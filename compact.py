@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from data import derive_seed
+from common import derive_seed
 from model import KVCache, Segment
 
 

@@ -15,181 +15,22 @@ normalisation, numbers numerically), multi-turn training data, tool-calling temp
 beyond what the checkpoint's own template renders, and generation itself (model.py).
 """
 import argparse
+import csv
 import hashlib
-import inspect
-import json
+import io
 import math
-import os
 import random
 import re
-import shutil
 import sys
 from collections import Counter
-from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
+from common import (DataError, derive_seed, flag_names, jsonl_lines, read_bytes, read_json,
+                    read_jsonl, read_text, user_errors, write_jsonl)
 from model import packed_segments
 from tokenizer import Tokenizer
-
-# ----------------------------------------------------------------------------------------
-# files and flags: every write is atomic, every JSONL read names its lines, every config
-# dataclass field is a flag
-
-class DataError(ValueError):
-    """Bad input data; the message names FILE:LINE. The CLI prints it and exits 2."""
-
-
-@contextmanager
-def atomic_path(path):
-    """Yield a fresh temporary path beside `path`; write a file or a directory there, and on
-    success it replaces `path` whole (a kill leaves the old or the new, never a mix)."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    _remove(tmp)
-    try:
-        yield tmp
-        if os.path.isdir(path) and not os.path.islink(path):  # a directory cannot be renamed over
-            os.rename(path, tmp + ".old")
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk: say what could not be written, and keep the old one
-        if os.path.lexists(tmp + ".old") and not os.path.lexists(path):
-            os.rename(tmp + ".old", path)
-        raise OSError(f"{path}: cannot write it ({e.strerror or e}); what was there before is intact") from e
-    finally:
-        _remove(tmp)
-        _remove(tmp + ".old")
-
-
-def _remove(path):
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.unlink(path)
-
-
-def write_text(path, text):
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def write_jsonl(path, rows):
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def append_jsonl(path, rows):
-    """Append rows to a log (metrics, predictions), flushed: a kill tears at most the last line (read_jsonl's
-    torn_tail); a failed write (disk full) raises OSError naming the file."""
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    except OSError as e:
-        raise OSError(f"{path}: cannot append to it ({e.strerror or e})") from e
-
-
-def check_outputs(outputs, inputs):
-    """DataError when an output path is, or lies inside, an input path ([(flag, path)] each; empty paths
-    are skipped), compared resolved (realpath), so neither a symlink nor a relative path hides it."""
-    for flag, out in outputs:
-        for in_flag, src in [i for i in inputs if i[1]]:
-            if os.path.commonpath([os.path.realpath(out), os.path.realpath(src)]) == os.path.realpath(src):
-                raise DataError(f"{flag} {out} would overwrite {in_flag} {src}: write the outputs elsewhere")
-
-
-def derive_seed(*parts):
-    """A 63-bit seed as a pure function of its parts (ints, strings): every random stream of a run is seeded
-    so (dropout by seed, step, rank; data order by seed, epoch; S_MI's sample; a rationale sample)."""
-    return int.from_bytes(hashlib.sha256("\0".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
-
-
-@contextmanager
-def user_errors(prog):
-    """Bad input (files, flags, data) ends the program with one line `PROG: error: ...` and exit 2, no
-    traceback."""
-    try:
-        yield
-    except (OSError, ValueError, KeyError, RecursionError) as e:  # DataError is a ValueError
-        print(f"{prog}: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def add_config_args(parser, cls):
-    """One flag per field of the dataclass cls (`max_len` -> `--max-len`; a bool is a switch), default =
-    the field's default, help = the comment after the field in cls's source."""
-    notes = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-    for f in fields(cls):
-        switch = f.type in (bool, "bool")
-        kind = dict(action="store_true") if switch else \
-            dict(type=f.type if isinstance(f.type, type) else type(f.default), default=f.default)
-        note = notes.get(f.name, "").replace("%", "%%") + ("" if switch else " (default: %(default)r)")
-        parser.add_argument("--" + f.name.replace("_", "-"), help=note.strip(), **kind)
-
-
-def config_from_args(cls, args):
-    """cls built from the parsed flags of add_config_args (others in args are ignored)."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
-
-
-def flag_names(flag):
-    """The names in a comma-separated flag (--teachers a,b; --thinking-words so,wait)."""
-    return [n.strip() for n in flag.split(",") if n.strip()]
-
-
-def _read(path, text=True):
-    """A file's text (UTF-8), or its bytes; DataError names the file, and the line of a non-UTF-8 byte."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        return raw.decode("utf-8") if text else raw
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
-
-
-def read_json(path, kind=dict):
-    """A JSON file holding a `kind` (an object: a config, a summary; a list: a benchmark); unreadable or
-    malformed, DataError names the file."""
-    try:
-        obj = json.loads(_read(path))
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, kind):
-        raise DataError(f"{path}: not a JSON {'object' if kind is dict else kind.__name__}")
-    return obj
-
-
-def _jsonl(path, torn_tail=False):
-    """(line number, object or the JSON error's message) per non-blank line; with torn_tail the text
-    after the last newline is left out (a writer was killed there, or is still writing)."""
-    lines = _read(path, text=False).split(b"\n")
-    for lineno, raw in enumerate(lines[:-1] if torn_tail else lines, 1):
-        try:
-            if (line := raw.decode("utf-8")).strip():
-                yield lineno, json.loads(line)
-        except UnicodeDecodeError as e:
-            yield lineno, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-        except json.JSONDecodeError as e:
-            yield lineno, f"bad JSON ({e.msg}, column {e.colno})"
-        except RecursionError:
-            yield lineno, "bad JSON (nested too deeply)"
-
-
-def read_jsonl(path, torn_tail=False):
-    """[(line number, object)] of a JSONL file; bad JSON raises DataError naming the line. torn_tail:
-    a log that is appended to (metrics, predictions), whose unfinished last line is not yet a line."""
-    rows = list(_jsonl(path, torn_tail))
-    if bad := next(((n, r) for n, r in rows if isinstance(r, str)), None):
-        raise DataError(f"{path}:{bad[0]}: {bad[1]}")
-    return rows
-
 
 # ----------------------------------------------------------------------------------------
 # multi-teacher data format (SPEC.md §8)
@@ -254,7 +95,7 @@ def parse_multi_teacher(path, parse=_parse_instance):
     """All good instances of a multi-teacher JSONL file (or with `parse`, of another file of Instances, as
     read_questions reads) and a `FILE:LINE: message` per bad line."""
     instances, problems, first_line = [], [], {}
-    for lineno, obj in _jsonl(path):
+    for lineno, obj in jsonl_lines(path):
         try:
             if isinstance(obj, str):
                 raise ValueError(obj)
@@ -279,7 +120,7 @@ def load_multi_teacher(path, skip_bad=False, stats=None):
     if problems:
         print(f"{path}: skipped {len(problems)} bad line(s), kept {len(instances)}", file=sys.stderr)
     if stats is not None:  # and the file's sha256, which names its content (train.py's resume checks it)
-        stats.update(skipped_lines=len(problems), sha256=hashlib.sha256(_read(path, text=False)).hexdigest())
+        stats.update(skipped_lines=len(problems), sha256=hashlib.sha256(read_bytes(path)).hexdigest())
     return instances
 
 
@@ -721,9 +562,7 @@ def load_benchmark(task, path):
     if task not in TASKS:
         raise DataError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
     if task == "gpqa":
-        import csv
-        import io
-        rows = list(enumerate(csv.DictReader(io.StringIO(_read(path))), 2))  # 1: header
+        rows = list(enumerate(csv.DictReader(io.StringIO(read_text(path))), 2))  # 1: header
     elif task == "strategyqa" and not path.endswith(".jsonl"):  # a JSON list: the "line" is the item number
         rows = list(enumerate(read_json(path, list), 1))
     else:

@@ -4,7 +4,6 @@
     python demo.py --full                # every arm of SPEC.md §5 (SbS per teacher, MCC, ablations), 3 seeds
     python demo.py --pool stress         # the stress test: teachers uniformly good or bad
     torchrun --nproc_per_node=2 demo.py  # the same through DDP (gloo)
-    python train.py --demo [--max-steps N] [--out DIR]   # alias kept for scripts
 
 The task: left-to-right arithmetic on small numbers ("7*3-5+8"), digits one token each, words
 one token each. A tiny Qwen2-shaped student is first taught one- and two-step problems with
@@ -27,13 +26,14 @@ import tokenizers
 import torch
 from tokenizers import decoders, models
 
+from analysis import HIGHER_IS_CLEAN, plot, reading_aurocs, sem, teacher_dynamics
+from common import barrier, print0, read_jsonl, run_job, write_json, write_jsonl, write_text
 from compact import CompactConfig
-from analysis import plot, sem, teacher_dynamics
-from data import FLAWS, load_multi_teacher, read_jsonl, write_json, write_jsonl, write_text
-from eval import HIGHER_IS_CLEAN, accuracy_sem, barrier, evaluate, load_student, reading_aurocs
+from data import FLAWS, load_multi_teacher
+from eval import accuracy_sem, evaluate, load_student
 from model import ModelArgs, Transformer
 from tokenizer import BUILTIN_TEMPLATES
-from train import TrainConfig, print0, run_job, train
+from train import TrainConfig, train
 
 # --- the task: left-to-right arithmetic on small numbers ---
 

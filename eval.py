@@ -6,16 +6,14 @@
         --data B.jsonl --out p.jsonl
     torchrun --nproc_per_node=2 eval.py rationales --model TEACHER (--questions Q.jsonl | --task math \
         --data BENCH) --samples 4 --temperature 0.7 --out qwq.jsonl
-    python eval.py readings --set demo=runs/demo/base:runs/demo/data/train.jsonl \
-        --set gsm8k=DIR:gsm8k_test.jsonl --out r/
 
 Both are resumable and sharded by run_sharded: a record is reused only for the same prompt text, gold
 answer and generation settings, and OUT.lock keeps a second run off the same --out. accuracy: zero-shot
 CoT prompts in the checkpoint's own chat template, greedy, answers checked by data.py, accuracy ± the
 binomial SEM. rationales: sample s of question q draws from its own stream, so it does not depend on its
-batch, rank or a resume; data.py build reads the output. readings: what each COMPACT score catches, the
-within-instance AUROC against flaw labels for every reading of SPEC's Decisions.
-`eval.py table|pca-shift|mi-trace|weights` run analysis.py's. Left out: pass@k, multi-GPU models.
+batch, rank or a resume; data.py build reads the output.
+Reading finished outputs (Table 1, PCA shift, the readings) is analysis.py's. Left out: pass@k,
+multi-GPU models.
 """
 import argparse
 import contextlib
@@ -24,20 +22,16 @@ import hashlib
 import json
 import math
 import os
-import random
-import re
-import runpy
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
-from compact import CompactConfig, compact_loss, fuse_weights
-from data import (RATIONALE, DataError, Instance, TASKS, append_jsonl, check_outputs, collate, derive_seed,
-                  encode_dataset, extract_answer, is_equivalent, load_benchmark, load_multi_teacher,
-                  read_json, read_jsonl, read_questions, to_device, user_errors, user_prompt, write_json,
-                  write_jsonl, write_text)
+from common import (DataError, append_jsonl, barrier, check_outputs, cleanup_dist, derive_seed,
+                    duration, hold_lock, read_json, read_jsonl, setup_dist, user_errors, write_json,
+                    write_jsonl)
+from data import (TASKS, extract_answer, is_equivalent, load_benchmark, read_questions,
+                  user_prompt)
 from lora import load_adapter
 from model import Transformer, generate
 from tokenizer import Tokenizer
@@ -164,12 +158,6 @@ def merge_records(out, order):
         os.remove(p)
 
 
-def barrier():
-    """dist.barrier() under torchrun; nothing in a plain process."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 @torch.no_grad()
 def run_sharded(jobs, out, work, batch_size, rank=0, world=1, log=None, label=""):
     """Do every job whose record `out` lacks; return all records, in jobs' order.
@@ -200,9 +188,9 @@ def run_sharded(jobs, out, work, batch_size, rank=0, world=1, log=None, label=""
         append_jsonl(out if world == 1 else f"{out}.part{rank}", records)
         if log:
             n, dt = min(start + batch_size, len(mine)), time.time() - t0
-            eta = int(dt / n * (len(mine) - n))
+            eta = duration(dt / n * (len(mine) - n))
             log(f"{label} {'rank 0: ' if world > 1 else ''}{n}/{len(mine)} | {n / dt:.2f} items/s"
-                f" | eta {eta // 3600}h{eta // 60 % 60:02d}m{eta % 60:02d}s")
+                f" | eta {eta}")
     barrier()
     if rank == 0:
         merge_records(out, keys)
@@ -224,7 +212,6 @@ def start_run(a, outs, settings, rank, world, device, held=None):
                             "use a new --out")
     model, tok = load_student(a.model, a.adapter, a.dtype, device)
     if held is not None:
-        from train import hold_lock
         held.enter_context(hold_lock(a.out, rank, device, a.out + ".lock"))
     barrier()  # every rank has read the old settings before rank 0 writes the new
     if rank == 0:
@@ -279,134 +266,6 @@ def run_rationales(a, rank=0, world=1, device="cpu", held=None):
     return records
 
 
-# --- what each score catches: within-instance AUROC against flaw labels, every reading of SPEC's Decisions
-
-READINGS = {  # reading: CompactConfig fields; the paper leaves each of these open (SPEC's Decisions),
-    "default": {}, "S_MI divided by its length (SPEC's Eq. 3)": dict(mi_norm="length"),
-    "S_G at the last rationale token": dict(sg_feature="last"),
-    "S_G at the rationale mean": dict(sg_feature="mean"), "S_G with self-loops": dict(sg_self_loops=True),
-    "S_G one attention over all heads": dict(sg_heads="joint"), "temperature 0.5": dict(temperature=0.5),
-    "temperature 2": dict(temperature=2.0), "z-floor 0": dict(z_floor=0.0),  # then two beyond the paper:
-    "S_G cosine of eot states (beyond the paper)": dict(sg_similarity="cosine"),
-    "S_G cosine of rationale means (beyond the paper)": dict(sg_similarity="cosine", sg_feature="mean")}
-HIGHER_IS_CLEAN = {"s_mi": True, "s_g": True, "s_d": False, "weight": True}  # S_D: lower is better
-
-
-@torch.no_grad()
-def rationale_scores(model, encoded, cfg, batch_size=4):
-    """Per instance {s_mi, s_g, s_d, weight: [per branch]}: compact_loss's scores under cfg with no training
-    (the student's mode, eval: no LoRA dropout; no consistency logits; S_MI's sample fixed per batch)."""
-    out, device, cfg = [], model.lm_head.weight.device, replace(cfg, mcon_lambda=0.0)
-    for i in range(0, len(encoded), batch_size):
-        part = encoded[i:i + batch_size]
-        _, st = compact_loss(model, to_device(collate(part), device), cfg, rng_key=(i,))
-        out += [{k: st[k][b, :len(e.teacher)].tolist() for k in HIGHER_IS_CLEAN} for b, e in enumerate(part)]
-    return out
-
-
-def within_auroc(groups, higher=True):
-    """Over every (clean, flawed) pair of rationales of one question, how often the clean one scores better
-    (ties count ½); groups: [(score, flawed)] per question. None without a pair."""
-    pairs = [(c, f) for g in groups for c, cf in g if not cf for f, ff in g if ff]
-    return sum(0.5 if c == f else float((c > f) == higher) for c, f in pairs) / len(pairs) if pairs else None
-
-
-def auroc_se(groups, higher=True):
-    """within_auroc's standard error over questions: the jackknife, leaving one question out at a time."""
-    groups = [g for g in groups if any(f for _, f in g) and not all(f for _, f in g)]
-    loo = [within_auroc(groups[:i] + groups[i + 1:], higher) for i in range(len(groups))]
-    return math.sqrt((len(loo) - 1) * torch.tensor(loo).var(correction=0).item()) if len(loo) > 1 else None
-
-
-def reading_aurocs(model, tok, instances, batch_size=4, readings=READINGS):
-    """{reading: {score: AUROC, "score/flaw": AUROC}} of labelled instances (Instance.flaws) under the
-    student, and "se": {score: auroc_se}. S_MI is exact Eq. 3, so readings are compared without the
-    estimator's noise; one probe pass serves every reading (S_G's readings rescore with alpha 0; mi_norm
-    "none" is |R| times "length")."""
-    encoded, info = encode_dataset(instances, tok, max_len=10**6)
-    by_id = {i.id: i.flaws for i in instances}
-    labels = [[by_id[e.id].get(info["teachers"][t]) for t in e.teacher] for e in encoded]
-    lengths = [[codes.count(RATIONALE) for _, codes, _ in e.branches] for e in encoded]
-    flaws = sorted({f for ls in labels for f in ls if f})
-    exact = CompactConfig(mi_budget=0)
-    base, table = rationale_scores(model, encoded, replace(exact, mi_norm="length"), batch_size), {}
-    for name, kw in readings.items():
-        cfg = replace(exact, **kw)
-        s_g = rationale_scores(model, encoded, replace(cfg, alpha=0.0), batch_size) if any(
-            k.startswith("sg_") for k in kw) else base
-        rows = []
-        for s, g, n in zip(base, s_g, lengths):
-            s_mi = [x * r for x, r in zip(s["s_mi"], n)] if cfg.mi_norm == "none" else s["s_mi"]
-            scores = (torch.tensor([x]) for x in (s_mi, g["s_g"], s["s_d"]))
-            w = fuse_weights(*scores, torch.ones(1, len(n), dtype=bool), cfg)
-            rows.append({"s_mi": s_mi, "s_g": g["s_g"], "s_d": s["s_d"], "weight": w[0].tolist()})
-        def pairs(k, flaw):  # [(score k, flawed)] per question, of the clean and `flaw` (None: every flaw)
-            return [[(x, f is not None) for x, f in zip(r[k], fs) if not flaw or f in (None, flaw)]
-                    for r, fs in zip(rows, labels)]
-        table[name] = {k if flaw is None else f"{k}/{flaw}": within_auroc(pairs(k, flaw), up)
-                       for flaw in [None] + flaws for k, up in HIGHER_IS_CLEAN.items()}
-        table[name]["se"] = {k: auroc_se(pairs(k, None), up) for k, up in HIGHER_IS_CLEAN.items()}
-    return table
-
-
-def gsm8k_flaw_set(path, n, seed=0):
-    """GSM8K test questions as labelled multi-teacher instances: the human solution (clean), a copy with
-    one intermediate result changed and carried through the later steps, the final answer kept
-    ("hallucination"), and a terse answer-only copy ("filler"). Questions of one computation have no
-    intermediate: skipped."""
-    rng, out = random.Random(seed), []
-    for _, row in read_jsonl(path):
-        calc = list(re.finditer(r"<<[^=>]*=([^>]*)>>([\d,.]*\d)", row["answer"]))
-        if len(calc) < 2 or len(out) == n:
-            continue
-        parts = row["answer"].split("####")
-        body, answer = parts[0], parts[-1].strip().replace(",", "")
-        j = rng.randrange(len(calc) - 1)  # not the last: that one states the final answer
-        shown, last = calc[j].group(2), calc[-1].start(2)
-        value = float(shown.replace(",", ""))
-        wrong = value + rng.choice((-2, -1, 1, 2)) * max(1, round(abs(value) * 0.1))
-        wrong = f"{wrong:,.0f}" if "," in shown else f"{wrong:.0f}" if wrong.is_integer() else f"{wrong:g}"
-        carried = body[:calc[j].start(2)] + re.sub(rf"(?<![\d.,]){re.escape(shown)}(?![\d]|,\d)", wrong,
-                                                    body[calc[j].start(2):last]) + body[last:]
-        clean = lambda text: re.sub(r"<<[^>]*>>", "", text).strip()
-        out.append(Instance(f"gsm8k-{len(out)}", row["question"], answer, "gsm8k", [
-            ("human", clean(body)), ("carried", clean(carried)), ("terse", f"So the answer is {answer}.")],
-            {"carried": "hallucination", "terse": "filler"}))
-    return out
-
-
-def run_readings(a):
-    """The AUROC table of every reading on each --set NAME=MODEL:DATA (DATA: a labelled multi-teacher file,
-    or a GSM8K benchmark file, made into gsm8k_flaw_set's --limit questions, 100 by default)."""
-    sets = {}
-    for spec in a.set:
-        name, eq, rest = spec.partition("=")
-        model_dir, colon, path = rest.rpartition(":")
-        if not (eq and colon and name and model_dir and path):
-            raise DataError(f"--set {spec!r}: expected NAME=MODEL_DIR:DATA")
-        model, tok = load_student(model_dir, None, a.dtype, a.device)
-        labelled = "rationales" in read_jsonl(path)[0][1]
-        instances = load_multi_teacher(path) if labelled else gsm8k_flaw_set(path, a.limit or 100)
-        sets[name] = reading_aurocs(model, tok, instances[:a.limit], a.batch_size)
-    fmt = lambda v, e=None: "—" if v is None else f"{v:.3f}" + ("" if e is None else f" ± {e:.3f}")
-    cols = [(s, k) for s in sets for k in HIGHER_IS_CLEAN]
-    lines = ["| reading | " + " | ".join(f"{s}: {k}" for s, k in cols) + " |",
-             "| --- " * (1 + len(cols)) + "|"]
-    lines += [f"| {r} | " + " | ".join(fmt(sets[s][r][k], sets[s][r]["se"][k]) for s, k in cols) + " |"
-              for r in READINGS]
-    lines += ["", "| default, per flaw | " + " | ".join(HIGHER_IS_CLEAN) + " |", "| --- " * 5 + "|"]
-    for s, t in sets.items():
-        for flaw in sorted({f.split("/")[1] for f in t["default"] if "/" in f}):
-            cells = (fmt(t["default"][f"{k}/{flaw}"]) for k in HIGHER_IS_CLEAN)
-            lines.append(f"| {s}: {flaw} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + ("\n\nWithin-instance AUROC against the flaw labels (clean above flawed = 1; "
-                                "S_D: lower), ± its jackknife standard error over questions.\n")
-    write_text(os.path.join(a.out, "readings.md"), text)
-    write_json(os.path.join(a.out, "readings.json"), {"settings": vars(a), "sets": sets})
-    print(text, end="")
-    return sets
-
-
 def student_flags(sp, adapter_required=False, batch_size=8, model=True):
     """(--model, --adapter,) --dtype, --device, --batch-size, --limit: the flags of a job that loads a
     student; check_student_flags checks them."""
@@ -453,31 +312,16 @@ def build_parser():
     r.add_argument("--max-new-tokens", type=int, default=4096)
     r.add_argument("--out", required=True,
                    help="rationales JSONL (OUT-STEM.questions.jsonl and .summary.json beside)")
-    rd = sub.add_parser("readings", help="what each score catches: AUROCs against flaw labels, every reading")
-    rd.add_argument("--set", action="append", required=True, metavar="NAME=MODEL_DIR:DATA",
-                    help="a student and a labelled multi-teacher file (or a GSM8K benchmark file); repeat")
-    student_flags(rd, batch_size=4, model=False)
-    rd.add_argument("--out", required=True, help="directory for readings.md and readings.json")
     return p
 
 
-ANALYSES = ("table", "pca-shift", "mi-trace", "weights")  # analysis.py's commands, also reachable from here
-
-
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ANALYSES:  # analysis.py imports this file, so it runs as a script
-        sys.argv = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "analysis.py"), *argv]
-        return runpy.run_path(sys.argv[0], run_name="__main__")
     a = build_parser().parse_args(argv)
-    from train import cleanup_dist, setup_dist  # torchrun's process group, as training sets it up and ends it
     with user_errors(f"eval.py {a.command}"):
         try:
             check_student_flags(a, ("batch_size", "limit", "max_new_tokens", "samples"))
             if a.command == "rationales" and not 0 < a.top_p <= 1:
                 raise DataError(f"--top-p {a.top_p}: must be in (0, 1]")
-            if a.command == "readings":
-                return run_readings(a)
             stem, ext = os.path.splitext(a.out)
             outs = [a.out, a.out + ".lock", stem + ".summary.json", stem + ".questions.jsonl"]
             if a.command == "accuracy":  # and one predictions file per task

@@ -35,7 +35,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from data import atomic_path, read_json, user_errors, write_json
+from common import atomic_path, read_json, user_errors, write_json
 from model import Transformer
 from tokenizer import copy_tokenizer
 

@@ -1,7 +1,6 @@
 """Distil several teachers into one student with COMPACT: the DDP training loop.
 
     torchrun --nproc_per_node=2 train.py --model Qwen2.5-1.5B-Instruct --data multi.jsonl --out runs/x
-    python train.py --demo                 # the whole method on a tiny model, on a CPU, in minutes
 
 One process per device (nccl on CUDA, gloo on CPU, or a plain single process). Every rank
 reads its own share of a seeded per-epoch permutation; every instance of an optimizer step
@@ -14,15 +13,12 @@ Left out: tensor/pipeline parallelism, FSDP, mixed-precision other than bf16 aut
 """
 import argparse
 import contextlib
-import fcntl
-import gc
 import math
 import os
 import shutil
 import signal
 import sys
 import time
-import traceback
 import warnings
 from dataclasses import asdict, dataclass, replace
 
@@ -31,9 +27,10 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 from compact import TEACHER_STATS, CompactConfig, compact_loss, teacher_means, teacher_sums
-from data import (DataError, add_config_args, append_jsonl, atomic_path, check_outputs, collate,
-                  config_from_args, derive_seed, flag_names, load_data, load_multi_teacher, read_jsonl,
-                  shard_indices, teacher_names, to_device, user_errors, write_json, write_jsonl)
+from common import (STOP, DataError, add_config_args, all_sum, append_jsonl, atomic_path, barrier,
+                    check_outputs, config_from_args, derive_seed, duration, flag_names, hold_lock,
+                    print0, read_jsonl, run_job, write_json, write_jsonl)
+from data import collate, load_data, load_multi_teacher, shard_indices, teacher_names, to_device
 from lora import apply_lora, average_adapters, load_adapter, merge_to_dir, read_adapter, save_adapter
 from model import Transformer, compile_blocks
 from tokenizer import copy_tokenizer
@@ -87,94 +84,6 @@ class TrainConfig:
         if self.mot_rounds < 0 or (self.mot_rounds and (self.full_ft or self.init_adapter)):
             raise ValueError("--mot-rounds must be >= 0, and MoT trains fresh LoRA runs "
                              "(no --full-ft, no --init-adapter)")
-
-
-# --- distributed plumbing, the output lock, signals ---
-
-def setup_dist(device_type=None):
-    """(rank, world_size, device) from torchrun's environment; a plain process is rank 0 of 1.
-
-    device_type: "cuda" or "cpu" (default: cuda when there is one)."""
-    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device_type)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    device = torch.device("cuda", local) if device_type == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def cleanup_dist():
-    """Destroy the process group, first freeing what the job's traceback (if any) holds: a DDP model that
-    outlived the group into the interpreter's exit would destroy gloo's last reference with the GIL held,
-    while gloo's worker waits for the GIL to free its last tensor: a deadlock at exit."""
-    if dist.is_initialized():
-        e = sys.exc_info()[1]
-        while e is not None:
-            traceback.clear_frames(e.__traceback__)
-            e = e.__context__
-        gc.collect()  # a process's first DDP sits in a reference cycle
-        dist.destroy_process_group()
-
-
-def print0(*args, **kwargs):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def all_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(x)
-    return x
-
-
-@contextlib.contextmanager
-def hold_lock(out, rank, device, path=None):
-    """One run per output: rank 0 holds an exclusive lock on the file `path` (OUT/train.lock) for the
-    job (lock_file); when another process holds it, every rank raises DataError naming OUT and the holder's
-    pid."""
-    with contextlib.ExitStack() as stack:
-        holder = lock_file(stack, path or os.path.join(out, "train.lock")) if rank == 0 else None
-        if all_sum(torch.tensor([float(holder is not None)], device=device)).item():
-            raise DataError(f"{out}: another run (pid {holder or '?'}) writes there; wait for it to end, or "
-                            "choose another --out")
-        yield
-
-
-def lock_file(stack, path):
-    """Take an exclusive flock on the file `path` for the ExitStack's life and write our pid in it: None,
-    or the pid in it when another process holds it. The kernel drops a flock when its process dies, so a
-    killed run leaves no stale lock."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    f = stack.enter_context(open(path, "a+", encoding="utf-8"))
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        return f.read().strip() or "?"
-    f.truncate(0)
-    print(os.getpid(), file=f, flush=True)
-    return None
-
-
-STOP = {}  # the first SIGTERM or SIGINT of a job (run_job): train() stops after the step it comes in
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGTERM and SIGINT ask train() to stop after the optimizer step under way, with a checkpoint. A
-    second one is ignored (torchrun passes a terminal's Ctrl-C on to its workers once more); SIGKILL stops
-    at once."""
-    note = lambda signum, frame: STOP.setdefault("signal", signum)
-    old = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        STOP.clear()
 
 
 # --- schedule, checkpoints, resume ---
@@ -407,7 +316,7 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
             if rank == 0 and not bad:
                 append_jsonl(metrics_path, [last])
                 elapsed = time.time() - t_loop
-                eta = _duration(elapsed / (step + 1 - start) * (total - step - 1))
+                eta = duration(elapsed / (step + 1 - start) * (total - step - 1))
                 w = " ".join(f"{n} {v['weight']:.2f}" for n, v in last["teachers"].items())
                 print0(f"step {step + 1}/{total} | loss {s['loss']:.4f} | w {w} | "
                        f"{tokens_seen / elapsed:,.0f} tok/s | eta {eta} | mem {_memory_mb(device):,.0f}MB")
@@ -416,8 +325,8 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
             give_up = bad >= max(1, cfg.max_bad_steps)
             if rank == 0 and (stop or give_up or periodic and step + 1 < total):
                 save_checkpoint(raw, optimizer, step + 1, cfg, run)  # the last step's is finish()'s
-            if dist.is_initialized() and (stop or periodic):
-                dist.barrier()  # nobody races ahead of a checkpoint it might be killed after
+            if stop or periodic:
+                barrier()  # nobody races ahead of a checkpoint it might be killed after
             if give_up:
                 raise FloatingPointError(f"{bad} non-finite steps in a row; stopped with a checkpoint at "
                                          f"step {step + 1}")
@@ -429,8 +338,7 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
 
         if rank == 0:
             finish(raw, optimizer, cfg, run, start, last, t_start)
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()
     return {"steps": total, "last": last, "teachers": teachers, "model": raw}
 
 
@@ -445,7 +353,7 @@ def finish(raw, optimizer, cfg, run, start, last, t_start):
     with atomic_path(final) as tmp:
         save_weights(raw, tmp, cfg)
     save_checkpoint(raw, optimizer, total, cfg, run)
-    print0(f"done: {total} steps in {_duration(time.time() - t_start)} | final loss "
+    print0(f"done: {total} steps in {duration(time.time() - t_start)} | final loss "
            f"{last['loss'] if last else float('nan'):.4f} | wrote {final}")
 
 
@@ -480,16 +388,10 @@ def mot(cfg, ccfg, rank=0, world=1, device=torch.device("cpu")):
                     average_adapters([os.path.join(root, k, "adapter") for k in teachers],
                                      os.path.join(root, "average"))
                     merge_to_dir(model, os.path.join(root, "average"), merged, dtype="float32")
-                if dist.is_initialized():
-                    dist.barrier()
+                barrier()
             model = merged
     print0(f"MoT: {cfg.mot_rounds} round(s) over {', '.join(teachers)} | the student is {model}")
     return model
-
-
-def _duration(seconds):
-    s = int(seconds)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def _memory_mb(device):
@@ -518,30 +420,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "--demo" in argv:  # an alias kept for scripts: demo.py imports this file, so it runs as a script
-        import runpy
-        demo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-        sys.argv = [demo] + [a for a in argv if a != "--demo"]
-        runpy.run_path(sys.argv[0], run_name="__main__")
-        return
     cfg, ccfg = parse_args(argv)
     run_job(mot if cfg.mot_rounds else train, cfg, ccfg)
-
-
-def run_job(job, *args, prog="train.py"):
-    """job(*args, rank, world, device) in torchrun's process group (or a plain process): bad input (files,
-    flags, data) exits 2 with its message and no traceback (data.user_errors), a non-finite stop exits 1,
-    SIGTERM or SIGINT (stop_on_signals) 128 + its number (143, 130)."""
-    rank, world, device = setup_dist()
-    try:
-        with stop_on_signals(), user_errors(prog):
-            return job(*args, rank, world, device)
-    except FloatingPointError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        cleanup_dist()
 
 
 if __name__ == "__main__":

@@ -272,3 +272,82 @@ def test_score_cli(tmp_path, tiny_tokenizer_dir, capsys):
     with pytest.raises(SystemExit) as e:
         analysis.main(["score", "--model", model_dir, "--data", str(tmp_path / "missing.jsonl"), "--out", out])
     assert e.value.code == 2
+
+
+# --- what each score catches ---
+
+def test_within_instance_auroc_by_hand():
+    # question 1: clean 0.9, 0.2 against flawed 0.5 -> 1 + 0 of 2; question 2: a tie (½) and a win (1)
+    groups = [[(0.9, False), (0.5, True), (0.2, False)], [(0.4, False), (0.4, True), (0.1, True)], [(0.3, False)]]
+    assert analysis.within_auroc(groups) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert analysis.within_auroc(groups, higher=False) == pytest.approx((0 + 1 + 0.5 + 0) / 4)  # S_D: lower is better
+    assert analysis.within_auroc([[(1.0, False)], [(0.0, True)]]) is None  # no question holds both
+
+
+def test_auroc_standard_error_by_hand():
+    # pairs won 1/1, 0/1, 1/2 (AUROC 2/4); leaving each out: 1/3, 2/3, 1/2, mean 1/2, squares 1/36 + 1/36 + 0
+    groups = [[(0.9, False), (0.1, True)], [(0.2, False), (0.8, True)], [(0.5, False), (0.4, True), (0.6, True)],
+              [(0.3, False)]]  # no pair: left out
+    assert analysis.auroc_se(groups) == pytest.approx(((3 - 1) / 3 * 2 / 36) ** 0.5)  # = 1/√27
+    assert analysis.auroc_se(groups[:1]) is None
+
+
+def test_gsm8k_flaw_set_labels_match_the_rationales(benchmarks_dir):
+    import re
+    for inst in analysis.gsm8k_flaw_set(os.path.join(benchmarks_dir, "gsm8k_test.jsonl"), 30):
+        r = dict(inst.rationales)
+        assert inst.flaws == {"carried": "hallucination", "terse": "filler"} and "<<" not in r["human"]
+        nums = lambda t: re.findall(r"\d[\d,.]*\d|\d", t)
+        a, b = nums(r["human"]), nums(r["carried"])
+        assert len(a) == len(b) and a != b and a[-1] == b[-1]  # numbers changed, the final answer kept
+        first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        assert len({x for x, y in zip(a, b) if x != y}) == 1 and b[first] not in a[first:first + 1]  # one value, carried
+        assert data.extract_answer(r["human"] + "\n#### " + inst.answer, "gsm8k") == inst.answer
+        assert not re.search(r"[-+*/=]", r["terse"]) and r["terse"].endswith(f"{inst.answer}.")
+
+
+def test_readings_command_writes_every_reading_for_each_set(tmp_path, student_dir, capsys):
+    rows = [{"id": f"q{i}", "question": f"What is {i} + 3?", "answer": str(i + 3), "rationales": [
+        {"teacher": "a", "text": f"So {i} + 3 = {i + 3}."}, {"teacher": "b", "text": f"First, {i} + 3 = {i + 4}.",
+                                                            "flaw": "hallucination"},
+        {"teacher": "c", "text": "Hmm, okay, so.", "flaw": "filler" if i % 2 else None}]} for i in range(5)]
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "readings"
+    sets = analysis.main(["readings", "--set", f"pool={student_dir}:{tmp_path / 'pool.jsonl'}",
+                          "--out", str(out), "--batch-size", "3", "--device", "cpu"])
+    assert list(sets["pool"]) == list(analysis.READINGS)
+    for reading, row in sets["pool"].items():
+        assert all(row[k] is None or 0 <= row[k] <= 1 for k in analysis.HIGHER_IS_CLEAN), reading
+    assert sets["pool"]["default"]["s_d"] is not None and sets["pool"]["default"]["weight/filler"] is not None
+    same = ("S_G with self-loops", "S_G at the rationale mean", "temperature 2")
+    assert all(sets["pool"][r]["s_d"] == sets["pool"]["default"]["s_d"] for r in same)  # S_D reads no flag
+    assert sets["pool"]["temperature 2"]["weight"] is not None
+    table = capsys.readouterr().out
+    first, per_flaw = table.split("\n\n")[:2]
+    assert table == (out / "readings.md").read_text() and first.count("\n| ") == len(analysis.READINGS) + 1
+    assert per_flaw.count("\n| pool: ") == 2 and " ± " in first  # hallucination, filler; SEs shown
+    with pytest.raises(SystemExit) as e:
+        analysis.main(["readings", "--set", "nope", "--out", str(out)])
+    assert e.value.code == 2
+
+
+def test_readings_shortcuts_equal_scoring_each_reading_in_full(tmp_path, student_dir):
+    """reading_aurocs reuses one probe pass for every reading: its AUROCs equal those of scoring the instances
+    under each reading's own CompactConfig (exact S_MI), rationales of different lengths included."""
+    from compact import CompactConfig
+    from analysis import rationale_scores, reading_aurocs, within_auroc
+    from eval import load_student
+    tok_model, tok = load_student(student_dir)
+    insts = [data.Instance(f"q{i}", f"What is {i} + 2?", str(i + 2), None, [
+        ("a", f"So {i} + 2 = {i + 2}, and then we check it twice: {i + 2}."), ("b", f"{i} + 2 = {i + 3}."),
+        ("c", "Hmm.")], {"b": "hallucination", "c": "filler"} if i % 2 else {"b": "hallucination"}) for i in range(6)]
+    readings = {k: analysis.READINGS[k] for k in ("default", "S_MI divided by its length (SPEC's Eq. 3)",
+                                            "S_G at the last rationale token", "z-floor 0")}
+    got = reading_aurocs(tok_model, tok, insts, 4, readings)
+    encoded, info = data.encode_dataset(insts, tok, max_len=10**6)
+    labels = [[i.flaws.get(info["teachers"][t]) is not None for t in e.teacher] for i, e in zip(insts, encoded)]
+    for name, kw in readings.items():
+        full = rationale_scores(tok_model, encoded, CompactConfig(mi_budget=0, **kw), 4)
+        for k, up in analysis.HIGHER_IS_CLEAN.items():
+            want = within_auroc([list(zip(s[k], ls)) for s, ls in zip(full, labels)], up)
+            assert got[name][k] == pytest.approx(want, abs=1e-9), (name, k)

@@ -1,7 +1,6 @@
 """Multi-teacher format, branch batches (SPEC §9), sharding, benchmark loaders, the synthetic
 pool and the CLI."""
 import csv
-import errno
 import hashlib
 import json
 import os
@@ -12,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import common
 import data
 import tokenizer
 import demo
@@ -88,44 +88,11 @@ def test_a_bad_byte_or_a_deep_nesting_names_its_line_and_skip_bad_skips_that_lin
         data.load_benchmark("strategyqa", str(bench))
     (tmp_path / "deep.json").write_text("[" * 100_000)
     with pytest.raises(DataError, match="deep.json: not valid JSON"):
-        data.read_json(str(tmp_path / "deep.json"))
+        common.read_json(str(tmp_path / "deep.json"))
     (tmp_path / "list.json").write_text("[1]")
     with pytest.raises(DataError, match="list.json: not a JSON object"):
-        data.read_json(str(tmp_path / "list.json"))
+        common.read_json(str(tmp_path / "list.json"))
 
-
-def test_a_failed_write_names_its_path_and_keeps_what_was_there(tmp_path, monkeypatch):
-    path = tmp_path / "x.json"
-    data.write_json(str(path), {"a": 1})
-    with pytest.raises(OSError, match=rf"{re.escape(str(path))}: cannot write it \(No space left on device\); what"):
-        with data.atomic_path(str(path)) as tmp:
-            open(tmp, "w").write("{")
-            raise OSError(errno.ENOSPC, "No space left on device")
-    assert data.read_json(str(path)) == {"a": 1} and os.listdir(tmp_path) == ["x.json"]
-    ckpt = tmp_path / "ckpt"  # a directory: moved aside, then put back when the new one cannot be moved in
-    data.write_text(str(ckpt / "old.txt"), "old")
-    monkeypatch.setattr(data.os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
-    with pytest.raises(OSError, match="ckpt: cannot write it"):
-        with data.atomic_path(str(ckpt)) as tmp:
-            os.makedirs(tmp)
-    monkeypatch.undo()
-    assert os.listdir(ckpt) == ["old.txt"] and sorted(os.listdir(tmp_path)) == ["ckpt", "x.json"]
-    with pytest.raises(OSError, match=r"nowhere/m.jsonl: cannot append to it"):
-        data.append_jsonl(str(tmp_path / "nowhere" / "m.jsonl"), [{"step": 1}])
-
-
-def test_an_output_inside_an_input_is_refused_through_symlinks_and_relative_paths(tmp_path, monkeypatch):
-    model = tmp_path / "model"
-    model.mkdir()
-    (tmp_path / "link").symlink_to(model)
-    monkeypatch.chdir(tmp_path)
-    for out in ("model", "model/sub", "link", "link/x", "./model/../model/", str(model)):
-        with pytest.raises(DataError, match=f"--out {re.escape(out)} would overwrite --model model"):
-            data.check_outputs([("--out", out)], [("--model", "model")])
-    data.check_outputs([("--out", "models"), ("--out", str(tmp_path))], [("--model", "model"), ("--adapter", None)])
-
-
-# ---- branches and batches ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tok(tiny_tokenizer_dir):

@@ -176,8 +176,9 @@ def test_bad_input_exits_2_naming_the_flag(tmp_path, capsys, student_dir):
             ev.main(["accuracy", "--model", student_dir, *args, "--out", str(tmp_path / "p.jsonl")])
         err = capsys.readouterr().err
         assert e.value.code == 2 and needle in err and "Traceback" not in err, (args, err)
+    import analysis
     with pytest.raises(SystemExit) as e:
-        ev.main(["weights", str(tmp_path)])
+        analysis.main(["weights", str(tmp_path)])
     assert e.value.code == 2 and "metrics.jsonl" in capsys.readouterr().err
 
 
@@ -256,7 +257,7 @@ def test_predictions_are_redone_for_other_items_and_other_settings_are_refused(t
 
 def test_an_out_over_an_input_or_held_by_another_run_exits_2_and_writes_nothing(tmp_path, capsys, student_dir):
     import contextlib
-    import train
+    from common import lock_file
     paths = write_benchmarks(str(tmp_path))
     bench = open(paths["gsm8k"], "rb").read()
     common = ["accuracy", "--model", student_dir, "--task", "gsm8k", "--data", paths["gsm8k"], "--device", "cpu"]
@@ -273,86 +274,8 @@ def test_an_out_over_an_input_or_held_by_another_run_exits_2_and_writes_nothing(
     assert e.value.code == 2 and "would overwrite --questions" in capsys.readouterr().err
     out = tmp_path / "run" / "p.jsonl"
     with contextlib.ExitStack() as held:
-        assert train.lock_file(held, str(out) + ".lock") is None
+        assert lock_file(held, str(out) + ".lock") is None
         with pytest.raises(SystemExit) as e:
             ev.main(common + ["--out", str(out)])
     assert e.value.code == 2 and f"{out}: another run (pid {os.getpid()})" in capsys.readouterr().err
     assert os.listdir(out.parent) == ["p.jsonl.lock"]
-
-
-# --- what each score catches ---
-
-def test_within_instance_auroc_by_hand():
-    # question 1: clean 0.9, 0.2 against flawed 0.5 -> 1 + 0 of 2; question 2: a tie (½) and a win (1)
-    groups = [[(0.9, False), (0.5, True), (0.2, False)], [(0.4, False), (0.4, True), (0.1, True)], [(0.3, False)]]
-    assert ev.within_auroc(groups) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
-    assert ev.within_auroc(groups, higher=False) == pytest.approx((0 + 1 + 0.5 + 0) / 4)  # S_D: lower is better
-    assert ev.within_auroc([[(1.0, False)], [(0.0, True)]]) is None  # no question holds both
-
-
-def test_auroc_standard_error_by_hand():
-    # pairs won 1/1, 0/1, 1/2 (AUROC 2/4); leaving each out: 1/3, 2/3, 1/2, mean 1/2, squares 1/36 + 1/36 + 0
-    groups = [[(0.9, False), (0.1, True)], [(0.2, False), (0.8, True)], [(0.5, False), (0.4, True), (0.6, True)],
-              [(0.3, False)]]  # no pair: left out
-    assert ev.auroc_se(groups) == pytest.approx(((3 - 1) / 3 * 2 / 36) ** 0.5)  # = 1/√27
-    assert ev.auroc_se(groups[:1]) is None
-
-
-def test_gsm8k_flaw_set_labels_match_the_rationales(benchmarks_dir):
-    import re
-    for inst in ev.gsm8k_flaw_set(os.path.join(benchmarks_dir, "gsm8k_test.jsonl"), 30):
-        r = dict(inst.rationales)
-        assert inst.flaws == {"carried": "hallucination", "terse": "filler"} and "<<" not in r["human"]
-        nums = lambda t: re.findall(r"\d[\d,.]*\d|\d", t)
-        a, b = nums(r["human"]), nums(r["carried"])
-        assert len(a) == len(b) and a != b and a[-1] == b[-1]  # numbers changed, the final answer kept
-        first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-        assert len({x for x, y in zip(a, b) if x != y}) == 1 and b[first] not in a[first:first + 1]  # one value, carried
-        assert data.extract_answer(r["human"] + "\n#### " + inst.answer, "gsm8k") == inst.answer
-        assert not re.search(r"[-+*/=]", r["terse"]) and r["terse"].endswith(f"{inst.answer}.")
-
-
-def test_readings_command_writes_every_reading_for_each_set(tmp_path, student_dir, capsys):
-    rows = [{"id": f"q{i}", "question": f"What is {i} + 3?", "answer": str(i + 3), "rationales": [
-        {"teacher": "a", "text": f"So {i} + 3 = {i + 3}."}, {"teacher": "b", "text": f"First, {i} + 3 = {i + 4}.",
-                                                            "flaw": "hallucination"},
-        {"teacher": "c", "text": "Hmm, okay, so.", "flaw": "filler" if i % 2 else None}]} for i in range(5)]
-    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "readings"
-    sets = ev.main(["readings", "--set", f"pool={student_dir}:{tmp_path / 'pool.jsonl'}",
-                          "--out", str(out), "--batch-size", "3", "--device", "cpu"])
-    assert list(sets["pool"]) == list(ev.READINGS)
-    for reading, row in sets["pool"].items():
-        assert all(row[k] is None or 0 <= row[k] <= 1 for k in ev.HIGHER_IS_CLEAN), reading
-    assert sets["pool"]["default"]["s_d"] is not None and sets["pool"]["default"]["weight/filler"] is not None
-    same = ("S_G with self-loops", "S_G at the rationale mean", "temperature 2")
-    assert all(sets["pool"][r]["s_d"] == sets["pool"]["default"]["s_d"] for r in same)  # S_D reads no flag
-    assert sets["pool"]["temperature 2"]["weight"] is not None
-    table = capsys.readouterr().out
-    first, per_flaw = table.split("\n\n")[:2]
-    assert table == (out / "readings.md").read_text() and first.count("\n| ") == len(ev.READINGS) + 1
-    assert per_flaw.count("\n| pool: ") == 2 and " ± " in first  # hallucination, filler; SEs shown
-    with pytest.raises(SystemExit) as e:
-        ev.main(["readings", "--set", "nope", "--out", str(out)])
-    assert e.value.code == 2
-
-
-def test_readings_shortcuts_equal_scoring_each_reading_in_full(tmp_path, student_dir):
-    """reading_aurocs reuses one probe pass for every reading: its AUROCs equal those of scoring the instances
-    under each reading's own CompactConfig (exact S_MI), rationales of different lengths included."""
-    from compact import CompactConfig
-    from eval import load_student, rationale_scores, reading_aurocs, within_auroc
-    tok_model, tok = load_student(student_dir)
-    insts = [data.Instance(f"q{i}", f"What is {i} + 2?", str(i + 2), None, [
-        ("a", f"So {i} + 2 = {i + 2}, and then we check it twice: {i + 2}."), ("b", f"{i} + 2 = {i + 3}."),
-        ("c", "Hmm.")], {"b": "hallucination", "c": "filler"} if i % 2 else {"b": "hallucination"}) for i in range(6)]
-    readings = {k: ev.READINGS[k] for k in ("default", "S_MI divided by its length (SPEC's Eq. 3)",
-                                            "S_G at the last rationale token", "z-floor 0")}
-    got = reading_aurocs(tok_model, tok, insts, 4, readings)
-    encoded, info = data.encode_dataset(insts, tok, max_len=10**6)
-    labels = [[i.flaws.get(info["teachers"][t]) is not None for t in e.teacher] for i, e in zip(insts, encoded)]
-    for name, kw in readings.items():
-        full = rationale_scores(tok_model, encoded, CompactConfig(mi_budget=0, **kw), 4)
-        for k, up in ev.HIGHER_IS_CLEAN.items():
-            want = within_auroc([list(zip(s[k], ls)) for s, ls in zip(full, labels)], up)
-            assert got[name][k] == pytest.approx(want, abs=1e-9), (name, k)

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+import common
 import data
 import tokenizer
 import demo
@@ -119,8 +120,9 @@ def _ddp_worker(rank, world, port, out, job):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    import common
     import train as t
-    t.setup_dist()
+    common.setup_dist()
     try:
         if job[0] == "train":
             cfg, ccfg = t.parse_args(job[1])
@@ -129,7 +131,7 @@ def _ddp_worker(rank, world, port, out, job):
             state = sgd_update(*job[1], rank, world, *job[2])
         torch.save(state, os.path.join(out, f"rank{rank}.pt"))
     finally:
-        t.cleanup_dist()
+        common.cleanup_dist()
 
 
 def spawn_two(tmp_path, job):
@@ -246,7 +248,7 @@ def test_two_ranks_stop_together_on_a_lock_held_elsewhere_and_on_a_sigterm_to_on
                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
 
     with contextlib.ExitStack() as held:
-        assert t.lock_file(held, str(out / "train.lock")) is None
+        assert common.lock_file(held, str(out / "train.lock")) is None
         procs = two_ranks()
         errs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [2, 2] and f"{out}: another run (pid {os.getpid()})" in errs[0], errs
@@ -266,7 +268,7 @@ def test_cleanup_dist_frees_the_ddp_model_an_error_holds_before_it_destroys_the_
     import gc
     import weakref
     import torch.distributed as dist
-    import train as t
+    import common
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     model, alive, destroy = [], [], dist.destroy_process_group
     monkeypatch.setattr(dist, "destroy_process_group", lambda: (alive.append(model[0]() is not None), destroy()))
@@ -275,16 +277,16 @@ def test_cleanup_dist_frees_the_ddp_model_an_error_holds_before_it_destroys_the_
         ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
         ddp.__dict__["cycle"] = [ddp]  # as a process's first DDP sits in one (a traceback torch keeps)
         model.append(weakref.ref(ddp))
-        raise data.DataError("bad input")
+        raise common.DataError("bad input")
 
     gc.disable()  # DDP's cycles must go in cleanup_dist's own collection
     try:
         with pytest.raises(SystemExit):
             try:
-                with data.user_errors("train.py"):
+                with common.user_errors("train.py"):
                     job()
             finally:
-                t.cleanup_dist()
+                common.cleanup_dist()
     finally:
         gc.enable()
     assert alive == [False] and not dist.is_initialized()
@@ -292,14 +294,14 @@ def test_cleanup_dist_frees_the_ddp_model_an_error_holds_before_it_destroys_the_
 
 def test_lock_file_is_exclusive_names_its_holder_and_ends_with_its_stack(tmp_path):
     import contextlib
-    import train as t
+    import common
     path = str(tmp_path / "out" / "train.lock")
     with contextlib.ExitStack() as first:
-        assert t.lock_file(first, path) is None
+        assert common.lock_file(first, path) is None
         with contextlib.ExitStack() as second:
-            assert t.lock_file(second, path) == str(os.getpid())
+            assert common.lock_file(second, path) == str(os.getpid())
     with contextlib.ExitStack() as third:
-        assert t.lock_file(third, path) is None
+        assert common.lock_file(third, path) is None
 
 
 def test_a_second_run_on_the_same_out_exits_2_naming_the_directory_and_the_first_runs_pid(run_inputs, tmp_path,
@@ -395,8 +397,8 @@ def test_bad_data_exits_2_without_traceback(run_inputs, tmp_path):
 
 
 def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, capsys):
-    import train as t
-    t.main(["--demo", "--out", str(tmp_path), "--max-steps", "2", "--pretrain-steps", "2", "--seeds", "2", "--arms",
+    import demo
+    demo.main(["--out", str(tmp_path), "--max-steps", "2", "--pretrain-steps", "2", "--seeds", "2", "--arms",
             "base,sbs-stepwise,compact,clean-only", "--n-train", "24", "--n-test", "12", "--n-pretrain", "24"])
     printed = capsys.readouterr().out
     for name in ("data/train.jsonl", "data/test.jsonl", "data/pretrain.jsonl", "base/config.json", "base/tokenizer.json",
@@ -722,7 +724,7 @@ def test_an_instance_without_a_rationale_of_the_teachers_is_reported_as_such(run
     model_dir, data_file = run_inputs
     rows = [json.loads(line) for line in open(data_file)]
     rows[0]["rationales"] = [r for r in rows[0]["rationales"] if r["teacher"] != "stepwise"]
-    data.write_jsonl(str(tmp_path / "d.jsonl"), rows)
+    common.write_jsonl(str(tmp_path / "d.jsonl"), rows)
     _, encoded, stats = t.load_data(model_dir, str(tmp_path / "d.jsonl"), 400, teachers="stepwise")
     assert len(encoded) == 17 and stats["without_teacher"] == 1 and stats["dropped_instances"] == 0
     assert "dropped 1 instances without a rationale of --teachers, 0 instances" in capsys.readouterr().err
@@ -757,7 +759,7 @@ def test_a_6mb_rationale_costs_under_half_as_much_memory_again(run_inputs, tmp_p
     model_dir, data_file = run_inputs
     rows = [json.loads(line) for line in open(data_file)]
     rows[0]["rationales"][0]["text"] = "So we add 8 and 2, then take away 4. " * 165_000
-    data.write_jsonl(str(tmp_path / "huge.jsonl"), rows)
+    common.write_jsonl(str(tmp_path / "huge.jsonl"), rows)
     code = ("import resource, sys, train; train.load_data(sys.argv[1], sys.argv[2], 400); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     rss = [int(subprocess.run([sys.executable, "-c", code, model_dir, path], cwd=ROOT, env=ENV, capture_output=True,
