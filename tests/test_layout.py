@@ -68,3 +68,14 @@ def test_the_layout_check_passes():
         pytest.skip("../shared/tools/layout_check.py is absent (a fresh clone has no shared/)")
     done = subprocess.run([sys.executable, LAYOUT_CHECK], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_front_page_holds_the_two_commands_early_and_ci_runs_its_test_command():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split("\n")
+    head = "\n".join(readme[:40])
+    assert "&& python demo.py" in head and "&& python -m pytest -q" in head
+    assert len(readme) <= 250, f"README.md has {len(readme)} lines: details belong in docs/"
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+    assert "python -m pytest -q" in ci
+    for link in ("docs/demo.md", "docs/usage.md", "docs/speed.md", "docs/readings.md"):
+        assert link in head + "\n".join(readme) and os.path.isfile(os.path.join(ROOT, link)), link
