@@ -1,5 +1,6 @@
-"""Read what distillation did from finished outputs (SPEC.md §6): Table 1, PCA shift, the information-gain
-trace, teacher weight dynamics, and the scores COMPACT gives a multi-teacher file before any training.
+"""Read what distillation did from finished outputs (SPEC.md §6): Table 1, PCA shift, the
+information-gain trace, teacher weight dynamics, and the scores
+COMPACT gives a multi-teacher file before any training.
 
     python analysis.py table --run base=runs/base/preds.jsonl --run compact=runs/c-s0/eval,runs/c-s1/eval \
         [--out table/]
@@ -12,7 +13,8 @@ trace, teacher weight dynamics, and the scores COMPACT gives a multi-teacher fil
         --set gsm8k=DIR:gsm8k_test.jsonl --out readings/
 
 readings: what each COMPACT score catches, the within-instance AUROC against flaw labels, for every
-reading of SPEC's Decisions. Plots need matplotlib; without it the numbers are still written. Left out: sampling metrics (pass@k, majority vote), significance tests.
+reading of SPEC's Decisions. Plots need matplotlib; without it the numbers are still
+written. Left out: sampling metrics (pass@k, majority vote), significance tests.
 """
 import argparse
 import csv
@@ -46,8 +48,9 @@ NAMES = {"math": "MATH500", "gsm8k": "GSM8K", "svamp": "SVAMP", "csqa": "Commons
 
 
 def seed_predictions(path):
-    """{task: predictions file} of one seed: an eval.py accuracy --out (its summary beside it), the summary
-    itself, a directory of summaries, or a predictions file named TASK.jsonl / STEM-TASK.jsonl."""
+    """{task: predictions file} of one seed: an eval.py accuracy --out (its summary beside it), the
+    summary itself, a directory of summaries, or a
+    predictions file named TASK.jsonl / STEM-TASK.jsonl."""
     stem = path[:-len(".summary.json")] if path.endswith(".summary.json") else os.path.splitext(path)[0]
     summaries = sorted(glob.glob(os.path.join(glob.escape(path), "*.summary.json"))) if os.path.isdir(path) \
         else [stem + ".summary.json"] if os.path.isfile(stem + ".summary.json") else []
@@ -70,8 +73,9 @@ def seed_predictions(path):
 
 
 def checked_jsonl(path, ok, what):
-    """The records of a JSONL log (a torn last line, as a run still writing leaves, left out); the first
-    record that is not a dict passing ok(record) raises DataError naming FILE:LINE and `what` it should be."""
+    """The records of a JSONL log (a torn last line, as a run still writing leaves, left out); the
+    first record that is not a dict passing ok(record) raises
+    DataError naming FILE:LINE and `what` it should be."""
     rows = read_jsonl(path, torn_tail=True)
     if bad := [lineno for lineno, r in rows if not (isinstance(r, dict) and ok(r))]:
         raise DataError(f"{path}:{bad[0]}: not {what}")
@@ -93,16 +97,18 @@ def item_means(seeds, where):
 
 
 def sem(x, ddof):
-    """sqrt(Σ(x_i − x̄)² / (n − ddof)) / √n; ddof 0 on 0/1 scores is the binomial SEM sqrt(p(1−p)/n)."""
+    """sqrt(Σ(x_i − x̄)² / (n − ddof)) / √n; ddof 0 on
+    0/1 scores is the binomial SEM sqrt(p(1−p)/n)."""
     m = sum(x) / len(x)
     return math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - ddof) / len(x)) if len(x) > ddof else None
 
 
 def table1(runs, baseline):
-    """runs: {name: [{task: {id: 0/1}} per seed]} -> per run and benchmark the accuracy (mean over seeds) with
-    its item SEM (of the per-item means over seeds: the binomial SEM with one seed) and seed SEM (std of the
-    seeds' accuracies / √S), and per group the average gain over `baseline` (mean over the group's benchmarks
-    of run − baseline) with its item SEM (paired per item, benchmarks in quadrature) and seed SEM."""
+    """runs: {name: [{task: {id: 0/1}} per seed]} -> per run and benchmark the accuracy (mean over
+    seeds) with its item SEM (of the per-item means over seeds: the binomial SEM with one seed) and
+    seed SEM (std of the seeds' accuracies / √S), and per group the average gain over `baseline`
+    (mean over the group's benchmarks of run − baseline) with its item
+    SEM (paired per item, benchmarks in quadrature) and seed SEM."""
     tasks = [t for g in GROUPS.values() for t in g if any(t in s for seeds in runs.values() for s in seeds)]
     out, scores = {}, {}
     for name, seeds in runs.items():
@@ -181,13 +187,15 @@ def run_table(a):
 
 @torch.no_grad()
 def pooled_states(model, prompts, batch_size=8):
-    """[L, N, C] fp32: each block's output (embeddings not counted) mean-pooled over a prompt's tokens."""
+    """[L, N, C] fp32: each block's output (embeddings not
+    counted) mean-pooled over a prompt's tokens."""
     device, captured, pooled = model.lm_head.weight.device, [], []
     hooks = [b.register_forward_hook(lambda m, i, o: captured.append(o[0])) for b in model.model.layers]
     try:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
-            # ids (B, T) and real (B, T, 1), right-padded: with the causal mask no real token sees a pad
+            # ids (B, T) and real (B, T, 1), right-padded:
+            # with the causal mask no real token sees a pad
             T = max(len(p) for p in batch)
             ids = torch.tensor([p + [0] * (T - len(p)) for p in batch], device=device)
             real = torch.tensor([[[1.0]] * len(p) + [[0.0]] * (T - len(p)) for p in batch], device=device)
@@ -202,7 +210,8 @@ def pooled_states(model, prompts, batch_size=8):
 
 
 def pca_shift(base, distilled):
-    """Per layer, the distilled centroid's move in the base states' PCA frame; base, distilled [L, N, C].
+    """Per layer, the distilled centroid's move in the
+    base states' PCA frame; base, distilled [L, N, C].
 
     d = mean(distilled) − mean(base). pc1, pc2 = |d · v_k| for the base's top principal axes
     v_k (SVD of the centred base states); full = ‖d‖₂. The *_rel values divide by the base's
@@ -231,7 +240,8 @@ def run_pca_shift(a):
     model, tok = load_student(a.model, None, a.dtype, a.device)
     prompts = [chat_prompt(tok, it["prompt"])[1] for it in items]
     base = pooled_states(model, prompts, a.batch_size)
-    load_adapter(model, a.adapter).eval()  # the same weights with the adapter on top; eval: no LoRA dropout
+    # the same weights with the adapter on top; eval: no LoRA dropout
+    load_adapter(model, a.adapter).eval()
     rows = pca_shift(base, pooled_states(model, prompts, a.batch_size))
     write_json(os.path.join(a.out, "pca_shift.json"), {"settings": vars(a), "n": len(items), "layers": rows})
     for r in rows:
@@ -246,7 +256,8 @@ def run_pca_shift(a):
 
 @torch.no_grad()
 def information_trace(model, tok, inst, teacher):
-    """I_0..I_|R| = log p(y | x, r_≤t) along one rationale, exact (compact.py's probe at every prefix, Eq. 2).
+    """I_0..I_|R| = log p(y | x, r_≤t) along one rationale,
+    exact (compact.py's probe at every prefix, Eq. 2).
 
     Returns (info [|R|+1], think [|R|] bool, token texts, S_MI by compact.mi_estimate);
     ΔI_t = info[t] − info[t−1].
@@ -258,8 +269,10 @@ def information_trace(model, tok, inst, teacher):
     _, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)
     info = probe_information(model, aux.kv, batch, plan)  # (1, 1 + |R|)
     text = dict(inst.rationales)[teacher].strip()
-    _, offsets = tok.encode_with_offsets(text)  # encode_instance tokenizes the stripped text the same way
-    s_mi = float(mi_estimate(info, plan)[0])  # as compact.py's default scores it (mi_norm "none": the sum)
+    # encode_instance tokenizes the stripped text the same way
+    _, offsets = tok.encode_with_offsets(text)
+    # as compact.py's default scores it (mi_norm "none": the sum)
+    s_mi = float(mi_estimate(info, plan)[0])
     return info[0].float().cpu(), think[0].cpu(), [text[s:e] for s, e in offsets], s_mi
 
 
@@ -275,7 +288,8 @@ def run_mi_trace(a):
     model, tok = load_student(a.model, None, a.dtype, a.device)
     traces = {"before": information_trace(model, tok, inst, teacher)}
     if a.adapter:
-        load_adapter(model, a.adapter).eval()  # the new LoRA modules start in training mode (dropout)
+        # the new LoRA modules start in training mode (dropout)
+        load_adapter(model, a.adapter).eval()
         traces["after"] = information_trace(model, tok, inst, teacher)
     info, think, tokens, _ = traces["before"]
     os.makedirs(a.out, exist_ok=True)
@@ -306,8 +320,8 @@ def run_mi_trace(a):
 # --- teacher weight dynamics (SPEC §6, the paper's Fig. 3) ---
 
 def teacher_dynamics(records):
-    """Per teacher: its steps and per-step weight and scores (the plot), mean weight in the first and
-    last quarter of the steps, and mean s_mi, s_g, s_d; means weighted by the branch count n."""
+    """Per teacher: its steps and per-step weight and scores (the plot), mean weight in the first
+    and last quarter of the steps, and mean s_mi, s_g, s_d; means weighted by the branch count n."""
     q = max(1, math.ceil(len(records) / 4))
     first, last = (lambda i: i < q), (lambda i: i >= len(records) - q)  # the first and last quarter
     out = {}
@@ -348,9 +362,9 @@ def run_weights(a):
 # --- COMPACT's scores of a multi-teacher file, before any training ---
 
 def score(a, cfg):
-    """Write one JSON line per rationale with its scores and weight; return (per-teacher means, with how
-    often each teacher got an instance's top weight, and the data stats). The scores are what training would
-    weight with (eval.rationale_scores), less LoRA dropout."""
+    """Write one JSON line per rationale with its scores and weight; return (per-teacher means, with
+    how often each teacher got an instance's top weight, and the data stats). The scores are what
+    training would weight with (eval.rationale_scores), less LoRA dropout."""
     model, tok = load_student(a.model, a.adapter, a.dtype, a.device)
     _, encoded, info = load_data(a.model, a.data, a.max_len, limit=a.limit)
     teachers, drops, rows, tops = info["teachers"], info.get("dropped_per_teacher", {}), [], []
@@ -369,7 +383,8 @@ def score(a, cfg):
 
 
 def run_score(a):
-    cfg = replace(config_from_args(CompactConfig, a), mcon_lambda=0.0)  # scores only: no consistency logits
+    # scores only: no consistency logits
+    cfg = replace(config_from_args(CompactConfig, a), mcon_lambda=0.0)
     summary, info = score(a, cfg)
     write_json(os.path.splitext(a.out)[0] + ".settings.json", {"score": vars(a), "compact": asdict(cfg),
                "data_stats": {k: v for k, v in info.items() if k != "teachers"}})
@@ -382,14 +397,17 @@ def run_score(a):
     return summary
 
 
-# --- what each score catches: within-instance AUROC against flaw labels, every reading of SPEC's Decisions
+# --- what each score catches: within-instance AUROC
+# against flaw labels, every reading of SPEC's Decisions
 
-READINGS = {  # reading: CompactConfig fields; the paper leaves each of these open (SPEC's Decisions),
+# reading: CompactConfig fields; the paper leaves each of these open (SPEC's Decisions),
+READINGS = {
     "default": {}, "S_MI divided by its length (SPEC's Eq. 3)": dict(mi_norm="length"),
     "S_G at the last rationale token": dict(sg_feature="last"),
     "S_G at the rationale mean": dict(sg_feature="mean"), "S_G with self-loops": dict(sg_self_loops=True),
     "S_G one attention over all heads": dict(sg_heads="joint"), "temperature 0.5": dict(temperature=0.5),
-    "temperature 2": dict(temperature=2.0), "z-floor 0": dict(z_floor=0.0),  # then two beyond the paper:
+    # then two beyond the paper:
+    "temperature 2": dict(temperature=2.0), "z-floor 0": dict(z_floor=0.0),
     "S_G cosine of eot states (beyond the paper)": dict(sg_similarity="cosine"),
     "S_G cosine of rationale means (beyond the paper)": dict(sg_similarity="cosine", sg_feature="mean")}
 HIGHER_IS_CLEAN = {"s_mi": True, "s_g": True, "s_d": False, "weight": True}  # S_D: lower is better
@@ -397,8 +415,9 @@ HIGHER_IS_CLEAN = {"s_mi": True, "s_g": True, "s_d": False, "weight": True}  # S
 
 @torch.no_grad()
 def rationale_scores(model, encoded, cfg, batch_size=4):
-    """Per instance {s_mi, s_g, s_d, weight: [per branch]}: compact_loss's scores under cfg with no training
-    (the student's mode, eval: no LoRA dropout; no consistency logits; S_MI's sample fixed per batch)."""
+    """Per instance {s_mi, s_g, s_d, weight: [per branch]}: compact_loss's scores under cfg with no
+    training (the student's mode, eval: no LoRA dropout; no
+    consistency logits; S_MI's sample fixed per batch)."""
     out, device, cfg = [], model.lm_head.weight.device, replace(cfg, mcon_lambda=0.0)
     for i in range(0, len(encoded), batch_size):
         part = encoded[i:i + batch_size]
@@ -408,24 +427,25 @@ def rationale_scores(model, encoded, cfg, batch_size=4):
 
 
 def within_auroc(groups, higher=True):
-    """Over every (clean, flawed) pair of rationales of one question, how often the clean one scores better
-    (ties count ½); groups: [(score, flawed)] per question. None without a pair."""
+    """Over every (clean, flawed) pair of rationales of one question, how often the clean one scores
+    better (ties count ½); groups: [(score, flawed)] per question. None without a pair."""
     pairs = [(c, f) for g in groups for c, cf in g if not cf for f, ff in g if ff]
     return sum(0.5 if c == f else float((c > f) == higher) for c, f in pairs) / len(pairs) if pairs else None
 
 
 def auroc_se(groups, higher=True):
-    """within_auroc's standard error over questions: the jackknife, leaving one question out at a time."""
+    """within_auroc's standard error over questions: the
+    jackknife, leaving one question out at a time."""
     groups = [g for g in groups if any(f for _, f in g) and not all(f for _, f in g)]
     loo = [within_auroc(groups[:i] + groups[i + 1:], higher) for i in range(len(groups))]
     return math.sqrt((len(loo) - 1) * torch.tensor(loo).var(correction=0).item()) if len(loo) > 1 else None
 
 
 def reading_aurocs(model, tok, instances, batch_size=4, readings=READINGS):
-    """{reading: {score: AUROC, "score/flaw": AUROC}} of labelled instances (Instance.flaws) under the
-    student, and "se": {score: auroc_se}. S_MI is exact Eq. 3, so readings are compared without the
-    estimator's noise; one probe pass serves every reading (S_G's readings rescore with alpha 0; mi_norm
-    "none" is |R| times "length")."""
+    """{reading: {score: AUROC, "score/flaw": AUROC}} of labelled instances (Instance.flaws) under
+    the student, and "se": {score: auroc_se}. S_MI is exact Eq. 3, so readings are compared without
+    the estimator's noise; one probe pass serves every reading (S_G's readings rescore with alpha 0;
+    mi_norm "none" is |R| times "length")."""
     encoded, info = encode_dataset(instances, tok, max_len=10**6)
     by_id = {i.id: i.flaws for i in instances}
     labels = [[by_id[e.id].get(info["teachers"][t]) for t in e.teacher] for e in encoded]
@@ -443,7 +463,8 @@ def reading_aurocs(model, tok, instances, batch_size=4, readings=READINGS):
             scores = (torch.tensor([x]) for x in (s_mi, g["s_g"], s["s_d"]))
             w = fuse_weights(*scores, torch.ones(1, len(n), dtype=bool), cfg)
             rows.append({"s_mi": s_mi, "s_g": g["s_g"], "s_d": s["s_d"], "weight": w[0].tolist()})
-        def pairs(k, flaw):  # [(score k, flawed)] per question, of the clean and `flaw` (None: every flaw)
+        # [(score k, flawed)] per question, of the clean and `flaw` (None: every flaw)
+        def pairs(k, flaw):
             return [[(x, f is not None) for x, f in zip(r[k], fs) if not flaw or f in (None, flaw)]
                     for r, fs in zip(rows, labels)]
         table[name] = {k if flaw is None else f"{k}/{flaw}": within_auroc(pairs(k, flaw), up)
@@ -453,8 +474,8 @@ def reading_aurocs(model, tok, instances, batch_size=4, readings=READINGS):
 
 
 def gsm8k_flaw_set(path, n, seed=0):
-    """GSM8K test questions as labelled multi-teacher instances: the human solution (clean), a copy with
-    one intermediate result changed and carried through the later steps, the final answer kept
+    """GSM8K test questions as labelled multi-teacher instances: the human solution (clean), a copy
+    with one intermediate result changed and carried through the later steps, the final answer kept
     ("hallucination"), and a terse answer-only copy ("filler"). Questions of one computation have no
     intermediate: skipped."""
     rng, out = random.Random(seed), []
@@ -479,8 +500,9 @@ def gsm8k_flaw_set(path, n, seed=0):
 
 
 def run_readings(a):
-    """The AUROC table of every reading on each --set NAME=MODEL:DATA (DATA: a labelled multi-teacher file,
-    or a GSM8K benchmark file, made into gsm8k_flaw_set's --limit questions, 100 by default)."""
+    """The AUROC table of every reading on each --set NAME=MODEL:DATA (DATA: a labelled
+    multi-teacher file, or a GSM8K benchmark file, made into
+    gsm8k_flaw_set's --limit questions, 100 by default)."""
     sets = {}
     for spec in a.set:
         name, eq, rest = spec.partition("=")
@@ -513,7 +535,8 @@ def run_readings(a):
 # --- plots and the command line ---
 
 def plot(path, xlabel, panels, marks=()):
-    """Stacked line plots, {y label: {line label: (x, y)}}; marks: (x, text) as labelled vertical lines."""
+    """Stacked line plots, {y label: {line label: (x, y)}};
+    marks: (x, text) as labelled vertical lines."""
     try:
         import matplotlib
         matplotlib.use("Agg")

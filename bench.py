@@ -1,24 +1,26 @@
-"""Speed of compact-ref on the shapes users have: a COMPACT training step, the one-pass S_MI probe and its
-agreement with exact Eq. 3, against transformers + PEFT on the same instances.
+"""Speed of compact-ref on the shapes users have: a COMPACT training step, the one-pass S_MI probe
+and its agreement with exact Eq. 3, against transformers + PEFT on the same instances.
 
     python bench.py [--json] [--threads 2] [--compile] [--mix long,equal] [--mi-model DIR] [--mi-sweep]
     python bench.py --device cuda --shape qwen2.5-1.5b --mix long --no-naive --no-mi
 
-Synthetic ids on a random Qwen2-shaped model ("small": hidden 512, 8 layers, 8/2 heads, intermediate 1408,
-vocab 32000, tied, 40M), LoRA r=16, alpha 32, dropout 0 on all 7 projections, AdamW. An instance is a 32-token
-prompt and K rationales with thinking marks, then cue (4) ⊕ y (4) ⊕ close ⊕ eot. Mixes (MIXES): "long", the
-long-CoT mix of four teachers, two instruct-style (about 40 and 80 tokens) and two long traces (about 400 and
-700), each ±25% per question, B = 4; "equal", K = 4 branches of --seq tokens (the others up to 10% shorter),
-B = 1. Per mix: supervised tokens/s of a COMPACT step (train.train_step: forward, backward, clipping, AdamW,
-stats sync), the tokens of the padded [B, K, T] layout and of the packed row, step peak memory with and
-without gradient checkpointing, COMPACT/uniform and the probe's share (alpha = 0 skips only the probe), and
-transformers + PEFT (the same weights, the batch padded to [B·K, T] as its users run it) over our plain LoRA
-SFT step. Timing: a warmup call, then --repeats rounds running each configuration --steps times in turn (load
-from other processes falls on all alike); the median round, ratios as the median [min, max] of per-round
-ratios. Peak memory: the most tensor memory a call holds above what was live before it (CUDA: the allocator;
-CPU: the profiler's allocation events). MFU = model FLOPs of the LoRA training pass / step time / peak dense
-bf16, per real token 4·N_frozen + 6·N_lora (N: linear weights incl. lm_head) + 12·L·C per attended pair, probe
-not counted. Left out: multi-GPU, data loading and tokenisation, generation.
+Synthetic ids on a random Qwen2-shaped model ("small": hidden 512, 8 layers, 8/2 heads, intermediate
+1408, vocab 32000, tied, 40M), LoRA r=16, alpha 32, dropout 0 on all 7 projections, AdamW. An
+instance is a 32-token prompt and K rationales with thinking marks, then cue (4) ⊕ y (4) ⊕ close ⊕
+eot. Mixes (MIXES): "long", the long-CoT mix of four teachers, two instruct-style (about 40 and 80
+tokens) and two long traces (about 400 and 700), each ±25% per question, B = 4; "equal", K = 4
+branches of --seq tokens (the others up to 10% shorter), B = 1. Per mix: supervised tokens/s of a
+COMPACT step (train.train_step: forward, backward, clipping, AdamW, stats sync), the tokens of the
+padded [B, K, T] layout and of the packed row, step peak memory with and without gradient
+checkpointing, COMPACT/uniform and the probe's share (alpha = 0 skips only the probe), and
+transformers + PEFT (the same weights, the batch padded to [B·K, T] as its users run it) over our
+plain LoRA SFT step. Timing: a warmup call, then --repeats rounds running each configuration --steps
+times in turn (load from other processes falls on all alike); the median round, ratios as the median
+[min, max] of per-round ratios. Peak memory: the most tensor memory a call holds above what was live
+before it (CUDA: the allocator; CPU: the profiler's allocation events). MFU = model FLOPs of the
+LoRA training pass / step time / peak dense bf16, per real token 4·N_frozen + 6·N_lora (N: linear
+weights incl. lm_head) + 12·L·C per attended pair, probe not counted.
+Left out: multi-GPU, data loading and tokenisation, generation.
 """
 import argparse
 import contextlib
@@ -47,13 +49,16 @@ from model import ModelArgs, Transformer, compile_blocks
 from train import TrainConfig, train_step
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SIZE_FIELDS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")  # Qwen2, tied embeddings
+# Qwen2, tied embeddings
+SIZE_FIELDS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
 SHAPES = {"small": (512, 8, 8, 2, 1408, 32000), "qwen2.5-1.5b": (1536, 28, 12, 2, 8960, 151936)}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, FLOP/s
 PROMPT_LEN, CUE_LEN, ANSWER_LEN = 32, 4, 4
-MIXES = {"long": ((40, 80, 400, 700), 0.25, 4), "equal": (None, 0.1, 1)}  # rationale lengths, spread, B
+# rationale lengths, spread, B
+MIXES = {"long": ((40, 80, 400, 700), 0.25, 4), "equal": (None, 0.1, 1)}
 LAWS = {"fixed 48 (the previous default)": dict(mi_budget=48, mi_budget_frac=0.0, mi_budget_cap=0),
-        "fixed 96": dict(mi_budget=96, mi_budget_frac=0.0, mi_budget_cap=0),  # --mi-sweep: and the default
+        # --mi-sweep: and the default
+        "fixed 96": dict(mi_budget=96, mi_budget_frac=0.0, mi_budget_cap=0),
         "max(64, 0.3 |R|), cap 192": dict(mi_budget=64, mi_budget_frac=0.3, mi_budget_cap=192)}
 
 
@@ -113,7 +118,8 @@ def random_qwen2(c: BenchConfig) -> Transformer:
 
 
 def synth_instances(c: BenchConfig, mix, seed=0):
-    """EncodedInstances of random ids in a MIXES shape; thinking marks on 1 token in 32 (1 in 8 past 200)."""
+    """EncodedInstances of random ids in a MIXES shape;
+    thinking marks on 1 token in 32 (1 in 8 past 200)."""
     g = random.Random(seed)
     lengths, spread, B = MIXES[mix]
     rand = lambda n: [g.randrange(c.vocab - 1) for _ in range(n)]
@@ -132,7 +138,8 @@ def synth_instances(c: BenchConfig, mix, seed=0):
 
 
 def mix_data(c, mix, device):
-    """(EncodedInstances, our packed row, the [B·K, T] batch right-padded as transformers users pad it)."""
+    """(EncodedInstances, our packed row, the [B·K, T]
+    batch right-padded as transformers users pad it)."""
     encoded = synth_instances(c, mix, c.seed)
     rows = [(ids, codes) for e in encoded for ids, codes, _ in e.branches]
     T = max(len(ids) for ids, _ in rows)
@@ -143,7 +150,8 @@ def mix_data(c, mix, device):
 
 
 def build_model(c: BenchConfig, device, save_dir=None):
-    """Random Qwen2 → base dtype → (saved for transformers) → LoRA (fp32) → device, as train.build_model."""
+    """Random Qwen2 → base dtype → (saved for transformers)
+    → LoRA (fp32) → device, as train.build_model."""
     torch.manual_seed(c.seed)
     with device:  # initialise on the device: a 1.5B fp32 init on a CPU takes minutes
         model = random_qwen2(c).to(getattr(torch, c.dtype))
@@ -161,7 +169,8 @@ def build_hf_peft(c: BenchConfig, path, device, compiled=False):
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, c.dtype), attn_implementation="sdpa")
     lora = LoraConfig(r=c.lora_rank, lora_alpha=2 * c.lora_rank, target_modules=list(TARGETS),
                       lora_dropout=0.0, task_type="CAUSAL_LM")
-    hf = get_peft_model(hf.to(device), lora).train()  # adapters fp32 (PEFT's autocast_adapter_dtype), as ours
+    # adapters fp32 (PEFT's autocast_adapter_dtype), as ours
+    hf = get_peft_model(hf.to(device), lora).train()
     if compiled:  # its layer wrapper recompiles per layer instance: let all compile, none run eager
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * c.layers)
         for layer in hf.get_base_model().model.layers:
@@ -170,7 +179,8 @@ def build_hf_peft(c: BenchConfig, path, device, compiled=False):
 
 
 def timed(fn, device, calls=1):
-    """(seconds per call over `calls` calls of fn, the device synchronised around them; the last result)."""
+    """(seconds per call over `calls` calls of fn, the device
+    synchronised around them; the last result)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
     sync(device)
     t0 = time.perf_counter()
@@ -181,7 +191,8 @@ def timed(fn, device, calls=1):
 
 
 def interleaved(fns, c: BenchConfig, device):
-    """({name: median seconds per call}, {name: per-round seconds}) of each fn, rounds taken in turn."""
+    """({name: median seconds per call}, {name: per-round
+    seconds}) of each fn, rounds taken in turn."""
     rounds = {name: [] for name in fns}
     for r in range(c.repeats + 1):  # round 0 is the warmup
         for name, fn in fns.items():
@@ -229,7 +240,8 @@ def hf_step(hf, pad, autocast):
 
 
 def bench_mix(c, mix, encoded, batch, pad, model, hf, hf_dir, device, autocast):
-    """Every step measurement of one mix (mix_data), as a dict (see the file docstring); the models train."""
+    """Every step measurement of one mix (mix_data), as a
+    dict (see the file docstring); the models train."""
     real, padded = sum(len(ids) for e in encoded for ids, _, _ in e.branches), pad["input_ids"].numel()
     r = dict(instances=len(encoded), branches=batch["branch_mask"].shape[1],
              longest=pad["input_ids"].shape[1], supervised=int(batch["sft_mask"].sum()), tokens_padded=padded,
@@ -249,15 +261,18 @@ def bench_mix(c, mix, encoded, batch, pad, model, hf, hf_dir, device, autocast):
     times, rounds = interleaved(fns, c, device)
     r.update(times_s=times, tokens_per_s=r["supervised"] / times["compact"],
              probe_share=1 - times["compact_no_mi"] / times["compact"])
-    ratios = [(k.replace("compact", "compact_over_uniform"), k, "uniform") for k in laws]  # (key, a, b)
+    # (key, a, b)
+    ratios = [(k.replace("compact", "compact_over_uniform"), k, "uniform") for k in laws]
     ratios += [(f"vs_{k}", k, k.replace("hf_peft", "sft")) for k in times if k.startswith("hf_peft")]
-    for key, a, b in ratios:  # time a / time b: the median of the per-round ratios, and their [min, max]
+    # time a / time b: the median of the per-round ratios, and their [min, max]
+    for key, a, b in ratios:
         x = [p / q for p, q in zip(rounds[a], rounds[b])]
         r[key], r[key + "_range"] = median(x), [min(x), max(x)]
     if c.compile:
         r["compile_s"] = {k: t - 2 * times[k] for k, t in r["compile_s"].items()}
     r["step_peak_mb"] = {}
-    for gc in (True, False):  # checkpointing off at the end: the next mix times both models without it
+    # checkpointing off at the end: the next mix times both models without it
+    for gc in (True, False):
         model.gradient_checkpointing = gc
         if hf is not None:
             hf.gradient_checkpointing_enable({"use_reentrant": False}) if gc else \
@@ -272,8 +287,8 @@ def bench_mix(c, mix, encoded, batch, pad, model, hf, hf_dir, device, autocast):
 
 
 def flops_per_step(model, encoded, tokens, c: BenchConfig):
-    """Model FLOPs of one LoRA training pass over the packed row of `tokens` tokens: per token 4·N_frozen +
-    6·N_lora, plus 12·L·C per (query, key) pair that attention computes."""
+    """Model FLOPs of one LoRA training pass over the packed row of `tokens` tokens: per token
+    4·N_frozen + 6·N_lora, plus 12·L·C per (query, key) pair that attention computes."""
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # frozen matrices (the tied lm_head once); an untied embedding is a lookup, not a matmul
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad and p.dim() == 2)
@@ -283,10 +298,12 @@ def flops_per_step(model, encoded, tokens, c: BenchConfig):
 
 
 def probe_check(model, c, device, autocast):
-    """The exact I_t of one long branch two ways, timed and compared: the one-pass probe over its K/V, and the
-    obvious loop (one forward of prompt ⊕ r_≤t ⊕ cue ⊕ y per prefix; logits only where y is read)."""
+    """The exact I_t of one long branch two ways, timed and compared: the one-pass probe over its
+    K/V, and the obvious loop (one forward of prompt ⊕ r_≤t
+    ⊕ cue ⊕ y per prefix; logits only where y is read)."""
     e = synth_instances(c, "long", c.seed)[0]
-    one = EncodedInstance(e.id, e.branches[2:3], [0], e.probe_ids, e.probe_answer_mask)  # the 400-token one
+    # the 400-token one
+    one = EncodedInstance(e.id, e.branches[2:3], [0], e.probe_ids, e.probe_answer_mask)
     batch = to_device(collate([one]), device)
     plan = probe_plan(*rationale_view(batch), CompactConfig(mi_budget=0))
     L, y = e.branches[2][1].count(PROMPT), torch.tensor(e.probe_ids, device=device)
@@ -322,7 +339,8 @@ def run_bench(c: BenchConfig) -> dict:
         model = build_model(c, device, tmp if hf_ok else None)
         hf = build_hf_peft(c, tmp, device) if hf_ok else None
         data = {mix: mix_data(c, mix, device) for mix in c.mix.split(",")}
-        with torch.no_grad(), autocast():  # before any step (LoRA B = 0) the same weights give the same loss
+        # before any step (LoRA B = 0) the same weights give the same loss
+        with torch.no_grad(), autocast():
             gaps = {mix: abs(hf(**pad).loss.item() - sft_nll(model, batch).item()) if hf else None
                     for mix, (_, batch, pad) in data.items()}
         for mix, d in data.items():  # d: (encoded, batch, pad)
@@ -344,10 +362,11 @@ MUSING_WORDS = ("Wait", "Hmm", "So", "But", "Let", "Maybe", "Okay", "Now", "Then
 
 
 def mi_instances(c: BenchConfig):
-    """(instances, source): per question 3 short rationales (the GSM8K solution as written, with a check, with
-    a restatement) and one long thinking-dense one of about c.mi_long_words words: the solution's sentences
-    spread among musings, each a thinking word and 2-4 prose words of MATH500 solutions (about one thinking
-    word in seven tokens). Without the benchmark files: synthesised text, and the source says so."""
+    """(instances, source): per question 3 short rationales (the GSM8K solution as written, with a
+    check, with a restatement) and one long thinking-dense one of about c.mi_long_words words: the
+    solution's sentences spread among musings, each a thinking word and 2-4 prose words of MATH500
+    solutions (about one thinking word in seven tokens). Without the
+    benchmark files: synthesised text, and the source says so."""
     gsm, mth = os.path.join(BENCHMARKS, "gsm8k_test.jsonl"), os.path.join(BENCHMARKS, "math500_test.jsonl")
     rng = random.Random(c.seed)
     if os.path.exists(gsm) and os.path.exists(mth):
@@ -370,7 +389,8 @@ def mi_instances(c: BenchConfig):
         while sum(len(x.split()) for x in musings) + len(sol.split()) < c.mi_long_words:
             j, word = rng.randrange(len(filler) - 8), rng.choice(MUSING_WORDS)
             musings.append(f"{word}, {' '.join(filler[j:j + rng.randint(2, 4)]).rstrip(',.')}.")
-        every = max(1, len(musings) // len(sentences))  # the solution's sentences in order, among the musings
+        # the solution's sentences in order, among the musings
+        every = max(1, len(musings) // len(sentences))
         lead = lambda k: [sentences[k // every]] if k % every == 0 and k // every < len(sentences) else []
         long = " ".join(m for k, x in enumerate(musings) for m in lead(k) + [x]) + " " + sentences[-1]
         instances.append(Instance(f"mi-{i}", q, ans, "gsm8k", [
@@ -380,8 +400,8 @@ def mi_instances(c: BenchConfig):
 
 
 def train_student(model, batches, steps, lr=3e-3):
-    """A few AdamW steps of plain next-token loss on the bench's own rows, so that I_t responds to the
-    rationale (a random student's I_t is nearly flat and its gains are noise)."""
+    """A few AdamW steps of plain next-token loss on the bench's own rows, so that I_t responds to
+    the rationale (a random student's I_t is nearly flat and its gains are noise)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for b in itertools.islice(itertools.cycle(batches), steps):
@@ -397,11 +417,12 @@ def kendall_tau(a, b):
 
 
 def mi_agreement(c: BenchConfig) -> dict:
-    """S_MI's default law (and with --mi-sweep every law in LAWS) against exact Eq. 3 on mi_instances, per
-    student (a tiny one trained on the texts; --mi-model, a real one): mean Kendall tau over each instance's
-    branches, mean relative error (all branches; the long one), top-1 agreement, mean probes per short and
-    long branch. Exact I_t comes from one probe pass per instance; a law's estimate reads it at its planned
-    prefixes (c.mi_keys keys per instance), which is what its own probe pass would return there."""
+    """S_MI's default law (and with --mi-sweep every law in LAWS) against exact Eq. 3 on
+    mi_instances, per student (a tiny one trained on the texts; --mi-model, a real one): mean
+    Kendall tau over each instance's branches, mean relative error (all branches; the long one),
+    top-1 agreement, mean probes per short and long branch. Exact I_t comes from one probe pass per
+    instance; a law's estimate reads it at its planned prefixes (c.mi_keys keys
+    per instance), which is what its own probe pass would return there."""
     from eval import load_student
     from tokenizer import Tokenizer, write_tokenizer
     instances, source = mi_instances(c)
@@ -450,7 +471,8 @@ def main(argv=None):
         c = config_from_args(BenchConfig, p.parse_args(argv))
     except ValueError as e:
         p.error(str(e))
-    print(json.dumps(run_bench(c), indent=None if c.json else 2))  # without --json: indented, to read
+    # without --json: indented, to read
+    print(json.dumps(run_bench(c), indent=None if c.json else 2))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The plumbing every entry point shares, at the bottom of the imports (it imports no project module).
+"""The plumbing every entry point shares, at the bottom
+of the imports (it imports no project module).
 
 Files (every write atomic, every JSONL read naming its lines), the user-error type and the CLI
 wrapper that turns it into exit 2, flags built from a dataclass, seed derivation, the process group

@@ -92,8 +92,8 @@ def _parse_instance(obj):
 
 
 def parse_multi_teacher(path, parse=_parse_instance):
-    """All good instances of a multi-teacher JSONL file (or with `parse`, of another file of Instances, as
-    read_questions reads) and a `FILE:LINE: message` per bad line."""
+    """All good instances of a multi-teacher JSONL file (or with `parse`, of another file of
+    Instances, as read_questions reads) and a `FILE:LINE: message` per bad line."""
     instances, problems, first_line = [], [], {}
     for lineno, obj in jsonl_lines(path):
         try:
@@ -112,14 +112,16 @@ def parse_multi_teacher(path, parse=_parse_instance):
 
 def load_multi_teacher(path, skip_bad=False, stats=None):
     """Read and validate a multi-teacher file. Bad lines raise DataError, or with skip_bad=True
-    are dropped and counted on stderr and in stats["skipped_lines"] (a dict, if given; also "sha256")."""
+    are dropped and counted on stderr and in
+    stats["skipped_lines"] (a dict, if given; also "sha256")."""
     instances, problems = parse_multi_teacher(path)
     if problems and not skip_bad:
         more = f"\n... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise DataError(f"{len(problems)} problem(s) in {path}:\n" + "\n".join(problems[:10]) + more)
     if problems:
         print(f"{path}: skipped {len(problems)} bad line(s), kept {len(instances)}", file=sys.stderr)
-    if stats is not None:  # and the file's sha256, which names its content (train.py's resume checks it)
+    # and the file's sha256, which names its content (train.py's resume checks it)
+    if stats is not None:
         stats.update(skipped_lines=len(problems), sha256=hashlib.sha256(read_bytes(path)).hexdigest())
     return instances
 
@@ -133,10 +135,12 @@ def teacher_names(instances):
 # answer extraction and equivalence
 
 _NUMBER = re.compile(r"(?:(?<![\w)\]])-)?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
-# An answer *statement*: "The answer is", "answer: ", "**Answer:**", "**Answer**:"; not any "answer" word.
+# An answer *statement*: "The answer is", "answer: ",
+# "**Answer:**", "**Answer**:"; not any "answer" word.
 _ANSWER_PREFIX = r"(?i:answer)\s*(?:\*\*)?\s*(?:(?i:is)\b\s*[:：]?|[:：])\s*(?:\*\*)?\s*[:：]?\s*"
 _ANSWER_IS = re.compile(_ANSWER_PREFIX + "(.*)")
-_YES_NO = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}  # strategyqa's answers, normalised
+# strategyqa's answers, normalised
+_YES_NO = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}
 
 
 def last_boxed(text):
@@ -189,7 +193,8 @@ def normalize_math(s):
 
 
 def _drop_thousands(s):
-    """'-1,234.5' -> '-1234.5': thousands separators out of a plain number; anything else as it is."""
+    """'-1,234.5' -> '-1234.5': thousands separators out
+    of a plain number; anything else as it is."""
     return s.replace(",", "") if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s) else s
 
 
@@ -254,7 +259,8 @@ def math_equal(pred, gold):
                 return True
             ep, eg = _elements(p), _elements(g)
             if ep and eg and ep[0] == eg[0] and len(ep[1]) == len(eg[1]):
-                # a bare list matches in any order; tuples, intervals and matrices element by element
+                # a bare list matches in any order; tuples,
+                # intervals and matrices element by element
                 if _same_multiset(ep[1], eg[1]) if ep[0] == "list" else all(map(math_equal, ep[1], eg[1])):
                     return True
     return False
@@ -387,8 +393,9 @@ def encode_instance(inst, tok, teachers, max_len, thinking_words=THINKING_WORDS,
     """Tokenize every branch of an instance, each segment on its own so y's ids are the same
     in every branch. Rationales of teachers not in `teachers` are left out; a branch longer
     than max_len is dropped whole (never cut) and counted in `drops` (a Counter by teacher name,
-    if given). None when no branch is left. A text too long by tok.min_tokens' cheap bound is dropped
-    without being tokenized, so a 6 MB rationale costs no more memory than its characters."""
+    if given). None when no branch is left. A text too long by tok.min_tokens' cheap bound is
+    dropped without being tokenized, so a 6 MB rationale
+    costs no more memory than its characters."""
     question = user_prompt(inst.question, inst.task)
     fits = tok.min_tokens(question) <= max_len  # a huge question is not even tokenized
     prompt = tok.encode_chat([{"role": "user", "content": question}]) if fits else None
@@ -430,7 +437,8 @@ def encode_dataset(instances, tok, teachers=None, max_len=2048, thinking_words=T
     stats, drops = Counter(instances=len(instances), without_teacher=0, dropped_instances=0), Counter()
     encoded = []
     for inst in instances:
-        if not any(name in teachers for name, _ in inst.rationales):  # no rationale of the chosen teachers
+        # no rationale of the chosen teachers
+        if not any(name in teachers for name, _ in inst.rationales):
             stats["without_teacher"] += 1
             continue
         e = encode_instance(inst, tok, teachers, max_len, thinking_words, drops)
@@ -444,8 +452,10 @@ def encode_dataset(instances, tok, teachers=None, max_len=2048, thinking_words=T
 
 
 def load_data(model, data, max_len, teachers="", thinking_words="", skip_bad=False, limit=None, rank=0):
-    """(tokenizer, encoded instances, data stats with the sorted teacher list) of a multi-teacher file, for
-    --model's tokenizer; rank 0 reports what was dropped, and why, on stderr (train.py, analysis.py score)."""
+    """(tokenizer, encoded instances, data stats with the
+    sorted teacher list) of a multi-teacher file, for
+    --model's tokenizer; rank 0 reports what was dropped,
+    and why, on stderr (train.py, analysis.py score)."""
     tok, stats = Tokenizer.from_pretrained(model), {}
     instances = load_multi_teacher(data, skip_bad, stats)[:limit]
     encoded, encoding = encode_dataset(instances, tok, teachers=flag_names(teachers) or None, max_len=max_len,
@@ -463,13 +473,13 @@ def load_data(model, data, max_len, teachers="", thinking_words="", skip_bad=Fal
 
 
 def collate(batch):
-    """EncodedInstances -> one packed row (SPEC §9 as revised: no padding, each prompt once; model.py's
-    diagram). [S] per token: input_ids, position_ids (within its branch's own sequence), prev (the row whose
-    logits predict it; a branch's first token: its prompt's last), branch (0..N−1; −1: prompt),
-    sft/rationale/answer/think masks. [N] per branch: slot (b·K + k in [B, K] tables), last_rows (its eot);
-    rationale_rows [N, R] and answer_rows [N, J] in order, −1 = none. [B, K]: branch_mask, teacher. layout
-    (host lists): prompts and branches as (start, end) rows, probes (cue ⊕ y ids, answer mask) per instance,
-    the model.Segments."""
+    """EncodedInstances -> one packed row (SPEC §9 as revised: no padding, each prompt once;
+    model.py's diagram). [S] per token: input_ids, position_ids (within its branch's own sequence),
+    prev (the row whose logits predict it; a branch's first token: its prompt's last), branch
+    (0..N−1; −1: prompt), sft/rationale/answer/think masks. [N] per branch: slot (b·K + k in [B, K]
+    tables), last_rows (its eot); rationale_rows [N, R] and answer_rows [N, J] in order, −1 = none.
+    [B, K]: branch_mask, teacher. layout (host lists): prompts and branches as (start, end) rows,
+    probes (cue ⊕ y ids, answer mask) per instance, the model.Segments."""
     B, K = len(batch), max(len(e.branches) for e in batch)
     ids, pos, prev, branch, codes, think = ([] for _ in range(6))
     prompts, spans, slot, rationale, answer = [], [], [], [], []
@@ -551,7 +561,8 @@ def _benchmark_row(task, i, row):
         key = row.get("Record ID") or f"gpqa-{i}"
         options = [row["Correct Answer"]] + [row[f"Incorrect Answer {j}"] for j in (1, 2, 3)]
         order = list(range(4))
-        random.Random(derive_seed("gpqa", key)).shuffle(order)  # fixed per item: runs stay comparable
+        # fixed per item: runs stay comparable
+        random.Random(derive_seed("gpqa", key)).shuffle(order)
         labelled = [("ABCD"[j], options[o].strip()) for j, o in enumerate(order)]
         return key, _choices(row["Question"], labelled), "ABCD"[order.index(0)]
 
@@ -563,7 +574,8 @@ def load_benchmark(task, path):
         raise DataError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
     if task == "gpqa":
         rows = list(enumerate(csv.DictReader(io.StringIO(read_text(path))), 2))  # 1: header
-    elif task == "strategyqa" and not path.endswith(".jsonl"):  # a JSON list: the "line" is the item number
+    # a JSON list: the "line" is the item number
+    elif task == "strategyqa" and not path.endswith(".jsonl"):
         rows = list(enumerate(read_json(path, list), 1))
     else:
         rows = read_jsonl(path)
@@ -582,8 +594,8 @@ def load_benchmark(task, path):
 # CLI: build (teacher generations -> the multi-teacher file) and check
 
 def read_questions(path, task=None):
-    """A questions JSONL ({id, question, answer[, task]}) as Instances without rationales; `task` fills
-    in a missing task. Bad lines raise DataError naming FILE:LINE."""
+    """A questions JSONL ({id, question, answer[, task]}) as Instances without rationales; `task`
+    fills in a missing task. Bad lines raise DataError naming FILE:LINE."""
     def question(row):
         inst = _parse_instance({**row, "rationales": []} if isinstance(row, dict) else row)
         inst.task = inst.task or task
@@ -625,11 +637,12 @@ def _batch_choices(path, lineno, row, ids):
 def read_generations(path, ids=()):
     """(question id, question text, order, text, cut off) per generation in one teacher's file.
 
-    Lines are ours ({id or question, text|output|response[, sample][, stopped]}, as eval.py rationales
-    writes them) or OpenAI-style batch output ({custom_id, response: {body: {choices: [{message:
-    {content}, finish_reason}]}}, error}, as OpenAI's and vLLM's batch runners write; custom_id is the
-    question id, or ID#S for the S-th request of one question). order = (sample, choice, line);
-    cut off = stopped false, or finish_reason "length" (the teacher ran out of tokens)."""
+    Lines are ours ({id or question, text|output|response[, sample][, stopped]}, as eval.py
+    rationales writes them) or OpenAI-style batch output ({custom_id, response: {body: {choices:
+    [{message: {content}, finish_reason}]}}, error}, as OpenAI's and vLLM's batch runners write;
+    custom_id is the question id, or ID#S for the S-th request of one question). order = (sample,
+    choice, line); cut off = stopped false, or finish_reason
+    "length" (the teacher ran out of tokens)."""
     out = []
     for lineno, row in read_jsonl(path):
         if isinstance(row, dict) and "custom_id" in row:
@@ -666,11 +679,12 @@ def _stage(q, name, text, cut_off, tok, max_len):
 
 
 def build(questions_path, teachers, task, out_path, min_teachers=1, max_len=None, model_dir=None):
-    """Join questions with each teacher's generations (by id, else by exact question text) and keep per
-    teacher and question at most one rationale: the first in sample order whose own final answer matches
-    the gold one, that was not cut off and, with max_len, whose branch fits max_len tokens of
-    model_dir's tokenizer (as train.py --max-len counts). Returns the report: per teacher, questions by
-    the furthest STAGE any of their generations got. Writes nothing when a teacher keeps nothing."""
+    """Join questions with each teacher's generations (by id, else by exact question text) and keep
+    per teacher and question at most one rationale: the first in sample order whose own final answer
+    matches the gold one, that was not cut off and, with max_len, whose branch fits max_len tokens
+    of model_dir's tokenizer (as train.py --max-len counts). Returns the report: per teacher,
+    questions by the furthest STAGE any of their generations
+    got. Writes nothing when a teacher keeps nothing."""
     names = [name for name, _ in teachers]
     if dup := sorted({n for n in names if names.count(n) > 1}):
         raise DataError(f"--teacher {dup[0]} is given twice: each teacher needs one name")

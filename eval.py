@@ -7,11 +7,11 @@
     torchrun --nproc_per_node=2 eval.py rationales --model TEACHER (--questions Q.jsonl | --task math \
         --data BENCH) --samples 4 --temperature 0.7 --out qwq.jsonl
 
-Both are resumable and sharded by run_sharded: a record is reused only for the same prompt text, gold
-answer and generation settings, and OUT.lock keeps a second run off the same --out. accuracy: zero-shot
-CoT prompts in the checkpoint's own chat template, greedy, answers checked by data.py, accuracy ± the
-binomial SEM. rationales: sample s of question q draws from its own stream, so it does not depend on its
-batch, rank or a resume; data.py build reads the output.
+Both are resumable and sharded by run_sharded: a record is reused only for the same prompt text,
+gold answer and generation settings, and OUT.lock keeps a second run off the same --out. accuracy:
+zero-shot CoT prompts in the checkpoint's own chat template, greedy, answers checked by data.py,
+accuracy ± the binomial SEM. rationales: sample s of question q draws from its own stream, so it
+does not depend on its batch, rank or a resume; data.py build reads the output.
 Reading finished outputs (Table 1, PCA shift, the readings) is analysis.py's. Left out: pass@k,
 multi-GPU models.
 """
@@ -56,8 +56,8 @@ def chat_prompt(tok, user_text):
 
 
 def complete(model, tok, prompts, max_new_tokens, **sampling):
-    """(text, new tokens, stopped) per prompt: model.generate up to the template's stop token, which the
-    text leaves out. sampling: generate's temperature, top_p, seed (greedy without)."""
+    """(text, new tokens, stopped) per prompt: model.generate up to the template's stop token, which
+    the text leaves out. sampling: generate's temperature, top_p, seed (greedy without)."""
     stop = set(tok.eos_ids) | {tok.eot_id}
     outs = generate(model, prompts, max_new_tokens=max_new_tokens, eos_ids=stop, **sampling)
     ends = [bool(new) and new[-1] in stop for new in outs]
@@ -75,10 +75,12 @@ def accuracy_sem(correct):
 
 def evaluate(model, tok, items, out, batch_size=8, max_new_tokens=512, rank=0, world=1, log=None,
              settings=None):
-    """Predict, extract and check every item not already in `out`; return all records, in items' order.
+    """Predict, extract and check every item not already
+    in `out`; return all records, in items' order.
 
-    items: data.load_benchmark rows. Greedy decoding; resumable and sharded by run_sharded. settings: what
-    else made the predictions (model, adapter, dtype: generation_settings), stamped on each record.
+    items: data.load_benchmark rows. Greedy decoding; resumable and sharded by run_sharded.
+    settings: what else made the predictions (model, adapter,
+    dtype: generation_settings), stamped on each record.
     """
     def predict_and_check(jobs):
         outs = complete(model, tok, [j["ids"] for j in jobs], max_new_tokens)
@@ -99,7 +101,8 @@ def run_accuracy(a, rank=0, world=1, device="cpu", held=None):
     tasks = [task_name(t) for t in a.task]
     if len(set(tasks)) != len(tasks):
         raise DataError("--task: each task once per call")
-    data = [load_benchmark(t, p)[:a.limit] for t, p in zip(tasks, a.data)]  # DataError names FILE:LINE
+    # DataError names FILE:LINE
+    data = [load_benchmark(t, p)[:a.limit] for t, p in zip(tasks, a.data)]
     if empty := [(t, p) for t, p, d in zip(tasks, a.data, data) if not d]:
         raise DataError(f"--data {empty[0][1]}: no {empty[0][0]} items")
     stem, ext = os.path.splitext(a.out)  # several tasks: one predictions file each
@@ -130,28 +133,32 @@ def task_name(task):
 # --- resumable sharded runs: the part-file protocol accuracy and rationales share ---
 
 def stamp(prompt, answer, settings):
-    """A record's stamp: what made it (the prompt's text, not its position; the gold answer; the generation
-    settings), as 16 hex digits of a sha256. run_sharded reuses a record only under the same stamp."""
+    """A record's stamp: what made it (the prompt's text, not its position; the gold answer; the
+    generation settings), as 16 hex digits of a sha256.
+    run_sharded reuses a record only under the same stamp."""
     return hashlib.sha256(json.dumps([prompt, answer, settings], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def generation_settings(a, sampling=()):
-    """The flags a run's records are stamped with (model, adapter, dtype, max_new_tokens, then `sampling`'s),
-    model and adapter paths resolved."""
+    """The flags a run's records are stamped with (model, adapter, dtype, max_new_tokens, then
+    `sampling`'s), model and adapter paths resolved."""
     real = lambda k, v: os.path.realpath(v) if k in ("model", "adapter") and v and os.path.exists(v) else v
     return {k: real(k, getattr(a, k)) for k in ("model", "adapter", "dtype", "max_new_tokens", *sampling)}
 
 
 def read_records(path):
-    """The complete records of an output file by key, (id, sample); accuracy's records have no sample."""
-    lines = read_jsonl(path, torn_tail=True) if os.path.exists(path) else []  # a kill may tear the last line
+    """The complete records of an output file by key, (id,
+    sample); accuracy's records have no sample."""
+    # a kill may tear the last line
+    lines = read_jsonl(path, torn_tail=True) if os.path.exists(path) else []
     return {(r["id"], r.get("sample", 0)): r for _, r in lines if isinstance(r, dict) and "id" in r}
 
 
 def merge_records(out, order):
     """Fold OUT and its part files into OUT, in `order` of keys (unknown keys last), atomically."""
     parts = sorted(glob.glob(glob.escape(out) + ".part*"))
-    records = {k: r for path in [out, *parts] for k, r in read_records(path).items()}  # part files win
+    # part files win
+    records = {k: r for path in [out, *parts] for k, r in read_records(path).items()}
     rank = {k: n for n, k in enumerate(order)}
     write_jsonl(out, [r for _, r in sorted(records.items(), key=lambda kr: rank.get(kr[0], len(rank)))])
     for p in parts:
@@ -162,12 +169,13 @@ def merge_records(out, order):
 def run_sharded(jobs, out, work, batch_size, rank=0, world=1, log=None, label=""):
     """Do every job whose record `out` lacks; return all records, in jobs' order.
 
-    jobs: dicts with a unique "key" (id, sample), "ids" (the prompt) and "stamp" (see stamp()); work(batch of
-    jobs) returns one record per job, carrying its id (and sample). A record in OUT is reused only under its
-    job's stamp (other ones, made for other data or settings, are redone). Each rank takes every world-th
-    missing job, longest prompts first (an out-of-memory shows in the first batch), and appends each batch's
-    records to OUT (one process) or OUT.partR, flushed, so a kill loses at most one batch (a torn last line
-    is redone). Rank 0 folds the parts into OUT, in jobs' order, at the start and the end.
+    jobs: dicts with a unique "key" (id, sample), "ids" (the prompt) and "stamp" (see stamp());
+    work(batch of jobs) returns one record per job, carrying its id (and sample). A record in OUT is
+    reused only under its job's stamp (other ones, made for other data or settings, are redone).
+    Each rank takes every world-th missing job, longest prompts first (an out-of-memory shows in the
+    first batch), and appends each batch's records to OUT (one process) or OUT.partR, flushed, so a
+    kill loses at most one batch (a torn last line is redone). Rank 0
+    folds the parts into OUT, in jobs' order, at the start and the end.
     """
     keys = [j["key"] for j in jobs]
     if len(set(keys)) != len(keys):
@@ -200,10 +208,10 @@ def run_sharded(jobs, out, work, batch_size, rank=0, world=1, log=None, label=""
 
 
 def start_run(a, outs, settings, rank, world, device, held=None):
-    """Refuse to add to outputs made with other generation settings (model, adapter, dtype, ...: old → new in
-    the message); load the model; take OUT.lock into the ExitStack `held` (train.hold_lock: one run per
-    output); rank 0 writes the settings to OUT-STEM.summary.json first, so that a resumed run can be
-    checked against them."""
+    """Refuse to add to outputs made with other generation settings (model, adapter, dtype, ...: old
+    → new in the message); load the model; take OUT.lock into the ExitStack `held` (train.hold_lock:
+    one run per output); rank 0 writes the settings to OUT-STEM.summary.json first, so that a
+    resumed run can be checked against them."""
     summary = os.path.splitext(a.out)[0] + ".summary.json"
     if os.path.exists(summary) and any(os.path.exists(o) for o in outs):
         old = read_json(summary).get("generation") or {}
@@ -222,13 +230,15 @@ def start_run(a, outs, settings, rank, world, device, held=None):
 # --- teacher rationales: N samples per question, in the teacher's own chat template ---
 
 def sample_seed(seed, qid, sample):
-    """The sampling seed of one (seed, question, sample): a row's draws do not depend on its batch."""
+    """The sampling seed of one (seed, question, sample):
+    a row's draws do not depend on its batch."""
     return derive_seed(seed, qid, sample)
 
 
 def run_rationales(a, rank=0, world=1, device="cpu", held=None):
-    """Sample --samples rationales per question at --temperature; records {id, sample, question, answer,
-    task, text, extracted, correct, new_tokens, stopped}, which data.py build reads as they are."""
+    """Sample --samples rationales per question at --temperature; records {id, sample, question,
+    answer, task, text, extracted, correct, new_tokens,
+    stopped}, which data.py build reads as they are."""
     if bool(a.questions) == bool(a.data) or (a.data and not a.task):
         raise DataError("give --questions FILE, or --task TASK with --data FILE (a benchmark in its public "
                         "format)")
@@ -267,8 +277,8 @@ def run_rationales(a, rank=0, world=1, device="cpu", held=None):
 
 
 def student_flags(sp, adapter_required=False, batch_size=8, model=True):
-    """(--model, --adapter,) --dtype, --device, --batch-size, --limit: the flags of a job that loads a
-    student; check_student_flags checks them."""
+    """(--model, --adapter,) --dtype, --device, --batch-size, --limit: the flags of a job that loads
+    a student; check_student_flags checks them."""
     add = sp.add_argument
     if model:
         add("--model", required=True, help="Hugging Face model directory (weights + tokenizer) or hub id")
@@ -280,7 +290,8 @@ def student_flags(sp, adapter_required=False, batch_size=8, model=True):
 
 
 def check_student_flags(a, flags):
-    """DataError for any of `flags` below 1 or --device cuda without CUDA; --dtype's default by device."""
+    """DataError for any of `flags` below 1 or --device
+    cuda without CUDA; --dtype's default by device."""
     for flag in flags:
         if getattr(a, flag, None) is not None and getattr(a, flag) < 1:
             raise DataError(f"--{flag.replace('_', '-')} must be >= 1")
@@ -331,7 +342,8 @@ def main(argv=None):
             check_outputs([("--out", o) for o in outs], inputs)
             rank, world, device = setup_dist(a.device)
             run = run_accuracy if a.command == "accuracy" else run_rationales
-            with contextlib.ExitStack() as held:  # start_run takes OUT's lock into it, before the first write
+            # start_run takes OUT's lock into it, before the first write
+            with contextlib.ExitStack() as held:
                 return run(a, rank, world, device, held)
         finally:
             cleanup_dist()

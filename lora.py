@@ -41,7 +41,8 @@ from tokenizer import copy_tokenizer
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFIX = "base_model.model."  # PEFT's saved key = PREFIX + our state-dict key
-CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # an adapter directory's two files
+# an adapter directory's two files
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 DTYPES = ("bfloat16", "float16", "float32")
 # PEFT settings beyond plain LoRA: a true value of any of them raises.
 UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern",
@@ -58,7 +59,8 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout=0.0, use_rslora=False):
         super().__init__()
         self.in_features, self.out_features, self.r = base.in_features, base.out_features, rank
-        self.weight, self.bias = base.weight, base.bias  # the base's own parameters (bias may be None)
+        # the base's own parameters (bias may be None)
+        self.weight, self.bias = base.weight, base.bias
         self.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
@@ -75,7 +77,8 @@ class LoRALinear(nn.Module):
 
 
 def is_lora_key(name):
-    """A LoRA parameter's state-dict (or PEFT) key: `...q_proj.lora_A.weight`, `...lora_B.weight`."""
+    """A LoRA parameter's state-dict (or PEFT) key:
+    `...q_proj.lora_A.weight`, `...lora_B.weight`."""
     return ".lora_A." in name or ".lora_B." in name
 
 
@@ -85,7 +88,8 @@ def lora_modules(model):
 
 
 def apply_lora(model, rank=16, alpha=32, dropout=0.05, targets=TARGETS, use_rslora=False):
-    """Wrap every nn.Linear whose name ends in one of `targets`, freeze all else; return the names."""
+    """Wrap every nn.Linear whose name ends in one of
+    `targets`, freeze all else; return the names."""
     if lora_modules(model):
         raise ValueError("the model already has LoRA applied")
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -95,7 +99,8 @@ def apply_lora(model, rank=16, alpha=32, dropout=0.05, targets=TARGETS, use_rslo
                          f"(supported: {', '.join(t for t in TARGETS if t in known)})")
     model.requires_grad_(False)  # the base: only the lora_A / lora_B made below train
     names = [n for n in linear if n.rpartition(".")[2] in targets]
-    for name in names:  # a new module starts in train mode: follow the model's, or eval() would run dropout
+    # a new module starts in train mode: follow the model's, or eval() would run dropout
+    for name in names:
         lora = LoRALinear(model.get_submodule(name), rank, alpha, dropout, use_rslora)
         model.set_submodule(name, lora.train(model.training))
     model.lora_config = dict(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
@@ -119,8 +124,9 @@ def merge_lora(model):
 # --- adapter directories (PEFT format) ---
 
 def save_adapter(model, path, base_model=""):
-    """Write adapter_config.json + adapter_model.safetensors into `path` with PEFT's key names. Callers
-    that replace a directory whole wrap this in data.atomic_path (train.py's checkpoints do)."""
+    """Write adapter_config.json + adapter_model.safetensors into `path` with PEFT's key names.
+    Callers that replace a directory whole wrap this in
+    data.atomic_path (train.py's checkpoints do)."""
     if not lora_modules(model):
         raise ValueError("the model has no LoRA to save (call apply_lora first)")
     tensors = {PREFIX + k: v.contiguous().cpu() for k, v in model.state_dict().items() if is_lora_key(k)}
@@ -164,8 +170,8 @@ def read_adapter(path):
 
 
 def load_adapter(model, path, dropout=None):
-    """Load a PEFT LoRA directory into the model, wrapping it with the directory's settings first (its
-    dropout unless `dropout` is given: a run that continues training the adapter)."""
+    """Load a PEFT LoRA directory into the model, wrapping it with the directory's settings first
+    (its dropout unless `dropout` is given: a run that continues training the adapter)."""
     cfg, tensors = read_adapter(path)
     if not lora_modules(model):
         p = cfg.get("lora_dropout", 0.0) if dropout is None else dropout
@@ -182,16 +188,19 @@ def load_adapter(model, path, dropout=None):
     if k := next((k for k in tensors if tensors[k].shape != expected[k].shape), None):
         raise ValueError(f"{path}: {PREFIX}{k} has shape {tuple(tensors[k].shape)} but the model expects "
                          f"{tuple(expected[k].shape)} (an adapter for another base model?)")
-    model.load_state_dict(tensors, strict=False)  # the LoRA tensors only, their keys and shapes checked
+    # the LoRA tensors only, their keys and shapes checked
+    model.load_state_dict(tensors, strict=False)
     return model
 
 
 def average_adapters(dirs, out_dir, weights=None):
-    """MoT: the exact weighted mean of K adapters as one adapter of rank Σ r_k, replacing out_dir whole.
+    """MoT: the exact weighted mean of K adapters as one
+    adapter of rank Σ r_k, replacing out_dir whole.
 
-    scale_out · B_cat A_cat = Σ_k w_k scale_k B_k A_k with A_cat = [A_1; ..; A_K] and B_cat = [c_1 B_1, ..],
-    c_k = w_k scale_k / scale_out. Decision: lora_alpha = r_out, no rsLoRA, so scale_out = 1: exact for any
-    mix of ranks, alphas and rsLoRA, with an integer alpha. Weights are normalised to sum to 1.
+    scale_out · B_cat A_cat = Σ_k w_k scale_k B_k A_k with A_cat = [A_1; ..; A_K] and B_cat = [c_1
+    B_1, ..], c_k = w_k scale_k / scale_out. Decision: lora_alpha = r_out, no rsLoRA, so scale_out =
+    1: exact for any mix of ranks, alphas and rsLoRA, with
+    an integer alpha. Weights are normalised to sum to 1.
     """
     weights = [1.0] * len(dirs) if weights is None else [float(w) for w in weights]
     if not dirs or len(weights) != len(dirs) or not all(map(math.isfinite, weights)) or sum(weights) <= 0:
@@ -208,8 +217,10 @@ def average_adapters(dirs, out_dir, weights=None):
                              f"{tuple(t0[k].shape)}: adapters of different base models")
     scales = [w / sum(weights) * c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"])
               for w, (c, _) in zip(weights, adapters)]
-    out = {PREFIX + k: torch.cat([t[k].float() for _, t in adapters]) if ".lora_A." in k  # A_cat (Σr, in)
-           else torch.cat([s * t[k].float() for s, (_, t) in zip(scales, adapters)], dim=1)  # B_cat (out, Σr)
+    # A_cat (Σr, in)
+    out = {PREFIX + k: torch.cat([t[k].float() for _, t in adapters]) if ".lora_A." in k
+           # B_cat (out, Σr)
+           else torch.cat([s * t[k].float() for s, (_, t) in zip(scales, adapters)], dim=1)
            for k in t0}
     r_out = sum(c["r"] for c, _ in adapters)
     with atomic_path(out_dir) as tmp:
@@ -221,7 +232,8 @@ def average_adapters(dirs, out_dir, weights=None):
 def merge_to_dir(model_dir, adapter_dir, out, dtype=None):
     """Base + adapter -> a plain Hugging Face model directory, replacing `out` whole (no stale shard
     survives)."""
-    model = Transformer.from_pretrained(model_dir, dtype=torch.float32)  # fp32 whole: 4 bytes a parameter
+    # fp32 whole: 4 bytes a parameter
+    model = Transformer.from_pretrained(model_dir, dtype=torch.float32)
     dtype = dtype or model.config.get("dtype") or model.config.get("torch_dtype") or "float32"
     if dtype not in DTYPES:
         raise ValueError(f"{model_dir}/config.json: dtype {dtype!r} is not one of {DTYPES}; pass --dtype")

@@ -47,10 +47,12 @@ class ModelArgs:
     initializer_range: float = 0.02
 
     def __post_init__(self):
-        for f in fields(self):  # a wrong type (a hand-edited config.json) fails here, naming the key
+        # a wrong type (a hand-edited config.json) fails here, naming the key
+        for f in fields(self):
             if f.type in (int, float) and (type(v := getattr(self, f.name)) not in (int, f.type) or v < 0):
                 raise ValueError(f"{f.name}: expected a non-negative {f.type.__name__}, got {v!r}")
-        if 0 in (h := (self.num_attention_heads, self.num_key_value_heads)) or h[0] % h[1]:  # (H, G)
+        # (H, G)
+        if 0 in (h := (self.num_attention_heads, self.num_key_value_heads)) or h[0] % h[1]:
             raise ValueError(f"num_attention_heads must be a positive multiple of num_key_value_heads: {h}")
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
 
@@ -96,7 +98,8 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     s = args.rope_scaling
     if s is None:
         return inv_freq
-    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    # llama3: long wavelengths are slowed by `factor`,
+    # short ones kept, the band between interpolated.
     factor, low, high, old_len = (s[k] for k in LLAMA3_ROPE_KEYS)
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
@@ -152,7 +155,8 @@ class KVCache:
 #   Training packs a micro-batch into one row: per instance its prompt p, then every branch's
 #   continuation (rationale, answer statement, eot). A branch sees its prompt and itself, causally:
 #   one SDPA call per branch (a Segment) over p ⊕ the branch, causal. Each call recomputes only the
-#   prompt's attention rows, and only the first branch's call keeps them. p = 3 tokens, branches a, b:
+#   prompt's attention rows, and only the first branch's
+#   call keeps them. p = 3 tokens, branches a, b:
 #
 #        keys   p p p a a b b b
 #        p      x                  segment 0: q = kv = p ⊕ a, causal,
@@ -165,13 +169,14 @@ class KVCache:
 #        b      x x x . . x x x
 #
 #   Position ids restart with each prompt and run on through each branch (p 0-2, a 3-4, b 3-5), so a
-#   branch computes exactly what it would alone. The probe (compact.py) passes its own segments, with
-#   keys from the cache and an explicit mask.
+#   branch computes exactly what it would alone. The probe (compact.py) passes its own segments,
+#   with keys from the cache and an explicit mask.
 
 class Segment(NamedTuple):
-    """One attention call of a packed row: query spans and key spans, (start, end) each (keys index the
-    cache, then this call's tokens after it); mask bool [queries, keys], or None: causal (queries = keys);
-    the call keeps its last `keep` outputs, and the kept rows of all segments tile the row in order."""
+    """One attention call of a packed row: query spans and key spans, (start, end) each (keys index
+    the cache, then this call's tokens after it); mask bool [queries, keys], or None: causal
+    (queries = keys); the call keeps its last `keep` outputs,
+    and the kept rows of all segments tile the row in order."""
     q: tuple
     kv: tuple
     mask: torch.Tensor | None
@@ -179,7 +184,8 @@ class Segment(NamedTuple):
 
 
 def packed_segments(prompts, branches):
-    """The training layout's segments: prompts [(start, end)] per instance, branches [[(start, end)]]."""
+    """The training layout's segments: prompts [(start,
+    end)] per instance, branches [[(start, end)]]."""
     return [Segment((p, b), (p, b), None, b[1] - b[0] + (p[1] - p[0]) * (k == 0))
             for p, bs in zip(prompts, branches) for k, b in enumerate(bs)]
 
@@ -292,7 +298,8 @@ class Transformer(nn.Module):
         self.tie_weights()
 
     def _apply(self, fn, recurse=True):
-        # model.to(bf16) would round the RoPE frequencies too: recompute them in fp32 after any move.
+        # model.to(bf16) would round the RoPE frequencies
+        # too: recompute them in fp32 after any move.
         super()._apply(fn, recurse)
         if self.inv_freq.device.type != "meta":
             self.inv_freq = rope_inv_freq(self.args).to(self.inv_freq.device)
@@ -306,16 +313,18 @@ class Transformer(nn.Module):
                 return_hidden=False, return_aux=False):
         """Logits [N, T, V] for input_ids [N, T].
 
-        position_ids [N, T]: default continues from what the cache holds. mask [N, T, S] bool (True = may
-        attend; S = cached + T): default causal. cache: one KVCache per layer, this call's K/V appended.
-        segments: a packed row (N = 1), attention per Segment. return_hidden: the final-normed hidden states
-        [N, T, C] instead of logits. return_aux: also Aux (each layer's K/V, the final attention input).
+        position_ids [N, T]: default continues from what the cache holds. mask [N, T, S] bool (True
+        = may attend; S = cached + T): default causal. cache: one KVCache per layer, this call's K/V
+        appended. segments: a packed row (N = 1), attention per Segment. return_hidden: the
+        final-normed hidden states [N, T, C] instead of logits. return_aux:
+        also Aux (each layer's K/V, the final attention input).
         """
         N, T = input_ids.shape
         past = cache[0].len if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(N, T)
-        if mask is None and past > 0 and segments is None:  # new token i sees the cache and new tokens <= i
+        # new token i sees the cache and new tokens <= i
+        if mask is None and past > 0 and segments is None:
             mask = torch.ones(T, past + T, dtype=torch.bool, device=input_ids.device).tril(past)[None]
         cos, sin = rope_cos_sin(self.inv_freq, position_ids)
         x, kvs = self.model.embed_tokens(input_ids), []  # (N, T, C)
@@ -326,7 +335,8 @@ class Transformer(nn.Module):
             kvs.append(kv)
         x = self.model.norm(x)
         out = x if return_hidden else self.lm_head(x)
-        # inputs[0] entered the last block; recomputing its RMSNorm is cheaper than threading it out.
+        # inputs[0] entered the last block; recomputing
+        # its RMSNorm is cheaper than threading it out.
         return (out, Aux(kvs, self.model.layers[-1].input_layernorm(inputs[0]))) if return_aux else out
 
     # --- checkpoints ---
@@ -391,7 +401,8 @@ class Transformer(nn.Module):
                 shards, size = shards + [{}], 0
             shards[-1][k], size = v, size + v.nbytes
         config = dict(self.config)
-        dtype_key = "dtype" if "dtype" in config else "torch_dtype"  # keep the checkpoint's spelling
+        # keep the checkpoint's spelling
+        dtype_key = "dtype" if "dtype" in config else "torch_dtype"
         config[dtype_key] = str(next(iter(state.values())).dtype).removeprefix("torch.")
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
@@ -437,7 +448,8 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set whose mass reaches top_p
+        # keep the smallest set whose mass reaches top_p
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -448,7 +460,8 @@ def prefill(model, ids, valid, cache):
     itself, so a pad row is never an all-masked (NaN) row."""
     N, L = ids.shape
     causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
-    mask = (causal & valid[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=ids.device)  # (N, L, L)
+    # (N, L, L)
+    mask = (causal & valid[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=ids.device)
     pos = (valid[:, :L].cumsum(-1) - 1).clamp(min=0)  # (N, L): real tokens only count
     h = model(ids, position_ids=pos, mask=mask, cache=cache, return_hidden=True)
     return model.lm_head(h[:, -1]), pos[:, -1]
@@ -464,10 +477,10 @@ def decode_one_token(model, nxt, pos, valid, cache):
 def generate(model, prompts, max_new_tokens=256, eos_ids=(), temperature=0.0, top_p=1.0, seed=None):
     """Continue token-id prompts of different lengths together, with a KV cache.
 
-    Prompts are left-padded so every row's next token sits in the same column; pad keys are masked and
-    position ids count only real tokens, so each row computes what it would alone. seed: one int for the
-    batch, or one per prompt (each row draws from its own stream, whatever shares its batch). Returns the
-    new ids per prompt (the stop token included when produced).
+    Prompts are left-padded so every row's next token sits in the same column; pad keys are masked
+    and position ids count only real tokens, so each row computes what it would alone. seed: one int
+    for the batch, or one per prompt (each row draws from its own stream, whatever shares its
+    batch). Returns the new ids per prompt (the stop token included when produced).
     """
     if not prompts or not all(len(p) for p in prompts):
         raise ValueError("generate needs at least one prompt, and no empty prompt")

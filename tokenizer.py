@@ -34,8 +34,8 @@ BUILTIN_TEMPLATES = {
 
 
 def _read(path, as_json=False):
-    """The text of a tokenizer file, or the JSON object in it; None when there is no such file. A file
-    that does not read or parse raises ValueError naming it, never the parser's traceback."""
+    """The text of a tokenizer file, or the JSON object in it; None when there is no such file. A
+    file that does not read or parse raises ValueError naming it, never the parser's traceback."""
     if not os.path.exists(path):
         return None
     try:
@@ -72,7 +72,8 @@ class Tokenizer:
         self._plain.encode_special_tokens = True  # "<|im_end|>" in data is seven text tokens
         self.config, self.path, self.chat_template, self._compiled = config or {}, path, chat_template, None
         self.special_ids = {i for i, t in self._control.get_added_tokens_decoder().items() if t.special}
-        self.tokens = {k: v.get("content") if isinstance(v := self.config.get(k), dict) else v  # AddedToken
+        # AddedToken
+        self.tokens = {k: v.get("content") if isinstance(v := self.config.get(k), dict) else v
                        for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         gen_eos = (generation_config or {}).get("eos_token_id")
         gen_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else gen_eos
@@ -120,15 +121,17 @@ class Tokenizer:
         return enc.ids, enc.offsets
 
     def min_tokens(self, text):
-        """A lower bound on len(encode(text)) that costs no tokenizing (0 where none is known). Byte-level BPE
-        (all 256 bytes in the vocabulary) puts every byte of the normalized text in one token, which covers at
-        most L characters (L: the longest entry, one character per byte), and NFC, NFKC or lowercasing leave
-        at least one character of every four (NFC composes at most 4 into 1, U+1F82): len(text) / (4 L)."""
+        """A lower bound on len(encode(text)) that costs no tokenizing (0 where none is known).
+        Byte-level BPE (all 256 bytes in the vocabulary) puts every byte of the normalized text in
+        one token, which covers at most L characters (L: the longest entry, one character per byte),
+        and NFC, NFKC or lowercasing leave at least one character of every
+        four (NFC composes at most 4 into 1, U+1F82): len(text) / (4 L)."""
         return len(text) // self._chars_per_token if self._chars_per_token else 0
 
     @functools.cached_property
     def _chars_per_token(self):
-        """L (times 4 under a normalizer) where min_tokens' bound holds for this tokenizer, else 0."""
+        """L (times 4 under a normalizer) where min_tokens'
+        bound holds for this tokenizer, else 0."""
         t, vocab = self._plain, self._plain.get_vocab(with_added_tokens=True)
         pre, norm = (x.__getstate__().decode() if x else "" for x in (t.pre_tokenizer, t.normalizer))
         kinds = set(re.findall(r'"type":"(\w+)"', norm)) - {"Sequence"}
@@ -203,16 +206,17 @@ class Tokenizer:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
                    "added_tokens.json", "tokenizer.model")
-HUB_FILES = ["*.safetensors", "*.json", *TOKENIZER_FILES]  # what we read: weights, configs, tokenizer files
+# what we read: weights, configs, tokenizer files
+HUB_FILES = ["*.safetensors", "*.json", *TOKENIZER_FILES]
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
 
 
 @functools.lru_cache(maxsize=None)
 def resolve_model_dir(path):
-    """A model directory for `path`: the path itself when it exists or does not look like a Hugging Face
-    hub id; else `org/name` fetched with huggingface_hub's snapshot_download (only HUB_FILES; it honours
-    HF_HOME, HF_HUB_OFFLINE and its cache). huggingface_hub is optional: without it the error says how
-    to get the files. Once per id and process."""
+    """A model directory for `path`: the path itself when it exists or does not look like a Hugging
+    Face hub id; else `org/name` fetched with huggingface_hub's snapshot_download (only HUB_FILES;
+    it honours HF_HOME, HF_HUB_OFFLINE and its cache). huggingface_hub is optional: without it the
+    error says how to get the files. Once per id and process."""
     if os.path.exists(path) or not _HUB_ID.fullmatch(path):
         return path
     try:
@@ -223,7 +227,8 @@ def resolve_model_dir(path):
                                 f"huggingface-cli download {path} --local-dir DIR, and pass DIR") from None
     try:
         return snapshot_download(path, allow_patterns=HUB_FILES)
-    except Exception as e:  # RepositoryNotFoundError, GatedRepoError, offline and not cached, network
+    # RepositoryNotFoundError, GatedRepoError, offline and not cached, network
+    except Exception as e:
         detail = (str(e) or "no detail").splitlines()[0]
         raise FileNotFoundError(f"{path}: no such directory, and the Hugging Face hub gives no model of that "
                                 f"id ({type(e).__name__}: {detail})") from None

@@ -97,10 +97,11 @@ def lr_at(step, total, cfg):
 
 
 def save_checkpoint(raw, optimizer, step, cfg, run):
-    """OUT/checkpoints/step-N/: weights + optimizer + the run's settings (run_settings), written beside and
-    renamed in. A kill (or a full disk) at any moment leaves either the old or the new directory complete;
-    trainer.pt is written last and marks a checkpoint as complete. The learning rate, the RNG and the data
-    position are functions of the step (see train()), so they need no saved state.
+    """OUT/checkpoints/step-N/: weights + optimizer + the run's settings (run_settings), written
+    beside and renamed in. A kill (or a full disk) at any moment leaves either the old or the new
+    directory complete; trainer.pt is written last and marks a checkpoint as complete. The learning
+    rate, the RNG and the data position are functions of
+    the step (see train()), so they need no saved state.
     """
     with atomic_path(os.path.join(cfg.out, "checkpoints", f"step-{step}")) as tmp:
         save_weights(raw, tmp, cfg, {"step": step, "optimizer": optimizer.state_dict(), "run": run})
@@ -109,8 +110,9 @@ def save_checkpoint(raw, optimizer, step, cfg, run):
 
 
 def save_weights(raw, path, cfg, trainer=None):
-    """The trained weights into `path`: a PEFT adapter, or with --full-ft a complete model directory; then a
-    checkpoint's `trainer` state as trainer.pt. Callers replace the directory whole (atomic_path), once."""
+    """The trained weights into `path`: a PEFT adapter, or with --full-ft a complete model
+    directory; then a checkpoint's `trainer` state as trainer.pt.
+    Callers replace the directory whole (atomic_path), once."""
     free = lambda e: OSError(f"{shutil.disk_usage(os.path.dirname(path)).free:,} bytes free there; {e}")
     try:
         if cfg.full_ft:
@@ -123,7 +125,8 @@ def save_weights(raw, path, cfg, trainer=None):
     try:
         if trainer is not None:
             torch.save(trainer, os.path.join(path, "trainer.pt"))
-    except RuntimeError as e:  # how torch.save says it; only around it: elsewhere a RuntimeError is a bug
+    # how torch.save says it; only around it: elsewhere a RuntimeError is a bug
+    except RuntimeError as e:
         raise free(e) from e
 
 
@@ -135,15 +138,17 @@ def checkpoint_steps(out):
     return [int(d[5:]) for d in done if d[5:].isdigit()]
 
 
-# What a resumed run may change: where and how often it writes, and how a step is computed, not what.
+# What a resumed run may change: where and how often
+# it writes, and how a step is computed, not what.
 RESUME_FREE = ("out", "resume", "save_every", "keep_checkpoints", "max_bad_steps", "skip_bad", "compile",
                "grad_checkpointing", "epochs", "max_steps")
 
 
 def run_settings(cfg, ccfg, data_stats, total, world):
-    """What fixes a run's updates, as its checkpoints record it: every flag but RESUME_FREE, with paths
-    resolved, --data as the sha256 of its bytes, --teachers as used, --epochs/--max-steps as the step total,
-    and the number of ranks (dropout and S_MI's sample are drawn per rank and micro-batch)."""
+    """What fixes a run's updates, as its checkpoints record it: every flag but RESUME_FREE, with
+    paths resolved, --data as the sha256 of its bytes, --teachers as used, --epochs/--max-steps as
+    the step total, and the number of ranks (dropout and
+    S_MI's sample are drawn per rank and micro-batch)."""
     real = lambda p: os.path.realpath(p) if p and os.path.exists(p) else p
     return {**{k: v for k, v in {**asdict(cfg), **asdict(ccfg)}.items() if k not in RESUME_FREE},
             "model": real(cfg.model), "init_adapter": real(cfg.init_adapter), "data": data_stats["sha256"],
@@ -151,8 +156,9 @@ def run_settings(cfg, ccfg, data_stats, total, world):
 
 
 def find_resume(cfg, run, device):
-    """(start step, checkpoint dir or None, its trainer state or None): the newest checkpoint whose files all
-    load (trainer.pt, then the adapter or model; a warning names each one that does not), if of this run."""
+    """(start step, checkpoint dir or None, its trainer state or None): the newest checkpoint whose
+    files all load (trainer.pt, then the adapter or model; a
+    warning names each one that does not), if of this run."""
     done = sorted(checkpoint_steps(cfg.out), reverse=True)
     if done and not cfg.resume:
         raise ValueError(f"--out {cfg.out} holds the checkpoints of another run: pass --resume to continue "
@@ -168,7 +174,8 @@ def find_resume(cfg, run, device):
             old = state.get("run", {})
             # reads every file of the adapter or model
             Transformer.from_pretrained(path, device="meta") if cfg.full_ft else read_adapter(path)
-        except Exception as e:  # a torn, random or foreign file: EOFError, RuntimeError, UnpicklingError, ...
+        # a torn, random or foreign file: EOFError, RuntimeError, UnpicklingError, ...
+        except Exception as e:
             why = type(e).__name__ if "weights_only" in str(e) else str(e).partition("\n")[0]
             print0(f"warning: {path} does not load ({why}); trying an earlier checkpoint", file=sys.stderr)
             continue
@@ -190,7 +197,8 @@ def find_resume(cfg, run, device):
 
 def train_step(model, optimizer, micro_batches, lr, n_instances, n_teachers, cfg, ccfg, device, autocast,
                rng_key=(), stop=False):
-    """One optimizer step over this rank's micro-batches; returns the step's stats summed over ranks.
+    """One optimizer step over this rank's micro-batches;
+    returns the step's stats summed over ranks.
 
     Each micro-batch loss is Σ w L / n_instances (all instances of the step, all ranks),
     times world_size because DDP averages gradients over ranks: so the update is the same
@@ -234,8 +242,10 @@ def build_model(cfg, device, resume_dir=None):
     dtype = torch.bfloat16 if device.type == "cuda" and not cfg.full_ft else torch.float32
     source = resume_dir if (cfg.full_ft and resume_dir) else cfg.model
     model = Transformer.from_pretrained(source, dtype=dtype, device=device)
-    if not cfg.full_ft and (resume_dir or cfg.init_adapter):  # its settings and weights, this run's dropout:
-        load_adapter(model, resume_dir or cfg.init_adapter, cfg.lora_dropout)  # step 0 is the adapter's model
+    # its settings and weights, this run's dropout:
+    if not cfg.full_ft and (resume_dir or cfg.init_adapter):
+        # step 0 is the adapter's model
+        load_adapter(model, resume_dir or cfg.init_adapter, cfg.lora_dropout)
     elif not cfg.full_ft:
         apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     model.gradient_checkpointing = cfg.grad_checkpointing
@@ -254,9 +264,9 @@ def step_record(step, s, dt, t_start, lr, teachers, steps_per_epoch, n_step):
 
 
 def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.device("cpu")):
-    """Run one training job in an already set-up process group; rank 0 writes every file, holding OUT's lock
-    from the first write (hold_lock). SIGTERM or SIGINT (stop_on_signals) ends it after the step under way,
-    with a checkpoint, in SystemExit(128 + the signal)."""
+    """Run one training job in an already set-up process group; rank 0 writes every file, holding
+    OUT's lock from the first write (hold_lock). SIGTERM or SIGINT (stop_on_signals) ends it after
+    the step under way, with a checkpoint, in SystemExit(128 + the signal)."""
     t_start, cuda = time.time(), device.type == "cuda"
     _, encoded, data_stats = load_data(cfg.model, cfg.data, cfg.max_len, cfg.teachers, cfg.thinking_words,
                                          cfg.skip_bad, rank=rank)
@@ -283,7 +293,8 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
         metrics_path = os.path.join(cfg.out, "metrics.jsonl")
         config_path = os.path.join(cfg.out, "config.json")
         if rank == 0:
-            if not (start and os.path.isfile(config_path)):  # a resume keeps the first start's (same updates)
+            # a resume keeps the first start's (same updates)
+            if not (start and os.path.isfile(config_path)):
                 stats = {k: v for k, v in data_stats.items() if k != "teachers"}
                 write_json(config_path, {"train": asdict(cfg), "compact": asdict(ccfg), "teachers": teachers,
                                          "world_size": world, "data_stats": stats})
@@ -300,10 +311,11 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
             mine = order[pos * per_rank_step:(pos + 1) * per_rank_step]
             micro = [collate([encoded[j] for j in mine[m:m + cfg.batch_size]])
                      for m in range(0, per_rank_step, cfg.batch_size)]
-            torch.manual_seed(derive_seed(cfg.seed, step, rank))  # dropout: a function of (seed, step, rank)
+            # dropout: a function of (seed, step, rank)
+            torch.manual_seed(derive_seed(cfg.seed, step, rank))
             t0, lr = time.time(), lr_at(step, total, cfg)
-            # S_MI's sample, like dropout, is a function of (step, rank); a signal to any rank reaches all
-            # ranks in the step's own all-reduce.
+            # S_MI's sample, like dropout, is a function of (step, rank); a signal to any rank
+            # reaches all ranks in the step's own all-reduce.
             s = train_step(model, optimizer, micro, lr, n_step, len(teachers), cfg, ccfg, device, autocast,
                            rng_key=(cfg.seed, step, rank), stop="signal" in STOP)
             bad = 0 if s["finite"] else bad + 1
@@ -320,7 +332,8 @@ def train(cfg: TrainConfig, ccfg: CompactConfig, rank=0, world=1, device=torch.d
                 w = " ".join(f"{n} {v['weight']:.2f}" for n, v in last["teachers"].items())
                 print0(f"step {step + 1}/{total} | loss {s['loss']:.4f} | w {w} | "
                        f"{tokens_seen / elapsed:,.0f} tok/s | eta {eta} | mem {_memory_mb(device):,.0f}MB")
-            stop = s["stop"] and step + 1 < total  # at the last step, finish() writes everything anyway
+            # at the last step, finish() writes everything anyway
+            stop = s["stop"] and step + 1 < total
             periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
             give_up = bad >= max(1, cfg.max_bad_steps)
             if rank == 0 and (stop or give_up or periodic and step + 1 < total):
@@ -358,7 +371,8 @@ def finish(raw, optimizer, cfg, run, start, last, t_start):
 
 
 def mot(cfg, ccfg, rank=0, world=1, device=torch.device("cpu")):
-    """The MoT baseline as published (Merge-of-Thought, arXiv 2509.08814); returns the student's directory.
+    """The MoT baseline as published (Merge-of-Thought,
+    arXiv 2509.08814); returns the student's directory.
 
     Round r starts from the model directory M_r (M_1 = --model). For each teacher k a fresh LoRA on
     M_r is trained on teacher k's rationales alone (--teachers k: plain SFT), giving ΔW_{r,k}; then
@@ -372,7 +386,8 @@ def mot(cfg, ccfg, rank=0, world=1, device=torch.device("cpu")):
     teachers = flag_names(cfg.teachers) or teacher_names(load_multi_teacher(cfg.data, skip_bad=cfg.skip_bad))
     if bad := [t for t in teachers if os.sep in t or t.startswith(".")]:
         raise DataError(f"teacher name {bad[0]!r} cannot name a run directory")
-    single = replace(ccfg, weighting="uniform", mcon_lambda=0.0)  # one branch per instance: plain SFT
+    # one branch per instance: plain SFT
+    single = replace(ccfg, weighting="uniform", mcon_lambda=0.0)
     model = cfg.model
     with hold_lock(cfg.out, rank, device):  # the rounds' averages and merges too
         for r in range(1, cfg.mot_rounds + 1):
