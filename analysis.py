@@ -465,10 +465,10 @@ def run_score(a):
         mine = [r for r in rows if r["teacher"] == t]
         if not mine and not drops.get(t):
             continue
-        r = {k: sum(r[k] for r in mine) / len(mine) if mine else nan for k in TEACHER_STATS}
-        summary[t] = {**r, "n": len(mine), "top": tops.count(t), "dropped": drops.get(t, 0)}
-        print(f"{t:<24} {len(mine):>6} {r['weight']:>7.3f} {r['s_mi']:>8.4f} {r['s_g']:>7.3f} "
-              f"{r['s_d']:>7.3f} {tops.count(t):>6} {drops.get(t, 0):>8}")
+        m = {k: sum(r[k] for r in mine) / len(mine) if mine else nan for k in TEACHER_STATS}
+        summary[t] = {**m, "n": len(mine), "top": tops.count(t), "dropped": drops.get(t, 0)}
+        print(f"{t:<24} {len(mine):>6} {m['weight']:>7.3f} {m['s_mi']:>8.4f} {m['s_g']:>7.3f} "
+              f"{m['s_d']:>7.3f} {tops.count(t):>6} {drops.get(t, 0):>8}")
     return summary
 
 
@@ -674,12 +674,10 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("table", help="Table 1: accuracy, average gains over a baseline, SEMs")
     t.add_argument("--run", action="append", required=True, metavar="NAME=PATH[,PATH...]",
-                   help="a run's eval.py accuracy outputs, one PATH per seed (its --out, summary "
-                        "or directory); repeat")
+                   help="a run's eval.py accuracy --out (or summary, or directory) per seed")
     t.add_argument("--baseline", help="the run gains are measured against (default: the first)")
     t.add_argument("--out", help="directory for table.md and table.json")
-    pca = sub.add_parser("pca-shift", help="per-layer centroid shift of the distilled student "
-                                           "in the base's PCA frame")
+    pca = sub.add_parser("pca-shift", help="per-layer centroid shift in the base's PCA frame")
     student_flags(pca, adapter_required=True)
     pca.add_argument("--task", required=True)
     pca.add_argument("--data", required=True)
@@ -701,8 +699,7 @@ def build_parser():
     add_config_args(s, CompactConfig)
     rd = sub.add_parser("readings", help="AUROCs of each score against flaw labels, every reading")
     rd.add_argument("--set", action="append", required=True, metavar="NAME=MODEL_DIR:DATA",
-                    help="a student and a labelled multi-teacher file (or a GSM8K benchmark "
-                         "file); repeat")
+                    help="a student and a labelled multi-teacher file (or GSM8K's); repeat")
     student_flags(rd, batch_size=4, model=False)
     rd.add_argument("--out", required=True, help="directory for readings.md and readings.json")
     return p
