@@ -33,6 +33,14 @@ def test_pca_shift_reads_a_known_move():
     assert rows[0]["var_pc1"] > rows[0]["var_pc2"]
 
 
+def test_pooled_states_equal_each_prompt_alone(student_dir):
+    """Batched prompts of different lengths pool their real tokens only: as each prompt alone."""
+    model, tok = ev.load_student(student_dir)
+    prompts = [tok.encode("Tom has 5 apples."), tok.encode("So"), tok.encode("First, 3 + 4 = 7. Wait.")]
+    alone = torch.cat([analysis.pooled_states(model, [p]) for p in prompts], dim=1)
+    torch.testing.assert_close(analysis.pooled_states(model, prompts, batch_size=3), alone)
+
+
 def test_pca_shift_zero_for_identity_adapter_positive_after_a_change(tmp_path, student_dir):
     paths = write_benchmarks(str(tmp_path))
     model = Transformer.from_pretrained(student_dir, dtype=torch.float32)
@@ -214,6 +222,14 @@ def test_table_accuracy_gains_and_sems_by_hand(tmp_path, capsys):
         "75.00 ± 17.68 ± 25.00", "+25.00 ± 53.03 ± 25.00"]
 
 
+def test_table_gains_only_over_groups_both_runs_hold():
+    runs = {"base": [{"gsm8k": {"a": 1, "b": 0}, "svamp": {"c": 0}, "csqa": {"d": 1}}],
+            "part": [{"gsm8k": {"a": 1, "b": 1}, "csqa": {"d": 0}}]}  # no svamp: no in-distribution gain
+    t = analysis.table1(runs, "base")
+    assert list(t["runs"]["part"]["gains"]) == ["out-of-distribution"]
+    assert t["runs"]["part"]["gains"]["out-of-distribution"]["gain"] == pytest.approx(-1.0)
+
+
 def test_table_bad_input_exits_2(tmp_path, capsys):
     base = str(tmp_path / "base" / "preds.jsonl")
     write_accuracy_output(base, {"gsm8k": [1, 0]})
@@ -304,6 +320,20 @@ def test_gsm8k_flaw_set_labels_match_the_rationales(benchmarks_dir):
         assert len({x for x, y in zip(a, b) if x != y}) == 1 and b[first] not in a[first:first + 1]  # one value, carried
         assert data.extract_answer(r["human"] + "\n#### " + inst.answer, "gsm8k") == inst.answer
         assert not re.search(r"[-+*/=]", r["terse"]) and r["terse"].endswith(f"{inst.answer}.")
+
+
+def test_gsm8k_flaw_set_carries_a_thousands_value_and_keeps_the_final_answer(tmp_path):
+    import re
+    row = {"question": "Ann has 3 jars of 400 cents. How many dollars?", "answer":
+           "3*400=<<3*400=1200>>1,200 cents. 1,200/100=<<1200/100=12>>12. She keeps 12*1=<<12*1=12>>12.\n#### 12"}
+    (tmp_path / "g.jsonl").write_text(json.dumps(row) + "\n")
+    for seed in range(4):
+        inst = analysis.gsm8k_flaw_set(str(tmp_path / "g.jsonl"), 1, seed)[0]
+        r = dict(inst.rationales)
+        changed = sorted(set(re.findall(r"\d[\d,]*", r["carried"])) - set(re.findall(r"\d[\d,]*", r["human"])))
+        assert len(changed) == 1 and r["carried"].endswith(".") and r["carried"].endswith("=12.")
+        if "1,200" not in r["carried"]:  # the thousands value changed: written as it was, with commas
+            assert changed[0] == f"{int(changed[0].replace(',', '')):,}" and r["carried"].count(changed[0]) == 2
 
 
 def test_readings_command_writes_every_reading_for_each_set(tmp_path, student_dir, capsys):
