@@ -185,5 +185,5 @@ def test_a_garbage_tokenizer_file_is_a_value_error_naming_it(tiny_tokenizer_dir,
     shutil.copytree(tiny_tokenizer_dir, path)
     with open(os.path.join(path, name), "wb") as f:
         f.write(content)
-    with pytest.raises(ValueError, match=f"{path}/{name}: not a"):
+    with pytest.raises(ValueError, match=rf"{path}/{name}:(1:)? not "):  # not a / not valid / not UTF-8
         tokenizer.Tokenizer.from_pretrained(path)
