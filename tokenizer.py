@@ -2,7 +2,7 @@
 its chat template rendered with sandboxed jinja2 exactly as transformers renders it.
 
     tok = Tokenizer.from_pretrained("Qwen2.5-1.5B-Instruct")
-    ids = tok.encode_chat([{"role": "user", "content": "2 + 2?"}])   # prompt up to the assistant header
+    ids = tok.encode_chat([{"role": "user", "content": "2 + 2?"}])  # up to the assistant header
     tok.decode(ids), tok.eos_ids, tok.eot_id, tok.pad_id
 
 Text inside messages is always plain text: special-token strings in data stay text, so a
@@ -21,39 +21,41 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trai
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from common import read_json, read_text, write_json, write_text
+
 # Built-in templates for checkpoints that ship none; picked only by an explicit chat_format.
 BUILTIN_TEMPLATES = {
-    "chatml": "{% for message in messages %}"
-              "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
-    "llama3": "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-              "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-              "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
-              "{% endif %}",
+    "chatml": "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' "
+              "+ message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+    "llama3": "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' "
+              "+ message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim "
+              "+ '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+              "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
 }
 
 
 def _read(path, as_json=False):
-    """The text of a tokenizer file, or the JSON object in it; None when there is no such file. A
-    file that does not read or parse raises ValueError naming it, never the parser's traceback."""
+    """The text of a tokenizer file, or the JSON object in it; None when there is no such file.
+    A file that does not read or parse raises DataError naming it (common.read_text/read_json)."""
     if not os.path.exists(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            content = json.load(f) if as_json else f.read()
-        if as_json and not isinstance(content, dict):
-            raise ValueError("not a JSON object")
-        return content
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError, not an object
-        raise ValueError(f"{path}: not a readable tokenizer file ({e})") from None
+    return read_json(path) if as_json else read_text(path)
 
+
+# Jinja globals and filters of transformers' chat-template environment.
 
 def _raise_exception(message):
     raise ValueError(f"chat template: {message}")
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
 
 
 class Tokenizer:
@@ -63,24 +65,32 @@ class Tokenizer:
     for text the chat template itself writes), `_plain` never does (every piece of data).
     """
 
-    def __init__(self, tokenizer_json, config=None, generation_config=None, chat_template=None, path=None):
+    def __init__(self, tokenizer_json, config=None, generation_config=None, chat_template=None,
+                 path=None):
         try:
             self._control = tokenizers.Tokenizer.from_str(tokenizer_json)
         except Exception as e:  # the Rust parser's own error type
             raise ValueError(f"{path or '.'}/tokenizer.json: not a tokenizer file ({e})") from None
         self._plain = tokenizers.Tokenizer.from_str(tokenizer_json)
         self._plain.encode_special_tokens = True  # "<|im_end|>" in data is seven text tokens
-        self.config, self.path, self.chat_template, self._compiled = config or {}, path, chat_template, None
-        self.special_ids = {i for i, t in self._control.get_added_tokens_decoder().items() if t.special}
-        # AddedToken
-        self.tokens = {k: v.get("content") if isinstance(v := self.config.get(k), dict) else v
-                       for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        self.config = config or {}
+        self.path = path
+        self.chat_template = chat_template
+        added = self._control.get_added_tokens_decoder()
+        self.special_ids = {i for i, t in added.items() if t.special}
+        self.tokens = {}
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            token = self.config.get(key)  # a string, or an AddedToken {"content": ...}
+            self.tokens[key] = token.get("content") if isinstance(token, dict) else token
         gen_eos = (generation_config or {}).get("eos_token_id")
-        gen_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else gen_eos
+        eos_ids = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         eos = self.token_id(self.tokens["eos_token"])
-        self.eos_ids = list(dict.fromkeys(gen_eos + ([eos] if eos is not None else [])))
-        pad = self.token_id(self.tokens["pad_token"])
-        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        if eos is not None:
+            eos_ids.append(eos)
+        self.eos_ids = list(dict.fromkeys(eos_ids))  # in order, each once
+        self.pad_id = self.token_id(self.tokens["pad_token"])
+        if self.pad_id is None:
+            self.pad_id = self.eos_ids[0] if self.eos_ids else 0
         # BOS only where the template writes one: encode_chat then gets it from the text.
         uses_bos = chat_template is not None and "bos_token" in chat_template
         self.bos_id = self.token_id(self.tokens["bos_token"]) if uses_bos else None
@@ -91,18 +101,21 @@ class Tokenizer:
         template (chat_template.jinja, else tokenizer_config's, else chat_format's built-in;
         an explicit chat_format wins). A hub id `org/name` is fetched first (resolve_model_dir)."""
         path = resolve_model_dir(path)
-        if (tokenizer_json := _read(os.path.join(path, "tokenizer.json"))) is None:
+        tokenizer_json = _read(os.path.join(path, "tokenizer.json"))
+        if tokenizer_json is None:
             raise FileNotFoundError(f"{path}: no tokenizer.json (only fast tokenizers are read)")
         config = _read(os.path.join(path, "tokenizer_config.json"), as_json=True) or {}
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             template = {t["name"]: t["template"] for t in template}.get("default")
         template = _read(os.path.join(path, "chat_template.jinja")) or template
-        if chat_format is not None and chat_format not in BUILTIN_TEMPLATES:
-            raise ValueError(f"chat_format {chat_format!r}: known are {list(BUILTIN_TEMPLATES)}")
-        template = BUILTIN_TEMPLATES[chat_format] if chat_format is not None else template
-        gen = _read(os.path.join(path, "generation_config.json"), as_json=True) or {}
-        return cls(tokenizer_json, config, gen, template, path)
+        if chat_format is not None:
+            if chat_format not in BUILTIN_TEMPLATES:
+                raise ValueError(f"chat_format {chat_format!r}: "
+                                 f"known are {list(BUILTIN_TEMPLATES)}")
+            template = BUILTIN_TEMPLATES[chat_format]
+        generation = _read(os.path.join(path, "generation_config.json"), as_json=True) or {}
+        return cls(tokenizer_json, config, generation, template, path)
 
     @property
     def vocab_size(self):
@@ -122,42 +135,50 @@ class Tokenizer:
 
     def min_tokens(self, text):
         """A lower bound on len(encode(text)) that costs no tokenizing (0 where none is known).
-        Byte-level BPE (all 256 bytes in the vocabulary) puts every byte of the normalized text in
-        one token, which covers at most L characters (L: the longest entry, one character per byte),
-        and NFC, NFKC or lowercasing leave at least one character of every
-        four (NFC composes at most 4 into 1, U+1F82): len(text) / (4 L)."""
+        Byte-level BPE (all 256 bytes in the vocabulary) puts every byte of the normalized text
+        in one token, which covers at most L characters (L: the longest entry), and NFC, NFKC or
+        lowercasing leave at least one character of every four (NFC composes at most 4 into 1,
+        U+1F82): len(text) / (4 L)."""
         return len(text) // self._chars_per_token if self._chars_per_token else 0
 
     @functools.cached_property
     def _chars_per_token(self):
-        """L (times 4 under a normalizer) where min_tokens'
-        bound holds for this tokenizer, else 0."""
-        t, vocab = self._plain, self._plain.get_vocab(with_added_tokens=True)
-        pre, norm = (x.__getstate__().decode() if x else "" for x in (t.pre_tokenizer, t.normalizer))
+        """L (times 4 under a normalizer) where min_tokens' bound holds here, else 0."""
+        t = self._plain
+        vocab = t.get_vocab(with_added_tokens=True)
+        pre = t.pre_tokenizer.__getstate__().decode() if t.pre_tokenizer else ""
+        norm = t.normalizer.__getstate__().decode() if t.normalizer else ""
         kinds = set(re.findall(r'"type":"(\w+)"', norm)) - {"Sequence"}
-        bpe = isinstance(t.model, models.BPE) and '"ByteLevel"' in pre and '"Removed"' not in pre
-        if not (bpe and not t.model.fuse_unk and set(pre_tokenizers.ByteLevel.alphabet()) <= vocab.keys()
-                and kinds <= {"NFC", "NFD", "NFKC", "NFKD", "Lowercase"}):
+        bpe = isinstance(t.model, models.BPE) and not t.model.fuse_unk
+        byte_level = '"ByteLevel"' in pre and '"Removed"' not in pre
+        all_bytes = set(pre_tokenizers.ByteLevel.alphabet()) <= vocab.keys()
+        normalizers = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase"}
+        if not (bpe and byte_level and all_bytes and kinds <= normalizers):
             return 0
         return max(len(token) for token in vocab) * (4 if kinds else 1)
 
     def decode(self, ids, skip_special_tokens=False):
         return self._control.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @functools.cached_property
+    def _template(self):
+        """The chat template compiled as transformers compiles it (sandboxed jinja2,
+        trim_blocks, lstrip_blocks, loopcontrols, strftime_now, tojson)."""
+        if self.chat_template is None:
+            raise ValueError(f"{self.path or 'tokenizer'}: no chat template (none in "
+                             "tokenizer_config.json, no chat_template.jinja); pick a built-in "
+                             "one: chat_format='chatml' or 'llama3'")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[loopcontrols])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
+        return env.from_string(self.chat_template)
+
     def render_chat(self, messages, add_generation_prompt=True, **kwargs):
         """The checkpoint's own chat template rendered as transformers' apply_chat_template
-        renders it (sandboxed jinja2, trim_blocks, lstrip_blocks, strftime_now, tojson)."""
-        if self.chat_template is None:
-            raise ValueError(f"{self.path or 'tokenizer'}: no chat template (none in tokenizer_config.json, "
-                             "no chat_template.jinja); pick a built-in one: chat_format='chatml' or 'llama3'")
-        if self._compiled is None:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[loopcontrols])
-            env.filters["tojson"] = _tojson
-            env.globals["raise_exception"] = _raise_exception
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._compiled = env.from_string(self.chat_template)
-        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+        renders it."""
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      **{**self.tokens, **kwargs})
 
     def encode_chat(self, messages, add_generation_prompt=True, **kwargs):
@@ -167,19 +188,22 @@ class Tokenizer:
         if any(mark in m["content"] for m in messages for mark in marks):
             raise ValueError("message content holds encode_chat's sentinel")
         marked = [{**m, "content": s} for m, s in zip(messages, marks)]
-        skeleton = re.split("(" + "|".join(map(re.escape, marks)) + ")",
-                            self.render_chat(marked, add_generation_prompt, **kwargs))
+        rendered = self.render_chat(marked, add_generation_prompt, **kwargs)
+        skeleton = re.split("(" + "|".join(map(re.escape, marks)) + ")", rendered)
         full = self.render_chat(messages, add_generation_prompt, **kwargs)
-        ids, pos = [], 0
+        ids = []
+        pos = 0  # where in `full` the piece starts
         for j, piece in enumerate(skeleton):
             if j % 2 == 0:  # template text, control tokens and all
                 if not full.startswith(piece, pos):
                     raise ValueError("the chat template's own text depends on message content")
                 ids += self._control.encode(piece, add_special_tokens=False).ids if piece else []
-            else:  # a message's sentinel: piece becomes its content as the template wrote it (`| trim`)
-                content, after = messages[marks.index(piece)]["content"], skeleton[j + 1]
+            else:  # a sentinel: piece becomes the content as the template wrote it (`| trim`)
+                content = messages[marks.index(piece)]["content"]
+                after = skeleton[j + 1]
                 for piece in (content, content.strip(), content.rstrip(), content.lstrip()):
-                    if full.startswith(piece + after, pos) and (after or pos + len(piece) == len(full)):
+                    ends = after or pos + len(piece) == len(full)  # a last piece ends `full`
+                    if ends and full.startswith(piece + after, pos):
                         break
                 else:
                     raise ValueError("the chat template rewrites message content beyond trimming")
@@ -192,8 +216,8 @@ class Tokenizer:
         """The template's end-of-turn token: the first special token the template writes
         after an assistant message (<|im_end|> for ChatML, <|eot_id|> for Llama 3)."""
         mark = "\x00assistant\x00"
-        text = self.render_chat([{"role": "user", "content": "hi"},
-                                 {"role": "assistant", "content": mark}], False)
+        turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}]
+        text = self.render_chat(turns, False)
         tail = self._control.encode(text.split(mark, 1)[1], add_special_tokens=False).ids
         found = [i for i in tail if i in self.special_ids]
         if not found and not self.eos_ids:
@@ -206,32 +230,32 @@ class Tokenizer:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
                    "added_tokens.json", "tokenizer.model")
-# what we read: weights, configs, tokenizer files
+# What we read from the hub: weights, configs, tokenizer files.
 HUB_FILES = ["*.safetensors", "*.json", *TOKENIZER_FILES]
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
 
 
 @functools.lru_cache(maxsize=None)
 def resolve_model_dir(path):
-    """A model directory for `path`: the path itself when it exists or does not look like a Hugging
-    Face hub id; else `org/name` fetched with huggingface_hub's snapshot_download (only HUB_FILES;
-    it honours HF_HOME, HF_HUB_OFFLINE and its cache). huggingface_hub is optional: without it the
-    error says how to get the files. Once per id and process."""
+    """A model directory for `path`: the path itself when it exists or does not look like a
+    Hugging Face hub id; else `org/name` fetched with huggingface_hub's snapshot_download (only
+    HUB_FILES; it honours HF_HOME, HF_HUB_OFFLINE and its cache). huggingface_hub is optional:
+    without it the error says how to get the files. Once per id and process."""
     if os.path.exists(path) or not _HUB_ID.fullmatch(path):
         return path
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise FileNotFoundError(f"{path}: no such directory. As a Hugging Face hub id it needs "
-                                "huggingface_hub (pip install huggingface_hub), or download it yourself: "
-                                f"huggingface-cli download {path} --local-dir DIR, and pass DIR") from None
+                                "huggingface_hub (pip install huggingface_hub), or download it "
+                                f"yourself: huggingface-cli download {path} --local-dir DIR, "
+                                "and pass DIR") from None
     try:
         return snapshot_download(path, allow_patterns=HUB_FILES)
-    # RepositoryNotFoundError, GatedRepoError, offline and not cached, network
-    except Exception as e:
+    except Exception as e:  # RepositoryNotFoundError, GatedRepoError, offline and not cached
         detail = (str(e) or "no detail").splitlines()[0]
-        raise FileNotFoundError(f"{path}: no such directory, and the Hugging Face hub gives no model of that "
-                                f"id ({type(e).__name__}: {detail})") from None
+        raise FileNotFoundError(f"{path}: no such directory, and the Hugging Face hub gives no "
+                                f"model of that id ({type(e).__name__}: {detail})") from None
 
 
 def copy_tokenizer(src, dst):
@@ -265,19 +289,21 @@ def write_tokenizer(out_dir, texts, vocab_size=512, template="chatml", chat_temp
         pre_tokenizers.Split(Regex(_SPLIT_REGEX), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                  initial_alphabet=alphabet, show_progress=False)
     tok.train_from_iterator(list(texts), trainer)
-    tok.post_processor = processors.ByteLevel(trim_offsets=False) if bos is None else \
-        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",  # Llama 3 adds BOS
-                                      special_tokens=[(bos, tok.token_to_id(bos))])
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    if bos is None:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    else:  # Llama 3 adds BOS
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, tok.token_to_id(bos))])
+    write_text(os.path.join(out_dir, "tokenizer.json"), tok.to_str(pretty=True))  # as tok.save
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
               "pad_token": pad, "clean_up_tokenization_spaces": False, "model_max_length": 4096,
               "chat_template": chat_template or BUILTIN_TEMPLATES[template]}
+    write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
     generation = {"eos_token_id": [tok.token_to_id(t) for t in gen_eos]}
-    for name, obj in (("tokenizer_config.json", config), ("generation_config.json", generation)):
-        with open(os.path.join(out_dir, name), "w") as f:
-            json.dump(obj, f, indent=2)
+    write_json(os.path.join(out_dir, "generation_config.json"), generation)
     return out_dir

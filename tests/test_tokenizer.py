@@ -185,5 +185,21 @@ def test_a_garbage_tokenizer_file_is_a_value_error_naming_it(tiny_tokenizer_dir,
     shutil.copytree(tiny_tokenizer_dir, path)
     with open(os.path.join(path, name), "wb") as f:
         f.write(content)
-    with pytest.raises(ValueError, match=f"{path}/{name}: not a"):
+    with pytest.raises(ValueError, match=rf"{path}/{name}:(1:)? not "):  # not a / not valid / not UTF-8
         tokenizer.Tokenizer.from_pretrained(path)
+
+
+def test_generation_config_eos_comes_first_even_a_single_int(tmp_path):
+    out = tokenizer.write_tokenizer(str(tmp_path), TEXTS, vocab_size=300)
+    json.dump({"eos_token_id": 0}, open(tmp_path / "generation_config.json", "w"))  # an int, and 0
+    tok = tokenizer.Tokenizer.from_pretrained(out)
+    assert tok.eos_ids == [0, tok.token_id("<|im_end|>")]
+
+
+def test_a_template_that_rewrites_its_last_content_is_refused(tmp_path):
+    # The content is the template's last text: a trimmed prefix of what it wrote must not pass.
+    template = "{{ messages[0]['content'] | trim }}{% if messages[0]['content'].endswith(' ') %}x{% endif %}"
+    tok = tokenizer.Tokenizer.from_pretrained(tokenizer.write_tokenizer(str(tmp_path), TEXTS, 300,
+                                                                        chat_template=template))
+    with pytest.raises(ValueError, match="beyond trimming"):
+        tok.encode_chat([{"role": "user", "content": "a "}], add_generation_prompt=False)
