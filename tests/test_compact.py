@@ -467,8 +467,8 @@ def test_branches_of_an_instance_share_the_sample():
     branch = (rat, list(range(1, 40, 6)))
     batch = make_batch([(prompt, answer, [branch, branch])] * 2)
     with torch.no_grad():
-        s = packed_s_mi(model, batch, CompactConfig(mi_budget=12), rng_key=(5,))
-    assert s[0] == s[1] and s[2] == s[3] and s[0] != s[2]
+        s = compact_loss(model, batch, CompactConfig(mi_budget=12), rng_key=(5,))[1]["s_mi"]
+    assert s[0, 0] == s[0, 1] and s[1, 0] == s[1, 1] and s[0, 0] != s[1, 0]
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
