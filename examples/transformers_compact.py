@@ -25,13 +25,13 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project
 
-from common import DataError, add_config_args, config_from_args, user_errors, write_json  # noqa: E402
-from compact import (Branches, CompactConfig, compact_objective, positions,  # noqa: E402
+from common import DataError, add_config_args, config_from_args, user_errors, write_json
+from compact import (Branches, CompactConfig, compact_objective, positions,
                      teacher_means, teacher_sums)
-from data import ANSWER, PROMPT, RATIONALE, load_data  # noqa: E402
-from lora import TARGETS  # noqa: E402
+from data import ANSWER, PROMPT, RATIONALE, load_data
+from lora import TARGETS
 
 PROG = "transformers_compact.py"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -1,7 +1,8 @@
-"""The porting path (examples/transformers_compact.py) against compact_loss: a transformers model with
-a PEFT adapter, padded branch rows and a per-prefix probe give the same COMPACT weights and loss as
-this project's packed row and one-pass probe, on the same instances and weights (tiny random Llama
-and Qwen2, CPU), with exact probes and with the default budget's sample; and the script runs."""
+"""The porting path (examples/transformers_compact.py) against compact_loss: a transformers model
+with a PEFT adapter, padded branch rows and a per-prefix probe give the same COMPACT weights and
+loss as this project's packed row and one-pass probe, on the same instances and weights (tiny
+random Llama and Qwen2, CPU), with exact probes and with the default budget's sample; and the
+script runs, saves a PEFT adapter, and exits 2 on bad input."""
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from tokenizer import Tokenizer
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 sys.path.insert(0, os.path.join(ROOT, "examples"))
-import transformers_compact as port  # noqa: E402
+import transformers_compact as port
 
 SCRIPT = os.path.join(ROOT, "examples", "transformers_compact.py")
 STEP = "First, 3 + 4 = 7. Wait, let me check: 7 * 2 = 14. So the total is 14, then 20 - 5 = 15. "
