@@ -85,7 +85,7 @@ def padded_batch(encoded, pad_id):
         return x + [value] * (T - len(x))
     codes = torch.tensor([pad(c, -1) for _, (_, c, _) in rows])  # (N, T); −1: padding
     K = max(len(e.branches) for e in encoded)
-    teacher = torch.tensor([pad_to(e.teacher, K) for e in encoded])  # (B, K); −1: none
+    teacher = torch.tensor([e.teacher + [-1] * (K - len(e.teacher)) for e in encoded])  # (B, K)
     probes = []
     for e, (ids, c, _) in rows:
         L = c.count(PROMPT)
@@ -95,10 +95,6 @@ def padded_batch(encoded, pad_id):
                 rationale_mask=codes == RATIONALE, answer_mask=codes == ANSWER,
                 think_mask=torch.tensor([pad(t, False) for _, (_, _, t) in rows]),
                 branch_mask=teacher >= 0, teacher=teacher, probes=probes)
-
-
-def pad_to(x, K):
-    return x + [-1] * (K - len(x))
 
 
 def to_device(batch, device):

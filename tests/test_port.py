@@ -41,12 +41,23 @@ STATS = ("weight", "s_mi", "s_g", "s_d", "l_sft", "l_mcon")
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def setup(request, tmp_path_factory, tiny_tokenizer_dir):
+    if request.param == "qwen2":
+        return request.getfixturevalue("qwen2")
+    return build(request.param, tmp_path_factory, tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory, tiny_tokenizer_dir):
+    return build("qwen2", tmp_path_factory, tiny_tokenizer_dir)
+
+
+def build(family, tmp_path_factory, tiny_tokenizer_dir):
     """A tiny random checkpoint of one family with the tiny tokenizer, a random PEFT adapter on it
     (loaded by transformers + peft and by this project), and the data file."""
-    root = tmp_path_factory.mktemp(request.param)
+    root = tmp_path_factory.mktemp(family)
     base, adapter = str(root / "base"), str(root / "adapter")
     vocab = Tokenizer.from_pretrained(tiny_tokenizer_dir).vocab_size
-    random_model(tiny_config(request.param, vocab_size=vocab)).save_pretrained(base)
+    random_model(tiny_config(family, vocab_size=vocab)).save_pretrained(base)
     for name in os.listdir(tiny_tokenizer_dir):
         shutil.copy(os.path.join(tiny_tokenizer_dir, name), base)
     data = root / "multi.jsonl"
@@ -70,7 +81,7 @@ def relative_error(got, want):
 
 
 @pytest.mark.parametrize("budget", ["exact", "default"])
-def test_example_equals_compact_loss(setup, budget, capsys):
+def test_example_equals_compact_loss(setup, budget):
     """Weights, loss and every per-branch score and loss agree to 1e-5 relative."""
     theirs, ours, tok, encoded, _ = setup
     cfg = CompactConfig(mi_budget=0) if budget == "exact" else CompactConfig()
@@ -84,9 +95,8 @@ def test_example_equals_compact_loss(setup, budget, capsys):
     assert (want["s_mi"] > 0).sum() >= 4 and want["s_g"].std() > 0 and want["weight"].std() > 0.05
     errors = {k: relative_error(st[k], want[k]) for k in STATS}
     errors["loss"] = relative_error(loss, want_loss)
-    with capsys.disabled():
-        print(f"\n{theirs.config.model_type} {budget}: max relative error "
-              + " ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    print(f"{theirs.config.model_type} {budget}: max relative error "
+          + " ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     assert max(errors.values()) <= 1e-5, errors
     assert torch.equal(st["weight"] > 0, batch["branch_mask"])
 
@@ -104,8 +114,8 @@ def test_default_budget_samples_and_the_key_matters(setup):
     torch.testing.assert_close(one[:, 1:], exact[:, 1:], rtol=1e-6, atol=1e-7)
 
 
-def test_three_steps_train_and_save_an_adapter(setup, tmp_path, capsys):
-    _, _, _, _, cfg = setup
+def test_three_steps_train_and_save_an_adapter(qwen2, tmp_path, capsys):
+    cfg = qwen2[-1]
     out = str(tmp_path / "run")
     port.main(["--model", cfg.model, "--data", cfg.data, "--out", out, "--steps", "3",
                "--lora-rank", "4", "--lr", "1e-2", "--batch-size", "2"])
@@ -121,8 +131,8 @@ def test_three_steps_train_and_save_an_adapter(setup, tmp_path, capsys):
     assert lora_b and all(p.abs().max() > 0 for p in lora_b)  # B starts at 0: the steps moved it
 
 
-def test_bad_input_exits_2(setup, tmp_path, capsys):
-    _, _, _, _, cfg = setup
+def test_bad_input_exits_2(qwen2, tmp_path, capsys):
+    cfg = qwen2[-1]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "x"}\n')
     for argv, message in (
