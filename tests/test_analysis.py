@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ import analysis
 import data
 import demo
 import eval as ev
-from compact import CompactConfig, adaptability_scores, packed_forward
+from compact import (CompactConfig, adaptability_scores, packed_forward, probe_information,
+                     rationale_view)
 from conftest import tiny_config
 from lora import apply_lora, save_adapter
 from model import Transformer
@@ -106,7 +108,8 @@ def test_mi_trace_equals_per_prefix_loop_and_the_scorer(tmp_path, student_dir, m
     with torch.no_grad():
         _, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)
         verbose = batch["teacher"].flatten()[batch["slot"]] == teachers.index("verbose")
-        s_mi = adaptability_scores(model, aux.kv, batch, cfg)[verbose][0]
+        probe = partial(probe_information, model, aux.kv, batch)
+        s_mi = adaptability_scores(probe, *rationale_view(batch), cfg)[verbose][0]
     m = torch.where(think, cfg.think_weight, cfg.other_weight)
     torch.testing.assert_close(s_mi, (m * (info[1:] - info[:-1]).clamp(min=0)).sum(), atol=1e-6, rtol=1e-5)
     assert s_trace == pytest.approx(float(s_mi), abs=1e-6)  # the trace's summary is compact's own estimate

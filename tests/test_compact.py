@@ -2,6 +2,7 @@
 each branch alone as one plain sequence (prompt ⊕ rationale ⊕ cue ⊕ y ⊕ close ⊕ eot), no packing, no probe."""
 import math
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -218,9 +219,11 @@ def test_consensus_cosine_hand():
 
 
 def test_difficulty_scores_hand():
-    nll = torch.arange(12.0)
-    rows = torch.tensor([[1, 2, -1], [7, 9, 10], [-1, -1, -1]])  # two, three and no rationale tokens
-    assert_close(difficulty_scores(nll, rows), torch.tensor([1.5, 26 / 3, 0.0]))
+    nll = torch.arange(12.0).view(1, 3, 4)
+    rat = torch.tensor([[[0, 1, 1, 0], [1, 0, 1, 1], [0, 0, 0, 0]]], dtype=torch.bool)  # 2, 3, 0 tokens
+    want = torch.tensor([[1.5, 17 / 3, 0.0]])
+    assert_close(difficulty_scores(nll, rat), want)
+    assert_close(difficulty_scores(nll.masked_fill(~rat, float("inf")), rat), want)  # others unread
 
 
 def test_consensus_scores_reference():
@@ -415,14 +418,21 @@ def test_probe_log_likelihood_is_fp32_under_bf16_autocast():
         assert not torch.allclose(token_nll(model.lm_head, h, y), want, atol=1e-6, rtol=1e-6)  # the bf16 head
 
 
+def packed_s_mi(model, batch, cfg, rng_key=()):
+    """adaptability_scores [N] of a packed row: the probe over its K/V, branches grouped by instance."""
+    _, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)
+    instance = (batch["slot"] // batch["branch_mask"].shape[1]).tolist()
+    info = partial(probe_information, model, aux.kv, batch)
+    return adaptability_scores(info, *rationale_view(batch), cfg, rng_key, instance)
+
+
 def test_adaptability_scores_exact_eq3():
     """mi_budget=0: S_MI = (1/|R|) Σ_t m_t max(I_t − I_{t−1}, 0), every I_t from its own forward."""
     model, instances = tiny_model(1), standard_instances(1)
     batch = make_batch(instances)
     cfg = CompactConfig(mi_budget=0, think_weight=1.0, other_weight=0.3)
     with torch.no_grad():
-        _, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)
-        s = adaptability_scores(model, aux.kv, batch, cfg)
+        s = packed_s_mi(model, batch, cfg)
     want = naive_s_mi(model, instances, cfg).flatten()[batch["slot"]]
     assert_close(s, want, atol=1e-6, rtol=1e-5)
     assert (s[:-1] > 0).all()
@@ -438,9 +448,8 @@ def test_sampled_s_mi_is_unbiased():
     batch = make_batch([(prompt, answer, [branch])] * 60)
     cfg = CompactConfig(mi_budget=24, mi_budget_frac=0.0, mi_budget_cap=0, think_weight=1.0, other_weight=0.3)
     with torch.no_grad():
-        _, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)
-        exact = adaptability_scores(model, aux.kv, batch, CompactConfig(mi_budget=0, other_weight=0.3))
-        est = torch.cat([adaptability_scores(model, aux.kv, batch, cfg, rng_key=(key,)) for key in range(5)])
+        exact = packed_s_mi(model, batch, CompactConfig(mi_budget=0, other_weight=0.3))
+        est = torch.cat([packed_s_mi(model, batch, cfg, rng_key=(key,)) for key in range(5)])
     assert_close(exact, exact[:1].expand(60))  # the same branch 60 times: one exact value
     assert est.std() > 0.02 * exact[0]  # really sampled
     se = est.std() / math.sqrt(len(est))
@@ -458,9 +467,8 @@ def test_branches_of_an_instance_share_the_sample():
     branch = (rat, list(range(1, 40, 6)))
     batch = make_batch([(prompt, answer, [branch, branch])] * 2)
     with torch.no_grad():
-        _, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)
-        s = adaptability_scores(model, aux.kv, batch, CompactConfig(mi_budget=12), rng_key=(5,))
-    assert s[0] == s[1] and s[2] == s[3] and s[0] != s[2]
+        s = compact_loss(model, batch, CompactConfig(mi_budget=12), rng_key=(5,))[1]["s_mi"]
+    assert s[0, 0] == s[0, 1] and s[1, 0] == s[1, 1] and s[0, 0] != s[1, 0]
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
