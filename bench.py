@@ -1,25 +1,24 @@
 """Speed of compact-ref on the shapes users have: a COMPACT training step, the one-pass S_MI probe
 and its agreement with exact Eq. 3, against transformers + PEFT on the same instances.
 
-    python bench.py [--json] [--threads 2] [--compile] [--mix long,equal] [--mi-model DIR] [--mi-sweep]
+    python bench.py [--json] [--threads 2] [--compile] [--mix long,equal] [--mi-model DIR]
     python bench.py --device cuda --shape qwen2.5-1.5b --mix long --no-naive --no-mi
 
-Synthetic ids on a random Qwen2-shaped model ("small": hidden 512, 8 layers, 8/2 heads, intermediate
-1408, vocab 32000, tied, 40M), LoRA r=16, alpha 32, dropout 0 on all 7 projections, AdamW. An
-instance is a 32-token prompt and K rationales with thinking marks, then cue (4) ⊕ y (4) ⊕ close ⊕
-eot. Mixes (MIXES): "long", the long-CoT mix of four teachers, two instruct-style (about 40 and 80
-tokens) and two long traces (about 400 and 700), each ±25% per question, B = 4; "equal", K = 4
-branches of --seq tokens (the others up to 10% shorter), B = 1. Per mix: supervised tokens/s of a
-COMPACT step (train.train_step: forward, backward, clipping, AdamW, stats sync), the tokens of the
-padded [B, K, T] layout and of the packed row, step peak memory with and without gradient
-checkpointing, COMPACT/uniform and the probe's share (alpha = 0 skips only the probe), and
-transformers + PEFT (the same weights, the batch padded to [B·K, T] as its users run it) over our
-plain LoRA SFT step. Timing: a warmup call, then --repeats rounds running each configuration --steps
-times in turn (load from other processes falls on all alike); the median round, ratios as the median
-[min, max] of per-round ratios. Peak memory: the most tensor memory a call holds above what was live
-before it (CUDA: the allocator; CPU: the profiler's allocation events). MFU = model FLOPs of the
-LoRA training pass / step time / peak dense bf16, per real token 4·N_frozen + 6·N_lora (N: linear
-weights incl. lm_head) + 12·L·C per attended pair, probe not counted.
+Synthetic ids on a random Qwen2-shaped model ("small": hidden 512, 8 layers, 8/2 heads,
+intermediate 1408, vocab 32000, tied, 40M), LoRA r=16, alpha 32, dropout 0 on all 7 projections,
+AdamW. An instance is a 32-token prompt and K rationales with thinking marks, then
+cue (4) ⊕ y (4) ⊕ close ⊕ eot. Mixes (MIXES): "long", four teachers, two instruct-style (about 40
+and 80 tokens) and two long traces (about 400 and 700), each ±25% per question, B = 4; "equal",
+K = 4 branches of --seq tokens (the others up to 10% shorter), B = 1.
+
+Per mix: supervised tokens/s of a COMPACT step (train.train_step), the tokens of the padded
+[B, K, T] layout and of the packed row, step peak memory with and without gradient checkpointing,
+COMPACT/uniform and the probe's share (alpha = 0 skips only the probe), and transformers + PEFT
+(the same weights, the batch padded to [B·K, T] as its users run it) over our plain LoRA SFT step.
+Timing: a warmup call, then --repeats rounds running each configuration --steps times in turn; the
+median round, ratios as the median [min, max] of per-round ratios. Peak memory: the most tensor
+memory a call holds above what was live before it (CUDA: the allocator; CPU: the profiler). MFU:
+see flops_per_step; the probe is not counted. Results and how to read them: docs/speed.md.
 Left out: multi-GPU, data loading and tokenisation, generation.
 """
 import argparse
@@ -39,9 +38,9 @@ from statistics import mean, median
 
 import torch
 
+from common import add_config_args, config_from_args, read_jsonl
 from compact import (CompactConfig, mi_estimate, packed_forward, probe_information, probe_plan,
                      rationale_view, token_nll)
-from common import add_config_args, config_from_args
 from data import (ANSWER, CLOSE, CUE, EOT, PROMPT, RATIONALE, EncodedInstance, Instance, collate,
                   encode_dataset, to_device)
 from lora import TARGETS, apply_lora
@@ -49,15 +48,17 @@ from model import ModelArgs, Transformer, compile_blocks
 from train import TrainConfig, train_step
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# Qwen2, tied embeddings
+# Qwen2 sizes, tied embeddings
 SIZE_FIELDS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
 SHAPES = {"small": (512, 8, 8, 2, 1408, 32000), "qwen2.5-1.5b": (1536, 28, 12, 2, 8960, 151936)}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, FLOP/s
-PROMPT_LEN, CUE_LEN, ANSWER_LEN = 32, 4, 4
-# rationale lengths, spread, B
+PROMPT_LEN = 32
+CUE_LEN = 4
+ANSWER_LEN = 4
+# name: (rationale lengths, spread, B)
 MIXES = {"long": ((40, 80, 400, 700), 0.25, 4), "equal": (None, 0.1, 1)}
+# --mi-sweep: these laws and the default
 LAWS = {"fixed 48 (the previous default)": dict(mi_budget=48, mi_budget_frac=0.0, mi_budget_cap=0),
-        # --mi-sweep: and the default
         "fixed 96": dict(mi_budget=96, mi_budget_frac=0.0, mi_budget_cap=0),
         "max(64, 0.3 |R|), cap 192": dict(mi_budget=64, mi_budget_frac=0.3, mi_budget_cap=192)}
 
@@ -65,7 +66,7 @@ LAWS = {"fixed 48 (the previous default)": dict(mi_budget=48, mi_budget_frac=0.0
 @dataclass
 class BenchConfig:
     device: str = "cpu"  # cpu or cuda
-    dtype: str = ""  # float32 or bfloat16 for the frozen base; "" = bfloat16 on cuda, float32 on cpu
+    dtype: str = ""  # float32 or bfloat16, the frozen base's; "" = bfloat16 on cuda, float32 on cpu
     shape: str = "small"  # a SHAPES preset; the six size flags below override it (0 = the preset's)
     hidden: int = 0
     layers: int = 0
@@ -81,77 +82,99 @@ class BenchConfig:
     mi_questions: int = 8  # mi_agreement: instances (GSM8K questions), 4 rationales each
     mi_long_words: int = 380  # words of each long thinking-dense rationale (600+ tokens)
     mi_keys: int = 16  # sampled estimates per instance (rng keys)
-    mi_train_steps: int = 200  # plain LM steps for the agreement student (60 left ΔI_t at noise level)
+    mi_train_steps: int = 200  # plain LM steps of the agreement student (60 left ΔI_t as noise)
     mi_vocab: int = 1024  # its BPE tokenizer, trained on the bench's own texts
-    mi_model: str = ""  # also a real student (a Hugging Face directory, its own tokenizer) for mi_agreement
-    mi_sweep: bool = False  # mi_agreement and the long mix's COMPACT/uniform for every law in LAWS too
+    mi_model: str = ""  # also a real student for mi_agreement (a Hugging Face dir, its tokenizer)
+    mi_sweep: bool = False  # also every law in LAWS: mi_agreement, the long mix's COMPACT/uniform
     no_mi: bool = False  # skip mi_agreement
     compile: bool = False  # also time torch.compile'd blocks (ours and HF's) against each other
     no_naive: bool = False  # skip the per-prefix probe loop (big shapes)
     no_hf: bool = False  # skip transformers + PEFT
     json: bool = False  # print one JSON line instead of the same dict indented
-    threads: int = 0  # torch.set_num_threads (0 = torch's default); 1 is steadier on a loaded machine
+    threads: int = 0  # torch.set_num_threads (0 = torch's default); 1 is steadier when loaded
     seed: int = 0
 
     def __post_init__(self):
-        if self.device not in ("cpu", "cuda") or self.dtype not in ("", "float32", "bfloat16") or \
-                self.shape not in SHAPES or not set(self.mix.split(",")) <= set(MIXES):
-            raise ValueError(f"--device is cpu or cuda, --dtype float32 or bfloat16, --shape one of "
-                             f"{', '.join(SHAPES)}, --mix from {', '.join(MIXES)}")
+        bad = self.device not in ("cpu", "cuda") or self.dtype not in ("", "float32", "bfloat16")
+        if bad or self.shape not in SHAPES or not set(self.mix.split(",")) <= set(MIXES):
+            raise ValueError(f"--device is cpu or cuda, --dtype float32 or bfloat16, --shape one "
+                             f"of {', '.join(SHAPES)}, --mix from {', '.join(MIXES)}")
         self.dtype = self.dtype or ("bfloat16" if self.device == "cuda" else "float32")
         for name, value in zip(SIZE_FIELDS, SHAPES[self.shape]):
             setattr(self, name, getattr(self, name) or value)
         if min(self.steps, self.repeats, self.lora_rank, self.mi_questions, self.mi_keys) < 1:
-            raise ValueError("--steps, --repeats, --lora-rank, --mi-questions, --mi-keys must be >= 1")
-        if self.seq < PROMPT_LEN + CUE_LEN + ANSWER_LEN + 12:
-            raise ValueError(f"--seq must be >= {PROMPT_LEN + CUE_LEN + ANSWER_LEN + 12}")
+            raise ValueError("--steps, --repeats, --lora-rank, --mi-questions, --mi-keys "
+                             "must be >= 1")
+        shortest = PROMPT_LEN + CUE_LEN + ANSWER_LEN + 12
+        if self.seq < shortest:
+            raise ValueError(f"--seq must be >= {shortest}")
 
 
 def random_qwen2(c: BenchConfig) -> Transformer:
     """Our Transformer, randomly initialised, of a Qwen2 config.json with c's sizes and dtype."""
-    cfg = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu", vocab_size=c.vocab,
-               hidden_size=c.hidden, intermediate_size=c.intermediate, num_hidden_layers=c.layers,
-               num_attention_heads=c.heads, num_key_value_heads=c.kv_heads, rms_norm_eps=1e-6, rope_theta=1e6,
+    cfg = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu",
+               vocab_size=c.vocab, hidden_size=c.hidden, intermediate_size=c.intermediate,
+               num_hidden_layers=c.layers, num_attention_heads=c.heads,
+               num_key_value_heads=c.kv_heads, rms_norm_eps=1e-6, rope_theta=1e6,
                max_position_embeddings=32768, tie_word_embeddings=True, use_sliding_window=False,
                sliding_window=None, torch_dtype=c.dtype)
     return Transformer(ModelArgs.from_hf_config(cfg), cfg)
 
 
 def synth_instances(c: BenchConfig, mix, seed=0):
-    """EncodedInstances of random ids in a MIXES shape;
-    thinking marks on 1 token in 32 (1 in 8 past 200)."""
+    """EncodedInstances of random ids in a MIXES shape; thinking marks on 1 token in 32 (1 in 8
+    past 200 tokens)."""
     g = random.Random(seed)
     lengths, spread, B = MIXES[mix]
-    rand = lambda n: [g.randrange(c.vocab - 1) for _ in range(n)]
+
+    def rand(n):
+        return [g.randrange(c.vocab - 1) for _ in range(n)]
+
     tail = [CUE] * CUE_LEN + [ANSWER] * ANSWER_LEN + [CLOSE, EOT]
-    answer_mask, out = [False] * CUE_LEN + [True] * ANSWER_LEN, []
+    answer_mask = [False] * CUE_LEN + [True] * ANSWER_LEN
+    out = []
     for b in range(B):
-        prompt, cue, y = rand(PROMPT_LEN), rand(CUE_LEN), rand(ANSWER_LEN)
-        ns = [round(m * g.uniform(1 - spread, 1 + spread)) for m in lengths] if lengths else \
-            [c.seq - PROMPT_LEN - len(tail) - (g.randint(0, c.seq // 10) if k else 0) for k in range(4)]
-        branches = [(prompt + rand(n) + cue + y + rand(1) + [c.vocab - 1],
-                     [PROMPT] * PROMPT_LEN + [RATIONALE] * n + tail,
-                     [False] * PROMPT_LEN + [g.random() < (1 / 8 if n > 200 else 1 / 32) for _ in range(n)] +
-                     [False] * len(tail)) for n in ns]
-        out.append(EncodedInstance(f"bench-{b}", branches, list(range(len(ns))), cue + y, answer_mask))
+        prompt = rand(PROMPT_LEN)
+        cue = rand(CUE_LEN)
+        y = rand(ANSWER_LEN)
+        if lengths:
+            ns = [round(m * g.uniform(1 - spread, 1 + spread)) for m in lengths]
+        else:  # the first branch is the longest, --seq tokens
+            free = c.seq - PROMPT_LEN - len(tail)
+            ns = [free - (g.randint(0, c.seq // 10) if k else 0) for k in range(4)]
+        branches = []
+        for n in ns:
+            ids = prompt + rand(n) + cue + y + rand(1) + [c.vocab - 1]
+            codes = [PROMPT] * PROMPT_LEN + [RATIONALE] * n + tail
+            rate = 1 / 8 if n > 200 else 1 / 32
+            thinking = [g.random() < rate for _ in range(n)]
+            branches.append((ids, codes, [False] * PROMPT_LEN + thinking + [False] * len(tail)))
+        teachers = list(range(len(ns)))
+        out.append(EncodedInstance(f"bench-{b}", branches, teachers, cue + y, answer_mask))
     return out
 
 
+def right_pad(rows, value, device):
+    """[len(rows), T] tensor of the rows right-padded with value to the longest, T."""
+    T = max(len(row) for row in rows)
+    return torch.tensor([row + [value] * (T - len(row)) for row in rows], device=device)
+
+
 def mix_data(c, mix, device):
-    """(EncodedInstances, our packed row, the [B·K, T]
-    batch right-padded as transformers users pad it)."""
+    """(EncodedInstances, our packed row, the [B·K, T] batch right-padded as transformers users
+    pad it)."""
     encoded = synth_instances(c, mix, c.seed)
     rows = [(ids, codes) for e in encoded for ids, codes, _ in e.branches]
-    T = max(len(ids) for ids, _ in rows)
-    pad = lambda x, v=0: torch.tensor([row + [v] * (T - len(row)) for row in x], device=device)
-    hf = {"input_ids": pad([i for i, _ in rows]), "attention_mask": pad([[1] * len(i) for i, _ in rows]),
-          "labels": pad([[t if s > PROMPT else -100 for t, s in zip(i, cs)] for i, cs in rows], -100)}
+    labels = [[t if s > PROMPT else -100 for t, s in zip(ids, codes)] for ids, codes in rows]
+    hf = {"input_ids": right_pad([ids for ids, _ in rows], 0, device),
+          "attention_mask": right_pad([[1] * len(ids) for ids, _ in rows], 0, device),
+          "labels": right_pad(labels, -100, device)}
     return encoded, to_device(collate(encoded), device), hf
 
 
 def build_model(c: BenchConfig, device, save_dir=None):
-    """Random Qwen2 → base dtype → (saved for transformers)
-    → LoRA (fp32) → device, as train.build_model."""
+    """Random Qwen2 → base dtype → (saved for transformers) → LoRA (fp32) → device, as
+    train.build_model."""
     torch.manual_seed(c.seed)
     with device:  # initialise on the device: a 1.5B fp32 init on a CPU takes minutes
         model = random_qwen2(c).to(getattr(torch, c.dtype))
@@ -166,22 +189,28 @@ def build_hf_peft(c: BenchConfig, path, device, compiled=False):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, logging
     logging.disable_progress_bar()  # stderr noise around the output
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, c.dtype), attn_implementation="sdpa")
+    dtype = getattr(torch, c.dtype)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     lora = LoraConfig(r=c.lora_rank, lora_alpha=2 * c.lora_rank, target_modules=list(TARGETS),
                       lora_dropout=0.0, task_type="CAUSAL_LM")
-    # adapters fp32 (PEFT's autocast_adapter_dtype), as ours
+    # adapters in fp32 (PEFT's autocast_adapter_dtype), as ours
     hf = get_peft_model(hf.to(device), lora).train()
     if compiled:  # its layer wrapper recompiles per layer instance: let all compile, none run eager
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * c.layers)
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 4 * c.layers)
         for layer in hf.get_base_model().model.layers:
             layer.compile()
     return hf
 
 
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed(fn, device, calls=1):
-    """(seconds per call over `calls` calls of fn, the device
-    synchronised around them; the last result)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+    """(seconds per call over `calls` calls of fn, the device synchronised around them; the last
+    result)."""
     sync(device)
     t0 = time.perf_counter()
     for _ in range(calls):
@@ -191,13 +220,14 @@ def timed(fn, device, calls=1):
 
 
 def interleaved(fns, c: BenchConfig, device):
-    """({name: median seconds per call}, {name: per-round
-    seconds}) of each fn, rounds taken in turn."""
+    """({name: median seconds per call}, {name: per-round seconds}) of each fn, rounds taken in
+    turn."""
     rounds = {name: [] for name in fns}
-    for r in range(c.repeats + 1):  # round 0 is the warmup
+    for r in range(c.repeats + 1):
         for name, fn in fns.items():
             t, _ = timed(fn, device, c.steps if r else 1)
-            rounds[name] += [t] if r else []
+            if r:  # round 0 is the warmup
+                rounds[name].append(t)
     return {name: median(t) for name, t in rounds.items()}, rounds
 
 
@@ -211,23 +241,24 @@ def step_peak_mb(fn, device):
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
     return max(itertools.accumulate((e.nbytes() for e in events), initial=0)) / 2**20
 
 
 def our_step(model, batch, ccfg, device, autocast):
     """One train.train_step (one micro-batch) under CompactConfig ccfg."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    cfg, (B, K) = TrainConfig(model="random", data="synthetic"), batch["branch_mask"].shape
+    cfg = TrainConfig(model="random", data="synthetic")
+    B, K = batch["branch_mask"].shape
     return lambda: train_step(model, opt, [batch], 1e-4, B, K, cfg, ccfg, device, autocast)
 
 
 def hf_step(hf, pad, autocast):
-    """Plain SFT cross-entropy over the padded [B·K, T] batch, the same optimizer and clipping as
-    train_step."""
+    """Plain SFT cross-entropy over the padded [B·K, T] batch; train_step's optimizer, clipping."""
     params = [p for p in hf.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
+
     def step():
         with autocast():
             loss = hf(**pad).loss
@@ -240,47 +271,58 @@ def hf_step(hf, pad, autocast):
 
 
 def bench_mix(c, mix, encoded, batch, pad, model, hf, hf_dir, device, autocast):
-    """Every step measurement of one mix (mix_data), as a
-    dict (see the file docstring); the models train."""
-    real, padded = sum(len(ids) for e in encoded for ids, _, _ in e.branches), pad["input_ids"].numel()
+    """Every step measurement of one mix (mix_data), as a dict (see the file docstring); the
+    models train."""
+    real = sum(len(ids) for e in encoded for ids, _, _ in e.branches)
+    padded = pad["input_ids"].numel()
     r = dict(instances=len(encoded), branches=batch["branch_mask"].shape[1],
-             longest=pad["input_ids"].shape[1], supervised=int(batch["sft_mask"].sum()), tokens_padded=padded,
-             tokens_real=real, tokens_packed=len(batch["input_ids"]), padding_before=1 - real / padded)
-    laws = {"compact": {}, **{f"compact {k}": kw for k, kw in LAWS.items() if c.mi_sweep and mix == "long"}}
+             longest=pad["input_ids"].shape[1], supervised=int(batch["sft_mask"].sum()),
+             tokens_padded=padded, tokens_real=real, tokens_packed=len(batch["input_ids"]),
+             padding_before=1 - real / padded)
+    sweep = c.mi_sweep and mix == "long"
+    laws = {"compact": {}, **{f"compact {k}": kw for k, kw in LAWS.items() if sweep}}
     configs = {"uniform": dict(weighting="uniform"), "compact_no_mi": dict(alpha=0.0),
                "sft": dict(weighting="uniform", mcon_lambda=0.0), **laws}
-    fns = {k: our_step(model, batch, CompactConfig(**kw), device, autocast) for k, kw in configs.items()}
-    fns.update({"hf_peft": hf_step(hf, pad, autocast)} if hf is not None else {})
+    fns = {}
+    for name, kw in configs.items():
+        fns[name] = our_step(model, batch, CompactConfig(**kw), device, autocast)
+    if hf is not None:
+        fns["hf_peft"] = hf_step(hf, pad, autocast)
     if c.compile:
         compiled = compile_blocks(build_model(c, device))
-        fns["sft_compiled"] = our_step(compiled, batch, CompactConfig(**configs["sft"]), device, autocast)
+        sft = CompactConfig(**configs["sft"])
+        fns["sft_compiled"] = our_step(compiled, batch, sft, device, autocast)
         if hf is not None:
-            fns["hf_peft_compiled"] = hf_step(build_hf_peft(c, hf_dir, device, True), pad, autocast)
+            hf_compiled = build_hf_peft(c, hf_dir, device, True)
+            fns["hf_peft_compiled"] = hf_step(hf_compiled, pad, autocast)
         # the first two calls: compile, then recompile (no-grad input); less two warm calls below
         r["compile_s"] = {k: 2 * timed(fns[k], device, 2)[0] for k in fns if k.endswith("compiled")}
     times, rounds = interleaved(fns, c, device)
-    r.update(times_s=times, tokens_per_s=r["supervised"] / times["compact"],
-             probe_share=1 - times["compact_no_mi"] / times["compact"])
-    # (key, a, b)
+    r["times_s"] = times
+    r["tokens_per_s"] = r["supervised"] / times["compact"]
+    r["probe_share"] = 1 - times["compact_no_mi"] / times["compact"]
+    # (key, a, b): time a / time b, as the median of the per-round ratios and their [min, max]
     ratios = [(k.replace("compact", "compact_over_uniform"), k, "uniform") for k in laws]
-    ratios += [(f"vs_{k}", k, k.replace("hf_peft", "sft")) for k in times if k.startswith("hf_peft")]
-    # time a / time b: the median of the per-round ratios, and their [min, max]
+    hf_names = [k for k in times if k.startswith("hf_peft")]
+    ratios += [(f"vs_{k}", k, k.replace("hf_peft", "sft")) for k in hf_names]
     for key, a, b in ratios:
         x = [p / q for p, q in zip(rounds[a], rounds[b])]
-        r[key], r[key + "_range"] = median(x), [min(x), max(x)]
+        r[key] = median(x)
+        r[key + "_range"] = [min(x), max(x)]
     if c.compile:
         r["compile_s"] = {k: t - 2 * times[k] for k, t in r["compile_s"].items()}
     r["step_peak_mb"] = {}
-    # checkpointing off at the end: the next mix times both models without it
-    for gc in (True, False):
+    for gc in (True, False):  # checkpointing off at the end: the next mix times both without it
         model.gradient_checkpointing = gc
-        if hf is not None:
-            hf.gradient_checkpointing_enable({"use_reentrant": False}) if gc else \
-                hf.gradient_checkpointing_disable()
+        if hf is not None and gc:
+            hf.gradient_checkpointing_enable({"use_reentrant": False})
+        elif hf is not None:
+            hf.gradient_checkpointing_disable()
         for name in [k for k in ("compact", "sft", "hf_peft") if k in fns]:
             r["step_peak_mb"][name + "_gc" * gc] = step_peak_mb(fns[name], device)
     if device.type == "cuda" and c.dtype == "bfloat16":
-        peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name(device)), None)
+        card = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16.items() if k in card), None)
         flops = flops_per_step(model, encoded, r["tokens_packed"], c)
         r["mfu"] = flops / times["compact"] / peak if peak else None
     return r
@@ -288,32 +330,42 @@ def bench_mix(c, mix, encoded, batch, pad, model, hf, hf_dir, device, autocast):
 
 def flops_per_step(model, encoded, tokens, c: BenchConfig):
     """Model FLOPs of one LoRA training pass over the packed row of `tokens` tokens: per token
-    4·N_frozen + 6·N_lora, plus 12·L·C per (query, key) pair that attention computes."""
+    4·N_frozen + 6·N_lora (N: linear weights incl. lm_head), plus 12·L·C per (query, key) pair
+    that attention computes."""
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # frozen matrices (the tied lm_head once); an untied embedding is a lookup, not a matmul
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad and p.dim() == 2)
-    n_frozen -= 0 if model.args.tie_word_embeddings else model.model.embed_tokens.weight.numel()
+    if not model.args.tie_word_embeddings:
+        n_frozen -= model.model.embed_tokens.weight.numel()
     pairs = sum(len(ids) * (len(ids) + 1) / 2 for e in encoded for ids, _, _ in e.branches)
-    return tokens * (4 * n_frozen + 6 * n_lora) + 12 * c.layers * c.heads * model.args.head_dim * pairs
+    attention = 12 * c.layers * c.heads * model.args.head_dim * pairs
+    return tokens * (4 * n_frozen + 6 * n_lora) + attention
 
 
 def probe_check(model, c, device, autocast):
     """The exact I_t of one long branch two ways, timed and compared: the one-pass probe over its
-    K/V, and the obvious loop (one forward of prompt ⊕ r_≤t
-    ⊕ cue ⊕ y per prefix; logits only where y is read)."""
+    K/V, and the obvious loop (one forward of prompt ⊕ r_≤t ⊕ cue ⊕ y per prefix)."""
     e = synth_instances(c, "long", c.seed)[0]
-    # the 400-token one
+    # the 400-token branch alone
     one = EncodedInstance(e.id, e.branches[2:3], [0], e.probe_ids, e.probe_answer_mask)
     batch = to_device(collate([one]), device)
     plan = probe_plan(*rationale_view(batch), CompactConfig(mi_budget=0))
-    L, y = e.branches[2][1].count(PROMPT), torch.tensor(e.probe_ids, device=device)
+    L = e.branches[2][1].count(PROMPT)
+    y = torch.tensor(e.probe_ids, device=device)
+
     def one_pass():
         _, aux = packed_forward(model, batch, return_hidden=True, return_aux=True)
         return probe_information(model, aux.kv, batch, plan)[0]
+
     def naive():
-        hs = [model(torch.cat([batch["input_ids"][:L + t], y])[None], return_hidden=True)[0]
-              for t in plan.prefix[0].tolist()]
-        return torch.stack([-token_nll(model.lm_head, h[-ANSWER_LEN - 1:-1], y[CUE_LEN:]).sum() for h in hs])
+        info = []
+        for t in plan.prefix[0].tolist():
+            x = torch.cat([batch["input_ids"][:L + t], y])[None]  # (1, T)
+            h = model(x, return_hidden=True)[0]
+            # logits only where y is read
+            info.append(-token_nll(model.lm_head, h[-ANSWER_LEN - 1:-1], y[CUE_LEN:]).sum())
+        return torch.stack(info)
+
     with torch.no_grad(), autocast():
         times, _ = interleaved({"one_pass": one_pass}, replace(c, repeats=1), device)
         t, want = timed(naive, device)
@@ -323,16 +375,21 @@ def probe_check(model, c, device, autocast):
 
 def sft_nll(model, batch):
     """Plain LoRA SFT's loss of a collate row: the mean next-token NLL of its supervised tokens."""
-    h, sel = packed_forward(model, batch, return_hidden=True), batch["sft_mask"]
+    h = packed_forward(model, batch, return_hidden=True)
+    sel = batch["sft_mask"]
     return token_nll(model.lm_head, h[batch["prev"][sel]], batch["input_ids"][sel]).mean()
+
+
+def bf16_autocast():
+    return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 def run_bench(c: BenchConfig) -> dict:
     """Every measurement as one dict (the --json line): per mix, the probe, S_MI agreement."""
     device = torch.device(c.device)
     torch.set_num_threads(c.threads or torch.get_num_threads())  # 0: as torch set it
-    cuda_bf16 = device.type == "cuda" and c.dtype == "bfloat16"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda_bf16 else contextlib.nullcontext
+    cuda = device.type == "cuda"
+    autocast = bf16_autocast if cuda and c.dtype == "bfloat16" else contextlib.nullcontext
     hf_ok = not c.no_hf and all(importlib.util.find_spec(m) for m in ("transformers", "peft"))
     r = {"config": asdict(c), "torch": torch.__version__, "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
@@ -340,16 +397,20 @@ def run_bench(c: BenchConfig) -> dict:
         hf = build_hf_peft(c, tmp, device) if hf_ok else None
         data = {mix: mix_data(c, mix, device) for mix in c.mix.split(",")}
         # before any step (LoRA B = 0) the same weights give the same loss
+        gaps = dict.fromkeys(data)
         with torch.no_grad(), autocast():
-            gaps = {mix: abs(hf(**pad).loss.item() - sft_nll(model, batch).item()) if hf else None
-                    for mix, (_, batch, pad) in data.items()}
-        for mix, d in data.items():  # d: (encoded, batch, pad)
-            r[mix] = bench_mix(c, mix, *d, model, hf, tmp, device, autocast) | {"hf_loss_abs_diff": gaps[mix]}
+            for mix, (_, batch, pad) in data.items():
+                if hf is not None:
+                    gaps[mix] = abs(hf(**pad).loss.item() - sft_nll(model, batch).item())
+        for mix, (encoded, batch, pad) in data.items():
+            r[mix] = bench_mix(c, mix, encoded, batch, pad, model, hf, tmp, device, autocast)
+            r[mix]["hf_loss_abs_diff"] = gaps[mix]
     if not c.no_naive:
         r.update(probe_check(model, c, device, autocast))
-    r.update(params_m=sum(p.numel() for p in model.parameters()) / 1e6,  # tied lm_head counted once
-             peak_rss_mb=getrusage(RUSAGE_SELF).ru_maxrss / 1024, loadavg=os.getloadavg()[0],
-             device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    r["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6  # tied lm_head counted once
+    r["peak_rss_mb"] = getrusage(RUSAGE_SELF).ru_maxrss / 1024
+    r["loadavg"] = os.getloadavg()[0]
+    r["device_name"] = torch.cuda.get_device_name(device) if cuda else None
     if not c.no_mi:
         r["mi"] = mi_agreement(c)
     return r
@@ -362,40 +423,48 @@ MUSING_WORDS = ("Wait", "Hmm", "So", "But", "Let", "Maybe", "Okay", "Now", "Then
 
 
 def mi_instances(c: BenchConfig):
-    """(instances, source): per question 3 short rationales (the GSM8K solution as written, with a
-    check, with a restatement) and one long thinking-dense one of about c.mi_long_words words: the
-    solution's sentences spread among musings, each a thinking word and 2-4 prose words of MATH500
-    solutions (about one thinking word in seven tokens). Without the
-    benchmark files: synthesised text, and the source says so."""
-    gsm, mth = os.path.join(BENCHMARKS, "gsm8k_test.jsonl"), os.path.join(BENCHMARKS, "math500_test.jsonl")
+    """(instances, source): per question 3 short rationales (the GSM8K solution, with a check, with
+    a restatement) and one long thinking-dense one of about c.mi_long_words words: the solution's
+    sentences among musings, each a thinking word and 2-4 prose words of MATH500 solutions (about
+    one thinking word in seven tokens). Without the benchmark files: synthesised text, so named."""
+    gsm = os.path.join(BENCHMARKS, "gsm8k_test.jsonl")
+    mth = os.path.join(BENCHMARKS, "math500_test.jsonl")
     rng = random.Random(c.seed)
     if os.path.exists(gsm) and os.path.exists(mth):
-        rows = [json.loads(line) for line in open(gsm, encoding="utf-8")][:c.mi_questions]
-        qa = [(r["question"], re.sub(r"<<[^>]*>>", "", r["answer"].partition("####")[0]).strip(),
-               r["answer"].partition("####")[2].strip().replace(",", "")) for r in rows]
+        qa = []
+        for _, row in read_jsonl(gsm)[:c.mi_questions]:
+            solution, _, answer = row["answer"].partition("####")
+            solution = re.sub(r"<<[^>]*>>", "", solution).strip()
+            qa.append((row["question"], solution, answer.strip().replace(",", "")))
         # MATH500's prose words: its LaTeX would dilute the thinking words
-        filler = [w for line in open(mth, encoding="utf-8") for w in json.loads(line)["solution"].split()
-                  if re.fullmatch(r"[A-Za-z]+[,.]?", w)]
+        words = [w for _, row in read_jsonl(mth) for w in row["solution"].split()]
+        filler = [w for w in words if re.fullmatch(r"[A-Za-z]+[,.]?", w)]
         source = "GSM8K test solutions + MATH500 solution text"
     else:
         sums = [(rng.randint(2, 50), rng.randint(2, 50)) for _ in range(c.mi_questions)]
         qa = [(f"Tom has {a} apples and buys {b} more. How many apples?",
                f"He has {a} + {b} = {a + b} apples.", str(a + b)) for a, b in sums]
-        filler = ("we could count the pieces again and check each total against the sums above " * 50).split()
+        filler = "we could count the pieces again and check each total against the sums above "
+        filler = (filler * 50).split()
         source = "synthesised text (no benchmark files found)"
     instances = []
     for i, (q, sol, ans) in enumerate(qa):
-        sentences, musings = re.split(r"(?<=[.\n])\s+", sol), []
+        sentences = re.split(r"(?<=[.\n])\s+", sol)
+        musings = []
         while sum(len(x.split()) for x in musings) + len(sol.split()) < c.mi_long_words:
-            j, word = rng.randrange(len(filler) - 8), rng.choice(MUSING_WORDS)
+            j = rng.randrange(len(filler) - 8)
+            word = rng.choice(MUSING_WORDS)
             musings.append(f"{word}, {' '.join(filler[j:j + rng.randint(2, 4)]).rstrip(',.')}.")
-        # the solution's sentences in order, among the musings
         every = max(1, len(musings) // len(sentences))
-        lead = lambda k: [sentences[k // every]] if k % every == 0 and k // every < len(sentences) else []
-        long = " ".join(m for k, x in enumerate(musings) for m in lead(k) + [x]) + " " + sentences[-1]
-        instances.append(Instance(f"mi-{i}", q, ans, "gsm8k", [
-            ("short", sol), ("short-check", f"{sol} Check: that gives {ans}."),
-            ("short-restated", f"We need the total asked for. {sol}"), ("long", long)]))
+        parts = []  # the solution's sentences in order, one every `every` musings
+        for k, musing in enumerate(musings):
+            if k % every == 0 and k // every < len(sentences):
+                parts.append(sentences[k // every])
+            parts.append(musing)
+        long = " ".join(parts) + " " + sentences[-1]
+        rationales = [("short", sol), ("short-check", f"{sol} Check: that gives {ans}."),
+                      ("short-restated", f"We need the total asked for. {sol}"), ("long", long)]
+        instances.append(Instance(f"mi-{i}", q, ans, "gsm8k", rationales))
     return instances, source
 
 
@@ -412,28 +481,45 @@ def train_student(model, batches, steps, lr=3e-3):
 
 
 def kendall_tau(a, b):
+    """Kendall's tau-a: (concordant - discordant pairs) / all pairs; a tie in either counts 0."""
     signs = [(a[i] - a[j]) * (b[i] - b[j]) for i in range(len(a)) for j in range(i + 1, len(a))]
     return sum(math.copysign(1, s) if s else 0 for s in signs) / len(signs)
 
 
+def agreement(runs):
+    """Of [(exact, estimate, probes per branch)]: mean Kendall tau, mean relative error (all
+    branches; the long, last one), top-1 agreement, mean probes per short and long branch."""
+    errs = [abs(s_ - e_) / e_ for e, s, _ in runs for e_, s_ in zip(e, s) if e_ > 0]
+    long_errs = [abs(s[-1] - e[-1]) / e[-1] for e, s, _ in runs if e[-1] > 0] or [0.0]
+    return {"tau": mean(kendall_tau(e, s) for e, s, _ in runs),
+            "rel_err": mean(errs),
+            "rel_err_long": mean(long_errs),
+            "top1": mean(e.index(max(e)) == s.index(max(s)) for e, s, _ in runs),
+            "probes_short": mean(p for _, _, ps in runs for p in ps[:-1]),
+            "probes_long": mean(ps[-1] for _, _, ps in runs)}
+
+
 def mi_agreement(c: BenchConfig) -> dict:
-    """S_MI's default law (and with --mi-sweep every law in LAWS) against exact Eq. 3 on
-    mi_instances, per student (a tiny one trained on the texts; --mi-model, a real one): mean
-    Kendall tau over each instance's branches, mean relative error (all branches; the long one),
-    top-1 agreement, mean probes per short and long branch. Exact I_t comes from one probe pass per
-    instance; a law's estimate reads it at its planned prefixes (c.mi_keys keys
-    per instance), which is what its own probe pass would return there."""
+    """S_MI's default law (with --mi-sweep every law in LAWS) against exact Eq. 3 on mi_instances,
+    per student (a tiny one trained on the texts; --mi-model, a real one), as agreement(). Exact
+    I_t comes from one probe pass per instance; a law's estimate reads it at its planned prefixes
+    (c.mi_keys keys per instance), which is what its own probe pass would return there."""
     from eval import load_student
     from tokenizer import Tokenizer, write_tokenizer
     instances, source = mi_instances(c)
     with tempfile.TemporaryDirectory(prefix="bench-tok-") as tmp:
         texts = [i.question for i in instances] + [t for i in instances for _, t in i.rationales]
         tok = Tokenizer.from_pretrained(write_tokenizer(tmp, texts, vocab_size=c.mi_vocab))
-    rows = lambda tok: [collate([e]) for e in encode_dataset(instances, tok, max_len=10**6)[0]]
-    tiny = BenchConfig(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab=tok.vocab_size)
+
+    def rows(tok):
+        return [collate([e]) for e in encode_dataset(instances, tok, max_len=10**6)[0]]
+
+    tiny = BenchConfig(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384,
+                       vocab=tok.vocab_size)
     torch.manual_seed(c.seed)
     batches = rows(tok)  # train_student leaves them as they are
-    students = {"tiny": (train_student(random_qwen2(tiny), batches, c.mi_train_steps), batches)}
+    student = train_student(random_qwen2(tiny), batches, c.mi_train_steps)
+    students = {"tiny": (student, batches)}
     if c.mi_model:
         model, tok = load_student(c.mi_model)
         students["real"] = model, rows(tok)
@@ -454,13 +540,7 @@ def mi_agreement(c: BenchConfig) -> dict:
                 plan = probe_plan(n_rat, think, CompactConfig(**kw), (key,), [0] * len(n_rat))
                 estimate = (mi_estimate(info.gather(1, plan.prefix), plan) / n_rat).tolist()
                 runs.append((exact, estimate, plan.valid.sum(-1).tolist()))
-            errs = [abs(s_ - e_) / e_ for e, s, _ in runs for e_, s_ in zip(e, s) if e_ > 0]
-            long_errs = [abs(s[-1] - e[-1]) / e[-1] for e, s, _ in runs if e[-1] > 0] or [0.0]
-            out[name][law] = {"tau": mean(kendall_tau(e, s) for e, s, _ in runs), "rel_err": mean(errs),
-                              "rel_err_long": mean(long_errs),
-                              "top1": mean(e.index(max(e)) == s.index(max(s)) for e, s, _ in runs),
-                              "probes_short": mean(p for _, _, ps in runs for p in ps[:-1]),
-                              "probes_long": mean(ps[-1] for _, _, ps in runs)}
+            out[name][law] = agreement(runs)
     return out
 
 
@@ -471,8 +551,7 @@ def main(argv=None):
         c = config_from_args(BenchConfig, p.parse_args(argv))
     except ValueError as e:
         p.error(str(e))
-    # without --json: indented, to read
-    print(json.dumps(run_bench(c), indent=None if c.json else 2))
+    print(json.dumps(run_bench(c), indent=None if c.json else 2))  # without --json: indented
 
 
 if __name__ == "__main__":
