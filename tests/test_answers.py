@@ -64,6 +64,7 @@ def test_gsm8k_and_svamp():
     assert extract_answer("3 + 4 = 7\n#### 1,234", "gsm8k") == "1234"
     assert extract_answer("So we get 5 apples. The answer is 12.", "gsm8k") == "12"
     assert extract_answer(r"Total is 3 then \boxed{42}. Done 7", "gsm8k") == "42"
+    assert extract_answer(r"The answer is 7, or \boxed{42}", "gsm8k") == "42"  # boxed first
     assert extract_answer("First 3, then 4, finally $1,000.", "gsm8k") == "1000"
     assert extract_answer("The answer is -3.5 dollars", "gsm8k") == "-3.5"
     assert extract_answer("no numbers at all", "gsm8k") is None

@@ -178,6 +178,7 @@ def test_max_len_drops_branches_and_instances(tok):
     n_short = len(full.branches[0][0])
     enc = data.encode_instance(inst, tok, ["a", "b"], n_short)
     assert enc.dropped == 1 and enc.teacher == [0] and len(enc.branches[0][0]) == n_short
+    assert data.encode_instance(inst, tok, ["a"], n_short).dropped == 0  # b is not chosen
     assert data.encode_instance(inst, tok, ["a", "b"], n_short - 1) is None  # never cut
     encoded, stats = data.encode_dataset([inst, inst], tok, max_len=n_short)
     assert len(encoded) == 2 and stats["dropped_branches"] == 2 and stats["branches"] == 2
@@ -498,6 +499,10 @@ def test_build_keeps_the_first_correct_sample_and_reads_openai_batch_output(tmp_
     got = {i.id: dict(i.rationales) for i in data.load_multi_teacher(out)}
     assert got["q0"] == {"ours": said(0, 1), "api": "Hmm, 0 plus 1.\n\n" + said(0, 1)}
     assert got["q1"] == {"api": said(1, 2)} and got["q4"] == {"api": said(4, 5)} and set(got) == {"q0", "q1", "q4"}
+    hashed = _write(tmp_path / "hashed.jsonl", [{"id": "q#1", "question": "What is 1 + 1?", "answer": "2"}])
+    reply = _write(tmp_path / "reply.jsonl", [batch_line("q#1", said(1, 2))])  # an id ending in #N
+    data.main(["build", "--questions", hashed, "--teacher", f"api={reply}", "--task", "gsm8k", "--out", out])
+    assert [i.id for i in data.load_multi_teacher(out)] == ["q#1"]
 
 
 def test_build_bad_batch_lines_and_a_teacher_with_nothing_usable_exit_2_and_write_nothing(tmp_path, capsys):

@@ -765,3 +765,31 @@ def test_a_6mb_rationale_costs_under_half_as_much_memory_again(run_inputs, tmp_p
     rss = [int(subprocess.run([sys.executable, "-c", code, model_dir, path], cwd=ROOT, env=ENV, capture_output=True,
                               text=True, timeout=120).stdout.split()[-1]) for path in (data_file, str(tmp_path / "huge.jsonl"))]
     assert rss[1] < 1.5 * rss[0], rss  # measured: 230 MB vs 252 MB here (2.3 GB when it was tokenized whole)
+
+
+def test_step_batches_give_each_rank_its_share_of_every_epoch_once_and_reshuffle(monkeypatch):
+    import train as t
+    monkeypatch.setattr(t, "collate", list)  # the instances a micro-batch holds
+    cfg = TrainConfig(model="m", data="d", batch_size=2, grad_accum=3)
+    encoded = list(range(24))  # 2 ranks x 6 per rank: 2 steps per epoch
+
+    def epoch(e):
+        return [[x for mb in t.step_batches(encoded, step, 2, cfg, rank, 2) for x in mb]
+                for step in (2 * e, 2 * e + 1) for rank in (0, 1)]
+
+    for e in (0, 1):
+        assert all(len(share) == 6 for share in epoch(e))
+        assert sorted(x for share in epoch(e) for x in share) == encoded
+    assert epoch(0) != epoch(1)
+
+
+def test_run_settings_name_the_inputs_by_their_real_paths(tmp_path):
+    import train as t
+    real = tmp_path / "model"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    stats = {"sha256": "abc", "teachers": ["a", "b"]}
+    got = [t.run_settings(TrainConfig(model=str(m), data="d", save_every=s), CompactConfig(), stats, 7, 2)
+           for m, s in ((real, 1), (tmp_path / "link", 2))]
+    assert got[0] == got[1] and got[0]["model"] == os.path.realpath(real)
+    assert got[0]["data"] == "abc" and got[0]["total_steps"] == 7 and "save_every" not in got[0]
