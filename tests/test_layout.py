@@ -63,11 +63,16 @@ def test_top_level_modules_import_one_way():
 
 
 LAYOUT_CHECK = os.path.join(ROOT, "..", "shared", "tools", "layout_check.py")
-# Over STYLE.md's budget with plain lines, named here with a ceiling so it can only shrink: Table 1
-# (paired gains with item and seed SEMs), PCA shift, the MI trace, weight dynamics, score and the
-# readings (AUROC with jackknife SEs on two labelled sets) are all analysis.py's, and each is
-# written out one statement a line.
-CEILING = {"analysis": 540}
+# Over STYLE.md's budget once written one statement a line, each held at its ceiling so it can
+# only shrink. What fills them: analysis.py, six commands (Table 1 with paired item and seed SEMs,
+# PCA shift, the MI trace, weight dynamics, score, the readings with jackknife SEs); compact.py, the
+# method plus its plain-tensor entry point for other stacks; data.py, the format's validation with
+# FILE:LINE messages, answer checking for six tasks, the packed batch, build and check; model.py,
+# two families' configs validated key by key, sharded safetensors, packed rows and generation;
+# lora.py, PEFT-format adapters both ways, merge and exact MoT averaging; tokenizer.py, chat
+# templates rendered and checked against the checkpoint's own.
+CEILING = {"analysis": 539, "compact": 396, "data": 652, "lora": 227, "model": 421,
+           "tokenizer": 219}
 
 
 def over_budget(text):
