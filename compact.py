@@ -32,8 +32,8 @@ class CompactConfig:
     S_MI is exact Eq. 3 with mi_budget = 0, else an unbiased estimate from probe_budget(|R|) =
     min(256, max(96, ⌈0.4 |R|⌉)) probes per branch, exact below 96 tokens: the cheapest law
     measured that met Kendall tau 0.8 and 15% error on the long branch against exact Eq. 3
-    (bench.py mi_agreement, README). mi_norm "none" (the sum; SPEC writes 1/|R|) caught flaws
-    best on both sets of eval.py readings (README).
+    (bench.py mi_agreement, docs/speed.md). mi_norm "none" (the sum; SPEC writes 1/|R|) caught
+    flaws best on both sets of analysis.py readings (docs/readings.md).
     """
     weighting: str = "compact"  # "compact" (Eq. 7) or "uniform" (w_k = 1/K_valid, "Direct Avg.")
     alpha: float = 1.0  # weight of Z(S_MI); 0 switches it off and skips the probe pass (--no-mi)
@@ -118,28 +118,22 @@ def consensus_scores(e, branch_mask, q_proj, k_proj, head_dim, self_loops=False,
     return attn.sum(1)  # column sums: the weight flowing into k
 
 
-def at_position(x, t):
-    """x [B, K, T, C] at index t [B, K] along T -> [B, K, C]."""
-    index = t[:, :, None, None].expand(*t.shape, 1, x.shape[-1])
-    return x.gather(2, index)[:, :, 0]
-
-
-def last_position(mask):
-    """Index [B, K] of the last True of mask [B, K, T] (0 where there is none)."""
-    t = torch.arange(mask.shape[-1], device=mask.device)
-    return torch.where(mask, t, 0).amax(-1)
+def at_last(x, mask):
+    """x [B, K, T, C] at the last True of mask [B, K, T] (index 0 where none) -> [B, K, C]."""
+    t = torch.where(mask, torch.arange(mask.shape[-1], device=mask.device), 0).amax(-1)  # (B, K)
+    return x.gather(2, t[:, :, None, None].expand(*t.shape, 1, x.shape[-1]))[:, :, 0]
 
 
 def graph_features(x, sft_mask, rationale_mask, feature="eot"):
     """e_k [B, K, C] from the final attention input x [B, K, T, C]: at each branch's eot (its last
     supervised token, SPEC §3.2), or (readings of Eq. 4) at its last rationale token, or the mean
     over its rationale; an empty rationale uses the eot."""
-    eot = at_position(x, last_position(sft_mask))
+    eot = at_last(x, sft_mask)
     if feature == "eot":
         return eot
     n = rationale_mask.sum(-1)[..., None]  # (B, K, 1)
     if feature == "last":
-        e = at_position(x, last_position(rationale_mask))
+        e = at_last(x, rationale_mask)
     else:
         e = torch.where(rationale_mask[..., None], x, 0.0).sum(2) / n.clamp(min=1)
     return torch.where(n > 0, e, eot)
