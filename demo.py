@@ -262,8 +262,9 @@ def demo(a, rank, world, device):
         shutil.copytree(base, base_dir)
     barrier()  # nobody reads OUT/base before it is complete
     test_rows = [row for _, row in read_jsonl(os.path.join(data_dir, "test.jsonl"))]
-    if rank == 0:
-        run_result(base_dir, None, test_rows, os.path.join(out, "eval", "base.jsonl"), device, (t0, 0.0))
+    # Every rank evaluates its share (eval.run_sharded reaches barriers on every rank).
+    base_preds = os.path.join(out, "eval", "base.jsonl")
+    run_result(base_dir, None, test_rows, base_preds, rank, world, device, (t0, 0.0))
     arms = pool_arms(a.pool)
     for arm in [x for x in a.arms if arms[x]]:
         teachers, fields = arms[arm]
@@ -274,24 +275,30 @@ def demo(a, rank, world, device):
             print0(f"== {arm}, seed {seed}: {a.max_steps} steps from {teachers or ', '.join(POOLS[a.pool])}")
             t_run = (time.time(), time.process_time())
             train(cfg, CompactConfig(**fields), rank, world, device)
-            if rank == 0:
-                run_result(os.path.join(cfg.out, "model"), cfg.out, test_rows,
-                           os.path.join(out, "eval", f"{arm}-seed-{seed}.jsonl"), device, t_run)
+            preds = os.path.join(out, "eval", f"{arm}-seed-{seed}.jsonl")
+            run_result(os.path.join(cfg.out, "model"), cfg.out, test_rows, preds, rank, world, device,
+                       t_run)
     if rank == 0:
         report(a, len(test_rows), t0)
     barrier()
 
 
-def run_result(model_dir, run_dir, test_rows, preds, device, start):
+def run_result(model_dir, run_dir, test_rows, preds, rank, world, device, start):
     """Held-out accuracy with eval.py's loop (greedy, batched, answers checked by data.py), and the
     run's teacher weights; written to RUN/result.json (OUT/eval/base.json for the base student).
+    Every rank calls it and predicts every world-th item (evaluate's collectives); rank 0 writes.
     start: (time.time(), time.process_time()) when the run began."""
     model, tok = load_student(model_dir, None, device=device)
-    items = [{"id": r["id"], "prompt": r["question"], "answer": r["answer"], "task": None} for r in test_rows]
-    os.makedirs(os.path.dirname(preds), exist_ok=True)
-    if os.path.exists(preds):
-        os.remove(preds)
-    records = evaluate(model, tok, items, preds, batch_size=100, max_new_tokens=64)
+    items = [{"id": r["id"], "prompt": r["question"], "answer": r["answer"], "task": None}
+             for r in test_rows]
+    if rank == 0:  # the other ranks read preds only after run_sharded's first barrier
+        os.makedirs(os.path.dirname(preds), exist_ok=True)
+        if os.path.exists(preds):
+            os.remove(preds)
+    records = evaluate(model, tok, items, preds, batch_size=100, max_new_tokens=64,
+                       rank=rank, world=world)
+    if rank != 0:
+        return
     n, acc, _ = accuracy_sem([r["correct"] for r in records])
     metrics = [r for _, r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))] if run_dir else []
     dyn = teacher_dynamics(metrics)  # {} for the base student
