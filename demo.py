@@ -315,6 +315,52 @@ def mean(values):
     return None if None in values else sum(values) / len(values)
 
 
+# The comparisons the demo claims, (a, b): a verdict for each pair whose two arms ran.
+CLAIMS = (("compact", "direct-avg"), ("compact", "no-consensus"), ("compact", "base"),
+          ("compact", "clean-only"))
+
+
+def paired_verdict(a, b, acc_a, acc_b, question_diffs=None):
+    """Arm a against arm b, paired by seed (a seed: the same base student, the same data order):
+    diff = the mean over seeds of acc_a[s] - acc_b[s]; se its standard error over seeds, or with
+    one seed over questions (question_diffs: a's 0/1 minus b's on each held-out question); call
+    "a better" or "b better" where |diff| > 2 se, else "no difference"."""
+    diffs = [x - y for x, y in zip(acc_a, acc_b)]
+    diff = sum(diffs) / len(diffs)
+    se = sem(diffs, 1) if len(diffs) > 1 else sem(question_diffs, 1)
+    call = "no difference"
+    if abs(diff) > 2 * se:
+        call = "a better" if diff > 0 else "b better"
+    return {"a": a, "b": b, "diff": diff, "se": se, "n_seeds": len(diffs), "call": call}
+
+
+def held_out_correct(out, arm, seed):
+    """{question id: 0/1} of an arm's seed (of the base student: seed None) on the held-out set."""
+    name = "base" if arm == "base" else f"{arm}-seed-{seed}"
+    rows = read_jsonl(os.path.join(out, "eval", name + ".jsonl"))
+    return {r["id"]: int(r["correct"]) for _, r in rows}
+
+
+def verdicts(out, table):
+    """paired_verdict for each claim whose arms ran, on the seeds both ran (the base student is
+    one: it pairs with every seed)."""
+    found = []
+    for a, b in CLAIMS:
+        if a not in table or b not in table:
+            continue
+        runs = {arm: dict(zip(table[arm]["seeds"], table[arm]["per_seed"])) for arm in (a, b)}
+        seeds = [s for s in runs[a] if s in runs[b] or b == "base"]
+        acc_a = [runs[a][s] for s in seeds]
+        acc_b = [runs[b][None if b == "base" else s] for s in seeds]
+        question_diffs = None
+        if len(seeds) == 1:
+            right_a = held_out_correct(out, a, seeds[0])
+            right_b = held_out_correct(out, b, seeds[0])
+            question_diffs = [right_a[q] - right_b[q] for q in right_a]
+        found.append(paired_verdict(a, b, acc_a, acc_b, question_diffs))
+    return found
+
+
 def report(a, n_test, t0):
     """Accuracy per arm (mean ± SEM over seeds), weights per teacher, the chart; OUT/report.json."""
     seeds, table, curves = list(range(a.seed, a.seed + a.seeds)), {}, {}
@@ -341,13 +387,19 @@ def report(a, n_test, t0):
         table[arm]["auroc"] = auroc
     sbs = [x for x in table if x.startswith("sbs-")]
     best = max(sbs, key=lambda x: table[x]["accuracy"], default=None)
-    write_json(os.path.join(a.out, "report.json"), {"arms": table, "best_sbs": best, "settings": vars(a),
-                                                     "minutes": round((time.time() - t0) / 60, 2)})
+    found = verdicts(a.out, table)
+    summary = {"arms": table, "verdicts": found, "best_sbs": best, "settings": vars(a),
+               "minutes": round((time.time() - t0) / 60, 2)}
+    write_json(os.path.join(a.out, "report.json"), summary)
     print0(f"\n{'arm':<24} {'accuracy':>9} {'± SEM':>7}  per seed (n = {n_test} each)   first test answer")
     for arm, r in table.items():
         label = arm + (" (SbS best)" if arm == best and len(sbs) > 1 else "")
         print0(f"{label:<24} {r['accuracy']:>9.3f} {r['sem']:>7.3f}  "
                f"{' '.join(f'{x:.3f}' for x in r['per_seed']):<22} {r['sample_output'][:60]!r}")
+    print0(f"\n{'paired verdict':<28} {'diff':>7} {'± se':>6} {'seeds':>5}  call (|diff| > 2 se)")
+    for v in found:
+        print0(f"{v['a'] + ' vs ' + v['b']:<28} {v['diff']:>+7.3f} {v['se']:>6.3f} "
+               f"{v['n_seeds']:>5}  {v['call']}")
     for arm, series in curves.items():
         print0(f"\n{arm}: within-instance AUROC against the flaw labels, base student → distilled "
                "(S_D: lower)")
@@ -407,7 +459,8 @@ def main(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=1200, help="steps that make the base student")
     p.add_argument("--base", help="an earlier demo's OUT/base: the arms run on it, nothing is pretrained")
     p.add_argument("--seeds", type=int, help="how many seeds per arm (default: 1; 3 with --full)")
-    p.add_argument("--seed", type=int, default=0, help="the first seed")
+    p.add_argument("--seed-base", "--seed", dest="seed", type=int, default=0,
+                   help="the first seed: an arm's seeds are N, N+1, ... (the base student is one)")
     p.add_argument("--n-train", type=int, default=2000, help="three-step training problems")
     p.add_argument("--n-test", type=int, default=300, help="held-out three-step problems, same for all seeds")
     p.add_argument("--n-pretrain", type=int, default=2000, help="two-step problems for the base student")
