@@ -516,13 +516,13 @@ def parse_args(argv=None):
     add("--full", action="store_true", help=f"every arm: {', '.join(ARMS)}, sbs-T per teacher")
     add("--arms", help=f"comma-separated arms (default: {','.join(DEFAULT_ARMS)})")
     add("--max-steps", type=int, default=300, help="distillation steps per arm and seed")
-    add("--pretrain-steps", type=int, default=600, help="steps that make the base student")
+    add("--pretrain-steps", type=int, default=1200, help="steps that make the base student")
     add("--base", help="an earlier demo's OUT/base: the arms run on it, nothing is pretrained")
     add("--seeds", type=int, default=3, help="seeds per arm (paired across arms), --full too")
     add("--seed-base", "--seed", dest="seed", type=int, default=0,
         help="the first seed: an arm's seeds are N, N+1, ... (the base student is one)")
     add("--n-train", type=int, default=2000, help="three-step training problems")
-    add("--n-test", type=int, default=500, help="held-out problems, one set for all")
+    add("--n-test", type=int, default=1000, help="held-out problems, one set for all")
     add("--n-pretrain", type=int, default=2000, help="two-step problems for the base student")
     a = p.parse_args(argv)
     for flag in ("max_steps", "pretrain_steps", "seeds", "n_train", "n_test", "n_pretrain"):

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # a hang fails here instead of blocking CI
 TINY = ["--arms", "base,compact", "--max-steps", "6", "--pretrain-steps", "20", "--n-test", "40",
-        "--n-train", "60", "--n-pretrain", "100"]
+        "--n-train", "60", "--n-pretrain", "100", "--seeds", "2"]
 
 
 def readme_demo_command():
@@ -77,6 +77,8 @@ def test_the_readme_torchrun_demo_finishes_on_two_ranks(tmp_path):
         report = json.load(f)
     assert set(report["arms"]) == {"base", "compact"}
     assert report["arms"]["compact"]["n_per_seed"] == 40  # both ranks' shares, merged
+    [verdict] = report["verdicts"]
+    assert (verdict["a"], verdict["b"], verdict["n_seeds"]) == ("compact", "base", 2)
     preds = os.listdir(tmp_path / "demo" / "eval")
     assert not [p for p in preds if ".part" in p], preds  # every rank's part file folded in
 
