@@ -227,6 +227,7 @@ def duration(seconds):
 
 
 # --- the process group ---
+# The rule: every rank reaches every collective (barrier, all_sum, hold_lock, DDP fwd/bwd).
 
 
 def setup_dist(device_type=None):
