@@ -1,12 +1,8 @@
-"""The plumbing every entry point shares, at the bottom
-of the imports (it imports no project module).
+"""The plumbing every entry point shares, at the bottom of the imports (no project module).
 
 Files (every write atomic, every JSONL read naming its lines), the user-error type and the CLI
 wrapper that turns it into exit 2, flags built from a dataclass, seed derivation, the process group
 (setup, teardown, print0, all_sum, barrier), the one-run-per-output lock and signal handling.
-
-The rule of the process group: every rank reaches every collective (barrier, all_reduce, the DDP
-forward and backward) in the same order; only file writes and prints may be rank 0's alone.
 """
 import contextlib
 import fcntl
