@@ -616,7 +616,10 @@ def run_readings(a):
         if not (eq and colon and name and model_dir and path):
             raise DataError(f"--set {spec!r}: expected NAME=MODEL_DIR:DATA")
         model, tok = load_student(model_dir, None, a.dtype, a.device)
-        if "rationales" in read_jsonl(path)[0][1]:  # a labelled multi-teacher file
+        records = read_jsonl(path)
+        if not records:
+            raise DataError(f"--set {spec}: {path} holds no lines")
+        if "rationales" in records[0][1]:  # a labelled multi-teacher file
             instances = load_multi_teacher(path)
         else:
             instances = gsm8k_flaw_set(path, a.limit or 100)

@@ -13,7 +13,7 @@ worked steps (its "pretraining"; this is the base student, OUT/base/), then dist
 three-step problems from four teachers, each correct on most questions and flawed on a different
 few (every rationale's "flaw" label is in the data), each arm through train.py's own loop and
 scored with eval.py's own accuracy. OUT/report.json holds the table; OUT/weights.png the weight
-curves when matplotlib is installed. Left out: real checkpoints (see README for the paper's recipe).
+curves when matplotlib is installed. Left out: real checkpoints (docs/usage.md has the paper's recipe).
 """
 import argparse
 import math

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project
 
-from common import DataError, add_config_args, config_from_args, user_errors, write_json
+from common import (DataError, add_config_args, atomic_path, check_outputs, config_from_args,
+                    user_errors, write_json)
 from compact import (Branches, CompactConfig, compact_objective, positions,
                      teacher_means, teacher_sums)
 from data import ANSWER, PROMPT, RATIONALE, load_data
@@ -69,6 +70,7 @@ class ExampleConfig:
             raise DataError(f"--data {self.data!r}: no such file")
         if os.path.isfile(self.out):
             raise DataError(f"--out {self.out}: a file, not a directory")
+        check_outputs([("--out", self.out)], [("--model", self.model), ("--data", self.data)])
 
 
 # --- a padded batch, as a transformers collator gives it ---
@@ -224,9 +226,10 @@ def train(cfg, ccfg):
         means = teacher_means(sums, data_stats["teachers"])
         weights = " ".join(f"{t} {m['weight']:.2f}" for t, m in means.items())
         print(f"step {step + 1}/{cfg.steps} | loss {loss.item():.4f} | w {weights}", flush=True)
-    model.save_pretrained(cfg.out)  # a PEFT adapter directory
-    write_json(os.path.join(cfg.out, "settings.json"),
-               {"example": asdict(cfg), "compact": asdict(ccfg)})
+    with atomic_path(cfg.out) as tmp:  # a kill leaves the old adapter or the new, never a mix
+        model.save_pretrained(tmp)  # a PEFT adapter directory
+        write_json(os.path.join(tmp, "settings.json"),
+                   {"example": asdict(cfg), "compact": asdict(ccfg)})
     return stats
 
 

@@ -362,6 +362,12 @@ def test_readings_command_writes_every_reading_for_each_set(tmp_path, student_di
     with pytest.raises(SystemExit) as e:
         analysis.main(["readings", "--set", "nope", "--out", str(out)])
     assert e.value.code == 2
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SystemExit) as e:
+        analysis.main(["readings", "--set", f"e={student_dir}:{tmp_path / 'empty.jsonl'}",
+                       "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "empty.jsonl holds no lines" in err and "Traceback" not in err
 
 
 def test_readings_shortcuts_equal_scoring_each_reading_in_full(tmp_path, student_dir):

@@ -140,7 +140,8 @@ def test_bad_input_exits_2(qwen2, tmp_path, capsys):
             (["--data", str(bad)], "bad.jsonl"),
             (["--data", cfg.data, "--steps", "0"], "--steps"),
             (["--data", cfg.data, "--model", str(tmp_path)], "--model"),
-            (["--data", cfg.data, "--mi-budget", "5"], "mi_budget")):
+            (["--data", cfg.data, "--mi-budget", "5"], "mi_budget"),
+            (["--data", cfg.data, "--out", cfg.model], "would overwrite --model")):
         argv = ["--model", cfg.model, "--out", str(tmp_path / "o")] + argv
         with pytest.raises(SystemExit) as exit_:
             port.main(argv)
