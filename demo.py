@@ -27,7 +27,8 @@ import tokenizers
 import torch
 from tokenizers import decoders, models
 
-from analysis import HIGHER_IS_CLEAN, plot, reading_aurocs, sem, teacher_dynamics
+from analysis import (HIGHER_IS_CLEAN, plot, read_correct, reading_aurocs, sem,
+                      teacher_dynamics)
 from common import (barrier, print0, read_json, read_jsonl, run_job, write_json, write_jsonl,
                     write_text)
 from compact import CompactConfig
@@ -368,8 +369,7 @@ def paired_verdict(a, b, acc_a, acc_b, question_diffs=None):
 def held_out_correct(out, arm, seed):
     """{question id: 0/1} of an arm's seed (of the base student: seed None) on the held-out set."""
     name = "base" if arm == "base" else f"{arm}-seed-{seed}"
-    rows = read_jsonl(os.path.join(out, "eval", name + ".jsonl"))
-    return {r["id"]: int(r["correct"]) for _, r in rows}
+    return read_correct(os.path.join(out, "eval", name + ".jsonl"))
 
 
 def verdicts(out, table):
