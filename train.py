@@ -426,8 +426,8 @@ def find_resume(cfg, run, device):
         try:
             # torch's words on the pickle are left out (ours below never advise running it)
             with warnings.catch_warnings(action="ignore"):
-                state = torch.load(os.path.join(path, "trainer.pt"), map_location=device,
-                                   weights_only=True)
+                trainer_pt = os.path.join(path, "trainer.pt")
+                state = torch.load(trainer_pt, map_location=device, weights_only=True)
             old = state.get("run", {})
             # read every file of the adapter or model
             if cfg.full_ft:
